@@ -1,0 +1,111 @@
+"""``posttrain`` command line: subcommand → function. Parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from posttrain.config import STAGE_CONFIGS, ConfigError, describe_fields, load_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        if args.help_config not in STAGE_CONFIGS:
+            raise ConfigError(f"--help-config: unknown stage {args.help_config!r}; stages: {', '.join(STAGE_CONFIGS)}")
+        for key, type_name, default, help_text in describe_fields(STAGE_CONFIGS[args.help_config]):
+            print(f"{key}\n    {help_text}\n    type: {type_name}   default: {default}")
+        return 0
+    if not args.config:
+        raise ConfigError("posttrain train needs a CONFIG.yaml (or --help-config STAGE)")
+    config = load_config(args.config, args.overrides)
+    from posttrain.recipes import RECIPES
+
+    RECIPES[config.stage](config, args.config)
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from posttrain.demo.toy import build_toy
+
+    paths = build_toy(args.dir, size=args.size, seed=args.seed)
+    print(f"toy model: {paths.model}")
+    for name in ("sft", "prefs", "prompts", "eval", "pretrain"):
+        print(f"{name + ':':9} {getattr(paths, name)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from posttrain.models.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"exported: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from posttrain.demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for large language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run one stage from a YAML config with key.sub=value overrides")
+    train.add_argument("config", nargs="?", help="stage config YAML (configs/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 model.path=DIR")
+    train.add_argument("--help-config", metavar="STAGE", help="list every field of STAGE's config with help and default")
+    train.set_defaults(func=cmd_train)
+
+    toy = commands.add_parser("toy", help="write a tiny model, tokenizer and synthetic datasets (offline, seconds)")
+    toy.add_argument("dir")
+    toy.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    toy.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(func=cmd_toy)
+
+    export = commands.add_parser("export", help="write a run's model as a plain Hugging Face directory")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA weights into the base model")
+    export.set_defaults(func=cmd_export)
+
+    demo = commands.add_parser("demo", help="the embedded default: toy model and data, then training end to end")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.data.errors import DataError
+    from posttrain.models.loading import ModelLoadError
+    from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    handlers: dict[type[BaseException], Callable[[BaseException], int]] = {
+        ConfigError: lambda e: _fail(str(e), 2),
+        DataError: lambda e: _fail(f"data error: {e}", 2),
+        ModelLoadError: lambda e: _fail(str(e), 2),
+        FileNotFoundError: lambda e: _fail(str(e), 2),
+        NonFiniteLossError: lambda e: _fail(str(e), 1),
+    }
+    try:
+        return args.func(args)
+    except TrainingInterrupted as interrupted:
+        print(interrupted.message, file=sys.stderr)
+        return int(interrupted.code)  # type: ignore[arg-type]
+    except tuple(handlers) as error:  # type: ignore[misc]
+        return next(h for t, h in handlers.items() if isinstance(error, t))(error)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Typed configs: small shared blocks composed into one config per stage.
+
+Every block rejects unknown keys (``extra="forbid"``); a typo fails before any model loads, naming the key and
+the closest valid one. Field docstrings are the help text (``posttrain train --help-config STAGE``).
+
+A config file is YAML with a ``stage`` key; ``key.sub=value`` overrides from the command line are applied on top
+(values parsed as YAML, so ``train.max_steps=20`` is an int and ``peft.target_modules=[q_proj,v_proj]`` a list).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key, what was expected and how to fix it."""
+
+
+class Block(BaseModel):
+    """Base of every config block: unknown keys are errors, docstrings are help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Block):
+    path: str = ""
+    """Hugging Face causal-LM directory (or a hub id when online)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to `model.path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in. Mixed precision is `train.precision`; keep float32 weights for it."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the checkpoint."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template that replaces the tokenizer's own."""
+
+
+PeftMethod = Literal["full", "lora", "dora", "qlora", "prompt_tuning", "p_tuning", "prefix", "freeze"]
+PROMPT_LEARNING_METHODS = ("prompt_tuning", "p_tuning", "prefix")
+
+
+class PeftConfig(Block):
+    method: PeftMethod = "full"
+    """What is trained: full | lora | dora | qlora | prompt_tuning | p_tuning | prefix | freeze."""
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names that get LoRA (e.g. [q_proj, v_proj]), or all-linear."""
+    rslora: bool = False
+    """Rank-stabilised LoRA scaling alpha/sqrt(r) (Kalajdzievski 2023)."""
+    num_virtual_tokens: int = Field(16, ge=1)
+    """Virtual tokens for prompt tuning, P-tuning and prefix tuning."""
+    prompt_init_text: str | None = None
+    """Prompt tuning: initialise the soft prompt from this text's embeddings instead of randomly."""
+    encoder_hidden_size: int = Field(128, ge=1)
+    """P-tuning: hidden size of the prompt encoder MLP."""
+    freeze_trainable: list[str] = Field(default_factory=list)
+    """Freeze-tuning: parameter-name substrings that stay trainable (e.g. [mlp, lm_head])."""
+    freeze_last_n_layers: int | None = Field(None, ge=1)
+    """Freeze-tuning: train only the last N decoder layers (combined with `freeze_trainable`)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """QLoRA 4-bit quantisation type."""
+    double_quant: bool = True
+    """QLoRA: quantise the quantisation constants too."""
+
+    @model_validator(mode="after")
+    def _freeze_needs_a_target(self) -> "PeftConfig":
+        if self.method == "freeze" and not self.freeze_trainable and self.freeze_last_n_layers is None:
+            raise ValueError(
+                "peft.method=freeze trains nothing: set peft.freeze_last_n_layers (e.g. 2) "
+                "and/or peft.freeze_trainable (e.g. [mlp])"
+            )
+        return self
+
+
+class DataConfig(Block):
+    train: str | list[str] = ""
+    """Training data: a JSONL file (or a list of them)."""
+    eval: str | None = None
+    """Held-out data for the validation loss; defaults to a split of `data.train` when `eval_fraction` > 0."""
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the training rows held out for validation when `data.eval` is not given."""
+    max_length: int = Field(1024, ge=8)
+    """Longest tokenised sequence; longer rows are truncated and counted."""
+    packing: bool = True
+    """Pack several sequences per row (no attention across them, positions restart). False pads each row."""
+    train_on_prompt: bool = False
+    """Also train on system/user tokens, not only assistant turns."""
+    format: Literal["auto", "messages", "text"] = "auto"
+    """Row format: messages (chat, for sft) or text (plain, for pretrain); auto picks from the first row."""
+    shuffle: bool = True
+    """Shuffle rows every epoch (seeded; resumable)."""
+
+
+class TrainConfig(Block):
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; overrides `train.epochs` when set."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when `max_steps` is not set."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences (rows, packed or padded) per micro-batch per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step. The loss is normalised by the trained-token count of the
+    whole accumulated batch, so batch_size x grad_accum is what matters, not the split."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32; bf16 autocast (CPU and GPU); fp16 autocast with loss scaling (GPU only)."""
+    eval_every: int | None = Field(None, ge=1)
+    """Validation loss every N steps (and at the end); needs eval data."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without improvement of the validation loss."""
+    max_nonfinite_steps: int = Field(5, ge=1)
+    """Abort after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped)."""
+    log_every: int = Field(1, ge=1)
+    """Write metrics every N steps."""
+
+
+class OptimConfig(Block):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw (decoupled weight decay) | adam | sgd (with momentum)."""
+    lr: float = Field(2e-5, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw, L2 for adam/sgd)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; null disables clipping."""
+
+
+class ScheduleConfig(Block):
+    name: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to the peak learning rate."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warm-up as a share of all steps (used when warmup_steps is 0)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Floor of the decay as a share of the peak learning rate."""
+
+
+class CheckpointConfig(Block):
+    every: int | None = Field(100, ge=1)
+    """Write a checkpoint every N optimizer steps (atomically); null writes only at the end and on signals."""
+    keep: int = Field(2, ge=1)
+    """Keep the newest K checkpoints (the best one by validation loss is kept besides)."""
+
+
+class LoggingConfig(Block):
+    tensorboard: bool = True
+    """Also write TensorBoard event files under output_dir/tensorboard."""
+    progress: bool = True
+    """Show a progress bar with loss, tokens/s and ETA."""
+    report: bool = True
+    """Write plots/*.png and report.md at the end."""
+
+
+class StageConfig(Block):
+    """Fields every stage shares."""
+
+    stage: str
+    """Which recipe runs this config."""
+    output_dir: str = "runs/run"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/, plots/, report.md."""
+    resume: Literal["auto"] | Literal[False] | str = "auto"
+    """auto: continue the newest complete checkpoint in output_dir if there is one; a checkpoint path; or false."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model to train."""
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    """What part of the model is trained."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Datasets and tokenisation."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Loop length, batch, precision, evaluation."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Metrics, progress bar, report."""
+
+    @model_validator(mode="after")
+    def _check_required_paths(self) -> "StageConfig":
+        if not self.model.path:
+            raise ValueError("model.path is required (a Hugging Face model directory), e.g. model.path=./toy/model")
+        if not self.data.train:
+            raise ValueError("data.train is required (a JSONL file), e.g. data.train=./toy/data/sft.jsonl")
+        if self.resume is True:  # YAML `true`: be explicit rather than guess
+            raise ValueError("resume must be auto, false or a checkpoint path (got true)")
+        return self
+
+
+class SftConfig(StageConfig):
+    stage: Literal["sft"] = "sft"
+    """sft: train on chat data (assistant turns by default)."""
+
+    @model_validator(mode="after")
+    def _packing_vs_prompt_learning(self) -> "SftConfig":
+        if self.data.packing and self.peft.method in PROMPT_LEARNING_METHODS:
+            # Virtual tokens are prepended once per row; with packing only the first sequence of a row would
+            # see them, which silently trains something else than what is served.
+            raise ValueError(
+                f"peft.method={self.peft.method} prepends virtual tokens to each row, which packing would share "
+                "across sequences; set data.packing=false"
+            )
+        if self.train.precision == "fp16" and self.model.dtype != "float32":
+            raise ValueError("train.precision=fp16 needs float32 master weights: set model.dtype=float32")
+        return self
+
+
+class PretrainConfig(SftConfig):
+    stage: Literal["pretrain"] = "pretrain"  # type: ignore[assignment]
+    """pretrain: continued pretraining on plain text (every token trained)."""
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SftConfig, "pretrain": PretrainConfig}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a block")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _block_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that holds the field at ``loc`` (for suggestions)."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *get_args(annotation)] if get_origin(annotation) else [annotation]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls
+
+
+def _explain(error: ValidationError, cls: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _block_at(cls, loc[:-1])
+            valid = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            lines.append(f"  unknown key {dotted}{hint} (valid here: {', '.join(valid)})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+            lines.append(f"  {dotted}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> StageConfig:
+    """Validate a raw dict into the config class of its ``stage``."""
+    stage = raw.get("stage")
+    if stage not in STAGE_CONFIGS:
+        close = difflib.get_close_matches(str(stage), list(STAGE_CONFIGS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"invalid config ({source}): stage {stage!r} is not one of {sorted(STAGE_CONFIGS)}{hint}")
+    cls = STAGE_CONFIGS[stage]
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, cls, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> StageConfig:
+    """Read a YAML config, apply dotted overrides, validate. Raises ConfigError with a readable message."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        raw = loaded or {}
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    return build_config(raw, source)
+
+
+def save_config(config: StageConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every leaf field, for --help-config."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, key + "."))
+            continue
+        type_name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, type_name, repr(default), (field.description or "").replace("\n", " ")))
+    return rows

@@ -1,0 +1,79 @@
+"""Load any Hugging Face causal-LM directory (or hub id when online) with its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import ModelConfig, PeftConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as configured; the message says why and what to change."""
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer or config.path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    if config.chat_template:
+        tokenizer.chat_template = Path(config.chat_template).read_text(encoding="utf-8")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_qlora_possible() -> None:
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            "peft.method=qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
+            "Use peft.method=lora on this machine, or run on a GPU host."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("peft.method=qlora needs bitsandbytes: pip install 'posttrain[qlora]'") from None
+
+
+def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None) -> tuple[Any, Any]:
+    """Load model and tokenizer; attach the adapter that ``peft_config`` asks for.
+
+    QLoRA is checked before anything is read from disk, so a machine without CUDA fails in a second.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models.adapters import attach_adapter
+
+    peft_config = peft_config or PeftConfig()
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[model_config.dtype],
+        "attn_implementation": model_config.attn_implementation,
+        "trust_remote_code": model_config.trust_remote_code,
+    }
+    if peft_config.method == "qlora":
+        _check_qlora_possible()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=peft_config.quant_type,
+            bnb_4bit_use_double_quant=peft_config.double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+    tokenizer = load_tokenizer(model_config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)
+    except OSError as error:
+        raise ModelLoadError(f"cannot load model from {model_config.path!r}: {error}") from None
+    if model_config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = attach_adapter(model, peft_config)
+    return model, tokenizer

@@ -1,0 +1,435 @@
+"""The training runtime every recipe shares: device and precision, the batch stream, the optimizer step with
+token-normalised gradient accumulation, clipping, NaN guard, evaluation and early stopping, atomic checkpoints,
+resume, signals, metrics, and the end-of-run artefacts.
+
+A recipe reads like this (``recipes/sft.py``)::
+
+    rt = Runtime(config)
+    model, tokenizer = load_model(config.model, config.peft)
+    rows = ...                                        # items with a ``num_targets`` count
+    model = rt.setup(model, num_rows=len(rows))       # optimizer, scheduler, resume
+    for batch in rt.batches(rows, collate):           # the exact data position survives a resume
+        loss, stats = losses.sft_loss(token_logits(model, batch), ..., batch["num_items_in_batch"])
+        rt.step(loss, stats)                          # backward; on the last micro-batch: clip, step, log, save
+    rt.finish(model, tokenizer)
+
+Data order: every optimizer step consumes one *group* of ``batch_size x grad_accum x processes`` rows of a seeded
+per-epoch permutation (an incomplete last group is dropped, as every process must step together). The data
+position is therefore a function of the step count, which is what makes resume exact. ``num_items_in_batch`` is
+the trained-token count of the whole group, computed from the rows on every process without communication.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import StageConfig, save_config
+from posttrain.runtime import checkpoint as ckpt
+from posttrain.runtime.metrics import MetricsWriter, Progress, read_metrics
+from posttrain.runtime.optim import build_optimizer, build_scheduler
+from posttrain.runtime.report import write_plots, write_report
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM/SIGINT: a checkpoint was written; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.message = message
+
+
+class Runtime:
+    """Owns the mechanics of one training run; recipes own only their algorithm."""
+
+    def __init__(self, config: StageConfig, config_path: str | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.config_path = config_path
+        self.train = config.train
+        if config.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.precision=fp16 uses loss scaling and needs a CUDA GPU; use bf16 on CPU")
+        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+        self.accelerator = Accelerator(mixed_precision=precision)
+        set_seed(config.seed)
+        self.run_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(self.run_dir, config.logging.tensorboard, enabled=self.is_main)
+        self.global_step = 0
+        self.total_steps = 0
+        self.steps_per_epoch = 0
+        self.evaluate: Callable[[], dict[str, float]] | None = None
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.trainable = (0, 0)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.best_eval = math.inf
+        self.best_step: int | None = None
+        self.evals_without_improvement = 0
+        self.stopped_early = False
+        self.tokens_trained = 0
+        self.started = time.time()
+        self._signal: int | None = None
+        self._micro = 0
+        self._group_stats: dict[str, float] = {}
+        self._group_losses: list[torch.Tensor] = []
+        self._step_started = 0.0
+        self._progress: Progress | None = None
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.world_size
+
+    def log(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            self._progress.write(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def setup(self, model: Any, num_rows: int, evaluate: Callable[[], dict[str, float]] | None = None) -> Any:
+        """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming."""
+        from posttrain.models.adapters import count_parameters
+
+        self.steps_per_epoch = num_rows // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_rows} training rows are fewer than one optimizer step needs "
+                f"(train.batch_size x train.grad_accum x processes = {self.rows_per_step}); lower them or add data"
+            )
+        self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * self.steps_per_epoch))
+        self.evaluate = evaluate
+        self.trainable = count_parameters(model)
+        trainable, total = self.trainable
+        self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
+        optimizer = build_optimizer(model.parameters(), self.config.optim)
+        self.scheduler = build_scheduler(optimizer, self.total_steps, self.config.schedule)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self._resume()
+        return self.model
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        resume = self.config.resume
+        if resume is False:
+            return None
+        if resume == "auto":
+            found = ckpt.list_checkpoints(self.checkpoint_dir)
+            return found[-1] if found else None
+        path = Path(resume)
+        if not ckpt.is_complete(path):
+            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint directory (expected step-N/state.json)")
+        return path
+
+    def _resume(self) -> None:
+        path = self._checkpoint_to_resume()
+        if path is None:
+            self.metrics.truncate_after(0)
+            return
+        state = ckpt.load_checkpoint(
+            path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, self._scaler
+        )
+        self.global_step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.best_eval = state.get("best_eval", math.inf)
+        self.best_step = state.get("best_step")
+        self.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.tokens_trained = state.get("tokens_trained", 0)
+        self.metrics.truncate_after(self.global_step)
+        self.resumed_from = path
+        self.log(f"resumed from {path} at step {self.global_step} (epoch {state['epoch']}, group {state['group']})")
+
+    @property
+    def _scaler(self) -> Any:
+        return getattr(self.accelerator, "scaler", None)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _epoch_order(self, epoch: int, num_rows: int) -> list[int]:
+        if not self.config.data.shuffle:
+            return list(range(num_rows))
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(num_rows, generator=generator).tolist()
+
+    def batches(
+        self,
+        rows: Sequence[Any],
+        collate: Callable[[list[Any]], dict[str, Any]],
+        weight: Callable[[Any], int] = lambda row: row.num_targets,
+    ) -> Iterator[dict[str, Any]]:
+        """Micro-batches from the current step to the last, each with ``num_items_in_batch`` = the summed
+        ``weight`` (trained tokens by default) of its whole accumulated group across all processes."""
+        self._install_signal_handlers()
+        self._progress = Progress(self.total_steps, self.global_step, self.config.logging.progress and self.is_main, self.config.stage)
+        order: list[int] = []
+        order_epoch = -1
+        rank, world, micro = self.accelerator.process_index, self.world_size, self.train.batch_size
+        try:
+            while self.global_step < self.total_steps and not self.stopped_early:
+                epoch, group = divmod(self.global_step, self.steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = self._epoch_order(epoch, len(rows)), epoch
+                start = group * self.rows_per_step
+                members = order[start : start + self.rows_per_step]
+                num_items = sum(weight(rows[i]) for i in members)
+                self._step_started = time.time()
+                for m in range(self.train.grad_accum):
+                    first = (m * world + rank) * micro
+                    batch = collate([rows[i] for i in members[first : first + micro]])
+                    batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                    batch["num_items_in_batch"] = max(num_items, 1)
+                    last = m == self.train.grad_accum - 1
+                    # Gradients are all-reduced only on the last micro-batch of a group.
+                    with nullcontext() if last else self.accelerator.no_sync(self.model):
+                        yield batch
+        finally:
+            self._progress.close()
+            self._restore_signal_handlers()
+
+    def step(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
+        """Backward for one micro-batch; after the last one of a group: clip, guard, step, log, evaluate, save."""
+        # DDP averages gradients over processes; the loss is already normalised by the global token count.
+        self.accelerator.backward(loss * self.world_size)
+        self._group_losses.append(loss.detach())
+        for key, value in (stats or {}).items():
+            self._group_stats[key] = self._group_stats.get(key, 0.0) + float(value)
+        self._micro += 1
+        if self._micro == self.train.grad_accum:
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.optim.max_grad_norm or math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+        loss_finite = all(torch.isfinite(l).all() for l in self._group_losses)
+        # Under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale);
+        # a NaN/inf *loss* is always ours.
+        grads_finite = math.isfinite(grad_norm) or self.config.train.precision == "fp16"
+        stats = self._reduce(self._group_stats)
+        if loss_finite and grads_finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.global_step += 1
+        self._micro = 0
+        self._group_losses.clear()
+        self._group_stats = {}
+        self._after_step(stats, grad_norm, lr, skipped=not (loss_finite and grads_finite))
+
+    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not stats:
+            return stats
+        keys = sorted(stats)
+        summed = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.device), reduction="sum")
+        return dict(zip(keys, summed.tolist()))
+
+    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool) -> None:
+        elapsed = max(time.time() - self._step_started, 1e-9)
+        record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
+        if "loss_sum" in stats and stats.get("num_tokens"):
+            record["loss"] = stats["loss_sum"] / stats["num_tokens"]
+            self.tokens_trained += int(stats["num_tokens"])
+        record.update({k: v for k, v in stats.items() if k not in ("loss_sum", "num_tokens", "num_real_tokens")})
+        if "num_real_tokens" in stats:
+            record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
+        record["step_time_s"] = elapsed
+        if skipped:
+            record["skipped_nonfinite"] = self.nonfinite_total
+            self.log(
+                f"step {self.global_step}: non-finite loss or gradient (grad norm {grad_norm}); step skipped "
+                f"({self.nonfinite_in_a_row} in a row, limit {self.train.max_nonfinite_steps})"
+            )
+        if self.global_step % self.train.log_every == 0 or skipped:
+            self.metrics.log(self.global_step, record)
+        if self._progress is not None:
+            shown = {k: record[k] for k in ("loss", "tokens_per_s", "lr") if k in record}
+            self._progress.update({"tok/s" if k == "tokens_per_s" else k: v for k, v in shown.items()})
+        if self.nonfinite_in_a_row >= self.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient (step {self.global_step}). "
+                "Usual causes: learning rate too high (optim.lr), fp16 overflow (use bf16), a row with no trained "
+                "token, or corrupt weights. The last good checkpoint is in "
+                f"{self.checkpoint_dir} and was not overwritten."
+            )
+        saved = False
+        if self.evaluate is not None and self.train.eval_every and self.global_step % self.train.eval_every == 0:
+            saved = self._run_evaluation()
+        every = self.config.checkpoint.every
+        if not saved and every and self.global_step % every == 0:
+            self.save_checkpoint()
+        if self._signal is not None:
+            self._interrupt()
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _run_evaluation(self) -> bool:
+        """Evaluate, track the best, early-stop; returns whether a checkpoint was written for this step."""
+        assert self.evaluate is not None
+        self.model.eval()
+        with torch.no_grad():
+            results = self.evaluate()
+        self.model.train()
+        self.metrics.log(self.global_step, results)
+        eval_loss = results.get("eval_loss", math.inf)
+        self.log(f"step {self.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        if eval_loss < self.best_eval:
+            self.best_eval, self.best_step = eval_loss, self.global_step
+            self.evals_without_improvement = 0
+            self.save_checkpoint()  # the best checkpoint must exist to be kept
+            return True
+        self.evals_without_improvement += 1
+        patience = self.train.early_stopping_patience
+        if patience and self.evals_without_improvement >= patience:
+            self.stopped_early = True
+            self.log(
+                f"early stopping at step {self.global_step}: no validation improvement in {patience} evaluations; "
+                f"best eval_loss {self.best_eval:.4f} at step {self.best_step}"
+            )
+        return False
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        epoch, group = divmod(self.global_step, self.steps_per_epoch)
+        return {
+            "step": self.global_step,
+            "epoch": epoch,
+            "group": group,
+            "total_steps": self.total_steps,
+            "nonfinite_total": self.nonfinite_total,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "tokens_trained": self.tokens_trained,
+            **({"best_eval": self.best_eval} if math.isfinite(self.best_eval) else {}),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            state = self._state()
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir,
+                self.global_step,
+                self.accelerator.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                state,
+                self._scaler,
+            )
+            protect = {f"step-{self.best_step:06d}"} if self.best_step is not None else set()
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep, protect)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        self._previous_handlers = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._signal is not None:  # a second signal: stop now, the first checkpoint may be in progress
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.log(f"received {signal.Signals(signum).name}: finishing step {self.global_step + 1}, then checkpointing")
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread (e.g. inside some test runners): no handler, no harm
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, previous in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, previous)
+
+    def _interrupt(self) -> None:
+        assert self._signal is not None
+        path = self.save_checkpoint()
+        where = self.config_path or str(self.run_dir / "config.yaml")
+        message = (
+            f"interrupted by {signal.Signals(self._signal).name} after step {self.global_step}; checkpoint written to {path}.\n"
+            f"Resume with: posttrain train {where} output_dir={self.run_dir} resume=auto"
+        )
+        raise TrainingInterrupted(message, self._signal)
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def finish(self, model: Any, tokenizer: Any = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Final evaluation, final checkpoint, the model in Hugging Face format, plots and report."""
+        if self.evaluate is not None and self.train.eval_every and self.global_step % self.train.eval_every != 0:
+            self._run_evaluation()
+        if self.stopped_early and self.best_step is not None and self.best_step != self.global_step:
+            best = self.checkpoint_dir / f"step-{self.best_step:06d}"
+            self.log(f"restoring the best checkpoint ({best.name}) as the final model")
+            ckpt.load_trainable_state_dict(self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors")))
+        elif not ckpt.is_complete(self.checkpoint_dir / f"step-{self.global_step:06d}"):
+            self.save_checkpoint()
+        model_dir = self.run_dir / "model"
+        records: dict[str, Any] = {}
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(model_dir, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(model_dir)
+            trainable, total = self.trainable
+            records = {
+                "stage": self.config.stage,
+                "peft_method": self.config.peft.method,
+                "steps": self.global_step,
+                "total_steps": self.total_steps,
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "tokens_trained": self.tokens_trained,
+                "nonfinite_steps_skipped": self.nonfinite_total,
+                "best_eval_loss": self.best_eval if math.isfinite(self.best_eval) else None,
+                "best_step": self.best_step,
+                "stopped_early": self.stopped_early,
+                "wall_time_s": round(time.time() - self.started, 1),
+                **(summary or {}),
+            }
+            last = [r for r in read_metrics(self.metrics.path) if "loss" in r]
+            if last:
+                records["final_train_loss"] = last[-1]["loss"]
+            plots = write_plots(self.run_dir) if self.config.logging.report else []
+            report = write_report(self.run_dir, records, plots) if self.config.logging.report else None
+            self.metrics.close()
+            print(
+                f"\ndone: {self.global_step} steps in {records['wall_time_s']} s\n"
+                f"  model:   {model_dir}\n  metrics: {self.metrics.path}\n"
+                f"  plots:   {self.run_dir / 'plots'}\n  report:  {report}",
+                file=sys.stderr,
+            )
+        self.accelerator.wait_for_everyone()
+        return records
+
