@@ -1,0 +1,68 @@
+"""Shared fixtures: the toy kit (built once per session, offline) and a micro model for fast training tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", REPO.parent / "shared" / "peer-data"))
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The real toy kit (tiny size), smaller row counts."""
+    from posttrain.demo.toy import build_toy
+
+    return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=400, prefs=50, prompts=50, eval=40, pretrain=200)
+
+
+@pytest.fixture(scope="session")
+def micro_model(toy: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama with the toy tokenizer: trains a step in milliseconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.model)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("micro") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
+    """An SftConfig for tests: quiet, small, fp32; ``overrides`` in dotted form (``train__max_steps=3``)."""
+    from posttrain.config import build_config
+
+    raw: dict[str, Any] = {
+        "stage": "sft",
+        "output_dir": str(out),
+        "model": {"path": str(model)},
+        "data": {"train": str(data), "max_length": 128},
+        "train": {"max_steps": 4, "batch_size": 4},
+        "optim": {"lr": 1e-3},
+        "schedule": {"name": "constant"},
+        "checkpoint": {"every": None},
+        "logging": {"progress": False, "tensorboard": False, "report": False},
+    }
+    for key, value in overrides.items():
+        *blocks, leaf = key.split("__")
+        node = raw
+        for block in blocks:
+            node = node.setdefault(block, {})
+        node[leaf] = value
+    return build_config(raw)
