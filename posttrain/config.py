@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -199,14 +199,19 @@ class StageConfig(Block):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Metrics, progress bar, report."""
 
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_is_explicit(cls, value: Any) -> Any:
+        if value is True:  # YAML `true`: be explicit rather than guess
+            raise ValueError("resume must be auto, false or a checkpoint path (got true)")
+        return value
+
     @model_validator(mode="after")
     def _check_required_paths(self) -> "StageConfig":
         if not self.model.path:
             raise ValueError("model.path is required (a Hugging Face model directory), e.g. model.path=./toy/model")
         if not self.data.train:
             raise ValueError("data.train is required (a JSONL file), e.g. data.train=./toy/data/sft.jsonl")
-        if self.resume is True:  # YAML `true`: be explicit rather than guess
-            raise ValueError("resume must be auto, false or a checkpoint path (got true)")
         return self
 
 
@@ -268,6 +273,35 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# Names users bring from HF TrainingArguments / LLaMA-Factory / TRL, mapped to ours for "did you mean".
+FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "max_grad_norm",
+    "lr_scheduler_type": "name",
+    "cutoff_len": "max_length",
+    "max_seq_length": "max_length",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target": "target_modules",
+    "finetuning_type": "method",
+    "save_steps": "every",
+    "save_total_limit": "keep",
+    "model_name_or_path": "path",
+    "dataset": "train",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str | None:
+    if FAMILIAR_NAMES.get(key) in valid:
+        return FAMILIAR_NAMES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _block_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The config class that holds the field at ``loc`` (for suggestions)."""
     for part in loc:
@@ -291,9 +325,9 @@ def _explain(error: ValidationError, cls: type[BaseModel], source: str) -> str:
         if item["type"] == "extra_forbidden":
             parent = _block_at(cls, loc[:-1])
             valid = list(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = _suggest(str(loc[-1]), valid)
             prefix = ".".join(str(p) for p in loc[:-1])
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close}?" if close else ""
             lines.append(f"  unknown key {dotted}{hint} (valid here: {', '.join(valid)})")
         else:
             message = item["msg"].removeprefix("Value error, ")

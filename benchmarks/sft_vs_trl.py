@@ -1,0 +1,381 @@
+"""SFT throughput: posttrain's packed recipe against TRL's ``SFTTrainer`` (padded and packed), on CPU.
+
+    python benchmarks/sft_vs_trl.py --size tiny                 # fp32 and bf16, 2 rounds
+    python benchmarks/sft_vs_trl.py --size small --precision fp32 --steps 30
+
+What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
+directory; every contender trains the SAME model directory on the SAME ``sft.jsonl`` (``messages`` rows):
+
+- ``posttrain``: the real recipe, ``posttrain.recipes.sft.run(build_config({...}))``, packed (the default), full
+  fine-tuning, assistant-only loss (the default).
+- ``trl_padded``: ``trl.SFTTrainer`` with ``packing=False``: one conversation per row, padded to the longest row of
+  the batch, attention mask.
+- ``trl_packed``: ``trl.SFTTrainer`` with ``packing=True`` (TRL's default ``packing_strategy="bfd"``, which turns on
+  ``padding_free``: the batch is flattened into one row with restarting ``position_ids``).
+
+Both TRL runs use ``assistant_only_loss=True``. The toy chat template has no ``{% generation %}`` markers and is
+not one TRL knows how to patch, so TRL gets the same template with the assistant content and its ``<|end|>`` wrapped
+in ``{% generation %}`` (it renders byte-identically); the trained tokens are then exactly posttrain's (the
+benchmark prints the trained-token count per step of each contender so this can be checked).
+
+Matched settings: batch size 8 (rows: packed rows of up to 256 tokens, or single conversations), max length 256,
+AdamW (lr 2e-5, betas 0.9/0.999, eps 1e-8, weight decay 0), cosine schedule with no warm-up over ``--steps``
+steps, grad-norm clipping at 1.0, grad accumulation 1, seed 0, sdpa attention, float32 weights, fp32 or bf16
+autocast, no gradient checkpointing (TRL's SFTConfig turns it on by default and defaults to bf16; both are set
+to match here), no evaluation, no checkpoint during training, no progress bar. Everything else is each library's
+default (e.g. TRL's fused AdamW, its logging every 10 steps; posttrain's metrics.jsonl every step).
+
+How it is measured. Each run is a fresh subprocess (so peak RSS is that run's alone), runs alternate (posttrain,
+trl_padded, trl_packed, posttrain, ...) over ``--rounds`` rounds, and the median per contender is reported. In the
+subprocess, the same two instruments are attached to every contender:
+
+- a global ``torch.optim`` step post-hook records the wall-clock time at the end of every optimizer step;
+- the collate function is wrapped to count each micro-batch's non-pad input tokens (``input_ids != pad_id``;
+  ``<|pad|>`` never occurs in the data) and trained tokens.
+
+Throughput = non-pad input tokens of steps ``warmup+1 .. N`` / wall time from the end of step ``warmup`` to the
+end of step N. It includes everything a step costs (data loading, collation, logging, the optimizer).
+Peak RSS = ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the subprocess (its whole life, including
+data preparation).
+
+MFU = tokens/s x model FLOPs per token / matmul peak, with
+
+    FLOPs/token = 6 * N_nonembed + 6 * L * d * mean_t(n_t + 1)
+
+where ``N_nonembed`` is the parameter count without the (tied) embedding matrix, ``L`` the layer count, ``d`` the
+attention width (heads x head_dim) and ``n_t`` the length of the conversation token t belongs to: causal attention
+inside one conversation costs 2 matmuls x 2d FLOPs per attended key in the forward pass, x3 for forward+backward,
+and a token at position p attends p+1 keys, so a conversation of length n costs 6 L d n(n+1) and its tokens
+6 L d (n+1) on average. The vocabulary projection is left out (the contenders compute it at different positions),
+so this is the useful work of the standard model: the same FLOPs per token for every contender, and a lower bound.
+The peak is the best of several timed ``torch.mm`` of 2048 x 2048 matrices in the run's dtype, in this process, on
+the same number of threads as the training subprocesses.
+
+The LAST line printed is one JSON object (``posttrain_tok_s``, ``trl_padded_tok_s``, ``trl_packed_tok_s``,
+``ratio_vs_padded``, ``ratio_vs_packed``, ``mfu`` ... for fp32, the same with a ``bf16_`` prefix for bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONTENDERS: tuple[str, ...] = ("posttrain", "trl_padded", "trl_packed")
+BATCH_SIZE = 8
+MAX_LENGTH = 256
+LEARNING_RATE = 2e-5
+SEED = 0
+# Steps per size: enough that the timed part is several seconds after warm-up, small enough that `--size tiny`
+# with both precisions and two rounds (12 subprocesses) stays under ~10 minutes on a 2-core CPU.
+DEFAULT_STEPS: dict[str, int] = {"tiny": 30, "small": 20}
+DEFAULT_WARMUP = 5
+
+# The toy template (posttrain.demo.toy.CHAT_TEMPLATE) with the assistant content and its end-of-turn token inside
+# {% generation %}, so TRL's assistant_only_loss trains exactly the tokens posttrain trains (content + <|end|>).
+TRL_TRAINING_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('toy chat template: role ' ~ m['role'] ~ ' is not one of system, user, assistant') }}"
+    "{% endif %}"
+    "{% if m['role'] == 'assistant' %}"
+    "<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "{% else %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------- in the subprocess
+
+
+class StepRecorder:
+    """Wall-clock time at the end of every optimizer step, and per-micro-batch token counts from the collator."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.step_ends: list[float] = []
+        self.batch_tokens: list[int] = []
+        self.batch_trained: list[int] = []
+
+    def install_step_hook(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def after_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            self.step_ends.append(time.perf_counter())
+
+        register_optimizer_step_post_hook(after_step)
+
+    def wrap_collator(self, collate: Any, trained: Any) -> Any:
+        """``collate`` with its output's non-pad and trained tokens recorded; ``trained(batch)`` counts the latter."""
+
+        def counting_collate(*args: Any, **kwargs: Any) -> Any:
+            batch = collate(*args, **kwargs)
+            self.batch_tokens.append(int((batch["input_ids"] != self.pad_token_id).sum()))
+            self.batch_trained.append(int(trained(batch)))
+            return batch
+
+        return counting_collate
+
+
+def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
+    import posttrain.recipes.sft as sft
+    from posttrain.config import build_config
+    from posttrain.losses import IGNORE_INDEX
+
+    config = build_config(
+        {
+            "stage": "sft",
+            "output_dir": spec["output_dir"],
+            "resume": False,
+            "seed": SEED,
+            "model": {"path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa"},
+            "peft": {"method": "full"},
+            "data": {"train": spec["data"], "max_length": MAX_LENGTH, "packing": True},
+            "train": {"max_steps": spec["steps"], "batch_size": BATCH_SIZE, "grad_accum": 1, "precision": spec["precision"]},
+            "optim": {"name": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0, "max_grad_norm": 1.0},
+            "schedule": {"name": "cosine", "warmup_steps": 0},
+            "checkpoint": {"every": None},
+            "logging": {"progress": False, "report": False, "tensorboard": False},
+        }
+    )
+    # The recipe looks `collate` up in its module when it builds its collate function, so this wraps the real one.
+    sft.collate = recorder.wrap_collator(sft.collate, lambda batch: (batch["targets"] != IGNORE_INDEX).sum())
+    sft.run(config)
+
+
+def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None:
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer.chat_template = TRL_TRAINING_TEMPLATE
+    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["output_dir"] + "/hf-cache")
+    args = SFTConfig(
+        output_dir=spec["output_dir"],
+        seed=SEED,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        max_length=MAX_LENGTH,
+        packing=packing,
+        assistant_only_loss=True,
+        per_device_train_batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=spec["precision"] == "bf16",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
+    # Labels are unshifted here (the model shifts them), so the first position of every row trains nothing.
+    trainer.data_collator = recorder.wrap_collator(
+        trainer.data_collator, lambda batch: (batch["labels"][:, 1:] != -100).sum()
+    )
+    trainer.train()
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training run; returns its step times and token counts (printed as the last line)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    recorder = StepRecorder(spec["pad_token_id"])
+    recorder.install_step_hook()
+    started = time.perf_counter()
+    if spec["contender"] == "posttrain":
+        run_posttrain(spec, recorder)
+    else:
+        run_trl(spec, recorder, packing=spec["contender"] == "trl_packed")
+    steps = len(recorder.step_ends)
+    if steps != spec["steps"]:
+        raise RuntimeError(f"{spec['contender']}: expected {spec['steps']} optimizer steps, recorded {steps}")
+    warmup = spec["warmup"]
+    # One micro-batch per step (grad_accum 1); a data loader may have fetched one batch past the last step.
+    tokens = recorder.batch_tokens[:steps]
+    trained = recorder.batch_trained[:steps]
+    timed_s = recorder.step_ends[-1] - recorder.step_ends[warmup - 1]
+    return {
+        "contender": spec["contender"],
+        "precision": spec["precision"],
+        "steps": steps,
+        "timed_steps": steps - warmup,
+        "timed_s": timed_s,
+        "tok_s": sum(tokens[warmup:]) / timed_s,
+        "tokens_per_step": sum(tokens[warmup:]) / (steps - warmup),
+        "trained_per_step": sum(trained[warmup:]) / (steps - warmup),
+        "first_step_s": recorder.step_ends[0] - started,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- in the parent
+
+
+def matmul_peak_flops(dtype_name: str, threads: int, size: int = 2048, repeats: int = 8) -> float:
+    """Best FLOP/s of a ``size``-cubed ``torch.mm`` in ``dtype_name`` on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def model_flops_per_token(model_dir: Path, data_path: Path) -> tuple[float, dict[str, Any]]:
+    """``6 N_nonembed + 6 L d mean_t(n_t + 1)`` (see the module docstring) from the model and the tokenised data."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.data.reader import read_conversations
+    from posttrain.data.tokenize import tokenize_conversation
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())  # tied lm_head is counted once
+    nonembed = total - embedding
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [
+        len(tokenize_conversation(tokenizer, messages, MAX_LENGTH).input_ids) for messages in read_conversations(str(data_path))
+    ]
+    # mean over tokens of (n + 1), where n is the length of the token's conversation
+    mean_attended = sum(n * (n + 1) for n in lengths) / sum(lengths)
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = 6 * config.num_hidden_layers * width * mean_attended
+    flops = 6 * nonembed + attention
+    return flops, {
+        "params_total": total,
+        "params_nonembed": nonembed,
+        "flops_per_token": flops,
+        "attention_flops_share": attention / flops,
+        "mean_sequence_tokens": sum(lengths) / len(lengths),
+        "sequences": len(lengths),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{spec['contender']} ({spec['precision']}) failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list[dict[str, Any]], peak: float, flops_per_token: float) -> dict[str, dict[str, float]]:
+    summary = {}
+    for contender in CONTENDERS:
+        mine = [r for r in results if r["contender"] == contender]
+        tok_s = statistics.median(r["tok_s"] for r in mine)
+        summary[contender] = {
+            "tok_s": tok_s,
+            "tok_s_runs": [round(r["tok_s"], 1) for r in mine],
+            "mfu": tok_s * flops_per_token / peak,
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
+            "tokens_per_step": mine[0]["tokens_per_step"],
+            "trained_per_step": mine[0]["trained_per_step"],
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per size)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the three contenders")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    import torch
+
+    from posttrain.demo.toy import build_toy
+
+    threads = args.threads or torch.get_num_threads()
+    steps = args.steps or DEFAULT_STEPS[args.size]
+    if not 1 <= args.warmup < steps:
+        parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    began = time.perf_counter()
+    out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,
+                           "rounds": args.rounds, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH}
+    with tempfile.TemporaryDirectory(prefix="sft_vs_trl_") as tmp:
+        toy = build_toy(Path(tmp) / "toy", size=args.size, seed=SEED)
+        flops_per_token, model_info = model_flops_per_token(toy.model, toy.sft)
+        print(f"model {args.size}: {json.dumps(model_info)}", file=sys.stderr)
+        for precision in precisions:
+            peak = matmul_peak_flops(precision, threads)
+            results = []
+            for round_index in range(args.rounds):
+                for contender in CONTENDERS:
+                    spec = {
+                        "contender": contender, "precision": precision, "steps": steps, "warmup": args.warmup,
+                        "threads": threads, "model": str(toy.model), "data": str(toy.sft),
+                        "pad_token_id": model_info["pad_token_id"],
+                        "output_dir": str(Path(tmp) / f"{contender}-{precision}-{round_index}"),
+                    }
+                    result = run_subprocess(spec)
+                    results.append(result)
+                    print(
+                        f"[{precision} round {round_index + 1}] {contender:10s} {result['tok_s']:9.1f} tok/s  "
+                        f"{result['tokens_per_step']:7.1f} tok/step ({result['trained_per_step']:.1f} trained)  "
+                        f"peak RSS {result['peak_rss_mib']:.0f} MiB  timed {result['timed_s']:.1f} s",
+                        file=sys.stderr,
+                    )
+            summary = summarise(results, peak, flops_per_token)
+            prefix = "" if precision == "fp32" else "bf16_"
+            for contender in CONTENDERS:
+                out[f"{prefix}{contender}_tok_s"] = round(summary[contender]["tok_s"], 1)
+                out[f"{prefix}{contender}_mfu"] = round(summary[contender]["mfu"], 4)
+                out[f"{prefix}{contender}_peak_rss_mib"] = round(summary[contender]["peak_rss_mib"], 1)
+                out[f"{prefix}{contender}_tok_s_runs"] = summary[contender]["tok_s_runs"]
+                out[f"{prefix}{contender}_trained_tokens_per_step"] = round(summary[contender]["trained_per_step"], 1)
+            out[f"{prefix}ratio_vs_padded"] = round(summary["posttrain"]["tok_s"] / summary["trl_padded"]["tok_s"], 3)
+            out[f"{prefix}ratio_vs_packed"] = round(summary["posttrain"]["tok_s"] / summary["trl_packed"]["tok_s"], 3)
+            out[f"{prefix}mfu"] = round(summary["posttrain"]["mfu"], 4)
+            out[f"{prefix}matmul_peak_gflops"] = round(peak / 1e9, 1)
+    out["flops_per_token"] = round(flops_per_token)
+    out["wall_s"] = round(time.perf_counter() - began, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
