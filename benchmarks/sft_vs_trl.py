@@ -88,7 +88,8 @@ TRL_TRAINING_TEMPLATE = (
     "{{ raise_exception('toy chat template: role ' ~ m['role'] ~ ' is not one of system, user, assistant') }}"
     "{% endif %}"
     "{% if m['role'] == 'assistant' %}"
-    "<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    # "\n" as an expression: transformers renders with trim_blocks, which drops a newline right after a tag.
+    "<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{{ '\\n' }}"
     "{% else %}"
     "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
     "{% endif %}"

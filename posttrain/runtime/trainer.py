@@ -51,6 +51,16 @@ class TrainingInterrupted(SystemExit):
         self.message = message
 
 
+def _forget_previous_accelerator_settings() -> None:
+    """accelerate keeps its settings in process-wide singletons, so a second run in the same process (a pipeline
+    of stages, a notebook, tests) with another precision would be refused. The process-group part stays: it is
+    the same for every run of this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 class Runtime:
     """Owns the mechanics of one training run; recipes own only their algorithm."""
 
@@ -64,6 +74,7 @@ class Runtime:
         if config.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 uses loss scaling and needs a CUDA GPU; use bf16 on CPU")
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+        _forget_previous_accelerator_settings()
         self.accelerator = Accelerator(mixed_precision=precision)
         set_seed(config.seed)
         self.run_dir = Path(config.output_dir)
