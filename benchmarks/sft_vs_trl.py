@@ -226,6 +226,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "first_step_s": recorder.step_ends[0] - started,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        # Other processes on the machine slow every contender; alternating rounds spreads that, this shows it.
+        "load_avg_1min": os.getloadavg()[0],
     }
 
 
@@ -250,36 +252,49 @@ def matmul_peak_flops(dtype_name: str, threads: int, size: int = 2048, repeats: 
     return 2 * size**3 / best
 
 
-def model_flops_per_token(model_dir: Path, data_path: Path) -> tuple[float, dict[str, Any]]:
-    """``6 N_nonembed + 6 L d mean_t(n_t + 1)`` (see the module docstring) from the model and the tokenised data."""
+def describe_workload(model_dir: Path, data_path: Path) -> tuple[float, dict[str, Any]]:
+    """Model FLOPs per token, ``6 N_nonembed + 6 L d mean_t(n_t + 1)`` (see the module docstring), from the model
+    and posttrain's tokenisation of the data; also checks that TRL's training template yields exactly posttrain's
+    input ids and trained tokens for every conversation (``trl_mask_mismatches`` must be 0)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.data.reader import read_conversations
     from posttrain.data.tokenize import tokenize_conversation
+    from posttrain.losses import IGNORE_INDEX
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     embedding = model.get_input_embeddings().weight.numel()
-    total = sum(p.numel() for p in model.parameters())  # tied lm_head is counted once
+    total = sum(p.numel() for p in model.parameters())  # the tied lm_head is counted once, as the embedding
     nonembed = total - embedding
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [
-        len(tokenize_conversation(tokenizer, messages, MAX_LENGTH).input_ids) for messages in read_conversations(str(data_path))
-    ]
-    # mean over tokens of (n + 1), where n is the length of the token's conversation
-    mean_attended = sum(n * (n + 1) for n in lengths) / sum(lengths)
+    lengths, trained, mismatches = [], 0, 0
+    for messages in read_conversations(str(data_path)):
+        sequence = tokenize_conversation(tokenizer, messages, MAX_LENGTH)
+        lengths.append(len(sequence.input_ids))
+        trained += sequence.num_targets
+        rendered = tokenizer.apply_chat_template(
+            messages, chat_template=TRL_TRAINING_TEMPLATE, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        trl_labels = [t if m else IGNORE_INDEX for t, m in zip(rendered["input_ids"], rendered["assistant_masks"])]
+        # TRL's labels are unshifted (the model shifts them); posttrain's targets are shifted.
+        if rendered["input_ids"][:MAX_LENGTH] != sequence.input_ids or (trl_labels[1:] + [IGNORE_INDEX])[:MAX_LENGTH] != sequence.targets:
+            mismatches += 1
+    mean_attended = sum(n * (n + 1) for n in lengths) / sum(lengths)  # mean over tokens of (n + 1)
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     attention = 6 * config.num_hidden_layers * width * mean_attended
     flops = 6 * nonembed + attention
     return flops, {
         "params_total": total,
         "params_nonembed": nonembed,
-        "flops_per_token": flops,
-        "attention_flops_share": attention / flops,
-        "mean_sequence_tokens": sum(lengths) / len(lengths),
+        "flops_per_token": round(flops),
+        "attention_flops_share": round(attention / flops, 4),
         "sequences": len(lengths),
+        "mean_sequence_tokens": round(sum(lengths) / len(lengths), 2),
+        "trained_tokens": trained,
+        "trl_mask_mismatches": mismatches,
         "pad_token_id": tokenizer.pad_token_id,
     }
 
@@ -340,8 +355,12 @@ def main() -> None:
                            "rounds": args.rounds, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH}
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl_") as tmp:
         toy = build_toy(Path(tmp) / "toy", size=args.size, seed=SEED)
-        flops_per_token, model_info = model_flops_per_token(toy.model, toy.sft)
+        flops_per_token, model_info = describe_workload(toy.model, toy.sft)
         print(f"model {args.size}: {json.dumps(model_info)}", file=sys.stderr)
+        if model_info["trl_mask_mismatches"]:
+            print(f"WARNING: TRL's template differs from posttrain's on {model_info['trl_mask_mismatches']} rows", file=sys.stderr)
+        out.update({k: model_info[k] for k in ("params_total", "params_nonembed", "trl_mask_mismatches")})
+        loads = []
         for precision in precisions:
             peak = matmul_peak_flops(precision, threads)
             results = []
@@ -355,10 +374,11 @@ def main() -> None:
                     }
                     result = run_subprocess(spec)
                     results.append(result)
+                    loads.append(result["load_avg_1min"])
                     print(
                         f"[{precision} round {round_index + 1}] {contender:10s} {result['tok_s']:9.1f} tok/s  "
                         f"{result['tokens_per_step']:7.1f} tok/step ({result['trained_per_step']:.1f} trained)  "
-                        f"peak RSS {result['peak_rss_mib']:.0f} MiB  timed {result['timed_s']:.1f} s",
+                        f"peak RSS {result['peak_rss_mib']:.0f} MiB  timed {result['timed_s']:.1f} s  load {result['load_avg_1min']:.1f}",
                         file=sys.stderr,
                     )
             summary = summarise(results, peak, flops_per_token)
@@ -374,6 +394,7 @@ def main() -> None:
             out[f"{prefix}mfu"] = round(summary["posttrain"]["mfu"], 4)
             out[f"{prefix}matmul_peak_gflops"] = round(peak / 1e9, 1)
     out["flops_per_token"] = round(flops_per_token)
+    out["max_load_avg_1min"] = round(max(loads), 2)
     out["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(out))
 

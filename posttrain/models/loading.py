@@ -41,8 +41,8 @@ def _check_qlora_possible() -> None:
         raise ModelLoadError("peft.method=qlora needs bitsandbytes: pip install 'posttrain[qlora]'") from None
 
 
-def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None) -> tuple[Any, Any]:
-    """Load model and tokenizer; attach the adapter that ``peft_config`` asks for.
+def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """Load model and tokenizer (unless given); attach the adapter that ``peft_config`` asks for.
 
     QLoRA is checked before anything is read from disk, so a machine without CUDA fails in a second.
     """
@@ -67,7 +67,7 @@ def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None)
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
-    tokenizer = load_tokenizer(model_config)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)
     except OSError as error:

@@ -31,7 +31,7 @@ from posttrain.data.packing import Row, collate, pack_rows, single_rows
 from posttrain.data.reader import detect_format, read_conversations, read_texts
 from posttrain.data.tokenize import TokenizedSequence, tokenize_conversation, tokenize_text
 from posttrain.losses import IGNORE_INDEX
-from posttrain.models import load_model, token_logits
+from posttrain.models import load_model, load_tokenizer, token_logits
 from posttrain.runtime import Runtime
 
 
@@ -100,10 +100,11 @@ def evaluate_loss(model: Any, rows: list[Row], collate_rows: Any, rt: Runtime) -
 def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     """Train one SFT / pretraining run end to end; returns the run summary."""
     rt = Runtime(config, config_path)
-    model, tokenizer = load_model(config.model, config.peft)
-
+    tokenizer = load_tokenizer(config.model)
+    # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
     train_sequences, eval_sequences = load_sequences(config, tokenizer)
     check_end_of_turn_trained(train_sequences, tokenizer, config.stage)
+    model, tokenizer = load_model(config.model, config.peft, tokenizer)
     rows = make_rows(train_sequences, config)
     eval_rows = make_rows(eval_sequences, config)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing)

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, exact match and gold reward on verifiable prompts."""
