@@ -75,7 +75,8 @@ class Runtime:
             raise ValueError("train.precision=fp16 uses loss scaling and needs a CUDA GPU; use bf16 on CPU")
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
         _forget_previous_accelerator_settings()
-        self.accelerator = Accelerator(mixed_precision=precision)
+        # cpu=True without CUDA: accelerate then forms a gloo process group under torchrun (DDP on CPU).
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         set_seed(config.seed)
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"

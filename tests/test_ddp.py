@@ -1,0 +1,44 @@
+"""2-process DDP on CPU (gloo, launched with torchrun) equals the 1-process run: same token-normalised losses
+and the same weights. Each process sees its half of every accumulated batch; the loss is normalised by the
+whole batch's token count, so the all-reduced gradient is the single-process gradient."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from conftest import sft_config
+from posttrain.recipes import sft
+
+
+def test_two_process_ddp_equals_one_process(toy, micro_model, tmp_path) -> None:
+    settings = dict(train__max_steps=3, optim__name="sgd", optim__lr=0.5, train__grad_accum=2)
+    sft.run(sft_config(micro_model, toy.sft, tmp_path / "one", train__batch_size=4, **settings))
+    config = sft_config(micro_model, toy.sft, tmp_path / "two", train__batch_size=2, **settings)
+    config_path = tmp_path / "two.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "posttrain", "train", str(config_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {
+        name: [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    assert len(losses["two"]) == 3
+    assert_close(torch.tensor(losses["two"]), torch.tensor(losses["one"]), rtol=1e-5, atol=0)
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for name in one:
+        assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
