@@ -104,6 +104,14 @@ def test_digits_are_single_tokens(tokenizer) -> None:
     assert [t for t in tokens if any(c.isdigit() for c in t)] == list("12345908")
 
 
+def test_words_are_the_same_token_in_prompt_and_answer(tokenizer) -> None:
+    """Spaces are their own token, so "door" after "Repeat: " and "door" at the start of the answer (after a
+    newline) are one and the same token; copy/reverse/upper then need no per-word lookup table."""
+    prompt_tokens = tokenizer.tokenize("Repeat: door cat")
+    answer_tokens = tokenizer.tokenize("<|assistant|>\ndoor cat")
+    assert prompt_tokens[-3:] == answer_tokens[-3:] == ["door", "Ġ", "cat"]
+
+
 def test_chat_template_prefix_and_turn_ends(tokenizer) -> None:
     messages = [
         {"role": "system", "content": "Answer with the result only."},
