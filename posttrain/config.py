@@ -40,8 +40,6 @@ class ModelConfig(Block):
     """Allow custom modelling code shipped with the checkpoint."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    chat_template: str | None = None
-    """Path to a Jinja chat template that replaces the tokenizer's own."""
 
 
 PeftMethod = Literal["full", "lora", "dora", "qlora", "prompt_tuning", "p_tuning", "prefix", "freeze"]
@@ -88,7 +86,13 @@ class PeftConfig(Block):
 
 class DataConfig(Block):
     train: str | list[str] = ""
-    """Training data: a JSONL file (or a list of them)."""
+    """Training data: a file (JSON, JSONL, Parquet, CSV, TXT), a folder, a LLaMA-Factory dataset name from
+    `data.registry`, hf:org/name when online; or a list of them."""
+    registry: str | None = None
+    """LLaMA-Factory dataset_info.json (or its folder) that resolves dataset names; default: beside the data."""
+    template: str | None = None
+    """Chat template: a built-in name (llama2, llama3, chatml, qwen, baichuan2, chatglm3, mistral, default) or a
+    .jinja file; default: the tokenizer's own, else `default`. Saved with the model so chat/serve use the same."""
     eval: str | None = None
     """Held-out data for the validation loss; defaults to a split of `data.train` when `eval_fraction` > 0."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -99,8 +103,12 @@ class DataConfig(Block):
     """Pack several sequences per row (no attention across them, positions restart). False pads each row."""
     train_on_prompt: bool = False
     """Also train on system/user tokens, not only assistant turns."""
-    format: Literal["auto", "messages", "text"] = "auto"
-    """Row format: messages (chat, for sft) or text (plain, for pretrain); auto picks from the first row."""
+    format: Literal["auto", "sharegpt", "openai", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"
+    """Row format; auto detects it per file (and reports it)."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """error: stop at the first bad row (file:line, field); skip: drop bad rows, count and report them."""
+    last_turn_only: bool = False
+    """Train only the last assistant turn of each conversation (default: every assistant turn)."""
     shuffle: bool = True
     """Shuffle rows every epoch (seeded; resumable)."""
 

@@ -102,6 +102,6 @@ def test_a_template_that_never_emits_eos_is_refused(toy, micro_model, tmp_path) 
     template = tmp_path / "no_eos.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    config = sft_config(micro_model, toy.sft, tmp_path / "o", model__chat_template=str(template))
+    config = sft_config(micro_model, toy.sft, tmp_path / "o", data__template=str(template))
     with pytest.raises(DataError, match="never learn to stop"):
         sft.run(config)

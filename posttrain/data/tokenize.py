@@ -36,24 +36,30 @@ def shift_labels(input_ids: list[int], labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX] if input_ids else []
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: Any = None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and the character spans of every assistant turn (with its end-of-turn marker)."""
-    text = render(tokenizer, messages)
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None, last_turn_only: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans of the assistant turns to train (each with its
+    end-of-turn marker): every assistant turn not marked ``train: false``, or only the last one."""
+    text = render(tokenizer, messages, tools=tools)
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True) is not False]
+    if last_turn_only:
+        trained = trained[-1:]
     spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
-        through = render(tokenizer, messages[: index + 1])
+    for index in trained:
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools) if index else ""
+        through = render(tokenizer, messages[: index + 1], tools=tools)
         if not (text.startswith(through) and through.startswith(prompt)):
             raise DataError(
                 None, None, "chat_template",
                 "the chat template does not render conversations prefix-consistently (turn "
-                f"{index} renders differently inside the full conversation); set model.chat_template to a template "
+                f"{index} renders differently inside the full conversation); set data.template to a template "
                 "that does",
             )
         # Whitespace the template puts between turns belongs to no turn; the end-of-turn token stays in.
@@ -63,10 +69,18 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
 
 
 def tokenize_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], max_length: int, train_on_prompt: bool = False
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    train_on_prompt: bool = False,
+    tools: Any = None,
+    last_turn_only: bool = False,
 ) -> TokenizedSequence:
-    """Render with the chat template, tokenise once, label the assistant spans, truncate to ``max_length``."""
-    text, spans = assistant_spans(tokenizer, messages)
+    """Render with the chat template, tokenise once, label the assistant spans, truncate to ``max_length``.
+
+    A truncated sequence is flagged; when the cut falls inside a trained turn, ``extra["cut_turn"]`` says so
+    (the half turn still trains on what is left, and the count is reported)."""
+    text, spans = assistant_spans(tokenizer, messages, tools, last_turn_only)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
@@ -78,8 +92,9 @@ def tokenize_conversation(
             if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
                 labels[position] = input_ids[position]
     truncated = len(input_ids) > max_length
+    cut_turn = truncated and labels[max_length - 1] != IGNORE_INDEX and labels[max_length] != IGNORE_INDEX
     input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return TokenizedSequence(input_ids, shift_labels(input_ids, labels), truncated)
+    return TokenizedSequence(input_ids, shift_labels(input_ids, labels), truncated, extra={"cut_turn": cut_turn} if cut_turn else {})
 
 
 def tokenize_text(tokenizer: Any, text: str, max_length: int) -> list[TokenizedSequence]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +20,6 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
     source = config.tokenizer or config.path
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    if config.chat_template:
-        tokenizer.chat_template = Path(config.chat_template).read_text(encoding="utf-8")
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,7 +18,6 @@ Choices this recipe makes:
 
 from __future__ import annotations
 
-import random
 from functools import partial
 from typing import Any
 
@@ -26,54 +25,12 @@ import torch
 
 from posttrain import losses
 from posttrain.config import SftConfig
-from posttrain.data.errors import DataError
+from posttrain.data.dataset import load_sequences
 from posttrain.data.packing import Row, collate, pack_rows, single_rows
-from posttrain.data.reader import detect_format, read_conversations, read_texts
-from posttrain.data.tokenize import TokenizedSequence, tokenize_conversation, tokenize_text
+from posttrain.data.tokenize import TokenizedSequence
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer, token_logits
 from posttrain.runtime import Runtime
-
-
-def tokenize_file(path: str, config: SftConfig, tokenizer: Any) -> list[TokenizedSequence]:
-    """Read one file in the stage's format and tokenise every row."""
-    data = config.data
-    file_format = detect_format(path) if data.format == "auto" else data.format
-    expected = "text" if config.stage == "pretrain" else "messages"
-    if file_format != expected:
-        raise DataError(path, 1, expected, f"stage {config.stage} reads {expected!r} rows, this file has {file_format!r} rows")
-    if file_format == "text":
-        return [chunk for text in read_texts(path) for chunk in tokenize_text(tokenizer, text, data.max_length)]
-    return [
-        tokenize_conversation(tokenizer, messages, data.max_length, data.train_on_prompt)
-        for messages in read_conversations(path)
-    ]
-
-
-def load_sequences(config: SftConfig, tokenizer: Any) -> tuple[list[TokenizedSequence], list[TokenizedSequence]]:
-    """Training and held-out sequences (``data.eval``, or an ``eval_fraction`` split of the training rows)."""
-    paths = [config.data.train] if isinstance(config.data.train, str) else config.data.train
-    train = [seq for path in paths for seq in tokenize_file(path, config, tokenizer)]
-    held_out = tokenize_file(config.data.eval, config, tokenizer) if config.data.eval else []
-    if not held_out and config.data.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(config.seed).shuffle(order)
-        cut = max(1, int(len(train) * config.data.eval_fraction))
-        held_out = [train[i] for i in order[:cut]]
-        train = [train[i] for i in order[cut:]]
-    return train, held_out
-
-
-def check_end_of_turn_trained(sequences: list[TokenizedSequence], tokenizer: Any, stage: str) -> None:
-    """Refuse to train a chat model that would never learn to stop (no EOS/end-of-turn ever labelled)."""
-    if stage != "sft" or tokenizer.eos_token_id is None:
-        return
-    if not any(tokenizer.eos_token_id in seq.targets for seq in sequences):
-        raise DataError(
-            None, None, "chat_template",
-            f"no trained token is the EOS/end-of-turn token {tokenizer.eos_token!r}: the model would never learn "
-            "to stop. Check the chat template (each assistant turn must end with it) or data.max_length",
-        )
 
 
 def make_rows(sequences: list[TokenizedSequence], config: SftConfig) -> list[Row]:
@@ -102,17 +59,20 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     rt = Runtime(config, config_path)
     tokenizer = load_tokenizer(config.model)
     # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
-    train_sequences, eval_sequences = load_sequences(config, tokenizer)
-    check_end_of_turn_trained(train_sequences, tokenizer, config.stage)
+    sequences = load_sequences(config.data, tokenizer, config.stage, config.seed)
+    train_sequences, eval_sequences = sequences.train, sequences.held_out
+    for report in sequences.reports:
+        rt.log(f"data: {report}")
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     rows = make_rows(train_sequences, config)
     eval_rows = make_rows(eval_sequences, config)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing)
-    truncated = sum(seq.truncated for seq in train_sequences)
+    truncated = sequences.truncated
     rt.log(
         f"data: {len(train_sequences)} training sequences in {len(rows)} rows "
-        f"({'packed' if config.data.packing else 'padded'}), {truncated} truncated at {config.data.max_length} tokens; "
-        f"{len(eval_sequences)} held out"
+        f"({'packed' if config.data.packing else 'padded'}), {truncated} truncated at {config.data.max_length} tokens "
+        f"({sequences.cut_turns} inside a trained turn); {len(eval_sequences)} held out"
+        + (f"; chat template: {sequences.template}" if sequences.template else "")
     )
 
     evaluate = partial(evaluate_loss, rows=eval_rows, collate_rows=collate_rows, rt=rt) if eval_rows else None
@@ -126,5 +86,12 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     return rt.finish(
         model,
         tokenizer,
-        summary={"train_sequences": len(train_sequences), "truncated_sequences": truncated, "eval_sequences": len(eval_sequences)},
+        summary={
+            "train_sequences": len(train_sequences),
+            "truncated_sequences": truncated,
+            "truncated_inside_a_trained_turn": sequences.cut_turns,
+            "skipped_invalid_rows": sequences.skipped_rows,
+            "eval_sequences": len(eval_sequences),
+            "chat_template": sequences.template,
+        },
     )
