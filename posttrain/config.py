@@ -84,8 +84,17 @@ class PeftConfig(Block):
         return self
 
 
+class DataSource(Block):
+    path: str
+    """A file, folder, dataset name or hf:org/name."""
+    ratio: float | None = Field(None, gt=0, le=1)
+    """Share of the mixture drawn from this source (ratios of all sources must sum to 1)."""
+    epochs: float | None = Field(None, gt=0)
+    """Times this source is repeated per epoch (e.g. 3 to upweight a small domain set)."""
+
+
 class DataConfig(Block):
-    train: str | list[str] = ""
+    train: str | list[str | DataSource] = ""
     """Training data: a file (JSON, JSONL, Parquet, CSV, TXT), a folder, a LLaMA-Factory dataset name from
     `data.registry`, hf:org/name when online; or a list of them."""
     registry: str | None = None
@@ -105,12 +114,24 @@ class DataConfig(Block):
     """Also train on system/user tokens, not only assistant turns."""
     format: Literal["auto", "sharegpt", "openai", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"
     """Row format; auto detects it per file (and reports it)."""
+    max_truncated_share: float = Field(0.05, ge=0, le=1)
+    """Preflight refuses to train when more than this share of sequences is cut at max_length."""
     on_invalid: Literal["error", "skip"] = "error"
     """error: stop at the first bad row (file:line, field); skip: drop bad rows, count and report them."""
     last_turn_only: bool = False
     """Train only the last assistant turn of each conversation (default: every assistant turn)."""
     shuffle: bool = True
     """Shuffle rows every epoch (seeded; resumable)."""
+
+    @model_validator(mode="after")
+    def _mixture_is_consistent(self) -> "DataConfig":
+        sources = [s for s in (self.train if isinstance(self.train, list) else []) if isinstance(s, DataSource)]
+        ratios = [s.ratio for s in sources if s.ratio is not None]
+        if any(s.ratio is not None and s.epochs is not None for s in sources):
+            raise ValueError("a data.train source takes ratio or epochs, not both")
+        if ratios and (len(ratios) != len(self.train) or abs(sum(ratios) - 1.0) > 1e-6):  # type: ignore[arg-type]
+            raise ValueError(f"data.train ratios must be given for every source and sum to 1 (got {ratios})")
+        return self
 
 
 class TrainConfig(Block):

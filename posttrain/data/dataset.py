@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import DataConfig
+from posttrain.config import DataConfig, DataSource
 from posttrain.data.errors import DataError
 from posttrain.data.formats import ReadResult
 from posttrain.data.records import Conversation, Text
@@ -55,6 +55,8 @@ class SequenceSet:
     reports: list[str] = field(default_factory=list)
     skipped_rows: int = 0
     template: str = ""
+    source_names: list[str] = field(default_factory=list)
+    source_counts: list[int] = field(default_factory=list)
 
     @property
     def truncated(self) -> int:
@@ -88,41 +90,63 @@ def tokenize_records(result: ReadResult, tokenizer: Any, config: DataConfig) -> 
     return sequences
 
 
+def _source_name(source: str) -> str:
+    name = Path(source).stem if ("/" in source or "." in source) else source
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def mix(per_source: list[list[TokenizedSequence]], sources: list[DataSource], seed: int) -> list[list[TokenizedSequence]]:
+    """Apply mixture ratios or per-source epochs.
+
+    Ratios: the mixture is as large as possible without repeating any row, i.e. N = min(size_i / ratio_i), and
+    source i contributes round(N * ratio_i) rows drawn without replacement. Epochs: source i is repeated
+    floor(e_i) times plus a random fraction. Seeded, so a resumed run sees the same mixture.
+    """
+    rng = random.Random(seed)
+    if sources and all(s.ratio is not None for s in sources):
+        total = min(len(seqs) / s.ratio for seqs, s in zip(per_source, sources))  # type: ignore[operator]
+        return [rng.sample(seqs, min(len(seqs), round(total * s.ratio))) for seqs, s in zip(per_source, sources)]  # type: ignore[operator]
+    mixed = []
+    for seqs, source in zip(per_source, sources):
+        epochs = source.epochs or 1.0
+        whole, fraction = int(epochs), epochs - int(epochs)
+        mixed.append(seqs * whole + rng.sample(seqs, round(fraction * len(seqs))))
+    return mixed
+
+
 def load_sequences(config: DataConfig, tokenizer: Any, stage: str, seed: int) -> SequenceSet:
-    """Training and held-out sequences (``data.eval``, or an ``eval_fraction`` split of the training rows)."""
+    """Training and held-out sequences (``data.eval``, or an ``eval_fraction`` split of every source), with
+    mixture ratios / per-source epochs applied and each sequence tagged with its source index."""
     kind = "text" if stage == "pretrain" else "conversation"
     template = use_chat_template(tokenizer, config.template) if kind == "conversation" else ""
-    sources = [config.train] if isinstance(config.train, str) else list(config.train)
-    reports, train, skipped = [], [], 0
-    for source in sources:
-        result = read_source(source, config, kind)
+    entries = [config.train] if isinstance(config.train, str) else list(config.train)
+    sources = [e if isinstance(e, DataSource) else DataSource(path=e) for e in entries]
+    reports, skipped = [], 0
+    per_source: list[list[TokenizedSequence]] = []
+    held_out: list[TokenizedSequence] = []
+    rng = random.Random(seed)
+    for index, source in enumerate(sources):
+        result = read_source(source.path, config, kind)
         reports.append(result.summary())
         skipped += len(result.invalid)
-        train += tokenize_records(result, tokenizer, config)
-    held_out: list[TokenizedSequence] = []
+        sequences = tokenize_records(result, tokenizer, config)
+        for sequence in sequences:
+            sequence.source_index = index
+        if not config.eval and config.eval_fraction > 0:
+            rng.shuffle(sequences)
+            cut = max(1, int(len(sequences) * config.eval_fraction))
+            held_out += sequences[:cut]
+            sequences = sequences[cut:]
+        per_source.append(sequences)
+    if len(sources) > 1:
+        per_source = mix(per_source, sources, seed)
     if config.eval:
         result = read_source(config.eval, config, kind)
         reports.append(result.summary())
         held_out = tokenize_records(result, tokenizer, config)
-    elif config.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, int(len(train) * config.eval_fraction))
-        held_out = [train[i] for i in order[:cut]]
-        train = [train[i] for i in order[cut:]]
-    sequences = SequenceSet(train, held_out, reports, skipped, template)
-    if kind == "conversation":
-        check_end_of_turn_trained(sequences, tokenizer)
-    return sequences
-
-
-def check_end_of_turn_trained(sequences: SequenceSet, tokenizer: Any) -> None:
-    """Refuse to train a chat model that would never learn to stop (no end-of-turn token ever labelled)."""
-    stop_ids = end_of_turn_ids(tokenizer, sequences.template)
-    if not any(stop_ids.intersection(seq.targets) for seq in sequences.train):
-        names = sorted(tokenizer.convert_ids_to_tokens(list(stop_ids))) if stop_ids else ["(the tokenizer has no EOS)"]
-        raise DataError(
-            None, None, "template",
-            f"no trained token is an end-of-turn token {names} (template {sequences.template!r}): the model would "
-            "never learn to stop. Check data.template (each assistant turn must end with one) or data.max_length",
-        )
+    names = [_source_name(s.path) for s in sources]
+    counts = [len(seqs) for seqs in per_source]
+    if len(sources) > 1:
+        reports.append("mixture: " + ", ".join(f"{n} {c} ({c / max(sum(counts), 1):.1%})" for n, c in zip(names, counts)))
+    train = [seq for seqs in per_source for seq in seqs]
+    return SequenceSet(train, held_out, reports, skipped, template, names, counts)

@@ -26,13 +26,14 @@ class Row:
     input_ids: list[int]
     targets: list[int]
     position_ids: list[int]
-    sequence_ids: list[int]  # index of the source sequence of every token
+    sequence_ids: list[int]  # index of the sequence every token belongs to
     num_targets: int
+    source_ids: list[int]  # index of the data source (mixture member) of every token
 
 
 def single_rows(sequences: list[TokenizedSequence]) -> list[Row]:
     return [
-        Row(s.input_ids, s.targets, list(range(len(s.input_ids))), [i] * len(s.input_ids), s.num_targets)
+        Row(s.input_ids, s.targets, list(range(len(s.input_ids))), [i] * len(s.input_ids), s.num_targets, [s.source_index] * len(s.input_ids))
         for i, s in enumerate(sequences)
     ]
 
@@ -57,14 +58,15 @@ def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int) ->
             bisect.insort(free, (space - length, bin_index))
     rows = []
     for members in bins:
-        input_ids, targets, positions, sequence_ids = [], [], [], []
+        input_ids, targets, positions, sequence_ids, source_ids = [], [], [], [], []
         for index in members:
             sequence = sequences[index]
             input_ids += sequence.input_ids
             targets += sequence.targets
             positions += range(len(sequence.input_ids))
             sequence_ids += [index] * len(sequence.input_ids)
-        rows.append(Row(input_ids, targets, positions, sequence_ids, sum(sequences[i].num_targets for i in members)))
+            source_ids += [sequence.source_index] * len(sequence.input_ids)
+        rows.append(Row(input_ids, targets, positions, sequence_ids, sum(sequences[i].num_targets for i in members), source_ids))
     return rows
 
 
@@ -75,6 +77,7 @@ def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    source_ids = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -82,10 +85,11 @@ def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch
         input_ids[i, :n] = torch.tensor(row.input_ids)
         targets[i, :n] = torch.tensor(row.targets)
         sequence_ids[i, :n] = torch.tensor(row.sequence_ids)
+        source_ids[i, :n] = torch.tensor(row.source_ids)
         position_ids[i, :n] = torch.tensor(row.position_ids)
         position_ids[i, n:] = torch.arange(width - n)
         attention_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "targets": targets, "sequence_ids": sequence_ids}
+    batch = {"input_ids": input_ids, "targets": targets, "sequence_ids": sequence_ids, "source_ids": source_ids}
     if packed:
         batch["position_ids"] = position_ids
     else:

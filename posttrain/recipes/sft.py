@@ -26,6 +26,7 @@ import torch
 from posttrain import losses
 from posttrain.config import SftConfig
 from posttrain.data.dataset import load_sequences
+from posttrain.data.preflight import preflight
 from posttrain.data.packing import Row, collate, pack_rows, single_rows
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.losses import IGNORE_INDEX
@@ -63,6 +64,9 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     train_sequences, eval_sequences = sequences.train, sequences.held_out
     for report in sequences.reports:
         rt.log(f"data: {report}")
+    checks = preflight(sequences, tokenizer, config.data, config.stage)
+    rt.log(checks.text())
+    checks.raise_if_failed()
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     rows = make_rows(train_sequences, config)
     eval_rows = make_rows(eval_sequences, config)
@@ -78,10 +82,18 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     evaluate = partial(evaluate_loss, rows=eval_rows, collate_rows=collate_rows, rt=rt) if eval_rows else None
     model = rt.setup(model, num_rows=len(rows), evaluate=(lambda: evaluate(model)) if evaluate else None)
 
+    sources = sequences.source_names
     for batch in rt.batches(rows, collate_rows):
         trained = batch["targets"] != IGNORE_INDEX
-        loss, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][trained], batch["num_items_in_batch"])
-        rt.step(loss, {**stats, "num_real_tokens": batch["num_real_tokens"]})
+        logits = token_logits(model, batch)
+        loss, stats = losses.sft_loss(logits, batch["targets"][trained], batch["num_items_in_batch"])
+        stats["num_real_tokens"] = batch["num_real_tokens"]
+        if len(sources) > 1:  # a mixture: loss per source too, so a domain set's progress is visible
+            with torch.no_grad():
+                nll, counts = losses.per_sequence_nll(logits, batch["targets"][trained], batch["source_ids"][trained], len(sources))
+            for index, name in enumerate(sources):
+                stats[f"loss_sum/{name}"], stats[f"num_tokens/{name}"] = nll[index], counts[index]
+        rt.step(loss, stats)
 
     return rt.finish(
         model,
@@ -93,5 +105,6 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
             "skipped_invalid_rows": sequences.skipped_rows,
             "eval_sequences": len(eval_sequences),
             "chat_template": sequences.template,
+            **{f"sequences/{n}": c for n, c in zip(sequences.source_names, sequences.source_counts) if len(sequences.source_names) > 1},
         },
     )

@@ -275,7 +275,15 @@ class Runtime:
         if "loss_sum" in stats and stats.get("num_tokens"):
             record["loss"] = stats["loss_sum"] / stats["num_tokens"]
             self.tokens_trained += int(stats["num_tokens"])
-        record.update({k: v for k, v in stats.items() if k not in ("loss_sum", "num_tokens", "num_real_tokens")})
+        for key, value in stats.items():
+            if key.startswith("loss_sum/"):  # per-group losses (e.g. mixture sources): token means, like "loss"
+                group = key.split("/", 1)[1]
+                tokens = stats.get(f"num_tokens/{group}", 0.0)
+                record[f"tokens/{group}"] = tokens
+                if tokens:
+                    record[f"loss/{group}"] = value / tokens
+            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith("num_tokens/"):
+                record[key] = value
         if "num_real_tokens" in stats:
             record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
         record["step_time_s"] = elapsed
