@@ -57,11 +57,13 @@ def _hfjs_cases() -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
-def _render_case(case: dict[str, Any], **kwargs: Any) -> str:
-    """Render one huggingface.js case: its data object holds the messages and the template variables."""
+def _render_case(case: dict[str, Any], absent_means_undefined: bool = True, **kwargs: Any) -> str:
+    """Render one huggingface.js case: its data object holds the messages and the template variables.
+    An add_generation_prompt absent from the data is left undefined (None), exactly what the JS test passes;
+    ``absent_means_undefined=False`` gives transformers' default (False) instead."""
     variables = dict(case["data"])
     messages = variables.pop("messages")
-    add_generation_prompt = variables.pop("add_generation_prompt", False)
+    add_generation_prompt = variables.pop("add_generation_prompt", None if absent_means_undefined else False)
     tools = variables.pop("tools", None)
     return render(case["chat_template"], messages, add_generation_prompt, tools, **variables, **kwargs)
 
@@ -103,22 +105,23 @@ def test_render_equals_apply_chat_template_on_every_hfjs_case(phi3_tokenizer: An
         except Exception as error:  # noqa: BLE001 - the refusal itself is what is compared
             expected = type(error)
         try:
-            ours: Any = _render_case(case, tokenizer=phi3_tokenizer)
+            ours: Any = _render_case(case, absent_means_undefined=False, tokenizer=phi3_tokenizer)
         except Exception as error:  # noqa: BLE001
             ours = type(error)
         assert ours == expected, case["name"]
 
 
-# With transformers' semantics 50 of the 53 huggingface.js cases render exactly. The other three differ because
+# With transformers' semantics 51 of the 53 huggingface.js cases render exactly. The other two differ because
 # the reference is JavaScript, and each reason is checked below:
 # - MadeAgents/Hammer2.1 prints `{{ tools }}`: Python gives the list's repr ('type': ...), JavaScript its JSON.
-# - ai21labs/AI21-Jamba-Large-1.6: the JS test passes no add_generation_prompt and the template defaults an
-#   undefined one to true; transformers always defines it (False by default).
+# - ai21labs/AI21-Jamba-Large-1.6 passes only because an absent add_generation_prompt is left undefined (the JS
+#   test passes none and the template defaults an undefined one to true); with transformers' default False the
+#   generation prompt is missing, which is also checked.
 # - meetkai/functionary-medium-v2.2 has an assistant message with "content": null; apply_chat_template drops
 #   None-valued keys, and the template then concatenates the missing content (UndefinedError). A plain jinja2
 #   render that keeps the None passes it, which is why peer-data's SOURCES.md counts 51.
 # (HuggingFaceTB/SmolLM3-3B prints today's date; it matches with the clock frozen at the JS test's date.)
-HFJS_DIFFERENT = {"MadeAgents/Hammer2.1", "ai21labs/AI21-Jamba-Large-1.6", "meetkai/functionary-medium-v2.2"}
+HFJS_DIFFERENT = {"MadeAgents/Hammer2.1", "meetkai/functionary-medium-v2.2"}
 
 
 def test_hfjs_e2e_cases_render_exactly(frozen_clock: None) -> None:
@@ -132,7 +135,7 @@ def test_hfjs_e2e_cases_render_exactly(frozen_clock: None) -> None:
         except jinja2.TemplateError:
             pass
         different.add(case["name"])
-    assert len(cases) - len(different) == 50
+    assert len(cases) - len(different) == 51
     assert different == HFJS_DIFFERENT
 
     by_name = {case["name"]: case for case in cases}
@@ -140,7 +143,8 @@ def test_hfjs_e2e_cases_render_exactly(frozen_clock: None) -> None:
     assert "[{'type': 'function'" in _render_case(hammer) and '[{"type": "function"' in hammer["target"]
     jamba = by_name["ai21labs/AI21-Jamba-Large-1.6"]
     assert "add_generation_prompt" not in jamba["data"]
-    assert _render_case(dict(jamba, data={**jamba["data"], "add_generation_prompt": True})) == jamba["target"]
+    assert _render_case(jamba) == jamba["target"]
+    assert _render_case(jamba, absent_means_undefined=False) != jamba["target"]
     with pytest.raises(jinja2.UndefinedError):
         _render_case(by_name["meetkai/functionary-medium-v2.2"])
 

@@ -21,6 +21,8 @@ than dropping either silently.
 
 from __future__ import annotations
 
+import jinja2
+
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -229,7 +231,7 @@ Generation must stop on it, and it must be a single token of the tokenizer for t
 def render(
     template: str,
     messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = False,
+    add_generation_prompt: bool | None = False,
     tools: Sequence[dict[str, Any] | Callable[..., Any]] | None = None,
     special_tokens: Mapping[str, str] | None = None,
     tokenizer: Any = None,
@@ -240,7 +242,9 @@ def render(
     Args:
         template: the Jinja source of a chat template.
         messages: the conversation, dicts with ``role`` and ``content`` (and whatever else the template reads).
-        add_generation_prompt: append the header that starts an assistant reply.
+        add_generation_prompt: append the header that starts an assistant reply. ``None`` leaves the variable
+            undefined, as a caller of the bare Jinja template (or of huggingface.js) that does not pass it does;
+            some templates default an undefined one to true. transformers always passes a bool.
         tools: JSON schemas (or typed, documented functions) of tools, for templates that render them.
         special_tokens: template variables such as ``bos_token`` and ``eos_token``.
         tokenizer: a transformers tokenizer whose ``special_tokens_map`` supplies those variables; entries of
@@ -268,7 +272,7 @@ def render(
         conversations=[conversation],
         tools=list(tools) if tools is not None else None,
         chat_template=template,
-        add_generation_prompt=add_generation_prompt,
+        add_generation_prompt=jinja2.Undefined() if add_generation_prompt is None else add_generation_prompt,
         **variables,
     )
     return rendered[0]
