@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from posttrain.config import STAGE_CONFIGS, ConfigError, describe_fields, load_config
+from posttrain.data.records import KINDS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -50,6 +51,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from posttrain.data.quality import format_report, inspect_dataset
+
+    report = inspect_dataset(args.source, registry=args.registry, kind=args.kind, tokenizer=args.tokenizer, max_length=args.max_length)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from posttrain.data.dataset import load_sequences
+    from posttrain.data.preflight import preflight
+    from posttrain.models import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config.model)
+    sequences = load_sequences(config.data, tokenizer, config.stage, config.seed)
+    for line in sequences.reports:
+        print(f"data: {line}")
+    report = preflight(sequences, tokenizer, config.data, config.stage)
+    print(report.text())
+    return 2 if report.problems else 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for large language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    data = commands.add_parser("data", help="look at a dataset before training on it")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_inspect = data_commands.add_parser(
+        "inspect",
+        help="report format, invalid rows, token lengths, duplicates, turns and label balance of a dataset",
+        description="Read a data file, folder or LLaMA-Factory dataset name (invalid rows are listed, not fatal) "
+        "and report what a training run would see.",
+    )
+    data_inspect.add_argument("source", metavar="PATH|NAME", help="a data file or folder, hf:org/name, or a dataset_info.json name")
+    data_inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    data_inspect.add_argument("--tokenizer", metavar="DIR", help="count tokens with this local tokenizer and its chat template (default: an offline approximation)")
+    data_inspect.add_argument("--max-length", type=_positive_int, default=1024, metavar="N", help="report the share of samples longer than N tokens (default 1024)")
+    data_inspect.add_argument("--registry", metavar="FILE", help="dataset_info.json (or its folder) to look NAME up in; default ./ or ./data")
+    data_inspect.add_argument("--kind", choices=KINDS, help="read the records as this kind (default: inferred from the first row)")
+    data_inspect.set_defaults(func=cmd_data_inspect)
+
+    data_check = data_commands.add_parser("check", help="the preflight of a training config, without training")
+    data_check.add_argument("config", help="stage config YAML")
+    data_check.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    data_check.set_defaults(func=cmd_data_check)
     return parser
 
 

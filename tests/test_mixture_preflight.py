@@ -80,3 +80,14 @@ def test_preflight_marks_trained_tokens_and_refuses_heavy_truncation(toy, micro_
         sft.run(config)
     relaxed = sft_config(micro_model, toy.sft, tmp_path / "o2", data__max_length=128)
     assert not preflight(load_sequences(relaxed.data, tokenizer, "sft", 0), tokenizer, relaxed.data, "sft").problems
+
+
+def test_data_check_command(toy, micro_model, tmp_path, capsys) -> None:
+    from posttrain.cli import main
+
+    common = ["configs/sft_lora.yaml", f"model.path={micro_model}", f"data.train={toy.sft}"]
+    assert main(["data", "check", *common]) == 0
+    out = capsys.readouterr().out
+    assert "format openai" in out and "⟦" in out and "preflight: ok" in out
+    assert main(["data", "check", *common, "data.max_length=12"]) == 2
+    assert "PROBLEM: " in capsys.readouterr().out

@@ -4,6 +4,7 @@ into canonical records, pick the chat template, tokenise with loss masks, and ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,10 +75,16 @@ def tokenize_records(result: ReadResult, tokenizer: Any, config: DataConfig) -> 
             sequences += tokenize_text(tokenizer, record.text, config.max_length)
             continue
         assert isinstance(record, Conversation)
+        tools = record.tools
+        if isinstance(tools, str):  # LLaMA-Factory keeps tool schemas as JSON text; templates want the objects
+            try:
+                tools = json.loads(tools) if tools.strip() else None
+            except json.JSONDecodeError as error:
+                raise DataError(record.meta.get("source", result.source), record.meta.get("line"), "tools", f"not valid JSON: {error.msg}") from None
         try:
             sequences.append(
                 tokenize_conversation(
-                    tokenizer, record.messages, config.max_length, config.train_on_prompt, record.tools, config.last_turn_only
+                    tokenizer, record.messages, config.max_length, config.train_on_prompt, tools, config.last_turn_only
                 )
             )
         except DataError:
