@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return args.func(args)
+    except BrokenPipeError:  # `posttrain data inspect ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
     except TrainingInterrupted as interrupted:
         print(interrupted.message, file=sys.stderr)
         return int(interrupted.code)  # type: ignore[arg-type]

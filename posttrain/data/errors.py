@@ -10,6 +10,6 @@ class DataError(ValueError):
 
     def __init__(self, path: str | Path | None, line: int | None, field: str | None, problem: str) -> None:
         self.path, self.line, self.field, self.problem = path, line, field, problem
-        where = f"{path}:{line}" if line is not None else str(path) if path is not None else "data"
+        where = f"{path}:{line}: " if line is not None else f"{path}: " if path is not None else ""
         what = f"field {field!r}: " if field else ""
-        super().__init__(f"{where}: {what}{problem}")
+        super().__init__(f"{where}{what}{problem}")
