@@ -299,3 +299,36 @@ def test_registry_errors(tmp_path: Path) -> None:
     (tmp_path / "broken" / "dataset_info.json").write_text('{"a": ', encoding="utf-8")
     with pytest.raises(DataError, match=r"dataset_info.json:1: not valid JSON"):
         resolve_dataset("a", registry=tmp_path / "broken")
+
+
+@needs_peer_data
+@pytest.mark.parametrize("name", sorted(EXPECTED_KIND))
+def test_peer_registry_dataset_tokenises(name: str) -> None:
+    """Every local text dataset tokenises with a real tokenizer (phi-2) and a real template that renders tools
+    (Qwen2.5's): conversations train every assistant turn and its <|im_end|>; preference and KTO rows tokenise
+    as prompt + answer conversations; documents become BOS/EOS-framed chunks."""
+    from test_loss_masks import _tokenizer
+
+    from posttrain.config import DataConfig
+    from posttrain.data.dataset import tokenize_records
+    from posttrain.data.formats import ReadResult
+    from posttrain.data.tokenize import tokenize_text
+
+    tokenizer = _tokenizer("phi-2", "qwen2.5-instruct")
+    result = read_dataset(resolve_dataset(name, search_dirs=[LF_DATA]))
+    config = DataConfig(train="unused", max_length=1_000_000)  # no truncation: every turn must be there
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if EXPECTED_KIND[name] is Text:
+        chunks = [c for r in result.records for c in tokenize_text(tokenizer, r.text, config.max_length)]
+        assert len(chunks) >= len(result.records) and all(c.num_targets == len(c.input_ids) - 1 for c in chunks)
+        return
+    records = result.records
+    if EXPECTED_KIND[name] is Preference:
+        records = [Conversation(r.prompt + answer, meta=r.meta) for r in result.records for answer in (r.chosen, r.rejected)]
+    elif EXPECTED_KIND[name] is Unpaired:
+        records = [Conversation(r.prompt + r.completion, meta=r.meta) for r in result.records]
+    sequences = tokenize_records(ReadResult(records, result.format, "conversation", [], len(records), result.source), tokenizer, config)
+    assert len(sequences) == len(records)
+    for record, sequence in zip(records, sequences):
+        assistant_turns = sum(m["role"] == "assistant" for m in record.messages)
+        assert sequence.targets.count(end_id) == assistant_turns, record.meta
