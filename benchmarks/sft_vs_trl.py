@@ -15,8 +15,8 @@ directory; every contender trains the SAME model directory on the SAME ``sft.jso
 
 Both TRL runs use ``assistant_only_loss=True``. The toy chat template has no ``{% generation %}`` markers and is
 not one TRL knows how to patch, so TRL gets the same template with the assistant content and its ``<|end|>`` wrapped
-in ``{% generation %}`` (it renders byte-identically); the trained tokens are then exactly posttrain's (the
-benchmark prints the trained-token count per step of each contender so this can be checked).
+in ``{% generation %}``. Before training, the benchmark checks on every conversation that this template gives
+exactly posttrain's input ids and trained tokens (``trl_mask_mismatches`` in the output must be 0).
 
 Matched settings: batch size 8 (rows: packed rows of up to 256 tokens, or single conversations), max length 256,
 AdamW (lr 2e-5, betas 0.9/0.999, eps 1e-8, weight decay 0), cosine schedule with no warm-up over ``--steps``
@@ -29,7 +29,8 @@ How it is measured. Each run is a fresh subprocess (so peak RSS is that run's al
 (posttrain, trl_padded, trl_packed, posttrain, ...) over ``--rounds`` rounds. Per contender the headline is its
 fastest round: other processes on a shared machine can only slow a run down, so the least-disturbed round is the
 best estimate of the code's speed (``timeit``'s reasoning); the median and every round are reported beside it,
-with the 1-minute load average at the end of each run. In the subprocess, the same two instruments are attached
+with the 1-minute load average at the end of each run (the run itself accounts for about ``--threads`` of it;
+more means other processes competed for the cores). In the subprocess, the same two instruments are attached
 to every contender:
 
 - a global ``torch.optim`` step post-hook records the wall-clock time at the end of every optimizer step;
@@ -54,6 +55,15 @@ so this is the useful work of the standard model: the same FLOPs per token for e
 The peak is the best of several timed ``torch.mm`` of 2048 x 2048 matrices in the run's dtype, in this process, on
 the same number of threads as the training subprocesses, re-measured before every round (the best is kept).
 
+Why TRL is slower here, so nobody mistakes it for a handicap of this script: on CPU, TRL's packed
+(padding-free) batch is ONE row of 8 x 256 tokens; with no varlen attention kernel on CPU, transformers turns its
+restarting ``position_ids`` into a block-diagonal mask over the whole row, so sdpa scores 2048^2 pairs per head
+instead of posttrain's 8 x 256^2 (rows kept separate). TRL's fused LM head projects every position onto the
+vocabulary on CPU (it keeps only trained positions under Triton, i.e. on GPU); posttrain projects only trained
+positions. The padded run holds ~8 short conversations (~220 tokens) per step, too little work to amortise the
+per-step cost. In TRL's favour: its default fused AdamW; posttrain's runtime uses ``torch.optim.AdamW``'s default
+(for-loop) implementation on CPU.
+
 The LAST line printed is one JSON object (``posttrain_tok_s``, ``trl_padded_tok_s``, ``trl_packed_tok_s``,
 ``ratio_vs_padded``, ``ratio_vs_packed``, ``mfu`` ... for fp32, the same with a ``bf16_`` prefix for bf16).
 """
@@ -77,10 +87,13 @@ BATCH_SIZE = 8
 MAX_LENGTH = 256
 LEARNING_RATE = 2e-5
 SEED = 0
-# Steps per size: enough that the timed part is several seconds after warm-up, small enough that `--size tiny`
-# with both precisions and two rounds (12 subprocesses) stays under ~10 minutes on a 2-core CPU.
-DEFAULT_STEPS: dict[str, int] = {"tiny": 30, "small": 20}
+# Steps per size: enough that the timed part is a few seconds even for the cheap padded run (~0.06 s a step on
+# tiny), small enough that `--size tiny` with both precisions and two rounds (12 subprocesses) stays under ~10
+# minutes on an idle 2-core CPU (measured: about 6-7 minutes for tiny, 16 for small).
+DEFAULT_STEPS: dict[str, int] = {"tiny": 50, "small": 20}
 DEFAULT_WARMUP = 5
+CONTENDED_CPU_SHARE = 0.8  # below this share of its cores a run is flagged as slowed by other processes
+RUSAGE_UNITS_PER_MIB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 # The toy template (posttrain.demo.toy.CHAT_TEMPLATE) with the assistant content and its end-of-turn token inside
 # {% generation %}, so TRL's assistant_only_loss trains exactly the tokens posttrain trains (content + <|end|>).
@@ -110,6 +123,7 @@ class StepRecorder:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
         self.step_ends: list[float] = []
+        self.step_cpu: list[float] = []  # process CPU time (all threads) at the same moments
         self.batch_tokens: list[int] = []
         self.batch_trained: list[int] = []
 
@@ -118,6 +132,7 @@ class StepRecorder:
 
         def after_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
             self.step_ends.append(time.perf_counter())
+            self.step_cpu.append(time.process_time())
 
         register_optimizer_step_post_hook(after_step)
 
@@ -147,7 +162,9 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
             "model": {"path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa"},
             "peft": {"method": "full"},
             "data": {"train": spec["data"], "max_length": MAX_LENGTH, "packing": True},
-            "train": {"max_steps": spec["steps"], "batch_size": BATCH_SIZE, "grad_accum": 1, "precision": spec["precision"]},
+            "train": {
+                "max_steps": spec["steps"], "batch_size": BATCH_SIZE, "grad_accum": 1, "precision": spec["precision"]
+            },
             "optim": {"name": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0, "max_grad_norm": 1.0},
             "schedule": {"name": "cosine", "warmup_steps": 0},
             "checkpoint": {"every": None},
@@ -160,6 +177,7 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
 
 
 def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None:
+    import torch
     from datasets import load_dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -183,6 +201,8 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=spec["precision"] == "bf16",
+        # Without a GPU, TRL refuses bf16 unless told it is on the CPU (posttrain's accelerate picks the CPU itself).
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         save_strategy="no",
         eval_strategy="no",
@@ -217,6 +237,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = recorder.batch_tokens[:steps]
     trained = recorder.batch_trained[:steps]
     timed_s = recorder.step_ends[-1] - recorder.step_ends[warmup - 1]
+    cpu_s = recorder.step_cpu[-1] - recorder.step_cpu[warmup - 1]
     return {
         "contender": spec["contender"],
         "precision": spec["precision"],
@@ -227,9 +248,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_step": sum(tokens[warmup:]) / (steps - warmup),
         "trained_per_step": sum(trained[warmup:]) / (steps - warmup),
         "first_step_s": recorder.step_ends[0] - started,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RUSAGE_UNITS_PER_MIB,
         "threads": torch.get_num_threads(),
-        # Other processes on the machine slow every contender; alternating rounds spreads that, this shows it.
+        # Other processes on the machine slow every contender; alternating rounds spreads that, these show it:
+        # the share of `threads` cores this process had while timed (near 1 on an idle machine), the load average.
+        "cpu_share": cpu_s / (timed_s * torch.get_num_threads()),
         "load_avg_1min": os.getloadavg()[0],
     }
 
@@ -279,11 +302,14 @@ def describe_workload(model_dir: Path, data_path: Path) -> tuple[float, dict[str
         lengths.append(len(sequence.input_ids))
         trained += sequence.num_targets
         rendered = tokenizer.apply_chat_template(
-            messages, chat_template=TRL_TRAINING_TEMPLATE, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, chat_template=TRL_TRAINING_TEMPLATE, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
         )
-        trl_labels = [t if m else IGNORE_INDEX for t, m in zip(rendered["input_ids"], rendered["assistant_masks"])]
-        # TRL's labels are unshifted (the model shifts them); posttrain's targets are shifted.
-        if rendered["input_ids"][:MAX_LENGTH] != sequence.input_ids or (trl_labels[1:] + [IGNORE_INDEX])[:MAX_LENGTH] != sequence.targets:
+        # TRL truncates ids and labels to max_length; its labels are unshifted (the model shifts them), posttrain's
+        # targets are shifted.
+        trl_ids = rendered["input_ids"][:MAX_LENGTH]
+        trl_labels = [t if m else IGNORE_INDEX for t, m in zip(trl_ids, rendered["assistant_masks"])]
+        if trl_ids != sequence.input_ids or trl_labels[1:] + [IGNORE_INDEX] != sequence.targets:
             mismatches += 1
     mean_attended = sum(n * (n + 1) for n in lengths) / sum(lengths)  # mean over tokens of (n + 1)
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -364,9 +390,11 @@ def main() -> None:
         flops_per_token, model_info = describe_workload(toy.model, toy.sft)
         print(f"model {args.size}: {json.dumps(model_info)}", file=sys.stderr)
         if model_info["trl_mask_mismatches"]:
-            print(f"WARNING: TRL's template differs from posttrain's on {model_info['trl_mask_mismatches']} rows", file=sys.stderr)
+            mismatches = model_info["trl_mask_mismatches"]
+            print(f"WARNING: TRL's tokens or loss mask differ from posttrain's on {mismatches} rows", file=sys.stderr)
         out.update({k: model_info[k] for k in ("params_total", "params_nonembed", "trl_mask_mismatches")})
-        loads = []
+        loads: list[float] = []
+        shares: list[float] = []
         for precision in precisions:
             peak, results = 0.0, []
             for round_index in range(args.rounds):
@@ -382,11 +410,12 @@ def main() -> None:
                     result = run_subprocess(spec)
                     results.append(result)
                     loads.append(result["load_avg_1min"])
+                    shares.append(result["cpu_share"])
                     print(
                         f"[{precision} round {round_index + 1}] {contender:10s} {result['tok_s']:8.1f} tok/s  "
                         f"{result['tokens_per_step']:6.1f} tok/step ({result['trained_per_step']:.1f} trained)  "
                         f"peak RSS {result['peak_rss_mib']:.0f} MiB  timed {result['timed_s']:.1f} s  "
-                        f"load {result['load_avg_1min']:.1f}",
+                        f"cpu share {result['cpu_share']:.2f}  load {result['load_avg_1min']:.1f}",
                         file=sys.stderr,
                     )
             summary = summarise(results, peak, flops_per_token)
@@ -408,6 +437,14 @@ def main() -> None:
             out[f"{prefix}matmul_peak_gflops"] = round(peak / 1e9, 1)
     out["flops_per_token"] = round(flops_per_token)
     out["max_load_avg_1min"] = round(max(loads), 2)
+    out["min_cpu_share"] = round(min(shares), 3)
+    if min(shares) < CONTENDED_CPU_SHARE:
+        print(
+            f"WARNING: some runs had as little as {min(shares):.0%} of their {threads} cores (other processes were "
+            "running); their figures understate the code, and ratios between runs under different contention are "
+            "unreliable. Re-run on an idle machine.",
+            file=sys.stderr,
+        )
     out["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(out))
 
