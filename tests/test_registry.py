@@ -332,3 +332,21 @@ def test_peer_registry_dataset_tokenises(name: str) -> None:
     for record, sequence in zip(records, sequences):
         assistant_turns = sum(m["role"] == "assistant" for m in record.messages)
         assert sequence.targets.count(end_id) == assistant_turns, record.meta
+
+
+@needs_peer_data
+def test_sft_trains_from_a_registry_name(toy, micro_model, tmp_path) -> None:
+    """`data.train: alpaca_en_demo` resolves through dataset_info.json and trains (the toy tokenizer spells
+    English out in small pieces, so long rows are truncated: the preflight limit is raised on purpose)."""
+    from conftest import sft_config
+
+    from posttrain.recipes import sft
+
+    config = sft_config(
+        micro_model, "alpaca_en_demo", tmp_path / "run", data__registry=str(LF_DATA), data__max_length=512,
+        data__max_truncated_share=1.0, train__max_steps=2,
+    )
+    summary = sft.run(config)
+    assert summary["train_sequences"] == 999 and summary["steps"] == 2
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
