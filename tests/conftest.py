@@ -66,3 +66,10 @@ def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
             node = node.setdefault(block, {})
         node[leaf] = value
     return build_config(raw)
+
+
+def need_peer_file(path: Path) -> Path:
+    """``path`` under peer-data, or skip the test when that folder is not beside the checkout."""
+    if not path.exists():
+        pytest.skip(f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)")
+    return path

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from conftest import need_peer_file
 from posttrain.data.dataset import use_chat_template
 from posttrain.data.tokenize import TokenizedSequence, render, tokenize_conversation
 from posttrain.losses import IGNORE_INDEX
@@ -53,10 +54,7 @@ EXCHANGES = [
 CONVERSATIONS = {"with_system": [SYSTEM, *EXCHANGES], "without_system": EXCHANGES}
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)")
-    return path
+_need = need_peer_file
 
 
 @dataclass(frozen=True)

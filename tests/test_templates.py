@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 import pytest
 
+from conftest import need_peer_file
 from posttrain.data.templates import BUILTIN_TEMPLATES, END_OF_TURN, render, resolve_template
 
 PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", Path(__file__).resolve().parents[2] / "shared" / "peer-data"))
@@ -37,10 +38,7 @@ EXCHANGES = [
 CONVERSATIONS = {"with_system": [SYSTEM, *EXCHANGES], "without_system": EXCHANGES}
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)")
-    return path
+_need = need_peer_file
 
 
 def _real_template(name: str) -> str:
