@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.reader import read_jsonl, validate_messages
+from posttrain.data.reader import read_jsonl
 from posttrain.demo.tasks import exact_match, gold_reward
 from posttrain.rollout import generate_responses
 
