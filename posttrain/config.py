@@ -241,15 +241,6 @@ class StageConfig(Block):
             raise ValueError("model.path is required (a Hugging Face model directory), e.g. model.path=./toy/model")
         if not self.data.train:
             raise ValueError("data.train is required (a JSONL file), e.g. data.train=./toy/data/sft.jsonl")
-        return self
-
-
-class SftConfig(StageConfig):
-    stage: Literal["sft"] = "sft"
-    """sft: train on chat data (assistant turns by default)."""
-
-    @model_validator(mode="after")
-    def _packing_vs_prompt_learning(self) -> "SftConfig":
         if self.data.packing and self.peft.method in PROMPT_LEARNING_METHODS:
             # Virtual tokens are prepended once per row; with packing only the first sequence of a row would
             # see them, which silently trains something else than what is served.
@@ -262,12 +253,154 @@ class SftConfig(StageConfig):
         return self
 
 
+class SftConfig(StageConfig):
+    stage: Literal["sft"] = "sft"
+    """sft: train on chat data (assistant turns by default)."""
+
+
 class PretrainConfig(SftConfig):
     stage: Literal["pretrain"] = "pretrain"  # type: ignore[assignment]
     """pretrain: continued pretraining on plain text (every token trained)."""
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SftConfig, "pretrain": PretrainConfig}
+ADAPTER_METHODS_FOR_HEADS = ("full", "lora", "dora", "qlora", "freeze")
+
+
+class RewardBlock(Block):
+    """Reward-model training (Bradley–Terry pairwise loss on preference pairs)."""
+
+    use_margin: bool = True
+    """Subtract each pair's margin inside the loss (Llama 2's graded preferences) when rows carry one."""
+
+
+class RewardConfig(StageConfig):
+    stage: Literal["reward"] = "reward"  # type: ignore[assignment]
+    """reward: a scalar-head reward model trained on preference pairs."""
+    reward: RewardBlock = Field(default_factory=RewardBlock)
+    """Loss options."""
+
+    @model_validator(mode="after")
+    def _head_needs_weights(self) -> "RewardConfig":
+        if self.peft.method not in ADAPTER_METHODS_FOR_HEADS:
+            raise ValueError(
+                f"peft.method={self.peft.method} adds virtual tokens, which a reward model's scalar head cannot "
+                f"use; choose one of {', '.join(ADAPTER_METHODS_FOR_HEADS)}"
+            )
+        return self
+
+
+class DpoBlock(Block):
+    """Direct preference optimisation: the loss and its strength."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    """sigmoid (DPO), ipo, hinge (SLiC), robust (label-noise unbiased), simpo (reference-free, length-normalised),
+    orpo (reference-free, odds ratio + SFT term)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the preference term (DPO's β, IPO's τ, ORPO's λ)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed share of flipped labels: conservative DPO with loss=sigmoid, robust DPO with loss=robust."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO's target margin γ as a multiple of β."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Weight of an extra NLL term on the chosen response (RPO); 0 turns it off. ORPO always has its own."""
+
+
+class DpoConfig(StageConfig):
+    stage: Literal["dpo"] = "dpo"  # type: ignore[assignment]
+    """dpo: the DPO family on preference pairs (reference log-probs cached up front)."""
+    dpo: DpoBlock = Field(default_factory=DpoBlock)
+    """Loss choice and options."""
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self) -> "DpoConfig":
+        if self.dpo.label_smoothing and self.dpo.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo.label_smoothing applies to loss sigmoid or robust, not {self.dpo.loss}")
+        return self
+
+
+class KtoBlock(Block):
+    """KTO on unpaired desirable / undesirable examples."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the value function around the reference point."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """λ_D: weight of desirable examples (raise it when they are rarer than undesirable ones)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """λ_U: weight of undesirable examples."""
+
+
+class KtoConfig(StageConfig):
+    stage: Literal["kto"] = "kto"  # type: ignore[assignment]
+    """kto: Kahneman–Tversky optimisation on unpaired examples (or preference pairs split in two)."""
+    kto: KtoBlock = Field(default_factory=KtoBlock)
+    """Loss options."""
+
+
+class SamplingBlock(Block):
+    """How responses are sampled from the policy."""
+
+    num_samples: int = Field(8, ge=1)
+    """Responses per prompt (n of best-of-n)."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 is greedy (then every sample is the same)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest token set with this probability mass."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 turns it off."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest response; one that reaches it without an end-of-turn token counts as not finished."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts × samples generated per batch."""
+
+
+class RewardSource(Block):
+    """Where rewards come from: a trained reward model, a Python function, or both summed with weights."""
+
+    model: str | None = None
+    """A reward-model run directory (or its model/ folder) from stage: reward."""
+    function: str | None = None
+    """A Python function ``reward(prompt, response, reference) -> float`` as module:name (e.g.
+    posttrain.demo.tasks:score_prompt), or a built-in name: exact_match, toy."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score when both are given."""
+    function_weight: float = 1.0
+    """Weight of the function's reward when both are given."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSource":
+        if not self.model and not self.function:
+            raise ValueError("give reward.model (a reward-model run) or reward.function (module:name), or both")
+        return self
+
+
+class RejectionBlock(Block):
+    """Best-of-n selection."""
+
+    threshold: float | None = None
+    """Keep a prompt's best response only when its reward reaches this value; none keeps every best."""
+    train_after: bool = True
+    """Run one SFT round on the selected responses (with this config's model/peft/train/optim blocks)."""
+
+
+class RejectionSamplingConfig(StageConfig):
+    stage: Literal["rejection_sampling"] = "rejection_sampling"  # type: ignore[assignment]
+    """rejection_sampling: sample n responses per prompt, keep the best by reward, fine-tune on them."""
+    sampling: SamplingBlock = Field(default_factory=SamplingBlock)
+    """Sampling from the policy (model.path)."""
+    reward: RewardSource = Field(default_factory=lambda: RewardSource(function="exact_match"))
+    """How responses are scored."""
+    rejection: RejectionBlock = Field(default_factory=RejectionBlock)
+    """Selection and the SFT round."""
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "sft": SftConfig,
+    "pretrain": PretrainConfig,
+    "reward": RewardConfig,
+    "dpo": DpoConfig,
+    "kto": KtoConfig,
+    "rejection_sampling": RejectionSamplingConfig,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from posttrain.config import DataConfig, DataSource
@@ -38,8 +39,8 @@ def end_of_turn_ids(tokenizer: Any, template_name: str) -> set[int]:
     return ids
 
 
-def read_source(source: str, config: DataConfig, kind: str) -> ReadResult:
-    """One ``data.train`` entry → records of ``kind``. Names resolve through ``data.registry``, else a
+def read_source(source: str, config: DataConfig, kind: str | None) -> ReadResult:
+    """One ``data.train`` entry → records of ``kind`` (None: the kind of the first row). Names resolve through ``data.registry``, else a
     dataset_info.json in the working directory or ./data (LLaMA-Factory's layout)."""
     spec = resolve_dataset(source, config.registry, search_dirs=[Path.cwd(), Path.cwd() / "data"])
     if config.format != "auto":
@@ -49,10 +50,11 @@ def read_source(source: str, config: DataConfig, kind: str) -> ReadResult:
 
 @dataclass
 class SequenceSet:
-    """Tokenised training and held-out sequences, with what a user needs to trust them."""
+    """Tokenised training and held-out examples (sequences, or pairs of them), with what a user needs to trust
+    them."""
 
-    train: list[TokenizedSequence]
-    held_out: list[TokenizedSequence]
+    train: list[Any]
+    held_out: list[Any]
     reports: list[str] = field(default_factory=list)
     skipped_rows: int = 0
     template: str = ""
@@ -68,6 +70,27 @@ class SequenceSet:
         return sum(bool(s.extra.get("cut_turn")) for s in self.train)
 
 
+def tokenize_messages(
+    tokenizer: Any, messages: list[dict[str, Any]], config: DataConfig, record_meta: dict[str, Any], source: str, tools: Any = None
+) -> TokenizedSequence:
+    """One conversation → tokens and loss mask; a template that cannot render it is the row's error
+    (file:line), not a traceback."""
+    if isinstance(tools, str):  # LLaMA-Factory keeps tool schemas as JSON text; templates want the objects
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as error:
+            raise DataError(record_meta.get("source", source), record_meta.get("line"), "tools", f"not valid JSON: {error.msg}") from None
+    try:
+        return tokenize_conversation(tokenizer, messages, config.max_length, config.train_on_prompt, tools, config.last_turn_only)
+    except DataError:
+        raise
+    except Exception as error:  # the template's raise_exception, a Jinja error: the row is the cause
+        raise DataError(
+            record_meta.get("source", source), record_meta.get("line"), "messages",
+            f"the chat template cannot render this conversation: {error}",
+        ) from None
+
+
 def tokenize_records(result: ReadResult, tokenizer: Any, config: DataConfig) -> list[TokenizedSequence]:
     sequences: list[TokenizedSequence] = []
     for record in result.records:
@@ -75,25 +98,7 @@ def tokenize_records(result: ReadResult, tokenizer: Any, config: DataConfig) -> 
             sequences += tokenize_text(tokenizer, record.text, config.max_length)
             continue
         assert isinstance(record, Conversation)
-        tools = record.tools
-        if isinstance(tools, str):  # LLaMA-Factory keeps tool schemas as JSON text; templates want the objects
-            try:
-                tools = json.loads(tools) if tools.strip() else None
-            except json.JSONDecodeError as error:
-                raise DataError(record.meta.get("source", result.source), record.meta.get("line"), "tools", f"not valid JSON: {error.msg}") from None
-        try:
-            sequences.append(
-                tokenize_conversation(
-                    tokenizer, record.messages, config.max_length, config.train_on_prompt, tools, config.last_turn_only
-                )
-            )
-        except DataError:
-            raise
-        except Exception as error:  # the template's raise_exception, a Jinja error: the row is the cause
-            raise DataError(
-                record.meta.get("source", result.source), record.meta.get("line"), "messages",
-                f"the chat template cannot render this conversation: {error}",
-            ) from None
+        sequences.append(tokenize_messages(tokenizer, record.messages, config, record.meta, result.source, record.tools))
     return sequences
 
 
@@ -121,39 +126,47 @@ def mix(per_source: list[list[TokenizedSequence]], sources: list[DataSource], se
     return mixed
 
 
-def load_sequences(config: DataConfig, tokenizer: Any, stage: str, seed: int) -> SequenceSet:
-    """Training and held-out sequences (``data.eval``, or an ``eval_fraction`` split of every source), with
-    mixture ratios / per-source epochs applied and each sequence tagged with its source index."""
-    kind = "text" if stage == "pretrain" else "conversation"
-    template = use_chat_template(tokenizer, config.template) if kind == "conversation" else ""
+def load_examples(
+    config: DataConfig, kind: str | None, tokenize: Callable[[ReadResult], list[Any]], seed: int, template: str = ""
+) -> SequenceSet:
+    """Read every source as ``kind`` records, ``tokenize`` them into examples (sequences, pairs...) that carry a
+    ``source_index``, split off held-out examples (``data.eval``, or an ``eval_fraction`` split of every source)
+    and apply mixture ratios / per-source epochs."""
     entries = [config.train] if isinstance(config.train, str) else list(config.train)
     sources = [e if isinstance(e, DataSource) else DataSource(path=e) for e in entries]
     reports, skipped = [], 0
-    per_source: list[list[TokenizedSequence]] = []
-    held_out: list[TokenizedSequence] = []
+    per_source: list[list[Any]] = []
+    held_out: list[Any] = []
     rng = random.Random(seed)
     for index, source in enumerate(sources):
         result = read_source(source.path, config, kind)
         reports.append(result.summary())
         skipped += len(result.invalid)
-        sequences = tokenize_records(result, tokenizer, config)
-        for sequence in sequences:
-            sequence.source_index = index
+        examples = tokenize(result)
+        for example in examples:
+            example.source_index = index
         if not config.eval and config.eval_fraction > 0:
-            rng.shuffle(sequences)
-            cut = max(1, int(len(sequences) * config.eval_fraction))
-            held_out += sequences[:cut]
-            sequences = sequences[cut:]
-        per_source.append(sequences)
+            rng.shuffle(examples)
+            cut = max(1, int(len(examples) * config.eval_fraction))
+            held_out += examples[:cut]
+            examples = examples[cut:]
+        per_source.append(examples)
     if len(sources) > 1:
         per_source = mix(per_source, sources, seed)
     if config.eval:
         result = read_source(config.eval, config, kind)
         reports.append(result.summary())
-        held_out = tokenize_records(result, tokenizer, config)
+        held_out = tokenize(result)
     names = [_source_name(s.path) for s in sources]
-    counts = [len(seqs) for seqs in per_source]
+    counts = [len(examples) for examples in per_source]
     if len(sources) > 1:
         reports.append("mixture: " + ", ".join(f"{n} {c} ({c / max(sum(counts), 1):.1%})" for n, c in zip(names, counts)))
-    train = [seq for seqs in per_source for seq in seqs]
+    train = [example for examples in per_source for example in examples]
     return SequenceSet(train, held_out, reports, skipped, template, names, counts)
+
+
+def load_sequences(config: DataConfig, tokenizer: Any, stage: str, seed: int) -> SequenceSet:
+    """Training and held-out sequences for SFT (conversations) or pretraining (text)."""
+    kind = "text" if stage == "pretrain" else "conversation"
+    template = use_chat_template(tokenizer, config.template) if kind == "conversation" else ""
+    return load_examples(config, kind, lambda result: tokenize_records(result, tokenizer, config), seed, template)

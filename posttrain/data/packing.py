@@ -31,43 +31,69 @@ class Row:
     source_ids: list[int]  # index of the data source (mixture member) of every token
 
 
-def single_rows(sequences: list[TokenizedSequence]) -> list[Row]:
-    return [
-        Row(s.input_ids, s.targets, list(range(len(s.input_ids))), [i] * len(s.input_ids), s.num_targets, [s.source_index] * len(s.input_ids))
-        for i, s in enumerate(sequences)
-    ]
+def _row(sequences: list[TokenizedSequence], members: list[int]) -> Row:
+    input_ids, targets, positions, sequence_ids, source_ids = [], [], [], [], []
+    for index in members:
+        sequence = sequences[index]
+        input_ids += sequence.input_ids
+        targets += sequence.targets
+        positions += range(len(sequence.input_ids))
+        sequence_ids += [index] * len(sequence.input_ids)
+        source_ids += [sequence.source_index] * len(sequence.input_ids)
+    return Row(input_ids, targets, positions, sequence_ids, sum(sequences[i].num_targets for i in members), source_ids)
 
 
-def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int) -> list[Row]:
-    """Best-fit-decreasing packing into rows of at most ``max_length`` tokens (ties broken by a seeded shuffle)."""
-    order = list(range(len(sequences)))
+def single_rows(sequences: list[TokenizedSequence], units: list[list[int]] | None = None) -> list[Row]:
+    """One row per sequence, or per unit (a group of sequence indices that must share a row, e.g. the chosen and
+    rejected sides of a pair, placed one after the other with restarting positions)."""
+    return [_row(sequences, members) for members in (units or [[i] for i in range(len(sequences))])]
+
+
+def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int, units: list[list[int]] | None = None) -> list[Row]:
+    """Best-fit-decreasing packing into rows of at most ``max_length`` tokens (ties broken by a seeded shuffle).
+
+    ``units`` (default: each sequence alone) are groups of sequence indices that stay together in one row."""
+    units = units or [[i] for i in range(len(sequences))]
+    lengths = [sum(len(sequences[i].input_ids) for i in unit) for unit in units]
+    order = list(range(len(units)))
     random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -len(sequences[i].input_ids))
+    order.sort(key=lambda u: -lengths[u])
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (space left, bin index)
-    for index in order:
-        length = len(sequences[index].input_ids)
+    for unit in order:
+        length = lengths[unit]
         slot = bisect.bisect_left(free, (length, -1))
         if slot < len(free):
             space, bin_index = free.pop(slot)
         else:
-            space, bin_index = max_length, len(bins)
+            space, bin_index = max(max_length, length), len(bins)
             bins.append([])
-        bins[bin_index].append(index)
+        bins[bin_index] += units[unit]
         if space - length > 0:
             bisect.insort(free, (space - length, bin_index))
-    rows = []
-    for members in bins:
-        input_ids, targets, positions, sequence_ids, source_ids = [], [], [], [], []
-        for index in members:
-            sequence = sequences[index]
-            input_ids += sequence.input_ids
-            targets += sequence.targets
-            positions += range(len(sequence.input_ids))
-            sequence_ids += [index] * len(sequence.input_ids)
-            source_ids += [sequence.source_index] * len(sequence.input_ids)
-        rows.append(Row(input_ids, targets, positions, sequence_ids, sum(sequences[i].num_targets for i in members), source_ids))
-    return rows
+    return [_row(sequences, members) for members in bins]
+
+
+def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Map a batch's global sequence ids (-1 on padding) to 0..S-1 in increasing global order; padding stays -1.
+
+    With the chosen and rejected sides of pair p stored as sequences 2p and 2p+1, local ids keep that layout:
+    ``values.view(-1, 2)`` gives (chosen, rejected) per pair."""
+    real = sequence_ids >= 0
+    unique, inverse = torch.unique(sequence_ids[real], return_inverse=True)
+    local = torch.full_like(sequence_ids, -1)
+    local[real] = inverse
+    return local, len(unique)
+
+
+def sequence_ends(local_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Flat index (into ``local_ids.view(-1)``) of each sequence's last token, ``(S,)`` in local-id order: where a
+    reward model reads its score. Works for padded rows (either side) and packed rows alike."""
+    flat = local_ids.reshape(-1)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    real = flat >= 0
+    ends = torch.full((num_sequences,), -1, dtype=torch.long, device=flat.device)
+    return ends.scatter_reduce(0, flat[real], positions[real], reduce="amax")
 
 
 def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Models: load a causal LM and its tokenizer, attach adapters, compute logits where they are needed, export."""
+"""Models: load a causal LM (or a scalar-head reward model) and its tokenizer, attach adapters, compute logits
+where they are needed, export."""
 
 from posttrain.models.adapters import attach_adapter, count_parameters, is_peft_model
 from posttrain.models.forward import token_logits

@@ -53,22 +53,26 @@ def freeze_except(model: torch.nn.Module, trainable: list[str], last_n_layers: i
         raise ValueError(f"peft.freeze_trainable={trainable} matches no parameter name; check the module names")
 
 
-def attach_adapter(model: Any, config: PeftConfig) -> Any:
-    """Return the model with ``config.method`` applied (peft models for adapters, ``model`` itself otherwise)."""
+def attach_adapter(model: Any, config: PeftConfig, task: str = "CAUSAL_LM") -> Any:
+    """Return the model with ``config.method`` applied (peft models for adapters, ``model`` itself otherwise).
+
+    ``task="SEQ_CLS"`` (reward models, critics): peft then also trains and saves the freshly initialised scalar
+    head in full (``modules_to_save``), and freeze-tuning keeps it trainable."""
     if config.method == "full":
         return model
     if config.method == "freeze":
-        freeze_except(model, config.freeze_trainable, config.freeze_last_n_layers)
+        head = ["score"] if task == "SEQ_CLS" else []
+        freeze_except(model, [*config.freeze_trainable, *head], config.freeze_last_n_layers)
         return model
 
     import peft
 
-    task = peft.TaskType.CAUSAL_LM
+    task_type = peft.TaskType[task]
     if config.method in ("lora", "dora", "qlora"):
         if config.method == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         adapter = peft.LoraConfig(
-            task_type=task,
+            task_type=task_type,
             r=config.r,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
@@ -79,7 +83,7 @@ def attach_adapter(model: Any, config: PeftConfig) -> Any:
     elif config.method == "prompt_tuning":
         init = peft.PromptTuningInit.TEXT if config.prompt_init_text else peft.PromptTuningInit.RANDOM
         adapter = peft.PromptTuningConfig(
-            task_type=task,
+            task_type=task_type,
             num_virtual_tokens=config.num_virtual_tokens,
             prompt_tuning_init=init,
             prompt_tuning_init_text=config.prompt_init_text,
@@ -87,10 +91,10 @@ def attach_adapter(model: Any, config: PeftConfig) -> Any:
         )
     elif config.method == "p_tuning":
         adapter = peft.PromptEncoderConfig(
-            task_type=task, num_virtual_tokens=config.num_virtual_tokens, encoder_hidden_size=config.encoder_hidden_size
+            task_type=task_type, num_virtual_tokens=config.num_virtual_tokens, encoder_hidden_size=config.encoder_hidden_size
         )
     elif config.method == "prefix":
-        adapter = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=config.num_virtual_tokens)
+        adapter = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)
     else:  # pragma: no cover - the config's Literal makes this unreachable
         raise ValueError(f"unknown peft.method {config.method!r}")
     return peft.get_peft_model(model, adapter)

@@ -38,12 +38,16 @@ def _check_qlora_possible() -> None:
         raise ModelLoadError("peft.method=qlora needs bitsandbytes: pip install 'posttrain[qlora]'") from None
 
 
-def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None, tokenizer: Any = None) -> tuple[Any, Any]:
+def load_model(
+    model_config: ModelConfig, peft_config: PeftConfig | None = None, tokenizer: Any = None, scalar_head: bool = False
+) -> tuple[Any, Any]:
     """Load model and tokenizer (unless given); attach the adapter that ``peft_config`` asks for.
 
+    ``scalar_head``: a reward model / critic (``models.scalar_head.ScalarHeadModel``) instead of the LM head; from
+    a causal-LM directory the head starts freshly initialised, from a reward-model directory it is loaded.
     QLoRA is checked before anything is read from disk, so a machine without CUDA fails in a second.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from posttrain.models.adapters import attach_adapter
 
@@ -66,11 +70,18 @@ def load_model(model_config: ModelConfig, peft_config: PeftConfig | None = None,
         kwargs["dtype"] = torch.bfloat16
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)
+        if scalar_head:
+            model = AutoModelForSequenceClassification.from_pretrained(model_config.path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)
     except OSError as error:
         raise ModelLoadError(f"cannot load model from {model_config.path!r}: {error}") from None
     if model_config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = attach_adapter(model, peft_config)
+    model = attach_adapter(model, peft_config, task="SEQ_CLS" if scalar_head else "CAUSAL_LM")
+    if scalar_head:
+        from posttrain.models.scalar_head import wrap_for_scalar_head
+
+        model = wrap_for_scalar_head(model, tokenizer)
     return model, tokenizer
