@@ -44,6 +44,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from posttrain.eval.reward_model import score_file
+
+    summary = score_file(args.model, args.data, args.out, batch_size=args.batch_size)
+    line = f"{summary['records']} {summary['kind']} records: mean reward {summary['mean_reward']:.4f} (std {summary['std_reward']:.4f})"
+    if "accuracy" in summary:
+        line += f", accuracy {summary['accuracy']:.4f} (chosen > rejected), mean gap {summary['mean_gap']:.4f}"
+    print(line)
+    if args.out:
+        print(f"scores: {summary['out']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from posttrain.demo.run import run_demo
 
@@ -107,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA weights into the base model")
     export.set_defaults(func=cmd_export)
+
+    score = commands.add_parser("score", help="score conversations or preference pairs with a trained reward model")
+    score.add_argument("model", metavar="RM_DIR", help="a stage: reward run directory (or its model/ folder)")
+    score.add_argument("data", help="a data file: preference pairs (accuracy is reported) or conversations")
+    score.add_argument("--out", metavar="FILE", help="write one JSON row per record with its score(s)")
+    score.add_argument("--batch-size", type=_positive_int, default=32)
+    score.set_defaults(func=cmd_score)
 
     demo = commands.add_parser("demo", help="the embedded default: toy model and data, then training end to end")
     demo.add_argument("--out", default="runs/demo")

@@ -29,6 +29,7 @@ class Row:
     sequence_ids: list[int]  # index of the sequence every token belongs to
     num_targets: int
     source_ids: list[int]  # index of the data source (mixture member) of every token
+    num_sequences: int = 1
 
 
 def _row(sequences: list[TokenizedSequence], members: list[int]) -> Row:
@@ -40,7 +41,8 @@ def _row(sequences: list[TokenizedSequence], members: list[int]) -> Row:
         positions += range(len(sequence.input_ids))
         sequence_ids += [index] * len(sequence.input_ids)
         source_ids += [sequence.source_index] * len(sequence.input_ids)
-    return Row(input_ids, targets, positions, sequence_ids, sum(sequences[i].num_targets for i in members), source_ids)
+    num_targets = sum(sequences[i].num_targets for i in members)
+    return Row(input_ids, targets, positions, sequence_ids, num_targets, source_ids, len(members))
 
 
 def single_rows(sequences: list[TokenizedSequence], units: list[list[int]] | None = None) -> list[Row]:
@@ -96,9 +98,29 @@ def sequence_ends(local_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
     return ends.scatter_reduce(0, flat[real], positions[real], reduce="amax")
 
 
+def _one_sequence_per_row(rows: list[Row]) -> list[Row]:
+    """Split rows that hold several sequences (a pair's two sides) into one row per sequence, in order."""
+    split: list[Row] = []
+    for row in rows:
+        if row.num_sequences == 1:
+            split.append(row)
+            continue
+        starts = [i for i, position in enumerate(row.position_ids) if position == 0] + [len(row.input_ids)]
+        for start, end in zip(starts, starts[1:]):
+            targets = row.targets[start:end]
+            split.append(Row(
+                row.input_ids[start:end], targets, row.position_ids[start:end], row.sequence_ids[start:end],
+                sum(t != IGNORE_INDEX for t in targets), row.source_ids[start:end],
+            ))
+    return split
+
+
 def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest one. Padded mode gets an attention mask; packed mode gets restarting
-    positions instead (and its padding forms its own segment, which trains nothing)."""
+    """Right-pad rows to the longest one. Padded mode gets an attention mask and one sequence per tensor row (a
+    row that holds a pair becomes two consecutive tensor rows); packed mode gets restarting positions instead
+    (and its padding forms its own segment, which trains nothing)."""
+    if not packed:
+        rows = _one_sequence_per_row(rows)
     width = max(len(r.input_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -122,3 +144,17 @@ def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch
         batch["attention_mask"] = attention_mask
     batch["num_real_tokens"] = attention_mask.sum()
     return batch
+
+
+def unit_rows(units: list[tuple[TokenizedSequence, ...]], packed: bool, max_length: int, seed: int) -> list[Row]:
+    """Rows that keep every unit of ``k`` sequences whole (the chosen and rejected sides of a preference pair; a
+    KTO example and its mismatched completion), numbered so that unit ``u`` holds sequence ids ``k·u … k·u+k−1``:
+    per-sequence values of a batch (in ``local_sequence_ids`` order) reshape to ``(units, k)``, and a row holds
+    ``row.num_sequences // k`` units. Packed rows take up to ``k·max_length`` tokens, so any unit fits; padded,
+    each unit is one row that ``collate`` splits into one tensor row per sequence."""
+    if not units:
+        return []
+    k = len(units[0])
+    sequences = [sequence for unit in units for sequence in unit]
+    groups = [list(range(k * u, k * u + k)) for u in range(len(units))]
+    return pack_rows(sequences, k * max_length, seed, groups) if packed else single_rows(sequences, groups)

@@ -16,6 +16,7 @@ from posttrain.config import DataConfig
 from posttrain.data.dataset import SequenceSet, load_examples, tokenize_messages, use_chat_template
 from posttrain.data.errors import DataError
 from posttrain.data.formats import ReadResult
+from posttrain.data.packing import Row, pack_rows, single_rows
 from posttrain.data.records import Preference, Unpaired
 from posttrain.data.tokenize import TokenizedSequence
 
@@ -129,3 +130,14 @@ def load_unpaired(config: DataConfig, tokenizer: Any, seed: int) -> SequenceSet:
         return tokenize_unpaired(result, tokenizer, config, seed)
 
     return load_examples(config, None, tokenize, seed, template)
+
+
+def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int) -> list[Row]:
+    """Rows for a pair recipe: pair p's chosen and rejected sides are sequences 2p and 2p+1 and always share a
+    row (one forward computes both; ``local_sequence_ids(...)`` values ``.view(-1, 2)`` give (chosen,
+    rejected)). Packed rows hold several pairs up to ``2 × data.max_length`` tokens, so any pair fits."""
+    sequences = [side for pair in pairs for side in (pair.chosen, pair.rejected)]
+    units = [[2 * p, 2 * p + 1] for p in range(len(pairs))]
+    if config.packing:
+        return pack_rows(sequences, 2 * config.max_length, seed, units)
+    return single_rows(sequences, units)

@@ -1,13 +1,17 @@
-"""The forward pass every recipe shares: logits only at the positions that are trained."""
+"""The forward pass every recipe shares: logits only at the positions that are trained; per-sequence
+log-probabilities of a batch and the frozen reference model's, for the preference losses."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from posttrain.losses import IGNORE_INDEX
-from posttrain.models.adapters import num_prepended_tokens
+from posttrain.data.packing import local_sequence_ids
+from posttrain.losses import IGNORE_INDEX, per_sequence_nll
+from posttrain.models.adapters import is_peft_model, num_prepended_tokens
 
 
 def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -25,3 +29,65 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     output = model(**inputs, logits_to_keep=keep, use_cache=False)
     return output.logits.reshape(-1, output.logits.shape[-1])
+
+
+def batch_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sequence of ``batch``: the summed log-probability of its trained tokens (``log π(response | prompt)``
+    for preference data), its trained-token count, and its global sequence id; each ``(S,)``, in increasing
+    global id order (``local_sequence_ids``), so a batch of whole pairs laid out as ``[c0, r0, c1, r1, ...]``
+    reshapes with ``.view(-1, 2)`` to (chosen, rejected). Sums are float32 (``per_sequence_nll``)."""
+    trained = batch["targets"] != IGNORE_INDEX
+    local_ids, num_sequences = local_sequence_ids(batch["sequence_ids"])
+    nll, counts = per_sequence_nll(token_logits(model, batch), batch["targets"][trained], local_ids[trained], num_sequences)
+    global_ids = torch.unique(batch["sequence_ids"][batch["sequence_ids"] >= 0])
+    return -nll, counts, global_ids
+
+
+@contextmanager
+def reference_model(model: Any) -> Iterator[Any]:
+    """The model whose log-probs are the reference π_ref: a peft model with its adapter switched off (the base
+    weights, whatever the adapter has learnt or a checkpoint restored), otherwise ``model`` itself (full and freeze
+    tuning: the caller must use it before any update). Prompt learning yields the bare base model, as peft's
+    ``disable_adapter`` swaps ``forward`` but ``token_logits`` would still skip the virtual tokens' positions."""
+    if not is_peft_model(model):
+        yield model
+    elif model.active_peft_config.is_prompt_learning:
+        yield model.get_base_model()
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+@torch.no_grad()
+def reference_logps(
+    model: Any,
+    items: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    num_sequences: int,
+    batch_size: int,
+    accelerator: Any,
+) -> torch.Tensor:
+    """Summed reference log-probs of every sequence of ``items``, ``(num_sequences,)`` float32 indexed by global
+    sequence id, computed once (in eval mode, under the run's autocast) so training holds a single model.
+
+    Items are sharded over processes and the results summed, so every process ends with the whole table.
+    Call it before ``Runtime.setup``: setup restores a checkpoint, and for full fine-tuning the reference is the
+    weights as loaded; computing it first keeps a resumed run equal to an uninterrupted one.
+    """
+    if not getattr(model, "is_quantized", False):  # bitsandbytes weights are already placed and cannot move
+        model.to(accelerator.device)
+    logps = torch.zeros(num_sequences, dtype=torch.float32, device=accelerator.device)
+    mine = list(items)[accelerator.process_index :: accelerator.num_processes]
+    was_training = model.training
+    model.eval()
+    try:
+        with reference_model(model) as reference, accelerator.autocast():
+            for start in range(0, len(mine), batch_size):
+                batch = {k: v.to(accelerator.device) for k, v in collate(mine[start : start + batch_size]).items()}
+                sums, _, ids = batch_sequence_logps(reference, batch)
+                logps[ids] = sums.float()
+    finally:
+        model.train(was_training)
+    if accelerator.num_processes > 1:
+        logps = accelerator.reduce(logps, reduction="sum")
+    return logps

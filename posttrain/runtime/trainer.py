@@ -108,6 +108,7 @@ class Runtime:
         self._step_started = 0.0
         self._progress: Progress | None = None
         self.resumed_from: Path | None = None
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results) of the latest evaluation
 
     # ------------------------------------------------------------------------------------------------ set-up
     @property
@@ -228,7 +229,12 @@ class Runtime:
             self._restore_signal_handlers()
 
     def step(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
-        """Backward for one micro-batch; after the last one of a group: clip, guard, step, log, evaluate, save."""
+        """Backward for one micro-batch; after the last one of a group: clip, guard, step, log, evaluate, save.
+
+        ``stats`` are summed over the group's micro-batches and processes, then logged: ``loss_sum``/``num_tokens``
+        as the token-mean ``loss`` (``loss_sum/X``/``num_tokens/X`` as ``loss/X``); ``sum/NAME`` divided by
+        ``count/NAME`` or ``count`` as the per-example mean ``NAME``; ``num_real_tokens`` as throughput; any
+        other key as its sum."""
         # DDP averages gradients over processes; the loss is already normalised by the global token count.
         self.accelerator.backward(loss * self.world_size)
         self._group_losses.append(loss.detach())
@@ -274,7 +280,7 @@ class Runtime:
         record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
         if "loss_sum" in stats and stats.get("num_tokens"):
             record["loss"] = stats["loss_sum"] / stats["num_tokens"]
-            self.tokens_trained += int(stats["num_tokens"])
+        self.tokens_trained += int(stats.get("num_tokens", 0))
         for key, value in stats.items():
             if key.startswith("loss_sum/"):  # per-group losses (e.g. mixture sources): token means, like "loss"
                 group = key.split("/", 1)[1]
@@ -282,7 +288,12 @@ class Runtime:
                 record[f"tokens/{group}"] = tokens
                 if tokens:
                     record[f"loss/{group}"] = value / tokens
-            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith("num_tokens/"):
+            elif key.startswith("sum/"):  # per-example means (pairs, prompts): "sum/NAME" over "count/NAME" or "count"
+                name = key.split("/", 1)[1]
+                count = stats.get(f"count/{name}", stats.get("count", 0.0))
+                if count:
+                    record[name] = value / count
+            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith(("num_tokens/", "count/")):
                 record[key] = value
         if "num_real_tokens" in stats:
             record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
@@ -322,6 +333,7 @@ class Runtime:
         with torch.no_grad():
             results = self.evaluate()
         self.model.train()
+        self.last_eval = (self.global_step, results)
         self.metrics.log(self.global_step, results)
         eval_loss = results.get("eval_loss", math.inf)
         self.log(f"step {self.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -409,12 +421,20 @@ class Runtime:
         """Final evaluation, final checkpoint, the model in Hugging Face format, plots and report."""
         if self.evaluate is not None and self.train.eval_every and self.global_step % self.train.eval_every != 0:
             self._run_evaluation()
+        final_eval = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.global_step else None
         if self.stopped_early and self.best_step is not None and self.best_step != self.global_step:
             best = self.checkpoint_dir / f"step-{self.best_step:06d}"
             self.log(f"restoring the best checkpoint ({best.name}) as the final model")
             ckpt.load_trainable_state_dict(self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors")))
+            final_eval = None
         elif not ckpt.is_complete(self.checkpoint_dir / f"step-{self.global_step:06d}"):
             self.save_checkpoint()
+        if self.evaluate is not None and final_eval is None:
+            # The summary describes the model that is saved: evaluate it if no evaluation saw exactly it.
+            model.eval()
+            with torch.no_grad():
+                final_eval = self.evaluate()
+            model.train()
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
         if self.is_main:
@@ -435,6 +455,7 @@ class Runtime:
                 "best_eval_loss": self.best_eval if math.isfinite(self.best_eval) else None,
                 "best_step": self.best_step,
                 "stopped_early": self.stopped_early,
+                **{f"final_{k}": v for k, v in (final_eval or {}).items()},
                 "wall_time_s": round(time.time() - self.started, 1),
                 **(summary or {}),
             }
