@@ -72,15 +72,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import StepRecorder, best_of_rounds, process_stats, run_subprocess, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("posttrain", "trl_padded", "trl_packed")
 BATCH_SIZE = 8
@@ -92,8 +91,6 @@ SEED = 0
 # minutes on an idle 2-core CPU (measured: about 6-7 minutes for tiny, 16 for small).
 DEFAULT_STEPS: dict[str, int] = {"tiny": 50, "small": 20}
 DEFAULT_WARMUP = 5
-CONTENDED_CPU_SHARE = 0.8  # below this share of its cores a run is flagged as slowed by other processes
-RUSAGE_UNITS_PER_MIB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 # The toy template (posttrain.demo.toy.CHAT_TEMPLATE) with the assistant content and its end-of-turn token inside
 # {% generation %}, so TRL's assistant_only_loss trains exactly the tokens posttrain trains (content + <|end|>).
@@ -117,35 +114,10 @@ TRL_TRAINING_TEMPLATE = (
 # ---------------------------------------------------------------------------------------------- in the subprocess
 
 
-class StepRecorder:
-    """Wall-clock time at the end of every optimizer step, and per-micro-batch token counts from the collator."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-        self.step_ends: list[float] = []
-        self.step_cpu: list[float] = []  # process CPU time (all threads) at the same moments
-        self.batch_tokens: list[int] = []
-        self.batch_trained: list[int] = []
-
-    def install_step_hook(self) -> None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        def after_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
-            self.step_ends.append(time.perf_counter())
-            self.step_cpu.append(time.process_time())
-
-        register_optimizer_step_post_hook(after_step)
-
-    def wrap_collator(self, collate: Any, trained: Any) -> Any:
-        """``collate`` with its output's non-pad and trained tokens recorded; ``trained(batch)`` counts the latter."""
-
-        def counting_collate(*args: Any, **kwargs: Any) -> Any:
-            batch = collate(*args, **kwargs)
-            self.batch_tokens.append(int((batch["input_ids"] != self.pad_token_id).sum()))
-            self.batch_trained.append(int(trained(batch)))
-            return batch
-
-        return counting_collate
+def token_counters(pad_token_id: int, trained: Any) -> dict[str, Any]:
+    """Collator counters: each micro-batch's non-pad input tokens (``<|pad|>`` never occurs in the data) and its
+    trained tokens (``trained(batch)``)."""
+    return {"tokens": lambda batch, *_: (batch["input_ids"] != pad_token_id).sum(), "trained": lambda batch, *_: trained(batch)}
 
 
 def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
@@ -172,7 +144,9 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
         }
     )
     # The recipe looks `collate` up in its module when it builds its collate function, so this wraps the real one.
-    sft.collate = recorder.wrap_collator(sft.collate, lambda batch: (batch["targets"] != IGNORE_INDEX).sum())
+    sft.collate = recorder.wrap_collator(
+        sft.collate, token_counters(spec["pad_token_id"], lambda batch: (batch["targets"] != IGNORE_INDEX).sum())
+    )
     sft.run(config)
 
 
@@ -212,7 +186,7 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
     # Labels are unshifted here (the model shifts them), so the first position of every row trains nothing.
     trainer.data_collator = recorder.wrap_collator(
-        trainer.data_collator, lambda batch: (batch["labels"][:, 1:] != -100).sum()
+        trainer.data_collator, token_counters(spec["pad_token_id"], lambda batch: (batch["labels"][:, 1:] != -100).sum())
     )
     trainer.train()
 
@@ -222,7 +196,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    recorder = StepRecorder(spec["pad_token_id"])
+    recorder = StepRecorder()
     recorder.install_step_hook()
     started = time.perf_counter()
     if spec["contender"] == "posttrain":
@@ -234,10 +208,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"{spec['contender']}: expected {spec['steps']} optimizer steps, recorded {steps}")
     warmup = spec["warmup"]
     # One micro-batch per step (grad_accum 1); a data loader may have fetched one batch past the last step.
-    tokens = recorder.batch_tokens[:steps]
-    trained = recorder.batch_trained[:steps]
-    timed_s = recorder.step_ends[-1] - recorder.step_ends[warmup - 1]
-    cpu_s = recorder.step_cpu[-1] - recorder.step_cpu[warmup - 1]
+    tokens = recorder.counts["tokens"][:steps]
+    trained = recorder.counts["trained"][:steps]
+    timed_s, cpu_s = recorder.window(warmup)
     return {
         "contender": spec["contender"],
         "precision": spec["precision"],
@@ -248,12 +221,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_step": sum(tokens[warmup:]) / (steps - warmup),
         "trained_per_step": sum(trained[warmup:]) / (steps - warmup),
         "first_step_s": recorder.step_ends[0] - started,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RUSAGE_UNITS_PER_MIB,
-        "threads": torch.get_num_threads(),
         # Other processes on the machine slow every contender; alternating rounds spreads that, these show it:
         # the share of `threads` cores this process had while timed (near 1 on an idle machine), the load average.
-        "cpu_share": cpu_s / (timed_s * torch.get_num_threads()),
-        "load_avg_1min": os.getloadavg()[0],
+        **process_stats(timed_s, cpu_s),
     }
 
 
@@ -328,16 +298,8 @@ def describe_workload(model_dir: Path, data_path: Path) -> tuple[float, dict[str
     }
 
 
-def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"{spec['contender']} ({spec['precision']}) failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_subprocess(__file__, spec, f"{spec['contender']} ({spec['precision']})")
 
 
 def summarise(results: list[dict[str, Any]], peak: float, flops_per_token: float) -> dict[str, dict[str, Any]]:
@@ -347,11 +309,12 @@ def summarise(results: list[dict[str, Any]], peak: float, flops_per_token: float
     summary = {}
     for contender in CONTENDERS:
         mine = [r for r in results if r["contender"] == contender]
-        best = max(r["tok_s"] for r in mine)
+        rounds = best_of_rounds(r["tok_s"] for r in mine)
+        best = rounds["best"]
         summary[contender] = {
             "tok_s": best,
-            "tok_s_median": statistics.median(r["tok_s"] for r in mine),
-            "tok_s_runs": [round(r["tok_s"], 1) for r in mine],
+            "tok_s_median": rounds["median"],
+            "tok_s_runs": rounds["runs"],
             "mfu": best * flops_per_token / peak,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
             "trained_per_step": statistics.mean(r["trained_per_step"] for r in mine),
@@ -407,7 +370,7 @@ def main() -> None:
                         "pad_token_id": model_info["pad_token_id"],
                         "output_dir": str(Path(tmp) / f"{contender}-{precision}-{round_index}"),
                     }
-                    result = run_subprocess(spec)
+                    result = run_contender(spec)
                     results.append(result)
                     loads.append(result["load_avg_1min"])
                     shares.append(result["cpu_share"])
@@ -438,13 +401,7 @@ def main() -> None:
     out["flops_per_token"] = round(flops_per_token)
     out["max_load_avg_1min"] = round(max(loads), 2)
     out["min_cpu_share"] = round(min(shares), 3)
-    if min(shares) < CONTENDED_CPU_SHARE:
-        print(
-            f"WARNING: some runs had as little as {min(shares):.0%} of their {threads} cores (other processes were "
-            "running); their figures understate the code, and ratios between runs under different contention are "
-            "unreliable. Re-run on an idle machine.",
-            file=sys.stderr,
-        )
+    warn_if_contended(shares, threads)
     out["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(out))
 

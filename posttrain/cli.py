@@ -75,13 +75,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from posttrain.data.dataset import load_sequences
-    from posttrain.data.preflight import preflight
+    from posttrain.data.preflight import load_for_check, preflight
     from posttrain.models import load_tokenizer
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
-    sequences = load_sequences(config.data, tokenizer, config.stage, config.seed)
+    sequences = load_for_check(config, tokenizer)
     for line in sequences.reports:
         print(f"data: {line}")
     report = preflight(sequences, tokenizer, config.data, config.stage)

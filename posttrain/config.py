@@ -351,6 +351,8 @@ class SamplingBlock(Block):
     """Longest response; one that reaches it without an end-of-turn token counts as not finished."""
     batch_size: int = Field(64, ge=1)
     """Prompts × samples generated per batch."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Use only the first N prompts of data.train (a quick round, or a CPU budget); none uses all."""
 
 
 class RewardSource(Block):
@@ -380,6 +382,9 @@ class RejectionBlock(Block):
     """Keep a prompt's best response only when its reward reaches this value; none keeps every best."""
     train_after: bool = True
     """Run one SFT round on the selected responses (with this config's model/peft/train/optim blocks)."""
+    require_finished: bool = True
+    """Keep only responses that ended with an end-of-turn token: one cut at max_new_tokens would be trained as if
+    it were complete."""
 
 
 class RejectionSamplingConfig(StageConfig):

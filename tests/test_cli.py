@@ -44,11 +44,14 @@ def test_every_shipped_config_trains(toy, micro_model, tmp_path, config, capsys)
             code = main(["train", str(config), f"model.path={micro_model}", f"data.train={toy.sft}", f"output_dir={tmp_path}"])
             assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
             return
-    data = toy.pretrain if raw["stage"] == "pretrain" else toy.sft
+    data = {"pretrain": toy.pretrain, "reward": toy.prefs, "dpo": toy.prefs, "kto": toy.prefs, "rejection_sampling": toy.prompts}
+    # The micro model is untrained: its 8-token replies seldom end, and rejection sampling keeps only finished ones.
+    stage_overrides = {"rejection_sampling": ["sampling.num_samples=2", "sampling.max_new_tokens=8", "rejection.require_finished=false"]}
     out = tmp_path / "run"
     code = main([
-        "train", str(config), f"model.path={micro_model}", f"data.train={data}", f"output_dir={out}",
+        "train", str(config), f"model.path={micro_model}", f"data.train={data.get(raw['stage'], toy.sft)}", f"output_dir={out}",
         "train.max_steps=3", "train.eval_every=3", "data.max_length=128", "logging.progress=false",
+        *stage_overrides.get(raw["stage"], []),
     ])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -141,3 +141,11 @@ def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int) -> list
     if config.packing:
         return pack_rows(sequences, 2 * config.max_length, seed, units)
     return single_rows(sequences, units)
+
+
+def pair_sides(pairs: SequenceSet) -> SequenceSet:
+    """The pairs' chosen and rejected sequences as one flat set (what preflight checks: truncation, trained
+    end-of-turn tokens)."""
+    sides = [side for pair in pairs.train for side in (pair.chosen, pair.rejected)]
+    held_out = [side for pair in pairs.held_out for side in (pair.chosen, pair.rejected)]
+    return SequenceSet(sides, held_out, pairs.reports, pairs.skipped_rows, pairs.template, pairs.source_names, pairs.source_counts)

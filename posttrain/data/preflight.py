@@ -77,3 +77,18 @@ def preflight(sequences: SequenceSet, tokenizer: Any, config: DataConfig, stage:
                 "data.max_length"
             )
     return report
+
+
+def load_for_check(config: Any, tokenizer: Any) -> SequenceSet:
+    """The sequences ``config``'s stage trains on, as its recipe tokenises them (for ``posttrain data check``):
+    chat or text for SFT/pretraining, both sides of every pair for reward models and DPO, KTO's examples."""
+    from posttrain.data.dataset import load_sequences
+    from posttrain.data.pairs import load_pairs, load_unpaired, pair_sides
+
+    if config.stage in ("reward", "dpo"):
+        return pair_sides(load_pairs(config.data, tokenizer, config.seed))
+    if config.stage == "kto":
+        return load_unpaired(config.data, tokenizer, config.seed)
+    if config.stage == "rejection_sampling":
+        raise DataError(None, None, None, "rejection_sampling trains on responses it samples; check its prompts with posttrain data inspect")
+    return load_sequences(config.data, tokenizer, config.stage, config.seed)

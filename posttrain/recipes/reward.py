@@ -28,7 +28,7 @@ import torch
 from posttrain import losses
 from posttrain.config import RewardConfig
 from posttrain.data.packing import Row, collate, local_sequence_ids, sequence_ends
-from posttrain.data.pairs import TokenizedPair, load_pairs, pair_rows
+from posttrain.data.pairs import TokenizedPair, load_pairs, pair_rows, pair_sides
 from posttrain.data.preflight import preflight
 from posttrain.models import load_model, load_tokenizer
 from posttrain.runtime import Runtime
@@ -77,8 +77,7 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
     pairs = load_pairs(config.data, tokenizer, config.seed)
     for report in pairs.reports:
         rt.log(f"data: {report}")
-    sides = [s for pair in pairs.train for s in (pair.chosen, pair.rejected)]
-    checks = preflight(pairs.__class__(sides, [], template=pairs.template), tokenizer, config.data, config.stage)
+    checks = preflight(pair_sides(pairs), tokenizer, config.data, config.stage)
     rt.log(checks.text())
     checks.raise_if_failed()
     model, tokenizer = load_model(config.model, config.peft, tokenizer, scalar_head=True)

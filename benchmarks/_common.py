@@ -1,0 +1,107 @@
+"""What the posttrain-vs-TRL benchmarks share: step timing inside a training subprocess, running one contender in a
+fresh subprocess, best-of-rounds summaries and the machine-load warning.
+
+Each benchmark script runs itself as the worker (``script --worker SPEC_JSON``); the worker prints one JSON object
+as its last stdout line. Importable both as ``benchmarks._common`` and, from a script run as
+``python benchmarks/NAME.py`` (whose directory is first on ``sys.path``), as ``_common``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+CONTENDED_CPU_SHARE = 0.8  # below this share of its cores a run is flagged as slowed by other processes
+RUSAGE_UNITS_PER_MIB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+
+
+class StepRecorder:
+    """Wall-clock time at the end of every optimizer step, and per-micro-batch counts from the collator."""
+
+    def __init__(self) -> None:
+        self.step_ends: list[float] = []
+        self.step_cpu: list[float] = []  # process CPU time (all threads) at the same moments
+        self.counts: dict[str, list[int]] = {}  # counter name -> one value per collated micro-batch
+
+    def install_step_hook(self) -> None:
+        """A global ``torch.optim`` step post-hook: fires after every optimizer step of any library."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def after_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            self.step_ends.append(time.perf_counter())
+            self.step_cpu.append(time.process_time())
+
+        register_optimizer_step_post_hook(after_step)
+
+    def wrap_collator(self, collate: Callable[..., Any], counters: dict[str, Callable[..., int]]) -> Callable[..., Any]:
+        """``collate`` that records ``counters[name](batch, *args)`` under ``name`` for every batch it builds
+        (``args`` are what the collator was called with, e.g. its list of rows)."""
+
+        def counting_collate(*args: Any, **kwargs: Any) -> Any:
+            batch = collate(*args, **kwargs)
+            for name, count in counters.items():
+                self.counts.setdefault(name, []).append(int(count(batch, *args)))
+            return batch
+
+        return counting_collate
+
+    def batches_so_far(self) -> int:
+        return max((len(v) for v in self.counts.values()), default=0)
+
+    def discard_batches_from(self, index: int) -> None:
+        """Forget the batches collated from ``index`` on (e.g. those of a reference pass that is not a training step)."""
+        for values in self.counts.values():
+            del values[index:]
+
+    def window(self, warmup: int) -> tuple[float, float]:
+        """Wall and process-CPU seconds from the end of step ``warmup`` to the end of the last step."""
+        return self.step_ends[-1] - self.step_ends[warmup - 1], self.step_cpu[-1] - self.step_cpu[warmup - 1]
+
+
+def process_stats(timed_s: float, cpu_s: float) -> dict[str, Any]:
+    """Peak RSS of this process so far, its thread count, the share of those cores it had while timed (near 1 on an
+    idle machine) and the 1-minute load average (the run itself accounts for about ``threads`` of it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RUSAGE_UNITS_PER_MIB,
+        "threads": threads,
+        "cpu_share": cpu_s / (timed_s * threads),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+
+
+def run_subprocess(script: str, spec: dict[str, Any], label: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` offline in a fresh interpreter; returns the JSON object it printed last."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"
+    env.update(extra_env or {})
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{label} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def best_of_rounds(values: Iterable[float]) -> dict[str, Any]:
+    """The fastest round (other processes on the machine can only slow a run down, so the least-disturbed round is
+    the best estimate of the code's speed, as ``timeit`` takes the minimum), the median and every round."""
+    values = list(values)
+    return {"best": max(values), "median": statistics.median(values), "runs": [round(v, 1) for v in values]}
+
+
+def warn_if_contended(shares: list[float], threads: int) -> None:
+    if min(shares) < CONTENDED_CPU_SHARE:
+        print(
+            f"WARNING: some runs had as little as {min(shares):.0%} of their {threads} cores (other processes were "
+            "running); their figures understate the code, and ratios between runs under different contention are "
+            "unreliable. Re-run on an idle machine.",
+            file=sys.stderr,
+        )

@@ -1,0 +1,183 @@
+"""Direct preference optimisation and its family (``stage: dpo``) on (prompt, chosen, rejected) pairs.
+
+Choices this recipe makes:
+
+- One loss per name (``dpo.loss``), each a pure function of per-pair log-probs from ``losses.py``: ``sigmoid``
+  (DPO, Rafailov et al. 2023; with ``label_smoothing`` conservative DPO), ``ipo`` (Azar et al. 2023, on
+  length-averaged log-probs), ``hinge`` (SLiC-HF, Zhao et al. 2023), ``robust`` (Chowdhury et al. 2024), and the
+  reference-free ``simpo`` (Meng et al. 2024) and ``orpo`` (Hong et al. 2024; its SFT term is the per-pair
+  token-mean NLL of the chosen response, the paper's form).
+- The reference π_ref is the model as loaded: for adapters the base weights (adapter switched off), for full and
+  freeze tuning the initial weights. Its log-probs are computed once, before the runtime restores any checkpoint,
+  and cached for every training and held-out pair (``models.forward.reference_logps``), so training holds one
+  model and a resumed run is the uninterrupted one. SimPO and ORPO skip this pass.
+- Chosen and rejected share one forward: a pair's two sequences are one unit that is never split (packed into
+  rows of ``2·data.max_length`` tokens, or one padded row per pair that ``collate`` splits into its two sides;
+  ``data.packing.unit_rows``). ``train.batch_size`` counts rows: packed rows, or pairs when padded.
+- A log-prob is summed over the response tokens (the prompt is never trained, ``data/pairs.py``); IPO, SimPO and
+  ORPO divide by the response length.
+- The loss is the sum of per-pair losses over the accumulated batch's pair count, so grad accumulation is exact.
+  ``dpo.sft_weight`` adds the chosen response's token-mean NLL per pair (RPO, Pang et al. 2024).
+- Logged: loss, reward accuracy (ties count one half, so a policy equal to its reference scores 0.5), reward
+  margin, chosen/rejected rewards (β·log-ratio; β·mean log-prob for SimPO/ORPO), and the policy's log-probs.
+  Held-out evaluation reports ``eval_loss`` (early stopping reads it), ``eval_accuracy`` and ``eval_margin``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from posttrain import losses
+from posttrain.config import DpoBlock, DpoConfig
+from posttrain.data.packing import Row, collate, unit_rows
+from posttrain.data.pairs import TokenizedPair, load_pairs, pair_sides
+from posttrain.data.preflight import preflight
+from posttrain.models import load_model, load_tokenizer
+from posttrain.models.forward import batch_sequence_logps, reference_logps
+from posttrain.runtime import Runtime
+
+PairLosses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-pair losses, chosen rewards, rejected rewards
+
+
+def _reference_family(name: str, options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor) -> PairLosses:
+    if name in losses.LENGTH_AVERAGED_DPO_LOSSES:
+        logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
+    # Only sigmoid and robust take label smoothing (the config checks it); others would raise on the keyword.
+    extra = {"label_smoothing": options.label_smoothing} if options.label_smoothing else {}
+    return losses.DPO_LOSSES[name](logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], options.beta, **extra)
+
+
+def _simpo(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
+    average = logps / counts.clamp(min=1)
+    return losses.simpo_loss(average[:, 0], average[:, 1], options.beta, options.simpo_gamma_beta_ratio)
+
+
+def _orpo(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
+    average = logps / counts.clamp(min=1)
+    return losses.orpo_loss(average[:, 0], average[:, 1], -average[:, 0], options.beta)
+
+
+# dpo.loss → per-pair losses from (options, policy log-probs (P, 2), token counts (P, 2), reference log-probs (P, 2)).
+PAIR_LOSSES: dict[str, Callable[..., PairLosses]] = {
+    **{name: partial(_reference_family, name) for name in losses.DPO_LOSSES},
+    "simpo": _simpo,
+    "orpo": _orpo,
+}
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+
+
+def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
+    """Per-pair losses and rewards of ``dpo.loss`` (plus ``sft_weight`` × the chosen response's token-mean NLL)."""
+    per_pair, chosen_rewards, rejected_rewards = PAIR_LOSSES[options.loss](options, logps, counts, ref_logps)
+    if options.sft_weight:
+        per_pair = per_pair - options.sft_weight * logps[:, 0] / counts[:, 0].clamp(min=1)
+    return per_pair, chosen_rewards, rejected_rewards
+
+
+def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 when the chosen reward is higher, 1/2 on a tie (a policy equal to its reference), else 0."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def pair_units(pairs: list[TokenizedPair]) -> list[tuple[Any, Any]]:
+    return [(pair.chosen, pair.rejected) for pair in pairs]
+
+
+def forward_pairs(
+    model: Any, batch: dict[str, torch.Tensor], options: DpoBlock, ref_table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, PairLosses]:
+    """One forward over a batch of whole pairs: policy log-probs ``(P, 2)``, and the per-pair losses and rewards."""
+    logps, counts, ids = batch_sequence_logps(model, batch)
+    logps, counts = logps.view(-1, 2), counts.view(-1, 2)
+    ref_logps = ref_table[ids].view(-1, 2) if ref_table is not None else None
+    return logps, counts, pair_losses(options, logps, counts, ref_logps)
+
+
+def evaluate_pairs(
+    model: Any, items: list[Row], collate_rows: Any, options: DpoBlock, ref_table: torch.Tensor | None, rt: Runtime
+) -> dict[str, float]:
+    """Held-out mean loss, implicit-reward preference accuracy and margin (sharded over processes, summed)."""
+    rank, world, size = rt.accelerator.process_index, rt.world_size, rt.train.batch_size
+    mine = items[rank::world]
+    total = torch.zeros(4, device=rt.device)
+    for start in range(0, len(mine), size):
+        batch = {k: v.to(rt.device) for k, v in collate_rows(mine[start : start + size]).items()}
+        _, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
+        total += torch.stack([
+            per_pair.sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
+            (chosen_rewards - rejected_rewards).sum(), torch.tensor(float(len(per_pair)), device=rt.device),
+        ])
+    if world > 1:
+        total = rt.accelerator.reduce(total, reduction="sum")
+    count = total[3].clamp(min=1)
+    return {"eval_loss": (total[0] / count).item(), "eval_accuracy": (total[1] / count).item(), "eval_margin": (total[2] / count).item()}
+
+
+def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
+    """Train one DPO-family run end to end; returns the run summary."""
+    rt = Runtime(config, config_path)
+    options = config.dpo
+    tokenizer = load_tokenizer(config.model)
+    # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
+    pairs = load_pairs(config.data, tokenizer, config.seed)
+    for report in pairs.reports:
+        rt.log(f"data: {report}")
+    checks = preflight(pair_sides(pairs), tokenizer, config.data, config.stage)
+    rt.log(checks.text())
+    checks.raise_if_failed()
+    model, tokenizer = load_model(config.model, config.peft, tokenizer)
+    packed = config.data.packing
+    items = unit_rows(pair_units(pairs.train), packed, config.data.max_length, config.seed)
+    eval_items = unit_rows(pair_units(pairs.held_out), packed, config.data.max_length, config.seed)
+    collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
+    truncated = sum(p.truncated for p in pairs.train)
+    rt.log(
+        f"data: {len(pairs.train)} training pairs in {len(items)} {'packed' if packed else 'padded'} rows, "
+        f"{truncated} truncated at {config.data.max_length} tokens; {len(pairs.held_out)} held out"
+        + (f"; chat template: {pairs.template}" if pairs.template else "")
+    )
+
+    ref_table = eval_ref_table = None
+    if options.loss not in REFERENCE_FREE:
+        rt.log(f"reference log-probs: {2 * (len(pairs.train) + len(pairs.held_out))} sequences, computed once")
+        reference = partial(reference_logps, model, collate=collate_rows, batch_size=config.train.batch_size, accelerator=rt.accelerator)
+        ref_table = reference(items, num_sequences=2 * len(pairs.train))
+        eval_ref_table = reference(eval_items, num_sequences=2 * len(pairs.held_out)) if eval_items else None
+
+    evaluate = partial(evaluate_pairs, items=eval_items, collate_rows=collate_rows, options=options, ref_table=eval_ref_table, rt=rt)
+    model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)
+
+    for batch in rt.batches(items, collate_rows, weight=lambda row: row.num_sequences // 2):
+        logps, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
+        num_pairs = batch["num_items_in_batch"]
+        loss = per_pair.sum() / num_pairs
+        # The runtime sums stats over micro-batches and processes: dividing by the whole group's pair count
+        # makes those sums the group means.
+        stats = {
+            "loss": loss.detach(),
+            "rewards/accuracy": reward_accuracy(chosen_rewards, rejected_rewards).sum() / num_pairs,
+            "rewards/margin": (chosen_rewards - rejected_rewards).sum() / num_pairs,
+            "rewards/chosen": chosen_rewards.sum() / num_pairs,
+            "rewards/rejected": rejected_rewards.sum() / num_pairs,
+            "logps/chosen": logps[:, 0].detach().sum() / num_pairs,
+            "logps/rejected": logps[:, 1].detach().sum() / num_pairs,
+            "num_real_tokens": batch["num_real_tokens"],
+        }
+        rt.step(loss, stats)
+
+    return rt.finish(
+        model,
+        tokenizer,
+        summary={
+            "loss_type": options.loss,
+            "train_pairs": len(pairs.train),
+            "eval_pairs": len(pairs.held_out),
+            "truncated_pairs": truncated,
+            "skipped_invalid_rows": pairs.skipped_rows,
+            "reference": "none" if options.loss in REFERENCE_FREE else "cached",
+            "chat_template": pairs.template,
+        },
+    )
