@@ -85,7 +85,7 @@ def _pairs_batch(toy, micro_model, count: int, packed: bool = True):
 
     tokenizer = AutoTokenizer.from_pretrained(micro_model)
     pairs = load_pairs(DataConfig(train=str(toy.prefs), max_length=128), tokenizer, seed=0).train[:count]
-    items = unit_rows(dpo.pair_units(pairs), packed, max_length=128, seed=0)
+    items = unit_rows([(p.chosen, p.rejected) for p in pairs], packed, max_length=128, seed=0)
     return items, partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
 
 
@@ -125,7 +125,7 @@ def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model) ->
     tokenizer = AutoTokenizer.from_pretrained(micro_model)
     model = AutoModelForCausalLM.from_pretrained(micro_model, dtype=torch.float32)
     pairs = load_pairs(DataConfig(train=str(toy.prefs), max_length=128), tokenizer, seed=0).train[:10]
-    units = dpo.pair_units(pairs)
+    units = [(p.chosen, p.rejected) for p in pairs]
     options = DpoBlock(loss="sigmoid", beta=0.5)
     # A reference that differs from the policy, so the losses are not all log 2.
     ref_table = -torch.rand(2 * len(pairs), generator=torch.Generator().manual_seed(0)) * 20

@@ -16,7 +16,7 @@ from posttrain.config import DataConfig
 from posttrain.data.dataset import SequenceSet, load_examples, tokenize_messages, use_chat_template
 from posttrain.data.errors import DataError
 from posttrain.data.formats import ReadResult
-from posttrain.data.packing import Row, pack_rows, single_rows
+from posttrain.data.packing import Row, unit_rows
 from posttrain.data.records import Preference, Unpaired
 from posttrain.data.tokenize import TokenizedSequence
 
@@ -134,13 +134,8 @@ def load_unpaired(config: DataConfig, tokenizer: Any, seed: int) -> SequenceSet:
 
 def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int) -> list[Row]:
     """Rows for a pair recipe: pair p's chosen and rejected sides are sequences 2p and 2p+1 and always share a
-    row (one forward computes both; ``local_sequence_ids(...)`` values ``.view(-1, 2)`` give (chosen,
-    rejected)). Packed rows hold several pairs up to ``2 × data.max_length`` tokens, so any pair fits."""
-    sequences = [side for pair in pairs for side in (pair.chosen, pair.rejected)]
-    units = [[2 * p, 2 * p + 1] for p in range(len(pairs))]
-    if config.packing:
-        return pack_rows(sequences, 2 * config.max_length, seed, units)
-    return single_rows(sequences, units)
+    row (one forward computes both; per-sequence values ``.view(-1, 2)`` give (chosen, rejected))."""
+    return unit_rows([(pair.chosen, pair.rejected) for pair in pairs], config.packing, config.max_length, seed)
 
 
 def pair_sides(pairs: SequenceSet) -> SequenceSet:

@@ -32,8 +32,8 @@ import torch
 
 from posttrain import losses
 from posttrain.config import DpoBlock, DpoConfig
-from posttrain.data.packing import Row, collate, unit_rows
-from posttrain.data.pairs import TokenizedPair, load_pairs, pair_sides
+from posttrain.data.packing import Row, collate
+from posttrain.data.pairs import load_pairs, pair_rows, pair_sides
 from posttrain.data.preflight import preflight
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps
@@ -82,10 +82,6 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
-def pair_units(pairs: list[TokenizedPair]) -> list[tuple[Any, Any]]:
-    return [(pair.chosen, pair.rejected) for pair in pairs]
-
-
 def forward_pairs(
     model: Any, batch: dict[str, torch.Tensor], options: DpoBlock, ref_table: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, PairLosses]:
@@ -130,8 +126,7 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     checks.raise_if_failed()
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
-    items = unit_rows(pair_units(pairs.train), packed, config.data.max_length, config.seed)
-    eval_items = unit_rows(pair_units(pairs.held_out), packed, config.data.max_length, config.seed)
+    items, eval_items = pair_rows(pairs.train, config.data, config.seed), pair_rows(pairs.held_out, config.data, config.seed)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
     truncated = sum(p.truncated for p in pairs.train)
     rt.log(
