@@ -34,7 +34,6 @@ from posttrain import losses
 from posttrain.config import DpoBlock, DpoConfig
 from posttrain.data.packing import Row, collate
 from posttrain.data.pairs import load_pairs, pair_rows, pair_sides
-from posttrain.data.preflight import preflight
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps
 from posttrain.runtime import Runtime
@@ -96,18 +95,14 @@ def evaluate_pairs(
     model: Any, items: list[Row], collate_rows: Any, options: DpoBlock, ref_table: torch.Tensor | None, rt: Runtime
 ) -> dict[str, float]:
     """Held-out mean loss, implicit-reward preference accuracy and margin (sharded over processes, summed)."""
-    rank, world, size = rt.accelerator.process_index, rt.world_size, rt.train.batch_size
-    mine = items[rank::world]
     total = torch.zeros(4, device=rt.device)
-    for start in range(0, len(mine), size):
-        batch = {k: v.to(rt.device) for k, v in collate_rows(mine[start : start + size]).items()}
+    for batch in rt.eval_batches(items, collate_rows):
         _, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
         total += torch.stack([
             per_pair.sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
             (chosen_rewards - rejected_rewards).sum(), torch.tensor(float(len(per_pair)), device=rt.device),
         ])
-    if world > 1:
-        total = rt.accelerator.reduce(total, reduction="sum")
+    total = rt.sum_over_processes(total)
     count = total[3].clamp(min=1)
     return {"eval_loss": (total[0] / count).item(), "eval_accuracy": (total[1] / count).item(), "eval_margin": (total[2] / count).item()}
 
@@ -119,11 +114,7 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
     pairs = load_pairs(config.data, tokenizer, config.seed)
-    for report in pairs.reports:
-        rt.log(f"data: {report}")
-    checks = preflight(pair_sides(pairs), tokenizer, config.data, config.stage)
-    rt.log(checks.text())
-    checks.raise_if_failed()
+    rt.check_data(pair_sides(pairs), tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
     items, eval_items = pair_rows(pairs.train, config.data, config.seed), pair_rows(pairs.held_out, config.data, config.seed)

@@ -31,7 +31,6 @@ from posttrain import losses
 from posttrain.config import KtoBlock, KtoConfig
 from posttrain.data.packing import Row, collate, unit_rows
 from posttrain.data.pairs import load_unpaired
-from posttrain.data.preflight import preflight
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps
@@ -57,15 +56,12 @@ def evaluate_examples(
 ) -> dict[str, float]:
     """Held-out KTO loss (z0 from the whole held-out set) and the gap between mean desirable and undesirable
     rewards (sharded over processes, summed)."""
-    rank, world, size = rt.accelerator.process_index, rt.world_size, rt.train.batch_size
     count = len(labels)
     policy, kl_ratios = torch.zeros(count, device=rt.device), torch.zeros(count, device=rt.device)
-    for start in range(0, len(items[rank::world]), size):
-        batch = {k: v.to(rt.device) for k, v in collate_rows(items[rank::world][start : start + size]).items()}
+    for batch in rt.eval_batches(items, collate_rows):
         logps, _, kl, index = forward_examples(model, batch, ref_table)
         policy[index], kl_ratios[index] = logps.float(), kl.float()
-    if world > 1:
-        policy, kl_ratios = rt.accelerator.reduce(policy, reduction="sum"), rt.accelerator.reduce(kl_ratios, reduction="sum")
+    policy, kl_ratios = rt.sum_over_processes(policy), rt.sum_over_processes(kl_ratios)
     ref_logps = ref_table.view(-1, 2)[:, 0]
     per_example, rewards = losses.kto_loss(
         policy, ref_logps, labels, kl_ratios.mean(), options.beta, options.desirable_weight, options.undesirable_weight
@@ -81,11 +77,7 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
     examples = load_unpaired(config.data, tokenizer, config.seed)
-    for report in examples.reports:
-        rt.log(f"data: {report}")
-    checks = preflight(examples, tokenizer, config.data, config.stage)
-    rt.log(checks.text())
-    checks.raise_if_failed()
+    rt.check_data(examples, tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
     items = unit_rows(example_units(examples.train), packed, config.data.max_length, config.seed)

@@ -26,7 +26,6 @@ import torch
 from posttrain import losses
 from posttrain.config import SftConfig
 from posttrain.data.dataset import load_sequences
-from posttrain.data.preflight import preflight
 from posttrain.data.packing import Row, collate, pack_rows, single_rows
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.losses import IGNORE_INDEX
@@ -42,15 +41,11 @@ def make_rows(sequences: list[TokenizedSequence], config: SftConfig) -> list[Row
 
 def evaluate_loss(model: Any, rows: list[Row], collate_rows: Any, rt: Runtime) -> dict[str, float]:
     """Token-mean validation loss and perplexity over ``rows`` (sharded over processes, summed)."""
-    rank, world, size = rt.accelerator.process_index, rt.world_size, rt.train.batch_size
-    mine = rows[rank::world]
     total = torch.zeros(2, device=rt.device)
-    for start in range(0, len(mine), size):
-        batch = {k: v.to(rt.device) for k, v in collate_rows(mine[start : start + size]).items()}
+    for batch in rt.eval_batches(rows, collate_rows):
         _, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1)
         total += torch.stack([stats["loss_sum"].float(), stats["num_tokens"].float()])
-    if world > 1:
-        total = rt.accelerator.reduce(total, reduction="sum")
+    total = rt.sum_over_processes(total)
     eval_loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval_loss": eval_loss, "eval_ppl": float(torch.exp(torch.tensor(min(eval_loss, 50.0))))}
 
@@ -62,11 +57,7 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     # Data before weights: a bad row fails in a second, not after a multi-gigabyte load.
     sequences = load_sequences(config.data, tokenizer, config.stage, config.seed)
     train_sequences, eval_sequences = sequences.train, sequences.held_out
-    for report in sequences.reports:
-        rt.log(f"data: {report}")
-    checks = preflight(sequences, tokenizer, config.data, config.stage)
-    rt.log(checks.text())
-    checks.raise_if_failed()
+    rt.check_data(sequences, tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     rows = make_rows(train_sequences, config)
     eval_rows = make_rows(eval_sequences, config)

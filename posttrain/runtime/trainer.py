@@ -131,6 +131,26 @@ class Runtime:
         else:
             print(message, file=sys.stderr)
 
+    def check_data(self, sequences: Any, tokenizer: Any) -> None:
+        """Log the data reports and the preflight, and refuse (``DataError``) a run that cannot work."""
+        from posttrain.data.preflight import preflight
+
+        for report in sequences.reports:
+            self.log(f"data: {report}")
+        checks = preflight(sequences, tokenizer, self.config.data, self.config.stage)
+        self.log(checks.text())
+        checks.raise_if_failed()
+
+    def eval_batches(self, rows: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """This process's share of held-out ``rows`` in batches of ``train.batch_size``, on the device; combine
+        per-process results with :meth:`sum_over_processes`."""
+        mine = rows[self.accelerator.process_index :: self.world_size]
+        for start in range(0, len(mine), self.train.batch_size):
+            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(list(mine[start : start + self.train.batch_size])).items()}
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
+
     def setup(self, model: Any, num_rows: int, evaluate: Callable[[], dict[str, float]] | None = None) -> Any:
         """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming."""
         from posttrain.models.adapters import count_parameters
