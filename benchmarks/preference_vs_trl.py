@@ -78,7 +78,7 @@ from typing import Any
 from _common import StepRecorder, best_of_rounds, process_stats, run_subprocess, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("dpo", "trl_dpo", "trl_dpo_precompute", "rm", "trl_rm")
-MAX_LENGTH = 256
+DEFAULT_MAX_LENGTH = 256
 DEFAULT_BATCH_ROWS = 3
 DPO_BETA = 0.1
 DPO_LR = 5e-6
@@ -120,7 +120,7 @@ def posttrain_config(spec: dict[str, Any], stage: str) -> Any:
         "seed": SEED,
         "model": {"path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa"},
         "peft": {"method": "full"},
-        "data": {"train": spec["data"], "max_length": MAX_LENGTH, "packing": True},
+        "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": True},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch_rows"], "grad_accum": 1, "precision": "fp32"},
         "optim": {"name": "adamw", "lr": DPO_LR if stage == "dpo" else RM_LR, "weight_decay": 0.0, "max_grad_norm": 1.0},
         "schedule": {"name": "cosine", "warmup_steps": 0},
@@ -172,7 +172,7 @@ def trl_args(config_class: Any, spec: dict[str, Any], **extra: Any) -> Any:
         output_dir=spec["output_dir"],
         seed=SEED,
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        max_length=MAX_LENGTH,
+        max_length=spec["max_length"],
         per_device_train_batch_size=spec["batch_pairs"],
         gradient_accumulation_steps=1,
         max_steps=spec["steps"],
@@ -284,7 +284,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- in the parent
 
 
-def describe_workload(model_dir: Path, data_path: Path, batch_rows: int) -> dict[str, Any]:
+def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_length: int) -> dict[str, Any]:
     """posttrain's packed layout of the pairs (pairs per row, hence TRL's batch size), and a check that TRL's
     tokenisation (``trl.data_utils._tokenize``, what its trainers call) gives posttrain's input ids for both sides
     of every pair, with how many more tokens TRL's DPO completion scores than posttrain's trained targets."""
@@ -296,9 +296,10 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int) -> dict
     from posttrain.losses import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = posttrain_config({"output_dir": "unused", "model": str(model_dir), "data": str(data_path), "steps": 1, "batch_rows": batch_rows}, "dpo")
+    spec = {"output_dir": "unused", "model": str(model_dir), "data": str(data_path), "steps": 1, "batch_rows": batch_rows, "max_length": max_length}
+    config = posttrain_config(spec, "dpo")
     pairs = load_pairs(config.data, tokenizer, SEED)
-    rows = unit_rows([(p.chosen, p.rejected) for p in pairs.train], True, MAX_LENGTH, SEED)
+    rows = unit_rows([(p.chosen, p.rejected) for p in pairs.train], True, max_length, SEED)
     mismatches, extra_scored = 0, []
     records = preference_rows(str(data_path))
     if len(records) != len(pairs.train):
@@ -315,6 +316,8 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int) -> dict
         "pairs": len(pairs.train),
         "packed_rows": len(rows),
         "pairs_per_packed_row": round(pairs_per_row, 3),
+        "longest_sequence_tokens": max(len(s.input_ids) for p in pairs.train for s in (p.chosen, p.rejected)),
+        "truncated_pairs": sum(p.truncated for p in pairs.train),
         "batch_pairs": round(batch_rows * pairs_per_row),
         "mean_sequence_tokens": round(statistics.mean(len(s.input_ids) for p in pairs.train for s in (p.chosen, p.rejected)), 2),
         "trl_id_mismatches": mismatches,
@@ -330,6 +333,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the five contenders")
     parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, help="posttrain packed rows a step")
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                        help="tokens per sequence, both sides (posttrain packs pairs into rows of twice this)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset to run (profiling)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -351,22 +356,24 @@ def main() -> None:
         parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
     began = time.perf_counter()
     out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,
-                           "rounds": args.rounds, "max_length": MAX_LENGTH, "batch_rows": args.batch_rows,
+                           "rounds": args.rounds, "max_length": args.max_length, "batch_rows": args.batch_rows,
                            "dpo_beta": DPO_BETA, "dpo_lr": DPO_LR, "rm_lr": RM_LR}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="preference_vs_trl_") as tmp:
         toy = build_toy(Path(tmp) / "toy", size=args.size, seed=SEED)
-        workload = describe_workload(toy.model, toy.prefs, args.batch_rows)
+        workload = describe_workload(toy.model, toy.prefs, args.batch_rows, args.max_length)
         print(f"workload {args.size}: {json.dumps(workload)}", file=sys.stderr)
         if workload["trl_id_mismatches"]:
             print(f"WARNING: TRL's input ids differ from posttrain's on {workload['trl_id_mismatches']} sequences", file=sys.stderr)
         out.update({k: workload[k] for k in ("pairs", "pairs_per_packed_row", "batch_pairs", "mean_sequence_tokens",
+                                             "longest_sequence_tokens", "truncated_pairs",
                                              "trl_id_mismatches", "trl_extra_scored_tokens_per_sequence")})
         for round_index in range(args.rounds):
             for contender in contenders:
                 spec = {
                     "contender": contender, "steps": steps, "warmup": args.warmup, "threads": threads,
                     "model": str(toy.model), "data": str(toy.prefs), "batch_rows": args.batch_rows,
+                    "max_length": args.max_length,
                     "batch_pairs": workload["batch_pairs"],
                     "output_dir": str(Path(tmp) / f"{contender}-{round_index}"),
                 }

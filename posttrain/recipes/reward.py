@@ -29,7 +29,6 @@ from posttrain import losses
 from posttrain.config import RewardConfig
 from posttrain.data.packing import Row, collate, local_sequence_ids, sequence_ends
 from posttrain.data.pairs import TokenizedPair, load_pairs, pair_rows, pair_sides
-from posttrain.data.preflight import preflight
 from posttrain.models import load_model, load_tokenizer
 from posttrain.runtime import Runtime
 
@@ -54,18 +53,14 @@ def pair_margins(pairs: list[TokenizedPair], use_margin: bool) -> torch.Tensor |
 
 def evaluate_pairs(model: Any, rows: list[Row], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime) -> dict[str, float]:
     """Held-out pairwise loss, accuracy and mean reward gap (rows sharded over processes, sums reduced)."""
-    rank, world, size = rt.accelerator.process_index, rt.world_size, rt.train.batch_size
-    mine = rows[rank::world]
     totals = torch.zeros(4, device=rt.device)  # loss sum, correct, gap sum, pairs
-    for start in range(0, len(mine), size):
-        batch = {k: v.to(rt.device) for k, v in collate_rows(mine[start : start + size]).items()}
+    for batch in rt.eval_batches(rows, collate_rows):
         rewards, index = pair_rewards(model, batch)
         margin = margins[index.cpu()].to(rt.device) if margins is not None else None
         loss, stats = losses.pairwise_reward_loss(rewards[:, 0], rewards[:, 1], margin)
         n = rewards.shape[0]
         totals += torch.stack([loss * n, stats["accuracy"] * n, stats["reward_gap"] * n, torch.tensor(float(n), device=rt.device)])
-    if world > 1:
-        totals = rt.accelerator.reduce(totals, reduction="sum")
+    totals = rt.sum_over_processes(totals)
     pairs = totals[3].clamp(min=1)
     return {"eval_loss": (totals[0] / pairs).item(), "eval_accuracy": (totals[1] / pairs).item(), "eval_reward_gap": (totals[2] / pairs).item()}
 
@@ -75,11 +70,7 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
     rt = Runtime(config, config_path)
     tokenizer = load_tokenizer(config.model)
     pairs = load_pairs(config.data, tokenizer, config.seed)
-    for report in pairs.reports:
-        rt.log(f"data: {report}")
-    checks = preflight(pair_sides(pairs), tokenizer, config.data, config.stage)
-    rt.log(checks.text())
-    checks.raise_if_failed()
+    rt.check_data(pair_sides(pairs), tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer, scalar_head=True)
 
     rows, eval_rows = pair_rows(pairs.train, config.data, config.seed), pair_rows(pairs.held_out, config.data, config.seed)
