@@ -2,8 +2,8 @@
 fresh subprocess, best-of-rounds summaries and the machine-load warning.
 
 Each benchmark script runs itself as the worker (``script --worker SPEC_JSON``); the worker prints one JSON object
-as its last stdout line. Importable both as ``benchmarks._common`` and, from a script run as
-``python benchmarks/NAME.py`` (whose directory is first on ``sys.path``), as ``_common``.
+as its last stdout line. The scripts are run as ``python benchmarks/NAME.py``, whose directory is first on
+``sys.path``, and import this module as ``_common``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class StepRecorder:
 
         register_optimizer_step_post_hook(after_step)
 
-    def wrap_collator(self, collate: Callable[..., Any], counters: dict[str, Callable[..., int]]) -> Callable[..., Any]:
+    def wrap_collator(
+        self, collate: Callable[..., Any], counters: dict[str, Callable[..., int]]
+    ) -> Callable[..., Any]:
         """``collate`` that records ``counters[name](batch, *args)`` under ``name`` for every batch it builds
         (``args`` are what the collator was called with, e.g. its list of rows)."""
 
@@ -78,7 +80,9 @@ def process_stats(timed_s: float, cpu_s: float) -> dict[str, Any]:
     }
 
 
-def run_subprocess(script: str, spec: dict[str, Any], label: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_subprocess(
+    script: str, spec: dict[str, Any], label: str, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``script --worker SPEC`` offline in a fresh interpreter; returns the JSON object it printed last."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"

@@ -2,6 +2,7 @@
 ``RewardTrainer``, on CPU, fp32.
 
     python benchmarks/preference_vs_trl.py --size tiny              # 2 rounds of the 5 contenders
+    python benchmarks/preference_vs_trl.py --size tiny --threads 1  # on a shared machine (see below)
     python benchmarks/preference_vs_trl.py --size small --steps 20 --rounds 3
 
 What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
@@ -18,8 +19,8 @@ directory; every contender trains the SAME model directory (its tokenizer and ch
 - ``rm``: ``posttrain.recipes.reward.run(build_config({"stage": "reward", ...}))``, packed the same way.
 - ``trl_rm``: ``trl.RewardTrainer``.
 
-Matched settings: max length 256 tokens per sequence (no toy sequence reaches it, so nothing is truncated on either
-side); DPO beta 0.1, lr 5e-6; reward-model lr 1e-5; AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0), cosine
+Matched settings: max length 256 tokens per sequence (``--max-length``; no toy sequence reaches 32, so nothing is
+truncated on either side); DPO beta 0.1, lr 5e-6; reward-model lr 1e-5; AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0), cosine
 schedule with no warm-up over ``--steps`` steps, grad-norm clipping at 1.0, grad accumulation 1, seed 0, sdpa
 attention, float32 weights and compute, no gradient checkpointing (TRL turns it on by default, and bf16: both are
 set to match), dropout off (TRL's default; the toy model has none), no evaluation, no checkpoint during training,
@@ -56,6 +57,21 @@ take if each pair's reference forward were paid when it is trained (exactly what
 reward models have no reference. posttrain's per-step ``step_time_s`` and ``count`` in ``metrics.jsonl`` are read
 back as a cross-check (``metrics_step_s``) and for the losses; both DPO losses must start at log 2 = 0.693 (the
 policy is its reference), both reward-model losses near it (a fresh random head scores about 0 everywhere).
+
+Threads. ``--threads`` defaults to torch's default (all cores). On a machine shared with other busy processes,
+use ``--threads 1``: with 2 OpenMP threads on 2 busy cores every op waits at a barrier for a descheduled thread
+(measured here: a tiny forward went from 0.16 s on one thread to 1.3 s on two), which swamps the code's own speed.
+
+Why the ratios are near 1 on CPU (measured on the tiny model, one thread, so nobody mistakes it for a handicap of
+this script): both libraries do the same arithmetic per pair. DPO needs one reference forward per pair, paid up
+front by posttrain and inside the step by TRL: the same FLOPs, so caching it saves the second model's memory, not
+time. What differs is layout: TRL pads 2B sequences to the batch's longest (~1.33x the real tokens here), while
+posttrain's packed rows of up to ``2 x max_length`` tokens (508 here) carry ~11 short pairs each, and with no
+varlen attention kernel on CPU transformers turns the restarting positions into a block-diagonal mask over the
+whole row, so sdpa scores 508^2 key pairs per head instead of ~22^2 per sequence: about a quarter of a packed
+step (attention forward+backward: 143 of 533 ms) for 3 rows of 508 tokens, which cancels the padding saved.
+With ``--max-length 32`` (rows of 64 tokens, about one pair each) the attention waste is gone but the rows pad
+to the longest pair instead.
 
 The LAST line printed is one JSON object: ``dpo_pairs_s``, ``trl_dpo_pairs_s``, ``dpo_ratio``,
 ``trl_dpo_precompute_pairs_s``, ``dpo_ratio_vs_precompute``, ``rm_pairs_s``, ``trl_rm_pairs_s``, ``rm_ratio`` (with
@@ -122,7 +138,9 @@ def posttrain_config(spec: dict[str, Any], stage: str) -> Any:
         "peft": {"method": "full"},
         "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": True},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch_rows"], "grad_accum": 1, "precision": "fp32"},
-        "optim": {"name": "adamw", "lr": DPO_LR if stage == "dpo" else RM_LR, "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "optim": {
+            "name": "adamw", "lr": DPO_LR if stage == "dpo" else RM_LR, "weight_decay": 0.0, "max_grad_norm": 1.0
+        },
         "schedule": {"name": "cosine", "warmup_steps": 0},
         "checkpoint": {"every": None},
         "logging": {"progress": False, "report": False, "tensorboard": False},
@@ -158,11 +176,14 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any
     recipe.run(posttrain_config(spec, "dpo" if recipe is dpo else "reward"))
     records = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time_s" in r]
-    return {"reference": reference, "losses": [r["loss"] for r in steps], "step_time_s": [r["step_time_s"] for r in steps]}
+    return {
+        "reference": reference, "losses": [r["loss"] for r in steps], "step_time_s": [r["step_time_s"] for r in steps]
+    }
 
 
 def preference_rows(path: str) -> list[dict[str, Any]]:
-    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in map(json.loads, Path(path).read_text().splitlines())]
+    rows = map(json.loads, Path(path).read_text().splitlines())
+    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
 
 
 def trl_args(config_class: Any, spec: dict[str, Any], **extra: Any) -> Any:
@@ -218,7 +239,8 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any]:
 
         DPOTrainer._precompute_ref_logps = timed_reference  # runs inside __init__ when precompute is on
         args = trl_args(
-            DPOConfig, spec, learning_rate=DPO_LR, beta=DPO_BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute
+            DPOConfig, spec, learning_rate=DPO_LR, beta=DPO_BETA, loss_type=["sigmoid"],
+            precompute_ref_log_probs=precompute,
         )
         trainer = DPOTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.data_collator = recorder.wrap_collator(trainer.data_collator, pair_counters(tokenizer.pad_token_id))
@@ -296,7 +318,8 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
     from posttrain.losses import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = {"output_dir": "unused", "model": str(model_dir), "data": str(data_path), "steps": 1, "batch_rows": batch_rows, "max_length": max_length}
+    spec = {"output_dir": "unused", "model": str(model_dir), "data": str(data_path), "steps": 1,
+            "batch_rows": batch_rows, "max_length": max_length}
     config = posttrain_config(spec, "dpo")
     pairs = load_pairs(config.data, tokenizer, SEED)
     rows = unit_rows([(p.chosen, p.rejected) for p in pairs.train], True, max_length, SEED)
@@ -312,14 +335,15 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
                 mismatches += 1
             extra_scored.append(len(ids) - len(prompt_ids) - sum(t != IGNORE_INDEX for t in ours.targets))
     pairs_per_row = len(pairs.train) / len(rows)
+    sides = [s for p in pairs.train for s in (p.chosen, p.rejected)]
     return {
         "pairs": len(pairs.train),
         "packed_rows": len(rows),
         "pairs_per_packed_row": round(pairs_per_row, 3),
-        "longest_sequence_tokens": max(len(s.input_ids) for p in pairs.train for s in (p.chosen, p.rejected)),
+        "longest_sequence_tokens": max(len(s.input_ids) for s in sides),
         "truncated_pairs": sum(p.truncated for p in pairs.train),
         "batch_pairs": round(batch_rows * pairs_per_row),
-        "mean_sequence_tokens": round(statistics.mean(len(s.input_ids) for p in pairs.train for s in (p.chosen, p.rejected)), 2),
+        "mean_sequence_tokens": round(statistics.mean(len(s.input_ids) for s in sides), 2),
         "trl_id_mismatches": mismatches,
         "trl_extra_scored_tokens_per_sequence": round(statistics.mean(extra_scored), 3),
         "pad_token_id": tokenizer.pad_token_id,
@@ -364,7 +388,8 @@ def main() -> None:
         workload = describe_workload(toy.model, toy.prefs, args.batch_rows, args.max_length)
         print(f"workload {args.size}: {json.dumps(workload)}", file=sys.stderr)
         if workload["trl_id_mismatches"]:
-            print(f"WARNING: TRL's input ids differ from posttrain's on {workload['trl_id_mismatches']} sequences", file=sys.stderr)
+            mismatches = workload["trl_id_mismatches"]
+            print(f"WARNING: TRL's input ids differ from posttrain's on {mismatches} sequences", file=sys.stderr)
         out.update({k: workload[k] for k in ("pairs", "pairs_per_packed_row", "batch_pairs", "mean_sequence_tokens",
                                              "longest_sequence_tokens", "truncated_pairs",
                                              "trl_id_mismatches", "trl_extra_scored_tokens_per_sequence")})
@@ -379,13 +404,16 @@ def main() -> None:
                 }
                 result = run_subprocess(__file__, spec, contender, extra_env={"TQDM_DISABLE": "1"})
                 results.append(result)
-                reference = f"  reference {result['reference_s']:.1f} s ({result['reference_share_s']:.1f} s charged)" if result["reference_pairs"] else ""
+                reference = ""
+                if result["reference_pairs"]:
+                    reference = f"  reference {result['reference_s']:.1f} s ({result['reference_share_s']:.1f} s charged)"
                 print(
                     f"[round {round_index + 1}] {contender:18s} {result['pairs_s']:7.1f} pairs/s  "
                     f"{result['pairs_per_step']:5.1f} pairs/step  {result['real_tokens_per_step']:6.0f} tok/step "
                     f"({result['padded_tokens_per_step']:.0f} padded)  loss {result['first_loss']:.4f} -> "
                     f"{result['last_loss']:.4f}  steps {result['steps_s']:.1f} s{reference}  peak RSS "
-                    f"{result['peak_rss_mib']:.0f} MiB  cpu share {result['cpu_share']:.2f}  load {result['load_avg_1min']:.1f}",
+                    f"{result['peak_rss_mib']:.0f} MiB  cpu share {result['cpu_share']:.2f}  "
+                    f"load {result['load_avg_1min']:.1f}",
                     file=sys.stderr,
                 )
     summary = {}
@@ -399,14 +427,21 @@ def main() -> None:
         out[f"{contender}_pairs_s_steps_only"] = round(max(r["pairs_s_steps_only"] for r in mine), 2)
         out[f"{contender}_pairs_per_step"] = round(statistics.mean(r["pairs_per_step"] for r in mine), 2)
         out[f"{contender}_real_tokens_per_step"] = round(statistics.mean(r["real_tokens_per_step"] for r in mine), 1)
-        out[f"{contender}_padded_tokens_per_step"] = round(statistics.mean(r["padded_tokens_per_step"] for r in mine), 1)
+        out[f"{contender}_padded_tokens_per_step"] = round(
+            statistics.mean(r["padded_tokens_per_step"] for r in mine), 1
+        )
         out[f"{contender}_first_loss"] = round(mine[0]["first_loss"], 5)
         out[f"{contender}_last_loss"] = round(mine[0]["last_loss"], 5)
         out[f"{contender}_peak_rss_mib"] = round(max(r["peak_rss_mib"] for r in mine), 1)
         if mine[0]["reference_pairs"]:
             out[f"{contender}_reference_s"] = round(min(r["reference_s"] for r in mine), 2)
-    for ours, theirs, name in (("dpo", "trl_dpo", "dpo_ratio"), ("dpo", "trl_dpo_precompute", "dpo_ratio_vs_precompute"),
-                               ("rm", "trl_rm", "rm_ratio")):
+        if "metrics_step_s" in mine[0]:  # cross-check: posttrain's own step_time_s over the timed steps
+            out[f"{contender}_metrics_step_s_runs"] = [round(r["metrics_step_s"], 2) for r in mine]
+            out[f"{contender}_steps_s_runs"] = [round(r["steps_s"], 2) for r in mine]
+    comparisons = (
+        ("dpo", "trl_dpo", "dpo_ratio"), ("dpo", "trl_dpo_precompute", "dpo_ratio_vs_precompute"), ("rm", "trl_rm", "rm_ratio")
+    )
+    for ours, theirs, name in comparisons:
         if ours not in summary or theirs not in summary:
             continue
         out[name] = round(summary[ours]["best"] / summary[theirs]["best"], 3)
