@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import StageConfig, save_config
+from posttrain.config import ConfigError, StageConfig, save_config
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.metrics import MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
@@ -157,7 +157,7 @@ class Runtime:
 
         self.steps_per_epoch = num_rows // self.rows_per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{num_rows} training rows are fewer than one optimizer step needs "
                 f"(train.batch_size x train.grad_accum x processes = {self.rows_per_step}); lower them or add data"
             )
