@@ -76,8 +76,9 @@ def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int, un
     return [_row(sequences, members) for members in bins]
 
 
-def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Map a batch's global sequence ids (-1 on padding) to 0..S-1 in increasing global order; padding stays -1.
+    Returns the local ids and the ``(S,)`` global id of each local one.
 
     With the chosen and rejected sides of pair p stored as sequences 2p and 2p+1, local ids keep that layout:
     ``values.view(-1, 2)`` gives (chosen, rejected) per pair."""
@@ -85,7 +86,7 @@ def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     unique, inverse = torch.unique(sequence_ids[real], return_inverse=True)
     local = torch.full_like(sequence_ids, -1)
     local[real] = inverse
-    return local, len(unique)
+    return local, unique
 
 
 def sequence_ends(local_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:

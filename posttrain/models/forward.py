@@ -37,9 +37,8 @@ def batch_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     global id order (``local_sequence_ids``), so a batch of whole pairs laid out as ``[c0, r0, c1, r1, ...]``
     reshapes with ``.view(-1, 2)`` to (chosen, rejected). Sums are float32 (``per_sequence_nll``)."""
     trained = batch["targets"] != IGNORE_INDEX
-    local_ids, num_sequences = local_sequence_ids(batch["sequence_ids"])
-    nll, counts = per_sequence_nll(token_logits(model, batch), batch["targets"][trained], local_ids[trained], num_sequences)
-    global_ids = torch.unique(batch["sequence_ids"][batch["sequence_ids"] >= 0])
+    local_ids, global_ids = local_sequence_ids(batch["sequence_ids"])
+    nll, counts = per_sequence_nll(token_logits(model, batch), batch["targets"][trained], local_ids[trained], len(global_ids))
     return -nll, counts, global_ids
 
 

@@ -37,11 +37,9 @@ def pair_rewards(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """``(P, 2)`` rewards (chosen, rejected) of the batch's pairs and ``(P,)`` their global pair indices."""
     inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     values = model(batch["input_ids"], **inputs)
-    local, count = local_sequence_ids(batch["sequence_ids"])
-    ends = sequence_ends(local, count)
-    rewards = values.reshape(-1)[ends].view(-1, 2)
-    pair_index = batch["sequence_ids"].reshape(-1)[ends].view(-1, 2)[:, 0] // 2
-    return rewards, pair_index
+    local, global_ids = local_sequence_ids(batch["sequence_ids"])
+    rewards = values.reshape(-1)[sequence_ends(local, len(global_ids))].view(-1, 2)
+    return rewards, global_ids.view(-1, 2)[:, 0] // 2
 
 
 def pair_margins(pairs: list[TokenizedPair], use_margin: bool) -> torch.Tensor | None:
