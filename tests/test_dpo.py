@@ -105,7 +105,7 @@ def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
     options = DpoBlock(loss=loss, beta=0.5, label_smoothing=0.1 if loss == "robust" else 0.0)
     ref_table = None
     if loss not in dpo.REFERENCE_FREE:
-        ref_table = reference_logps(model, items, collate, num_sequences=32, batch_size=4, accelerator=_accelerator())
+        ref_table = reference_logps(model, (collate(items[i : i + 4]) for i in range(0, len(items), 4)), num_sequences=32, accelerator=_accelerator())
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = collate(items)
     history = []
@@ -185,7 +185,7 @@ def test_cached_reference_is_the_base_model_whatever_the_adapter_learnt(toy, mic
                 parameter.normal_(generator=torch.Generator().manual_seed(len(name)))
         policy_logps, _, _ = batch_sequence_logps(adapted, collate(items))
     assert (policy_logps - base_logps).abs().max() > 1e-2, "the adapter must change the policy for this test to bite"
-    cached = reference_logps(adapted, items, collate, num_sequences=16, batch_size=3, accelerator=_accelerator())
+    cached = reference_logps(adapted, (collate(items[i : i + 3]) for i in range(0, len(items), 3)), num_sequences=16, accelerator=_accelerator())
     assert_close(cached[ids], base_logps, rtol=1e-5, atol=1e-5)
 
 

@@ -3,7 +3,7 @@ log-probabilities of a batch and the frozen reference model's, for the preferenc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,31 +58,23 @@ def reference_model(model: Any) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def reference_logps(
-    model: Any,
-    items: Sequence[Any],
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
-    num_sequences: int,
-    batch_size: int,
-    accelerator: Any,
-) -> torch.Tensor:
-    """Summed reference log-probs of every sequence of ``items``, ``(num_sequences,)`` float32 indexed by global
-    sequence id, computed once (in eval mode, under the run's autocast) so training holds a single model.
+def reference_logps(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_sequences: int, accelerator: Any) -> torch.Tensor:
+    """Summed reference log-probs of every sequence in ``batches`` (this process's share, e.g.
+    ``Runtime.eval_batches``), ``(num_sequences,)`` float32 indexed by global sequence id, computed once (in eval
+    mode, under the run's autocast) so training holds a single model. The processes' tables are summed, so every
+    process ends with the whole table.
 
-    Items are sharded over processes and the results summed, so every process ends with the whole table.
     Call it before ``Runtime.setup``: setup restores a checkpoint, and for full fine-tuning the reference is the
     weights as loaded; computing it first keeps a resumed run equal to an uninterrupted one.
     """
     if not getattr(model, "is_quantized", False):  # bitsandbytes weights are already placed and cannot move
         model.to(accelerator.device)
     logps = torch.zeros(num_sequences, dtype=torch.float32, device=accelerator.device)
-    mine = list(items)[accelerator.process_index :: accelerator.num_processes]
     was_training = model.training
     model.eval()
     try:
         with reference_model(model) as reference, accelerator.autocast():
-            for start in range(0, len(mine), batch_size):
-                batch = {k: v.to(accelerator.device) for k, v in collate(mine[start : start + batch_size]).items()}
+            for batch in batches:
                 sums, _, ids = batch_sequence_logps(reference, batch)
                 logps[ids] = sums.float()
     finally:

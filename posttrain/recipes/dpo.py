@@ -129,9 +129,9 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     ref_table = eval_ref_table = None
     if options.loss not in REFERENCE_FREE:
         rt.log(f"reference log-probs: {2 * (len(pairs.train) + len(pairs.held_out))} sequences, computed once")
-        reference = partial(reference_logps, model, collate=collate_rows, batch_size=config.train.batch_size, accelerator=rt.accelerator)
-        ref_table = reference(items, num_sequences=2 * len(pairs.train))
-        eval_ref_table = reference(eval_items, num_sequences=2 * len(pairs.held_out)) if eval_items else None
+        reference = partial(reference_logps, model, accelerator=rt.accelerator)
+        ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(pairs.train))
+        eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(pairs.held_out)) if eval_items else None
 
     evaluate = partial(evaluate_pairs, items=eval_items, collate_rows=collate_rows, options=options, ref_table=eval_ref_table, rt=rt)
     model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)

@@ -93,9 +93,9 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     rt.log(f"reference log-probs: {2 * (len(examples.train) + len(examples.held_out))} sequences, computed once")
-    reference = partial(reference_logps, model, collate=collate_rows, batch_size=config.train.batch_size, accelerator=rt.accelerator)
-    ref_table = reference(items, num_sequences=2 * len(examples.train))
-    eval_ref_table = reference(eval_items, num_sequences=2 * len(examples.held_out)) if eval_items else None
+    reference = partial(reference_logps, model, accelerator=rt.accelerator)
+    ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(examples.train))
+    eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(examples.held_out)) if eval_items else None
 
     evaluate = partial(
         evaluate_examples, items=eval_items, collate_rows=collate_rows, labels=eval_labels, ref_table=eval_ref_table, options=options, rt=rt
