@@ -356,22 +356,46 @@ class SamplingBlock(Block):
 
 
 class RewardSource(Block):
-    """Where rewards come from: a trained reward model, a Python function, or both summed with weights."""
+    """Where rewards come from: a trained reward model, a Python function, an HTTP reward service, or a weighted
+    sum of several of them; optionally minus a penalty for responses that never stopped."""
 
     model: str | None = None
     """A reward-model run directory (or its model/ folder) from stage: reward."""
     function: str | None = None
     """A Python function ``reward(prompt, response, reference) -> float`` as module:name (e.g.
-    posttrain.demo.tasks:score_prompt), or a built-in name: exact_match, toy."""
+    posttrain.demo.tasks:score_prompt), or a built-in name: exact_match, toy, toy_format."""
+    http: str | None = None
+    """URL (http:// or https://) of a reward service that scores JSON batches; the protocol is in the
+    posttrain.rewards module docstring."""
     model_weight: float = 1.0
-    """Weight of the reward model's score when both are given."""
+    """Weight of the reward model's score when two or more sources are given (with one it is not applied)."""
     function_weight: float = 1.0
-    """Weight of the function's reward when both are given."""
+    """Weight of the function's reward when two or more sources are given (with one it is not applied)."""
+    http_weight: float = 1.0
+    """Weight of the HTTP service's score when two or more sources are given (with one it is not applied)."""
+    http_timeout: float = Field(30.0, gt=0)
+    """Seconds to wait for one request to the reward service before it counts as failed (and is retried)."""
+    http_retries: int = Field(3, ge=0)
+    """Retries of a request after a connection error, a timeout, HTTP 5xx or 429 (0: try once); other 4xx
+    answers are not retried."""
+    unfinished_penalty: float = Field(0.0, ge=0)
+    """Subtracted from the reward of a response that reached max_new_tokens without an end-of-turn token (a
+    policy that never stops); 0 turns it off."""
+
+    @field_validator("http")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"reward.http {value!r} is not an http:// or https:// URL (e.g. http://localhost:8000/score)")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSource":
-        if not self.model and not self.function:
-            raise ValueError("give reward.model (a reward-model run) or reward.function (module:name), or both")
+        if not self.model and not self.function and not self.http:
+            raise ValueError(
+                "give reward.model (a reward-model run), reward.function (module:name) or reward.http (a reward "
+                "service URL); with two or more, their weighted scores are summed"
+            )
         return self
 
 
@@ -398,6 +422,141 @@ class RejectionSamplingConfig(StageConfig):
     """Selection and the SFT round."""
 
 
+class AlgorithmBlock(Block):
+    """The online-RL algorithm: advantage estimator, PPO clipping, KL anchor, epochs over each rollout."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    """gae: PPO with a critic (Schulman et al. 2017); grpo: group-normalised rewards (Shao et al. 2024); rloo:
+    leave-one-out baseline (Ahmadian et al. 2024); reinforce++: batch-whitened returns (Hu 2025). The last three
+    need no critic; grpo and rloo need sampling.num_samples >= 2."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts sampled per step (over all processes); each gets sampling.num_samples responses."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout. Each pass makes rollout / (train.batch_size x train.grad_accum x processes)
+    optimizer updates."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount over response tokens (gae, reinforce++)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout (gae, reinforce++); grpo and rloo are already centred per group."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's reward std (false: Dr. GRPO, Liu et al. 2025)."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """PPO ratio clip epsilon."""
+    clip_range_high: float | None = Field(None, gt=0)
+    """Upper clip epsilon when it differs (DAPO's clip-higher); null uses clip_range."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (Ye et al. 2020); null: off."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip the critic's new values to old ± this (gae); null: unclipped value loss."""
+    vf_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss (matters when the critic shares the policy's parameters)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight."""
+    kl_coef: float = Field(0.05, ge=0)
+    """KL anchor to the reference policy (beta); 0 turns it off (and skips the reference pass)."""
+    kl_mode: Literal["reward", "loss"] = "reward"
+    """reward: per-token -beta*KL added to the reward (InstructGPT); loss: beta*KL added to the loss (GRPO)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman 2020): k1 = log ratio (unbiased, the usual in-reward choice), k3
+    (non-negative, low variance, GRPO's in-loss choice)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adaptive KL controller target per response (Ziegler et al. 2019); null keeps kl_coef fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon, in responses."""
+    reward_normalize: bool = False
+    """Normalise rewards by running mean and std before advantages."""
+    reward_clip: float | None = Field(None, gt=0)
+    """Clip (normalised) rewards to ± this; null: no clipping."""
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """token_mean: every response token weighs the same (DAPO); sequence_mean: every response weighs the same
+    (the GRPO paper)."""
+    ptx_coef: float = Field(0.0, ge=0)
+    """PPO-ptx (InstructGPT): weight of an SFT loss on algorithm.ptx_data mixed into every update; 0: off."""
+    ptx_data: str | None = None
+    """SFT data (any chat format data.train accepts) for the ptx term."""
+
+    @model_validator(mode="after")
+    def _ptx_has_data(self) -> "AlgorithmBlock":
+        if self.ptx_coef and not self.ptx_data:
+            raise ValueError("algorithm.ptx_coef > 0 needs algorithm.ptx_data (an SFT file)")
+        return self
+
+
+class CriticBlock(Block):
+    """The value model of algorithm.advantage=gae."""
+
+    path: str | None = None
+    """Initial weights: a reward-model run (OpenRLHF's choice) or a causal LM; null: model.path with a fresh value
+    head. Trained with the same peft method as the policy."""
+    shared: bool = False
+    """true: a value head on the policy's own backbone (one model, one forward; with LoRA the adapter is shared)."""
+    lr: float | None = Field(None, gt=0)
+    """Critic learning rate; null: optim.lr."""
+
+    @model_validator(mode="after")
+    def _shared_has_no_path(self) -> "CriticBlock":
+        if self.shared and self.path:
+            raise ValueError("critic.shared=true puts the value head on the policy; critic.path is then unused, remove it")
+        return self
+
+
+class WatchBlock(Block):
+    """Diagnostics that say when an RL run goes wrong (reward hacking, KL or length running away, collapse)."""
+
+    gold: str | None = None
+    """A reward function (module:name or a built-in such as toy, exact_match) that is the truth, logged as
+    gold_reward each step on the rollouts that have a reference; the hacking watch compares the proxy reward
+    with it."""
+    gold_model: str | None = None
+    """A held-out second reward model used as the gold signal (when no verifiable reward exists)."""
+    window: int = Field(8, ge=2)
+    """Steps over which trends are compared (the first half against the second)."""
+    kl_limit: float = Field(10.0, gt=0)
+    """Warn when the KL to the reference passes this many nats per response."""
+    negative_kl_tolerance: float = Field(0.05, ge=0)
+    """Warn when the mean KL per response is below minus this (an estimate that should be >= 0)."""
+    length_growth: float = Field(2.0, gt=1)
+    """Warn when the mean response length grows beyond this factor of the first window's."""
+    min_distinct_share: float = Field(0.1, ge=0, le=1)
+    """Warn when fewer than this share of a step's responses are distinct (the same answer for every prompt)."""
+    stop_on_warning: bool = False
+    """Stop training (checkpoint, then exit non-zero) at a reward-hacking, KL or length warning."""
+
+    @model_validator(mode="after")
+    def _one_gold(self) -> "WatchBlock":
+        if self.gold and self.gold_model:
+            raise ValueError("give watch.gold (a function) or watch.gold_model (a reward model), not both")
+        return self
+
+
+class PpoConfig(StageConfig):
+    stage: Literal["ppo"] = "ppo"  # type: ignore[assignment]
+    """ppo: online RL from prompts (PPO with a critic, or the critic-free grpo/rloo/reinforce++)."""
+    sampling: SamplingBlock = Field(default_factory=lambda: SamplingBlock(num_samples=1, max_new_tokens=64))
+    """Rollout sampling (num_samples is the group size of grpo/rloo)."""
+    reward: RewardSource = Field(default_factory=lambda: RewardSource(function="exact_match"))
+    """How responses are scored."""
+    algorithm: AlgorithmBlock = Field(default_factory=AlgorithmBlock)
+    """Advantage estimator, clipping, KL anchor."""
+    critic: CriticBlock = Field(default_factory=CriticBlock)
+    """Value model (algorithm.advantage=gae only)."""
+    watch: WatchBlock = Field(default_factory=WatchBlock)
+    """Diagnostics and the reward-hacking watch."""
+
+    @model_validator(mode="after")
+    def _rl_is_consistent(self) -> "PpoConfig":
+        advantage, samples = self.algorithm.advantage, self.sampling.num_samples
+        if advantage in ("grpo", "rloo") and samples < 2:
+            raise ValueError(f"algorithm.advantage={advantage} compares responses to the same prompt: set sampling.num_samples >= 2")
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature=0 samples the same response every time, so RL cannot explore; use > 0 (e.g. 1.0)")
+        if self.peft.method in PROMPT_LEARNING_METHODS and advantage == "gae" and self.critic.shared:
+            raise ValueError("a shared critic reads the policy's hidden states, which prompt learning does not expose; set critic.shared=false")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SftConfig,
     "pretrain": PretrainConfig,
@@ -405,6 +564,7 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "dpo": DpoConfig,
     "kto": KtoConfig,
     "rejection_sampling": RejectionSamplingConfig,
+    "ppo": PpoConfig,
 }
 
 

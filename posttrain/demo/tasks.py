@@ -84,13 +84,16 @@ class Task:
     """One verifiable task: how to draw an instance, phrase it, answer it and score an answer.
 
     `draw` returns the instance's arguments; `prompt`, `answer` and `sentence` (a plain-text statement with
-    its answer, for continued pretraining) are functions of them. `pattern` recognises this task's prompts.
+    its answer, for continued pretraining) are functions of them. `pattern` recognises this task's prompts and
+    `answer_pattern` the shape of an answer (right or wrong: "81" for add, "t a c" for reverse), matched on the
+    whitespace-normalised response by `format_reward`.
     `credit` gives partial credit for a non-exact answer; it must stay below 1.0.
     `corrupt_once` proposes a plausible wrong answer (it may return the reference; `corrupt` retries).
     """
 
     name: str
     pattern: re.Pattern[str]
+    answer_pattern: re.Pattern[str]
     draw: Callable[[random.Random], tuple]
     prompt: Callable[..., str]
     answer: Callable[..., str]
@@ -210,6 +213,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="add",
             pattern=re.compile(r"Add \d+ and \d+\."),
+            answer_pattern=_INT_RE,  # one integer, as `_parse_int` reads it
             draw=_draw_add,
             prompt=lambda a, b: f"Add {a} and {b}.",
             answer=lambda a, b: str(a + b),
@@ -221,6 +225,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="reverse",
             pattern=re.compile(r"Reverse: [a-z](?: [a-z])+"),
+            answer_pattern=re.compile(r"[a-z](?: [a-z])*"),
             draw=_draw_letters,
             prompt=lambda xs: f"Reverse: {_join(xs)}",
             answer=lambda xs: _join(xs[::-1]),
@@ -231,6 +236,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="sort",
             pattern=re.compile(r"Sort: \d(?: \d)+"),
+            answer_pattern=re.compile(r"[0-9](?: [0-9])*"),
             draw=_draw_digits,
             prompt=lambda xs: f"Sort: {_join(xs)}",
             answer=lambda xs: _join(sorted(xs)),
@@ -241,6 +247,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="copy",
             pattern=re.compile(r"Repeat: [a-z]+(?: [a-z]+)*"),
+            answer_pattern=re.compile(r"[a-z]+(?: [a-z]+)*"),
             draw=_draw_words,
             prompt=lambda ws: f"Repeat: {_join(ws)}",
             answer=lambda ws: _join(ws),
@@ -251,6 +258,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="upper",
             pattern=re.compile(r"Uppercase: [a-z]+(?: [a-z]+)*"),
+            answer_pattern=re.compile(r"[A-Z]+(?: [A-Z]+)*"),
             draw=_draw_words,
             prompt=lambda ws: f"Uppercase: {_join(ws)}",
             answer=lambda ws: _join(ws).upper(),
@@ -261,6 +269,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="count",
             pattern=re.compile(r"Count the words: [a-z]+(?: [a-z]+)*"),
+            answer_pattern=_INT_RE,
             draw=_draw_count,
             prompt=lambda ws: f"Count the words: {_join(ws)}",
             answer=lambda ws: str(len(ws)),
@@ -299,6 +308,14 @@ def gold_reward(task_name: str, response: str, reference: str) -> float:
     correctness (numbers: closeness; lists: share of positions right, with extra items counted as wrong),
     and 0.0 for an empty or unparseable response."""
     return get_task(task_name).reward(response, reference)
+
+
+def format_reward(task_name: str, response: str) -> float:
+    """1.0 when `response` has the shape of an answer to `task_name` (one integer for add and count, single
+    lower-case letters for reverse, single digits for sort, lower-case words for copy, upper-case words for
+    upper; whitespace-normalised, so "c  a\nt" counts as "c a t"), else 0.0. Right or wrong is not checked: this
+    is a format reward that needs no reference."""
+    return 1.0 if get_task(task_name).answer_pattern.fullmatch(normalize(response)) else 0.0
 
 
 def score_prompt(prompt_text: str, response: str, reference: str) -> float:

@@ -14,6 +14,7 @@ _MODULES = {
     "dpo": "dpo",
     "kto": "kto",
     "rejection_sampling": "rejection_sampling",
+    "ppo": "ppo",
 }
 
 

@@ -8,7 +8,8 @@ Choices this recipe makes:
   transformers ``generate`` and its KV cache (``rollout.sample_responses``), rendered with ``data.template`` or the
   tokenizer's template (the one the SFT round then trains with), stopping at EOS or the template's end of turn.
 - Sampling comes first, scoring second, so the policy and a reward model are never in memory together. The
-  reward is ``rewards.build_reward(reward)``: a reward model, a function, or their weighted sum.
+  reward is ``rewards.build_reward(reward)``: a reward model, a function, an HTTP service, or their weighted sum,
+  minus ``reward.unfinished_penalty`` for a response cut at ``max_new_tokens``.
 - Each prompt keeps its highest-reward response (ties: the earliest sample). Llama 2 keeps the best whatever its
   score; ``rejection.threshold`` drops prompts whose best falls below it instead of training on a bad answer.
   An empty response is never kept (there is nothing to train on), nor, with ``rejection.require_finished`` (the
@@ -127,7 +128,8 @@ def fingerprint(config: RejectionSamplingConfig, prompts: list[Prompt]) -> dict[
         "prompts": len(prompts),
         "prompts_sha256": digest.hexdigest(),
         "sampling": config.sampling.model_dump(mode="json", exclude={"batch_size"}),
-        "reward": config.reward.model_dump(mode="json"),
+        # How long to wait for a reward service does not change its scores; everything else about the reward does.
+        "reward": config.reward.model_dump(mode="json", exclude={"http_timeout", "http_retries"}),
         "seed": config.seed,
     }
 
@@ -184,7 +186,9 @@ def sample_and_score(config: RejectionSamplingConfig, prompts: list[Prompt], rew
         torch.cuda.empty_cache()
 
     flat = [(p, r) for p, group in zip(prompts, groups) for r in group]
-    scores = reward.breakdown([p.messages for p, _ in flat], [r.text for _, r in flat], [p.reference for p, _ in flat])
+    scores = reward.breakdown(
+        [p.messages for p, _ in flat], [r.text for _, r in flat], [p.reference for p, _ in flat], finished=[r.finished for _, r in flat]
+    )
     reward.release()
     terms = [name for name in scores if name != "total"]
     rows, position = [], 0

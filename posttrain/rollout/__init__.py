@@ -1,5 +1,36 @@
-"""Generation engines behind one interface; the default is transformers' ``generate`` with a KV cache."""
+"""Generation engines behind one interface.
 
-from posttrain.rollout.hf import Response, generate_responses, sample_responses
+A :class:`RolloutEngine` turns tokenised prompts into sampled responses (their token ids, text, and whether a
+stop token ended them) and takes the trained weights after each update. The default, ``HFEngine``, is
+transformers' ``generate`` with a KV cache on the policy itself; ``VllmEngine`` (GPU, when vLLM is installed)
+generates with vLLM and receives the weights after every update. Trainers recompute the log-probs of the sampled
+tokens themselves, so an engine only has to sample.
+"""
 
-__all__ = ["Response", "generate_responses", "sample_responses"]
+from typing import Any, Protocol
+
+from posttrain.rollout.hf import (
+    HFEngine,
+    Response,
+    SamplingSettings,
+    generate_from_ids,
+    generate_responses,
+    render_prompt_ids,
+    sample_responses,
+)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
+        """``settings.num_samples`` responses per prompt; ``result[i]`` holds prompt ``i``'s."""
+        ...
+
+    def sync_weights(self, model: Any) -> None:
+        """Make the next ``generate`` sample from ``model``'s current weights."""
+        ...
+
+
+__all__ = [
+    "HFEngine", "Response", "RolloutEngine", "SamplingSettings", "generate_from_ids", "generate_responses",
+    "render_prompt_ids", "sample_responses",
+]

@@ -31,7 +31,78 @@ def _cut_at_stop(ids: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: ``temperature=0`` is greedy (``top_p``/``top_k`` then unused); ``top_k=0`` is off."""
+
+    num_samples: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
 @torch.no_grad()
+def generate_from_ids(
+    model: Any,
+    prompt_ids: list[list[int]],
+    settings: SamplingSettings,
+    pad_token_id: int,
+    stop_token_ids: Iterable[int],
+    decode: Any,
+    batch_size: int = 32,
+) -> list[list[Response]]:
+    """``settings.num_samples`` responses to each tokenised prompt with transformers ``generate``;
+    ``result[i]`` holds prompt ``i``'s. ``decode(ids) -> str`` turns a response's ids into its text.
+
+    Each prompt is repeated ``num_samples`` times in the flat stream, so ``batch_size`` bounds the sequences per
+    ``generate`` call whatever ``num_samples`` is. Left padding keeps every prompt's last token at the same
+    position so one batched ``generate`` (with its KV cache) serves all. Every sampling setting is passed
+    explicitly so the checkpoint's ``generation_config.json`` (often ``do_sample: true`` with its own temperature)
+    cannot change what was asked for."""
+    stop_ids = {int(i) for i in stop_token_ids if i is not None}
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        if settings.temperature > 0
+        else {"do_sample": False}
+    )
+    flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    grouped: list[list[Response]] = [[] for _ in prompt_ids]
+    try:
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            width = max(len(prompt_ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, index in enumerate(chunk):
+                ids = prompt_ids[index]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=sorted(stop_ids),
+                **sampling,
+            )
+            for index, ids in zip(chunk, output[:, width:].tolist()):
+                kept, finished = _cut_at_stop(ids, stop_ids)
+                grouped[index].append(Response(decode(kept), kept, finished))
+    finally:
+        model.train(was_training)
+    return grouped
+
+
+def render_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """A prompt's token ids as the chat template renders it with the generation prompt appended."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def sample_responses(
     model: Any,
     tokenizer: Any,
@@ -45,51 +116,33 @@ def sample_responses(
     stop_token_ids: Iterable[int] | None = None,
 ) -> list[list[Response]]:
     """``num_samples`` replies to each prompt (a message list), rendered with the tokenizer's chat template;
-    ``result[i]`` holds prompt ``i``'s replies.
-
-    Each prompt is repeated ``num_samples`` times in the flat batch stream, so ``batch_size`` bounds the
-    sequences per ``generate`` call whatever ``num_samples`` is. Left padding keeps every prompt's last token at
-    the same position so one batched ``generate`` (with its KV cache) serves all. ``temperature=0`` is greedy
-    decoding, and ``top_p``/``top_k`` are then unused; ``top_k=0`` turns top-k off. Every sampling setting is
-    passed explicitly so the checkpoint's ``generation_config.json`` (often ``do_sample: true`` with its own
-    temperature) cannot change what was asked for. Generation stops at any of ``stop_token_ids`` (default: the
-    tokenizer's EOS); pass the template's end-of-turn ids too (``data.dataset.end_of_turn_ids``).
-    """
+    ``result[i]`` holds prompt ``i``'s replies (:func:`generate_from_ids`). Generation stops at any of
+    ``stop_token_ids`` (default: the tokenizer's EOS); pass the template's end-of-turn ids too
+    (``data.dataset.end_of_turn_ids``)."""
     stop_ids = set(stop_token_ids) if stop_token_ids is not None else {tokenizer.eos_token_id}
-    stop_ids.discard(None)  # type: ignore[arg-type]
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if temperature > 0
-        else {"do_sample": False}
+    settings = SamplingSettings(num_samples, max_new_tokens, temperature, top_p, top_k)
+    return generate_from_ids(
+        model, [render_prompt_ids(tokenizer, messages) for messages in prompts], settings, tokenizer.pad_token_id,
+        stop_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), batch_size,
     )
-    flat = [(index, messages) for index, messages in enumerate(prompts) for _ in range(num_samples)]
-    was_training = model.training
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    grouped: list[list[Response]] = [[] for _ in prompts]
-    try:
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start : start + batch_size]
-            texts = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for _, messages in chunk]
-            encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(stop_ids),
-                **sampling,
-            )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-            for (index, _), ids in zip(chunk, new_tokens):
-                kept, finished = _cut_at_stop(ids, stop_ids)
-                text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                grouped[index].append(Response(text, kept, finished))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return grouped
+
+
+class HFEngine:
+    """The default rollout engine: the policy itself generates (``generate_from_ids``), so there are no weights
+    to sync."""
+
+    def __init__(self, model: Any, tokenizer: Any, stop_token_ids: Iterable[int], batch_size: int = 32) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.stop_token_ids = set(stop_token_ids)
+
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
+        return generate_from_ids(
+            self.model, prompt_ids, settings, self.tokenizer.pad_token_id, self.stop_token_ids,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(), self.batch_size,
+        )
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to do: generation runs on the trained module itself."""
 
 
 def generate_responses(

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from posttrain.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in parameters if p.requires_grad]
+def build_optimizer(parameters: Iterable[torch.nn.Parameter] | list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names over the trainable ``parameters``: tensors, or torch parameter groups
+    (``[{"params": [...], "lr": ...}, ...]``) whose own options override the config's."""
+    items = list(parameters)
+    if items and isinstance(items[0], dict):
+        groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in items]
+        params: list[Any] = [group for group in groups if group["params"]]
+    else:
+        params = [p for p in items if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check peft.method and its target modules")
     if config.name == "adamw":

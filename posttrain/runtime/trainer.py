@@ -109,6 +109,13 @@ class Runtime:
         self._progress: Progress | None = None
         self.resumed_from: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results) of the latest evaluation
+        self._rows_per_step: int | None = None
+        self._update_norms: list[float] = []
+        self._skipped_updates = 0
+        self._extra_record: dict[str, float] = {}
+        self.recipe_state: dict[str, Any] = {}
+        """A recipe's own JSON-serialisable state (an RL run's KL coefficient, reward statistics, watch history):
+        written with every checkpoint and restored on resume, so a resumed run continues exactly."""
 
     # ------------------------------------------------------------------------------------------------ set-up
     @property
@@ -121,7 +128,7 @@ class Runtime:
 
     @property
     def rows_per_step(self) -> int:
-        return self.train.batch_size * self.train.grad_accum * self.world_size
+        return self._rows_per_step or self.train.batch_size * self.train.grad_accum * self.world_size
 
     def log(self, message: str) -> None:
         if not self.is_main:
@@ -151,10 +158,24 @@ class Runtime:
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
 
-    def setup(self, model: Any, num_rows: int, evaluate: Callable[[], dict[str, float]] | None = None) -> Any:
-        """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming."""
+    def setup(
+        self,
+        model: Any,
+        num_rows: int,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        rows_per_step: int | None = None,
+        updates_per_step: int = 1,
+        parameter_groups: list[dict[str, Any]] | None = None,
+    ) -> Any:
+        """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming.
+
+        Step-structured recipes (online RL, :meth:`iterations`) give ``rows_per_step`` (rows consumed per step
+        over all processes) and ``updates_per_step`` (optimizer updates per step, which the learning-rate
+        schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``) set per-group options
+        such as a critic's learning rate."""
         from posttrain.models.adapters import count_parameters
 
+        self._rows_per_step = rows_per_step
         self.steps_per_epoch = num_rows // self.rows_per_step
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -166,8 +187,8 @@ class Runtime:
         self.trainable = count_parameters(model)
         trainable, total = self.trainable
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
-        optimizer = build_optimizer(model.parameters(), self.config.optim)
-        self.scheduler = build_scheduler(optimizer, self.total_steps, self.config.schedule)
+        optimizer = build_optimizer(parameter_groups or model.parameters(), self.config.optim)
+        self.scheduler = build_scheduler(optimizer, self.total_steps * updates_per_step, self.config.schedule)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self._resume()
         return self.model
@@ -198,6 +219,7 @@ class Runtime:
         self.best_step = state.get("best_step")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.tokens_trained = state.get("tokens_trained", 0)
+        self.recipe_state = state.get("recipe", {})
         self.metrics.truncate_after(self.global_step)
         self.resumed_from = path
         self.log(f"resumed from {path} at step {self.global_step} (epoch {state['epoch']}, group {state['group']})")
@@ -221,32 +243,47 @@ class Runtime:
     ) -> Iterator[dict[str, Any]]:
         """Micro-batches from the current step to the last, each with ``num_items_in_batch`` = the summed
         ``weight`` (trained tokens by default) of its whole accumulated group across all processes."""
+        rank, world, micro = self.accelerator.process_index, self.world_size, self.train.batch_size
+        for members in self._step_members(len(rows)):
+            num_items = sum(weight(rows[i]) for i in members)
+            self._step_started = time.time()
+            for m in range(self.train.grad_accum):
+                first = (m * world + rank) * micro
+                batch = collate([rows[i] for i in members[first : first + micro]])
+                batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                batch["num_items_in_batch"] = max(num_items, 1)
+                last = m == self.train.grad_accum - 1
+                # Gradients are all-reduced only on the last micro-batch of a group.
+                with nullcontext() if last else self.accelerator.no_sync(self.model):
+                    yield batch
+
+    def _step_members(self, num_rows: int) -> Iterator[list[int]]:
+        """Row indices of each step's group, from the current step to the last; the progress bar and the
+        signal handlers live as long as the loop."""
         self._install_signal_handlers()
         self._progress = Progress(self.total_steps, self.global_step, self.config.logging.progress and self.is_main, self.config.stage)
         order: list[int] = []
         order_epoch = -1
-        rank, world, micro = self.accelerator.process_index, self.world_size, self.train.batch_size
         try:
             while self.global_step < self.total_steps and not self.stopped_early:
                 epoch, group = divmod(self.global_step, self.steps_per_epoch)
                 if epoch != order_epoch:
-                    order, order_epoch = self._epoch_order(epoch, len(rows)), epoch
+                    order, order_epoch = self._epoch_order(epoch, num_rows), epoch
                 start = group * self.rows_per_step
-                members = order[start : start + self.rows_per_step]
-                num_items = sum(weight(rows[i]) for i in members)
-                self._step_started = time.time()
-                for m in range(self.train.grad_accum):
-                    first = (m * world + rank) * micro
-                    batch = collate([rows[i] for i in members[first : first + micro]])
-                    batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                    batch["num_items_in_batch"] = max(num_items, 1)
-                    last = m == self.train.grad_accum - 1
-                    # Gradients are all-reduced only on the last micro-batch of a group.
-                    with nullcontext() if last else self.accelerator.no_sync(self.model):
-                        yield batch
+                yield order[start : start + self.rows_per_step]
         finally:
             self._progress.close()
             self._restore_signal_handlers()
+
+    def iterations(self, rows: Sequence[Any]) -> Iterator[list[Any]]:
+        """For recipes whose step is more than one optimizer update (online RL: sample, score, then several
+        updates): this process's share of each step's ``rows_per_step`` rows, from the current step to the last.
+        The body calls :meth:`backward` per micro-batch, :meth:`update` per optimizer update and
+        :meth:`end_step` once; the data position is a function of the step count, as in :meth:`batches`."""
+        rank, world = self.accelerator.process_index, self.world_size
+        for members in self._step_members(len(rows)):
+            self._step_started = time.time()
+            yield [rows[i] for i in members[rank::world]]
 
     def step(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
         """Backward for one micro-batch; after the last one of a group: clip, guard, step, log, evaluate, save.
@@ -255,16 +292,24 @@ class Runtime:
         as the token-mean ``loss`` (``loss_sum/X``/``num_tokens/X`` as ``loss/X``); ``sum/NAME`` divided by
         ``count/NAME`` or ``count`` as the per-example mean ``NAME``; ``num_real_tokens`` as throughput; any
         other key as its sum."""
+        self.backward(loss, stats)
+        self._micro += 1
+        if self._micro == self.train.grad_accum:
+            self._micro = 0
+            self.update()
+            self.end_step()
+
+    def backward(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
+        """Backward for one micro-batch and its ``stats`` (summed into the step's, as :meth:`step` describes)."""
         # DDP averages gradients over processes; the loss is already normalised by the global token count.
         self.accelerator.backward(loss * self.world_size)
         self._group_losses.append(loss.detach())
         for key, value in (stats or {}).items():
             self._group_stats[key] = self._group_stats.get(key, 0.0) + float(value)
-        self._micro += 1
-        if self._micro == self.train.grad_accum:
-            self._optimizer_step()
 
-    def _optimizer_step(self) -> None:
+    def update(self) -> float:
+        """One optimizer update from the accumulated gradients: clip, refuse a non-finite loss or gradient (the
+        update is skipped and counted), step, schedule, zero; returns the gradient norm before clipping."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.optim.max_grad_norm or math.inf
         grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
@@ -272,7 +317,6 @@ class Runtime:
         # Under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale);
         # a NaN/inf *loss* is always ours.
         grads_finite = math.isfinite(grad_norm) or self.config.train.precision == "fp16"
-        stats = self._reduce(self._group_stats)
         if loss_finite and grads_finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -280,13 +324,24 @@ class Runtime:
         else:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
+            self._skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self._group_losses.clear()
+        self._update_norms.append(grad_norm)
+        return grad_norm
+
+    def end_step(self, extra: dict[str, float] | None = None) -> dict[str, Any]:
+        """Close a step: log its statistics (and the mean gradient norm of its updates) plus ``extra`` (values
+        already combined over processes, logged as given), evaluate, checkpoint, honour signals. Returns the
+        metrics record logged for the step."""
+        stats = self._reduce(self._group_stats)
+        self._extra_record = dict(extra or {})
+        norms = self._update_norms or [0.0]
+        grad_norm, skipped = sum(norms) / len(norms), self._skipped_updates > 0
         lr = self.scheduler.get_last_lr()[0]
         self.global_step += 1
-        self._micro = 0
-        self._group_losses.clear()
-        self._group_stats = {}
-        self._after_step(stats, grad_norm, lr, skipped=not (loss_finite and grads_finite))
+        self._group_stats, self._update_norms, self._skipped_updates = {}, [], 0
+        return self._after_step(stats, grad_norm, lr, skipped)
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not stats:
@@ -295,7 +350,7 @@ class Runtime:
         summed = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.device), reduction="sum")
         return dict(zip(keys, summed.tolist()))
 
-    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool) -> None:
+    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool) -> dict[str, Any]:
         elapsed = max(time.time() - self._step_started, 1e-9)
         record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
         if "loss_sum" in stats and stats.get("num_tokens"):
@@ -315,6 +370,8 @@ class Runtime:
                     record[name] = value / count
             elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith(("num_tokens/", "count/")):
                 record[key] = value
+        record.update(self._extra_record)
+        self._extra_record = {}
         if "num_real_tokens" in stats:
             record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
         record["step_time_s"] = elapsed
@@ -327,7 +384,7 @@ class Runtime:
         if self.global_step % self.train.log_every == 0 or skipped:
             self.metrics.log(self.global_step, record)
         if self._progress is not None:
-            shown = {k: record[k] for k in ("loss", "tokens_per_s", "lr") if k in record}
+            shown = {k: record[k] for k in ("loss", "reward", "gold_reward", "kl", "tokens_per_s", "lr") if k in record}
             self._progress.update({"tok/s" if k == "tokens_per_s" else k: v for k, v in shown.items()})
         if self.nonfinite_in_a_row >= self.train.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -344,6 +401,7 @@ class Runtime:
             self.save_checkpoint()
         if self._signal is not None:
             self._interrupt()
+        return record
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def _run_evaluation(self) -> bool:
@@ -384,6 +442,7 @@ class Runtime:
             "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
             "tokens_trained": self.tokens_trained,
+            **({"recipe": self.recipe_state} if self.recipe_state else {}),
             **({"best_eval": self.best_eval} if math.isfinite(self.best_eval) else {}),
         }
 

@@ -1,0 +1,85 @@
+"""The module online RL trains: the policy and, for PPO with GAE, its critic, as one ``nn.Module``.
+
+One module means one optimizer (the critic's learning rate is a parameter group), one checkpoint, one DDP
+wrapper, and one forward that returns both the policy's logits and the critic's values at the response
+positions, so a PPO update is a single backward of ``policy loss + vf_coef * value loss``.
+
+The critic is either separate (its own backbone with a scalar head, ``models.scalar_head.ScalarHeadModel``,
+initialised from a reward model or the policy's weights) or shared: a linear value head reading the policy's own
+final hidden states, so with LoRA the critic trains the same adapter the policy does.
+
+Positions: ``batch["targets"]`` holds, at position t, the token that follows t (or -100), so the logits at the
+trained positions predict the sampled response tokens, and the hidden state at the same positions is the state
+in which that token was chosen: its value is V(s_t). Values are therefore read at exactly the logits' positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.losses import IGNORE_INDEX
+from posttrain.models.adapters import is_peft_model
+from posttrain.models.forward import token_logits
+
+
+def _causal_lm(policy: Any) -> Any:
+    return policy.get_base_model() if is_peft_model(policy) else policy
+
+
+class ActorCritic(nn.Module):
+    """``forward(batch) -> (logits (N, V), values (N,) or None)`` at the N response positions (row-major)."""
+
+    def __init__(self, policy: Any, critic: Any = None, shared_value_head: bool = False) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.value_head: nn.Linear | None = None
+        if shared_value_head:
+            hidden = _causal_lm(policy).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            # A zero head starts every value at 0, so the first updates do not push noise into a shared backbone.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def has_critic(self) -> bool:
+        return self.critic is not None or self.value_head is not None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+        keep = targets != IGNORE_INDEX
+        if self.value_head is not None and with_values:
+            # One backbone pass serves both heads: the LM head only at the response positions, as token_logits does.
+            lm = _causal_lm(self.policy)
+            backbone = getattr(lm, lm.base_model_prefix)
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[keep]
+            logits = lm.lm_head(hidden)
+            return logits, self.value_head(hidden).squeeze(-1).float()
+        logits = token_logits(self.policy, batch)
+        values = None
+        if self.critic is not None and with_values:
+            values = self.critic(input_ids, attention_mask=attention_mask)[keep]
+        return logits, values
+
+    @torch.no_grad()
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The critic's values at the response positions, without the policy's logits where the critic is separate."""
+        keep = targets != IGNORE_INDEX
+        if self.critic is not None:
+            return self.critic(input_ids, attention_mask=attention_mask)[keep]
+        return self(input_ids, attention_mask, targets)[1]  # type: ignore[return-value]
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
+        """The policy into ``directory`` (a Hugging Face model, what later stages load); a separate critic into
+        ``directory/../critic`` and a shared value head into ``directory/../value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        self.policy.save_pretrained(directory, **kwargs)
+        if self.critic is not None:
+            self.critic.save_pretrained(Path(directory).parent / "critic", **kwargs)
+        if self.value_head is not None:
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(Path(directory).parent / "value_head.safetensors"))

@@ -1,0 +1,560 @@
+"""Online RL from prompts (``stage: ppo``): PPO with a critic, and the critic-free GRPO, RLOO and REINFORCE++.
+
+Every step: sample ``sampling.num_samples`` responses to each of ``algorithm.prompts_per_step`` prompts from
+the current policy, score them, compute the sampled tokens' log-probs under the policy and the reference (and
+the critic's values), turn rewards into advantages, then run ``algorithm.ppo_epochs`` passes of clipped-surrogate
+updates over the rollout. Choices this recipe makes:
+
+- **Log-probs are recomputed** by a forward pass in eval mode on the sampled ids (never re-tokenised text),
+  with the logits divided by the sampling temperature, so the old log-probs, the new ones and the reference's
+  describe the distribution that was sampled (top-p/top-k are not applied to them, as in TRL and OpenRLHF).
+- **Reference**: the policy as loaded; for adapters the same model with the adapter switched off (no second
+  copy), for full fine-tuning a frozen copy. The per-token KL to it is logged every step whatever ``kl_coef``.
+- **KL anchor**: ``kl_mode: reward`` subtracts ``kl_coef * KL_t`` from every token's reward (InstructGPT; k1 is
+  the unbiased choice) with a fixed or adaptive coefficient (Ziegler et al. 2019); for the critic-free
+  estimators the per-response sum is subtracted from the score before the baseline. ``kl_mode: loss`` adds
+  ``kl_coef * KL_t`` (k3 by default in ``configs/grpo.yaml``) to the loss instead (GRPO).
+- **Advantages** (``rl.py``): ``gae`` — the score at the last token, GAE(γ, λ) over the critic's values,
+  whitened over the rollout; ``grpo`` — (score − group mean) / group std, the same for every token;
+  ``rloo`` — score minus the mean of the other samples of the prompt; ``reinforce++`` — returns-to-go of the
+  token rewards, whitened over the rollout.
+- **Loss**: clipped surrogate (optional clip-higher and dual clip) − ``entropy_coef`` × entropy (+ ``kl_coef`` ×
+  KL in loss mode) + ``vf_coef`` × clipped value loss (gae), aggregated as a token mean over the whole
+  mini-batch (or a mean of per-response token means), normalised by the mini-batch's global count so grad
+  accumulation is exact. ``ptx_coef`` mixes in the SFT loss on ``ptx_data`` (InstructGPT's PPO-ptx).
+- **Rewards** (``rewards.build_reward``): a reward model, a function, an HTTP service, or their weighted sum,
+  minus ``unfinished_penalty`` for responses that never ended; optionally normalised by running statistics and
+  clipped. Sampling and scoring happen per step on each process's own prompts; groups never cross processes.
+- **Diagnostics** every step (``diagnostics.TrainingWatch``): rewards per source, KL, clip fraction, approx-KL,
+  entropy, length, share without an end token, distinct responses, the critic's explained variance, and the
+  gold reward when ``watch.gold`` names one; warnings in plain words, and an optional stop.
+- **Resume**: the data position is the step count (``Runtime.iterations``); the KL coefficient, the reward
+  statistics and the watch's history are checkpointed with the weights (``Runtime.recipe_state``). Sampling
+  draws from the global torch RNG, restored from the checkpoint.
+
+Run directory: the usual files, the policy in ``model/``, a separate critic in ``critic/`` (a shared value head
+in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posttrain import losses, rl
+from posttrain.config import ConfigError, DataConfig, PpoConfig, RewardSource
+from posttrain.data.dataset import end_of_turn_ids, load_sequences, use_chat_template
+from posttrain.data.errors import DataError
+from posttrain.data.packing import Row, collate, single_rows
+from posttrain.diagnostics import TrainingWatch
+from posttrain.losses import IGNORE_INDEX
+from posttrain.models import load_model, load_tokenizer
+from posttrain.models.actor_critic import ActorCritic
+from posttrain.models.adapters import is_peft_model
+from posttrain.models.forward import reference_model, token_logits
+from posttrain.recipes.rejection_sampling import read_prompts
+from posttrain.rewards import build_reward, load_reward_function
+from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
+from posttrain.runtime import Runtime
+
+SAMPLES_PER_STEP_LOGGED = 4
+
+
+@dataclass
+class PromptRow:
+    messages: list[dict[str, Any]]
+    reference: str | None
+    prompt_ids: list[int]
+    source: str
+
+
+@dataclass
+class Rollout:
+    """One step's sampled responses on this process, in action space (``(B, R)``, right-padded)."""
+
+    rows: list[Row]  # prompt + response as training rows (targets: the response tokens)
+    prompts: list[PromptRow]  # one per response
+    texts: list[str]
+    finished: torch.Tensor  # (B,) bool
+    mask: torch.Tensor  # (B, R) float
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor  # (B,) the reward optimised (after penalty, normalisation, clipping)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor | None  # (B, R), gae only
+    metrics: dict[str, float]  # local sums for the step's record
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Training and held-out prompts, rendered with the chat template (generation prompt appended). Prompts that
+    leave no room for ``sampling.max_new_tokens`` within ``data.max_length`` are dropped and counted."""
+    rows: list[PromptRow] = []
+    too_long = 0
+    budget = config.data.max_length - config.sampling.max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"data.max_length ({config.data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({config.sampling.max_new_tokens})")
+    for prompt in read_prompts(config):  # type: ignore[arg-type]
+        ids = render_prompt_ids(tokenizer, prompt.messages)
+        if len(ids) > budget:
+            too_long += 1
+            continue
+        rows.append(PromptRow(prompt.messages, prompt.reference, ids, f"{prompt.meta.get('source')}:{prompt.meta.get('line')}"))
+    if too_long:
+        print(f"data: {too_long} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
+    if config.data.eval:
+        held_out_config = config.model_copy(update={"data": config.data.model_copy(update={"train": config.data.eval}), "sampling": config.sampling.model_copy(update={"max_prompts": None})})
+        held_out, _ = prompt_rows(held_out_config.model_copy(update={"data": held_out_config.data.model_copy(update={"eval": None})}), tokenizer)
+        return rows, held_out
+    if config.data.eval_fraction:
+        generator = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        cut = max(1, int(round(config.data.eval_fraction * len(rows))))
+        return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
+    return rows, []
+
+
+def check_references(rows: list[PromptRow], what: str) -> None:
+    missing = [row.source for row in rows if row.reference is None]
+    if missing:
+        raise DataError(f"{what} compares with a reference answer, but {len(missing)} prompts have none (first: {missing[0]}); add a \"reference\" field to those rows")
+
+
+# ---------------------------------------------------------------------------------------------------- rollout
+def response_row(prompt_ids: list[int], response_ids: list[int], index: int) -> Row:
+    """Prompt + response as one training row whose targets are exactly the response tokens."""
+    input_ids = prompt_ids + response_ids
+    targets = [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids + [IGNORE_INDEX]
+    n = len(input_ids)
+    return Row(input_ids, targets, list(range(n)), [index] * n, len(response_ids), [0] * n)
+
+
+def to_actions(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values at the N response positions (row-major) → ``(B, R)`` action space, 0 where masked."""
+    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
+    out[mask.bool()] = flat
+    return out
+
+
+def action_mask(rows: list[Row], device: torch.device) -> torch.Tensor:
+    lengths = torch.tensor([row.num_targets for row in rows], device=device)
+    width = int(lengths.max()) if len(rows) else 0
+    return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(token) at the N response positions, float32, under the sampling temperature."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Flat log-probs (N,) of the response tokens of ``rows`` under ``model``, in eval mode."""
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with rt.accelerator.autocast():
+            for start in range(0, len(rows), rt.train.batch_size):
+                batch = {k: v.to(rt.device) for k, v in collate(rows[start : start + rt.train.batch_size], pad_token_id, packed=False).items()}
+                trained = batch["targets"] != IGNORE_INDEX
+                out.append(token_logps(token_logits(model, batch), batch["targets"][trained], temperature))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, pad_token_id: int) -> torch.Tensor:
+    out = []
+    was_training = module.training
+    module.eval()
+    try:
+        with rt.accelerator.autocast():
+            for start in range(0, len(rows), rt.train.batch_size):
+                batch = {k: v.to(rt.device) for k, v in collate(rows[start : start + rt.train.batch_size], pad_token_id, packed=False).items()}
+                out.append(module.values(batch["input_ids"], batch["attention_mask"], batch["targets"]).float())
+    finally:
+        module.train(was_training)
+    return torch.cat(out)
+
+
+class RunningMoments:
+    """Mean and variance of every reward seen so far (Chan et al.'s parallel update), for reward normalisation."""
+
+    def __init__(self, state: dict[str, float] | None = None) -> None:
+        state = state or {}
+        self.count, self.mean, self.m2 = state.get("count", 0.0), state.get("mean", 0.0), state.get("m2", 0.0)
+
+    def update(self, count: float, mean: float, m2: float) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta**2 * self.count * count / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+def advantages_for(config: PpoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(advantages (B, R), returns (B, R) or None)`` of ``algorithm.advantage``."""
+    algorithm = config.algorithm
+    in_reward = kl_coef if algorithm.kl_mode == "reward" else 0.0
+    group = config.sampling.num_samples
+    if algorithm.advantage == "gae":
+        assert values is not None
+        token_rewards = rl.token_level_rewards(scores, kl, mask, in_reward)
+        advantages, returns = rl.gae(token_rewards, values, mask, algorithm.gamma, algorithm.lam)
+        if algorithm.whiten_advantages:
+            advantages = whiten_over_processes(advantages, mask, rt)
+        return advantages, returns
+    if algorithm.advantage == "reinforce++":
+        returns = rl.discounted_returns(rl.token_level_rewards(scores, kl, mask, in_reward), mask, algorithm.gamma)
+        return (whiten_over_processes(returns, mask, rt) if algorithm.whiten_advantages else returns), None
+    sequence_scores = scores - in_reward * rl.masked_sum(kl, mask, dim=1)
+    if algorithm.advantage == "grpo":
+        per_response = rl.group_advantages(sequence_scores, group, scale_by_std=algorithm.scale_by_std)
+    else:
+        per_response = rl.leave_one_out_advantages(sequence_scores, group)
+    return per_response[:, None] * mask, None
+
+
+def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """``rl.masked_whiten`` with the mean and variance of the whole rollout (every process's tokens)."""
+    if rt.world_size == 1:
+        return rl.masked_whiten(values, mask)
+    sums = rt.sum_over_processes(torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double())
+    mean = sums[0] / sums[2]
+    var = sums[1] / sums[2] - mean**2
+    return ((values - mean) * torch.rsqrt(var + 1e-8)).to(values.dtype) * mask
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
+    rt = Runtime(config, config_path)
+    algorithm, sampling = config.algorithm, config.sampling
+    tokenizer = load_tokenizer(config.model)
+    template = use_chat_template(tokenizer, config.data.template)
+    stop_ids = end_of_turn_ids(tokenizer, template)
+    train_prompts, eval_prompts = prompt_rows(config, tokenizer)
+    reward = build_reward(config.reward, device=str(rt.device))
+    if reward.needs_reference:
+        check_references(train_prompts + eval_prompts, "the reward")
+    gold = _gold_reward(config, rt)
+    if gold is not None and gold.needs_reference:
+        check_references(train_prompts + eval_prompts, "watch.gold")
+
+    world = rt.world_size
+    if algorithm.prompts_per_step % world:
+        raise ConfigError(f"algorithm.prompts_per_step ({algorithm.prompts_per_step}) must divide evenly over {world} processes")
+    responses_per_process = algorithm.prompts_per_step // world * sampling.num_samples
+    mini_batch = rt.train.batch_size * rt.train.grad_accum
+    if responses_per_process % mini_batch:
+        raise ConfigError(
+            f"each process samples {responses_per_process} responses per step (algorithm.prompts_per_step / processes x "
+            f"sampling.num_samples), which must be a multiple of train.batch_size x train.grad_accum ({mini_batch})"
+        )
+    updates_per_epoch = responses_per_process // mini_batch
+
+    policy, _ = load_model(config.model, config.peft, tokenizer)
+    frozen_reference = None
+    if not is_peft_model(policy):
+        frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
+    critic = None
+    if algorithm.advantage == "gae" and not config.critic.shared:
+        critic_model = config.model.model_copy(update={"path": config.critic.path or config.model.path})
+        critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
+    module = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
+    groups = _parameter_groups(module, config)
+
+    ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
+    engine_holder: dict[str, Any] = {}
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_prompts(eval_prompts, engine_holder["engine"], reward, gold, config, rt)
+
+    module = rt.setup(
+        module, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
+        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch, parameter_groups=groups,
+    )
+    trained: ActorCritic = rt.accelerator.unwrap_model(module)
+    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
+    engine_holder["engine"] = engine
+    state = rt.recipe_state
+    kl_controller: Any = (
+        rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
+        if algorithm.kl_target
+        else rl.FixedKLController(algorithm.kl_coef)
+    )
+    moments = RunningMoments(state.get("reward_moments"))
+    watch = TrainingWatch(config.watch, sampling.max_new_tokens)
+    if "watch" in state:
+        watch.load_state_dict(state["watch"])
+    stopped_by: str | None = None
+    settings = SamplingSettings(sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k)
+    samples_path = rt.run_dir / "samples.jsonl"
+    rt.log(
+        f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
+        f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
+        f"{len(train_prompts)} training / {len(eval_prompts)} held-out prompts"
+    )
+
+    for step_prompts in rt.iterations(train_prompts):
+        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, tokenizer)
+        for epoch in range(algorithm.ppo_epochs):
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
+            order = torch.randperm(len(rollout.rows), generator=generator).tolist()
+            for update in range(updates_per_epoch):
+                members = order[update * mini_batch : (update + 1) * mini_batch]
+                normaliser = _normaliser(rollout, members, config, rt)
+                for micro in range(rt.train.grad_accum):
+                    chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
+                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, tokenizer.pad_token_id)
+                    if ptx_rows:
+                        ptx_loss, ptx_stats = _ptx_loss(module, ptx_rows, rt, tokenizer.pad_token_id, config)
+                        loss, stats = loss + ptx_loss, {**stats, **ptx_stats}
+                    rt.backward(loss, stats)
+                rt.update()
+        engine.sync_weights(trained.policy)
+
+        step_metrics = _global_rollout_metrics(rollout, rt)
+        kl_controller.update(step_metrics.get("kl", 0.0), algorithm.prompts_per_step * sampling.num_samples)
+        for warning in watch.observe(rt.global_step + 1, step_metrics):
+            rt.log(f"watch: {warning.message}")
+            if warning.stops and stopped_by is None:
+                stopped_by = warning.kind
+        rt.recipe_state = {"kl_coef": kl_controller.value, "reward_moments": moments.state_dict(), "watch": watch.state_dict()}
+        if rt.is_main:
+            _append_samples(samples_path, rt.global_step + 1, rollout)
+        rt.end_step({**step_metrics, "kl_coef": kl_controller.value})
+        if stopped_by:
+            rt.stopped_early = True
+            rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
+
+    summary: dict[str, Any] = {"advantage": algorithm.advantage, "stopped_by_watch": stopped_by}
+    return rt.finish(module, tokenizer, summary)
+
+
+def _gold_reward(config: PpoConfig, rt: Runtime) -> Any:
+    if config.watch.gold:
+        return load_reward_function(config.watch.gold)
+    if config.watch.gold_model:
+        return build_reward(RewardSource(model=config.watch.gold_model), device=str(rt.device))
+    return None
+
+
+def _parameter_groups(module: ActorCritic, config: PpoConfig) -> list[dict[str, Any]]:
+    critic_names = ("critic.", "value_head.")
+    policy_params = [p for name, p in module.named_parameters() if not name.startswith(critic_names)]
+    critic_params = [p for name, p in module.named_parameters() if name.startswith(critic_names)]
+    groups = [{"params": policy_params}]
+    if critic_params:
+        groups.append({"params": critic_params, **({"lr": config.critic.lr} if config.critic.lr else {})})
+    return groups
+
+
+def make_rollout(
+    prompts: list[PromptRow], engine: Any, module: ActorCritic, frozen_reference: Any, reward: Any, gold: Any,
+    settings: SamplingSettings, kl_coef: float, moments: RunningMoments, config: PpoConfig, rt: Runtime, tokenizer: Any,
+) -> Rollout:
+    """Sample, score, and compute everything the updates need (all without gradients)."""
+    algorithm = config.algorithm
+    groups = engine.generate([p.prompt_ids for p in prompts], settings)
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    responses = [r for group in groups for r in group]
+    texts = [r.text for r in responses]
+    finished = torch.tensor([r.finished for r in responses], device=rt.device)
+    rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
+    mask = action_mask(rows, rt.device)
+
+    messages = [p.messages for p in flat_prompts]
+    references = [p.reference for p in flat_prompts]
+    breakdown = reward.breakdown(messages, texts, references, finished=finished.tolist())
+    raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
+    scores = raw
+    if algorithm.reward_normalize:
+        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=rt.device)]).double())
+        count, mean = float(sums[2]), float(sums[0] / sums[2])
+        moments.update(count, mean, float(sums[1] - count * mean**2))
+        scores = (raw - moments.mean) / max(moments.std, 1e-8)
+    if algorithm.reward_clip:
+        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
+
+    policy = module.policy
+    old_logps = to_actions(score_logps(policy, rows, rt, settings.temperature, tokenizer.pad_token_id), mask)
+    if frozen_reference is not None:
+        ref_flat = score_logps(frozen_reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
+    else:
+        with reference_model(policy) as reference:
+            ref_flat = score_logps(reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
+    ref_logps = to_actions(ref_flat, mask)
+    values = to_actions(critic_values(module, rows, rt, tokenizer.pad_token_id), mask) if module.has_critic else None
+    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask)
+    advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
+
+    lengths = mask.sum(1)
+    metrics: dict[str, float] = {
+        "count": float(len(rows)),
+        "sum/reward": float(raw.sum()),
+        "sum/reward_sq": float((raw**2).sum()),
+        "sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum()),
+        "sum/response_length": float(lengths.sum()),
+        "sum/unfinished_share": float((~finished).sum()),
+        "sum/distinct_share": float(len(set(texts))),
+        "sum/advantage": float((advantages * mask).sum() / mask.sum().clamp(min=1) * len(rows)),
+    }
+    for name, values_of_term in breakdown.items():
+        if name != "total" and len(breakdown) > 2:
+            metrics[f"sum/reward_{name}"] = float(sum(values_of_term))
+    if gold is not None:
+        known = [i for i, ref in enumerate(references) if ref is not None or not gold.needs_reference]
+        if known:
+            gold_scores = gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
+            metrics["sum/gold_reward"], metrics["count/gold_reward"] = float(sum(gold_scores)), float(len(known))
+    if returns is not None and values is not None:
+        metrics["sum/value_explained_variance"] = float(rl.explained_variance(values, returns, mask))
+        metrics["count/value_explained_variance"] = 1.0
+    return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
+
+
+def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Runtime) -> float:
+    """The global denominator of one update's loss: response tokens (token_mean) or responses (sequence_mean)."""
+    if config.algorithm.loss_aggregation == "sequence_mean":
+        return float(len(members) * rt.world_size)
+    local = rollout.mask[members].sum()
+    return float(rt.sum_over_processes(local.clone()).clamp(min=1))
+
+
+def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, config: PpoConfig, rt: Runtime, pad_token_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch (its share of the update's normalised sum) and its statistics."""
+    algorithm = config.algorithm
+    batch = {k: v.to(rt.device) for k, v in collate([rollout.rows[i] for i in chosen], pad_token_id, packed=False).items()}
+    mask = rollout.mask[chosen]
+    mask = mask[:, : int(mask.sum(1).max())]
+    width = mask.shape[1]
+
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[chosen][:, :width]
+
+    with rt.accelerator.autocast():
+        logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"])
+    trained = batch["targets"] != IGNORE_INDEX
+    scaled = logits.float() / config.sampling.temperature
+    logps = to_actions(scaled.log_softmax(-1).gather(-1, batch["targets"][trained][:, None]).squeeze(-1), mask)
+    entropy = to_actions(rl.entropy_from_logits(scaled), mask)
+    old_logps, advantages = take(rollout.old_logps), take(rollout.advantages)
+    policy_token_loss, clipped = rl.policy_loss(logps, old_logps, advantages, mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
+    token_loss = policy_token_loss - algorithm.entropy_coef * entropy
+    if algorithm.kl_mode == "loss" and kl_coef:
+        token_loss = token_loss + kl_coef * rl.kl_estimate(logps, take(rollout.ref_logps), algorithm.kl_estimator)
+    value_token_loss = None
+    if values_flat is not None and rollout.returns is not None and rollout.values is not None:
+        values = to_actions(values_flat, mask)
+        value_token_loss, _ = rl.value_loss(values, take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
+        token_loss = token_loss + algorithm.vf_coef * value_token_loss
+    if algorithm.loss_aggregation == "sequence_mean":
+        per_response = rl.masked_sum(token_loss, mask, dim=1) / mask.sum(1).clamp(min=1)
+        loss = per_response.sum() / normaliser
+    else:
+        loss = rl.masked_sum(token_loss, mask) / normaliser
+    tokens = float(mask.sum())
+    stats = {
+        "sum/policy_loss": float(rl.masked_sum(policy_token_loss, mask).detach()),
+        "sum/clip_fraction": float(rl.masked_sum(clipped, mask)),
+        "sum/approx_kl": float(rl.masked_sum(rl.kl_estimate(old_logps, logps.detach(), "k2"), mask)),
+        "sum/entropy": float(rl.masked_sum(entropy.detach(), mask)),
+        **{f"count/{name}": tokens for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy")},
+        "num_real_tokens": float(batch["num_real_tokens"]),
+    }
+    if value_token_loss is not None:
+        stats["sum/value_loss"], stats["count/value_loss"] = float(rl.masked_sum(value_token_loss, mask).detach()), tokens
+    return loss, stats
+
+
+def _ptx_rows(config: PpoConfig, tokenizer: Any) -> list[Row]:
+    assert config.algorithm.ptx_data is not None
+    data = DataConfig(**{**config.data.model_dump(), "train": config.algorithm.ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
+    sequences = load_sequences(data, tokenizer, "sft", config.seed)
+    return single_rows(sequences.train)
+
+
+def _ptx_loss(module: Any, ptx_rows: list[Row], rt: Runtime, pad_token_id: int, config: PpoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """ptx_coef × the token-mean SFT loss of the next ``train.batch_size`` ptx rows (cycling in a seeded order
+    that depends only on the count drawn so far, kept in the recipe state, so a resume draws the same rows)."""
+    drawn = rt.recipe_state.get("ptx_drawn", 0)
+    world, rank, micro = rt.world_size, rt.accelerator.process_index, rt.train.batch_size
+    indices = [(drawn + rank * micro + j) % len(ptx_rows) for j in range(micro)]
+    rt.recipe_state["ptx_drawn"] = drawn + world * micro
+    batch = {k: v.to(rt.device) for k, v in collate([ptx_rows[i] for i in indices], pad_token_id, packed=False).items()}
+    trained = batch["targets"] != IGNORE_INDEX
+    with rt.accelerator.autocast():
+        logits = token_logits(rt.accelerator.unwrap_model(module).policy, batch)
+    # Normalised by this micro-batch's tokens, averaged over the update's micro-batches and processes.
+    per_token, stats = losses.sft_loss(logits, batch["targets"][trained], trained.sum().clamp(min=1))
+    loss = config.algorithm.ptx_coef * per_token / (rt.train.grad_accum * world)
+    return loss, {"sum/ptx_loss": float(stats["loss_sum"]), "count/ptx_loss": float(stats["num_tokens"])}
+
+
+def _global_rollout_metrics(rollout: Rollout, rt: Runtime) -> dict[str, float]:
+    """The step's rollout means over every process: what the watch reads and the record logs."""
+    keys = sorted(rollout.metrics)
+    totals = dict(zip(keys, rt.sum_over_processes(torch.tensor([rollout.metrics[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()))
+    count = totals["count"]
+    out = {}
+    for key, value in totals.items():
+        if key.startswith("sum/"):
+            name = key[4:]
+            out[name] = value / totals.get(f"count/{name}", count)
+    out["reward_std"] = math.sqrt(max(out.pop("reward_sq") - out["reward"] ** 2, 0.0))
+    return out
+
+
+def _append_samples(path: Any, step: int, rollout: Rollout) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
+            handle.write(json.dumps({
+                "step": step, "prompt": rollout.prompts[i].messages[-1]["content"], "reference": rollout.prompts[i].reference,
+                "response": rollout.texts[i], "reward": float(rollout.scores[i]), "finished": bool(rollout.finished[i]),
+            }) + "\n")
+
+
+@torch.no_grad()
+def evaluate_prompts(rows: list[PromptRow], engine: Any, reward: Any, gold: Any, config: PpoConfig, rt: Runtime) -> dict[str, float]:
+    """Greedy answers to this process's share of the held-out prompts: mean reward, exact match against the
+    reference (where there is one), gold reward, length and end-token rate, summed over processes."""
+    from posttrain.demo.tasks import exact_match
+
+    mine = rows[rt.accelerator.process_index :: rt.world_size]
+    greedy = SamplingSettings(1, config.sampling.max_new_tokens, 0.0)
+    responses = [group[0] for group in engine.generate([r.prompt_ids for r in mine], greedy)] if mine else []
+    messages, texts, references = [r.messages for r in mine], [r.text for r in responses], [r.reference for r in mine]
+    finished = [r.finished for r in responses]
+    scores = reward(messages, texts, references, finished=finished) if mine else []
+    with_reference = [i for i, ref in enumerate(references) if ref is not None]
+    sums = [
+        float(len(mine)), float(sum(scores)), float(len(with_reference)),
+        float(sum(exact_match(texts[i], references[i] or "") for i in with_reference)),
+        float(sum(r.num_tokens for r in responses)), float(sum(finished)),
+    ]
+    gold_sum = 0.0
+    if gold is not None and mine:
+        known = with_reference if gold.needs_reference else list(range(len(mine)))
+        gold_sum = float(sum(gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]))) if known else 0.0
+    total = rt.sum_over_processes(torch.tensor([*sums, gold_sum], dtype=torch.float64, device=rt.device)).tolist()
+    n, n_ref = max(total[0], 1.0), max(total[2], 1.0)
+    results = {"eval_reward": total[1] / n, "eval_exact_match": total[3] / n_ref, "eval_length": total[4] / n, "eval_eos_rate": total[5] / n}
+    if gold is not None:
+        results["eval_gold_reward"] = total[6] / (n_ref if gold.needs_reference else n)
+    return results
