@@ -511,8 +511,9 @@ class WatchBlock(Block):
     with it."""
     gold_model: str | None = None
     """A held-out second reward model used as the gold signal (when no verifiable reward exists)."""
-    window: int = Field(8, ge=2)
-    """Steps over which trends are compared (the first half against the second)."""
+    window: int = Field(16, ge=4)
+    """Steps over which trends are compared (the first half against the second); longer windows catch slower
+    trends at the same false-alarm rate."""
     kl_limit: float = Field(10.0, gt=0)
     """Warn when the KL to the reference passes this many nats per response."""
     negative_kl_tolerance: float = Field(0.05, ge=0)

@@ -44,9 +44,12 @@ def test_every_shipped_config_trains(toy, micro_model, tmp_path, config, capsys)
             code = main(["train", str(config), f"model.path={micro_model}", f"data.train={toy.sft}", f"output_dir={tmp_path}"])
             assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
             return
-    data = {"pretrain": toy.pretrain, "reward": toy.prefs, "dpo": toy.prefs, "kto": toy.prefs, "rejection_sampling": toy.prompts}
+    data = {"pretrain": toy.pretrain, "reward": toy.prefs, "dpo": toy.prefs, "kto": toy.prefs, "rejection_sampling": toy.prompts, "ppo": toy.prompts}
     # The micro model is untrained: its 8-token replies seldom end, and rejection sampling keeps only finished ones.
-    stage_overrides = {"rejection_sampling": ["sampling.num_samples=2", "sampling.max_new_tokens=8", "rejection.require_finished=false"]}
+    stage_overrides = {
+        "rejection_sampling": ["sampling.num_samples=2", "sampling.max_new_tokens=8", "rejection.require_finished=false"],
+        "ppo": ["sampling.max_new_tokens=8"],
+    }
     out = tmp_path / "run"
     code = main([
         "train", str(config), f"model.path={micro_model}", f"data.train={data.get(raw['stage'], toy.sft)}", f"output_dir={out}",
@@ -56,7 +59,7 @@ def test_every_shipped_config_trains(toy, micro_model, tmp_path, config, capsys)
     assert code == 0, capsys.readouterr().err
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert any("eval_loss" in r for r in records)
+    assert any(("eval_reward" if raw["stage"] == "ppo" else "eval_loss") in r for r in records)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 3 and saved["model"]["path"] == str(micro_model)
     is_adapter = raw.get("peft", {}).get("method", "full") not in ("full", "freeze")

@@ -122,9 +122,14 @@ def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], lis
 
 
 def check_references(rows: list[PromptRow], what: str) -> None:
-    missing = [row.source for row in rows if row.reference is None]
+    """Refuse, before sampling, prompts that a reference-comparing reward cannot score (file:line of the first)."""
+    missing = [row for row in rows if row.reference is None]
     if missing:
-        raise DataError(f"{what} compares with a reference answer, but {len(missing)} prompts have none (first: {missing[0]}); add a \"reference\" field to those rows")
+        path, _, line = missing[0].source.rpartition(":")
+        raise DataError(
+            path, int(line) if line.isdigit() else None, "reference",
+            f"{what} compares with a reference answer, but this prompt has none ({len(missing)} prompts in all); add a reference to every row",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -303,6 +308,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     if "watch" in state:
         watch.load_state_dict(state["watch"])
     stopped_by: str | None = None
+    warnings: list[dict[str, Any]] = state.get("warnings", [])
     settings = SamplingSettings(sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k)
     samples_path = rt.run_dir / "samples.jsonl"
     rt.log(
@@ -326,6 +332,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                         ptx_loss, ptx_stats = _ptx_loss(module, ptx_rows, rt, tokenizer.pad_token_id, config)
                         loss, stats = loss + ptx_loss, {**stats, **ptx_stats}
                     rt.backward(loss, stats)
+                    for key in ("sum/entropy", "count/entropy"):  # the watch's collapse check reads it
+                        rollout.metrics[key] = rollout.metrics.get(key, 0.0) + stats[key]
                 rt.update()
         engine.sync_weights(trained.policy)
 
@@ -333,9 +341,10 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         kl_controller.update(step_metrics.get("kl", 0.0), algorithm.prompts_per_step * sampling.num_samples)
         for warning in watch.observe(rt.global_step + 1, step_metrics):
             rt.log(f"watch: {warning.message}")
+            warnings.append({"step": rt.global_step + 1, "kind": warning.kind})
             if warning.stops and stopped_by is None:
                 stopped_by = warning.kind
-        rt.recipe_state = {"kl_coef": kl_controller.value, "reward_moments": moments.state_dict(), "watch": watch.state_dict()}
+        rt.recipe_state.update(kl_coef=kl_controller.value, reward_moments=moments.state_dict(), watch=watch.state_dict(), warnings=warnings)
         if rt.is_main:
             _append_samples(samples_path, rt.global_step + 1, rollout)
         rt.end_step({**step_metrics, "kl_coef": kl_controller.value})
@@ -343,7 +352,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
             rt.stopped_early = True
             rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
 
-    summary: dict[str, Any] = {"advantage": algorithm.advantage, "stopped_by_watch": stopped_by}
+    summary: dict[str, Any] = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
     return rt.finish(module, tokenizer, summary)
 
 
@@ -471,6 +480,8 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         loss = rl.masked_sum(token_loss, mask) / normaliser
     tokens = float(mask.sum())
     stats = {
+        "loss_sum": float(rl.masked_sum(token_loss, mask).detach()),  # logged as "loss": the total per token
+        "num_tokens": tokens,
         "sum/policy_loss": float(rl.masked_sum(policy_token_loss, mask).detach()),
         "sum/clip_fraction": float(rl.masked_sum(clipped, mask)),
         "sum/approx_kl": float(rl.masked_sum(rl.kl_estimate(old_logps, logps.detach(), "k2"), mask)),

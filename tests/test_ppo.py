@@ -1,0 +1,184 @@
+"""The online-RL recipe (``stage: ppo``) on the micro model: every advantage estimator trains and logs its
+diagnostics, the policy starts exactly at its reference (KL 0), grad accumulation and resume are invariances,
+a planted flawed reward is caught by the watch, and bad settings fail before any model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import sft_config
+from posttrain.config import ConfigError
+from posttrain.recipes import ppo
+
+
+def length_reward(prompt: str, response: str, reference: str | None) -> float:
+    """A flawed reward that pays for length (characters / 10): the planted reward-hacking case."""
+    return len(response) / 10.0
+
+
+LENGTH_REWARD = f"{__name__}:length_reward"
+
+
+def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
+    path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
+    return path
+
+
+def ppo_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
+    defaults = {
+        "stage": "ppo", "sampling__num_samples": 2, "sampling__max_new_tokens": 6, "algorithm__prompts_per_step": 4,
+        "train__batch_size": 4, "train__grad_accum": 2, "train__max_steps": 2,
+        # The untrained micro model never scores on the toy tasks; a length reward differs between its samples.
+        "reward__function": LENGTH_REWARD,
+        "watch__gold": "toy", "optim__lr": 1e-3,
+    }
+    return sft_config(model, data, out, **{**defaults, **overrides})
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+ESTIMATORS = {
+    "gae": {"algorithm__advantage": "gae"},
+    "gae_shared_critic": {"algorithm__advantage": "gae", "critic__shared": True},
+    "grpo": {"algorithm__advantage": "grpo", "algorithm__kl_mode": "loss", "algorithm__kl_estimator": "k3"},
+    "rloo": {"algorithm__advantage": "rloo"},
+    "reinforce++": {"algorithm__advantage": "reinforce++"},
+}
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_trains_and_logs_its_diagnostics(name, toy, micro_model, tmp_path) -> None:
+    out = tmp_path / "run"
+    summary = ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, **ESTIMATORS[name]))
+    steps = [r for r in records(out) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    expected = {"reward", "reward_std", "gold_reward", "kl", "kl_coef", "clip_fraction", "approx_kl", "entropy", "response_length", "unfinished_share", "distinct_share", "policy_loss", "grad_norm"}
+    if name.startswith("gae"):
+        expected |= {"value_loss", "value_explained_variance"}
+    for record in steps:
+        assert expected <= record.keys(), expected - record.keys()
+        assert all(torch.isfinite(torch.tensor(float(record[k]))) for k in expected)
+        assert 0.0 <= record["unfinished_share"] <= 1.0 and 0.0 < record["distinct_share"] <= 1.0
+    for sample in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+        assert sample["reward"] == pytest.approx(length_reward("", sample["response"], None))
+    # The policy changed, and the critic was saved where the next stages look for it.
+    before, after = weights(micro_model), weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "critic").is_dir() == (name == "gae")
+    assert (out / "value_head.safetensors").exists() == (name == "gae_shared_critic")
+    assert summary["advantage"] == ESTIMATORS[name]["algorithm__advantage"] and summary["steps"] == 2
+    assert (out / "samples.jsonl").read_text().count("\n") == 2 * ppo.SAMPLES_PER_STEP_LOGGED
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_first_step_kl_to_the_reference_is_exactly_zero(method, toy, micro_model, tmp_path) -> None:
+    """Before any update the policy is its reference (a frozen copy for full tuning; the adapter switched off for
+    LoRA, whose B = 0 start makes it the base), so the step-1 rollout's KL is 0 exactly, not approximately."""
+    out = tmp_path / "run"
+    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, peft__method=method, algorithm__advantage="grpo", sampling__num_samples=2))
+    first, second = [r for r in records(out) if "reward" in r]
+    assert first["kl"] == 0.0
+    assert second["kl"] != 0.0  # and the first update moved the policy away from it
+
+
+def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path) -> None:
+    """One update over 8 responses as one micro-batch of 8 or eight of 1: the token-mean loss is normalised by
+    the update's total response tokens, so the weights after the step agree (up to float summation order)."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    results = {}
+    for batch_size, accum in ((8, 1), (1, 8)):
+        out = tmp_path / f"run{batch_size}x{accum}"
+        ppo.run(ppo_config(micro_model, data, out, algorithm__advantage="gae", train__batch_size=batch_size, train__grad_accum=accum, train__max_steps=1, sampling__num_samples=2, algorithm__prompts_per_step=4))
+        results[(batch_size, accum)] = weights(out / "model")
+    a, b = results[(8, 1)], results[(1, 8)]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a[k], weights(micro_model)[k]) for k in a)
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_resume_equals_uninterrupted(advantage, toy, micro_model, tmp_path) -> None:
+    """Two steps, stop, resume for two more == four steps in one go, bit for bit: the data position, the torch RNG
+    that sampling draws from, the optimizer, the adaptive KL coefficient and the critic all come back."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    common = {"algorithm__advantage": advantage, "algorithm__kl_target": 1.0, "checkpoint__every": 2}
+    ppo.run(ppo_config(micro_model, data, tmp_path / "whole", train__max_steps=4, **common))
+    ppo.run(ppo_config(micro_model, data, tmp_path / "split", train__max_steps=2, **common))
+    summary = ppo.run(ppo_config(micro_model, data, tmp_path / "split", train__max_steps=4, **common))
+    assert summary["steps"] == 4
+    whole, split = weights(tmp_path / "whole" / "model"), weights(tmp_path / "split" / "model")
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    steps = {run: [r for r in records(tmp_path / run) if "reward" in r] for run in ("whole", "split")}
+    assert [r["kl_coef"] for r in steps["whole"]] == [r["kl_coef"] for r in steps["split"]]
+    assert steps["whole"][-1]["kl_coef"] != 0.05  # the adaptive controller moved, and was restored
+
+
+@pytest.fixture(scope="module")
+def answering_model(toy, micro_model, tmp_path_factory) -> Path:
+    """The micro model after a short SFT: short answers that end with the end-of-turn token."""
+    from posttrain.recipes import sft
+
+    out = tmp_path_factory.mktemp("sft")
+    sft.run(sft_config(micro_model, toy.sft, out, train__max_steps=60, train__batch_size=16, optim__lr=3e-3, seed=0))
+    return out / "model"
+
+
+def test_planted_length_reward_trips_the_watch(toy, answering_model, tmp_path) -> None:
+    """A reward that pays for length: the policy learns to stop ending its answers, the proxy reward climbs while
+    the toy gold reward (which penalises extra output) falls or the length runs away; the watch says so, and with
+    ``stop_on_warning`` the run stops early and reports why."""
+    out = tmp_path / "run"
+    summary = ppo.run(ppo_config(
+        answering_model, prompts_file(toy, tmp_path / "p.jsonl", rows=50), out,
+        algorithm__advantage="grpo", sampling__num_samples=4, sampling__max_new_tokens=16, algorithm__prompts_per_step=8,
+        train__batch_size=16, train__grad_accum=2, train__max_steps=60, optim__lr=3e-3, algorithm__kl_coef=0.0,
+        watch__window=8, watch__stop_on_warning=True,
+    ))
+    kinds = {w["kind"] for w in summary["watch_warnings"]}
+    assert kinds & {"reward_hacking", "length_runaway"}, summary["watch_warnings"]
+    assert summary["stopped_by_watch"] in ("reward_hacking", "length_runaway", "kl_runaway")
+    assert summary["steps"] < 60
+    steps = [r for r in records(out) if "reward" in r]
+    assert steps[-1]["reward"] > steps[0]["reward"] and steps[-1]["gold_reward"] < steps[0]["gold_reward"]
+
+
+def test_bad_settings_fail_before_training(toy, micro_model, tmp_path) -> None:
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        ppo_config(micro_model, data, tmp_path / "a", algorithm__advantage="grpo", sampling__num_samples=1)
+    with pytest.raises(ValueError, match="temperature=0"):
+        ppo_config(micro_model, data, tmp_path / "b", sampling__temperature=0.0)
+    with pytest.raises(ValueError, match="ptx_data"):
+        ppo_config(micro_model, data, tmp_path / "c", algorithm__ptx_coef=0.1)
+    with pytest.raises(ConfigError, match="multiple of train.batch_size"):
+        ppo.run(ppo_config(micro_model, data, tmp_path / "d", train__batch_size=3, train__grad_accum=1))
+
+
+def test_a_prompt_without_reference_is_named(toy, micro_model, tmp_path) -> None:
+    from posttrain.data.errors import DataError
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Repeat: cat"}], "reference": "cat"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Repeat: dog"}]}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:2"):
+        ppo.run(ppo_config(micro_model, data, tmp_path / "run"))
+
+
+def test_ptx_mixes_the_sft_loss_in(toy, micro_model, tmp_path) -> None:
+    out = tmp_path / "run"
+    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, algorithm__advantage="grpo", algorithm__ptx_coef=0.5, algorithm__ptx_data=str(toy.sft)))
+    steps = [r for r in records(out) if "reward" in r]
+    # An untrained model's SFT loss is about ln(vocabulary size).
+    assert all(4.0 < r["ptx_loss"] < 10.0 for r in steps)
