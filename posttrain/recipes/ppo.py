@@ -83,7 +83,7 @@ class Rollout:
     texts: list[str]
     finished: torch.Tensor  # (B,) bool
     mask: torch.Tensor  # (B, R) float
-    old_logps: torch.Tensor
+    old_logps: torch.Tensor | None  # None when the one update is on-policy: the update's own forward gives them
     ref_logps: torch.Tensor
     values: torch.Tensor | None
     scores: torch.Tensor  # (B,) the reward optimised (after penalty, normalisation, clipping)
@@ -273,6 +273,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         )
     updates_per_epoch = responses_per_process // mini_batch
 
+    # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
+    on_policy = algorithm.ppo_epochs == 1 and updates_per_epoch == 1 and algorithm.advantage != "gae" and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
     policy, _ = load_model(config.model, config.peft, tokenizer)
     frozen_reference = None
     if not is_peft_model(policy):
@@ -318,7 +320,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, tokenizer)
+        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, tokenizer, on_policy)
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
@@ -331,9 +333,11 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                     if ptx_rows:
                         ptx_loss, ptx_stats = _ptx_loss(module, ptx_rows, rt, tokenizer.pad_token_id, config)
                         loss, stats = loss + ptx_loss, {**stats, **ptx_stats}
-                    rt.backward(loss, stats)
+                    if "sum/rollout_kl" in stats:  # per response, like make_rollout's
+                        rollout.metrics["sum/kl"] = rollout.metrics.get("sum/kl", 0.0) + stats.pop("sum/rollout_kl")
                     for key in ("sum/entropy", "count/entropy"):  # the watch's collapse check reads it
                         rollout.metrics[key] = rollout.metrics.get(key, 0.0) + stats[key]
+                    rt.backward(loss, stats)
                 rt.update()
         engine.sync_weights(trained.policy)
 
@@ -377,8 +381,11 @@ def _parameter_groups(module: ActorCritic, config: PpoConfig) -> list[dict[str, 
 def make_rollout(
     prompts: list[PromptRow], engine: Any, module: ActorCritic, frozen_reference: Any, reward: Any, gold: Any,
     settings: SamplingSettings, kl_coef: float, moments: RunningMoments, config: PpoConfig, rt: Runtime, tokenizer: Any,
+    on_policy: bool = False,
 ) -> Rollout:
-    """Sample, score, and compute everything the updates need (all without gradients)."""
+    """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
+    gets exactly one update, so its log-probs before the update are the update's own (detached) and the separate
+    old-policy pass is skipped."""
     algorithm = config.algorithm
     groups = engine.generate([p.prompt_ids for p in prompts], settings)
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
@@ -402,7 +409,7 @@ def make_rollout(
         scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
 
     policy = module.policy
-    old_logps = to_actions(score_logps(policy, rows, rt, settings.temperature, tokenizer.pad_token_id), mask)
+    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, tokenizer.pad_token_id), mask)
     if frozen_reference is not None:
         ref_flat = score_logps(frozen_reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
     else:
@@ -410,15 +417,16 @@ def make_rollout(
             ref_flat = score_logps(reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
     ref_logps = to_actions(ref_flat, mask)
     values = to_actions(critic_values(module, rows, rt, tokenizer.pad_token_id), mask) if module.has_critic else None
-    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask)
+    # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
+    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if old_logps is not None else torch.zeros_like(mask)
     advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
 
     lengths = mask.sum(1)
     metrics: dict[str, float] = {
         "count": float(len(rows)),
+        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if old_logps is not None else {}),
         "sum/reward": float(raw.sum()),
         "sum/reward_sq": float((raw**2).sum()),
-        "sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum()),
         "sum/response_length": float(lengths.sum()),
         "sum/unfinished_share": float((~finished).sum()),
         "sum/distinct_share": float(len(set(texts))),
@@ -463,7 +471,9 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
     scaled = logits.float() / config.sampling.temperature
     logps = to_actions(scaled.log_softmax(-1).gather(-1, batch["targets"][trained][:, None]).squeeze(-1), mask)
     entropy = to_actions(rl.entropy_from_logits(scaled), mask)
-    old_logps, advantages = take(rollout.old_logps), take(rollout.advantages)
+    # On-policy (one update per rollout) the old log-probs are these very ones: ratio 1, the same gradient.
+    old_logps = take(rollout.old_logps) if rollout.old_logps is not None else logps.detach()
+    advantages = take(rollout.advantages)
     policy_token_loss, clipped = rl.policy_loss(logps, old_logps, advantages, mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
     token_loss = policy_token_loss - algorithm.entropy_coef * entropy
     if algorithm.kl_mode == "loss" and kl_coef:
@@ -489,6 +499,8 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         **{f"count/{name}": tokens for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy")},
         "num_real_tokens": float(batch["num_real_tokens"]),
     }
+    if rollout.old_logps is None:  # the rollout's KL to the reference, from this forward (see make_rollout)
+        stats["sum/rollout_kl"] = float(rl.masked_sum(rl.kl_estimate(logps.detach(), take(rollout.ref_logps), "k1"), mask))
     if value_token_loss is not None:
         stats["sum/value_loss"], stats["count/value_loss"] = float(rl.masked_sum(value_token_loss, mask).detach()), tokens
     return loss, stats
