@@ -8,6 +8,7 @@ as its last stdout line. The scripts are run as ``python benchmarks/NAME.py``, w
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -109,3 +110,39 @@ def warn_if_contended(shares: list[float], threads: int) -> None:
             "unreliable. Re-run on an idle machine.",
             file=sys.stderr,
         )
+
+
+def benchmark_parser(description: str, default_warmup: int, default_rounds: int, steps_help: str, rounds_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --size, --steps, --warmup, --rounds, --threads (and the hidden --worker
+    that runs one contender in a fresh process)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help=f"{steps_help} (default: per size)")
+    parser.add_argument("--warmup", type=int, default=default_warmup, help="first steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=default_rounds, help=rounds_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def steps_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace, default_steps: dict[str, int]) -> tuple[int, int]:
+    """The run length (checked against --warmup) and the torch thread count."""
+    import torch
+
+    steps = args.steps or default_steps[args.size]
+    if not 1 <= args.warmup < steps:
+        parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
+    return steps, args.threads or torch.get_num_threads()
+
+
+def trl_quiet_args() -> dict[str, Any]:
+    """TRL ``*Config`` settings every benchmark shares: no warm-up, decay, checkpoints, evaluation, reporting or
+    progress bar, gradient clipping at 1.0 (as posttrain), and the CPU when there is no GPU (TRL refuses bf16 on a
+    machine without one unless told it runs on the CPU)."""
+    import torch
+
+    return {
+        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "use_cpu": not torch.cuda.is_available(),
+        "gradient_checkpointing": False, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+        "disable_tqdm": True,
+    }

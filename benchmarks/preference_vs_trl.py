@@ -82,7 +82,6 @@ on a shared machine: see ``min_cpu_share``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -91,7 +90,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, best_of_rounds, process_stats, run_subprocess, warn_if_contended
+from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("dpo", "trl_dpo", "trl_dpo_precompute", "rm", "trl_rm")
 DEFAULT_MAX_LENGTH = 256
@@ -187,7 +186,6 @@ def preference_rows(path: str) -> list[dict[str, Any]]:
 
 
 def trl_args(config_class: Any, spec: dict[str, Any], **extra: Any) -> Any:
-    import torch
 
     return config_class(
         output_dir=spec["output_dir"],
@@ -198,16 +196,8 @@ def trl_args(config_class: Any, spec: dict[str, Any], **extra: Any) -> Any:
         gradient_accumulation_steps=1,
         max_steps=spec["steps"],
         lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **trl_quiet_args(),
         **extra,
     )
 
@@ -351,33 +341,23 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per size)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the five contenders")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 2, "optimizer steps per run", "alternating rounds of the five contenders")
     parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, help="posttrain packed rows a step")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                         help="tokens per sequence, both sides (posttrain packs pairs into rows of twice this)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset to run (profiling)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    import torch
 
     from posttrain.demo.toy import build_toy
 
-    threads = args.threads or torch.get_num_threads()
+    steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
     if not contenders or set(args.contenders.split(",")) - set(CONTENDERS):
         parser.error(f"--contenders takes a comma-separated subset of {','.join(CONTENDERS)}")
-    steps = args.steps or DEFAULT_STEPS[args.size]
-    if not 1 <= args.warmup < steps:
-        parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
     began = time.perf_counter()
     out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,
                            "rounds": args.rounds, "max_length": args.max_length, "batch_rows": args.batch_rows,

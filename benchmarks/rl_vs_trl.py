@@ -106,7 +106,6 @@ step, threads, CPU share and load, peak RSS, and the torch/transformers/trl vers
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -118,7 +117,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import StepRecorder, best_of_rounds, process_stats, run_subprocess, warn_if_contended
+from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("grpo", "trl_grpo")
 SEED = 0
@@ -258,7 +257,6 @@ def prompt_records(path: str) -> list[dict[str, Any]]:
 
 
 def trl_args(spec: dict[str, Any]) -> Any:
-    import torch
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -283,17 +281,9 @@ def trl_args(spec: dict[str, Any]) -> Any:
         use_vllm=False,
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         max_steps=spec["steps"],
         bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **trl_quiet_args(),
     )
 
 
@@ -542,18 +532,12 @@ def settings_line(out: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="steps (= updates) per run (default: per size)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two contenders")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 1, "steps (= updates) per run", "alternating rounds of the two contenders")
     parser.add_argument("--prompts-per-step", type=int, default=DEFAULT_PROMPTS_PER_STEP)
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="group size (TRL num_generations)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT the toy model this many steps first (0: none)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--profile", choices=CONTENDERS, default=None, help="cProfile one run of this contender")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -565,10 +549,7 @@ def main() -> None:
 
     from posttrain.demo.toy import build_toy
 
-    threads = args.threads or torch.get_num_threads()
-    steps = args.steps or DEFAULT_STEPS[args.size]
-    if not 1 <= args.warmup < steps:
-        parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
+    steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (GRPO compares the samples of a prompt)")
     began = time.perf_counter()

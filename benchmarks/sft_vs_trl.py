@@ -70,7 +70,6 @@ The LAST line printed is one JSON object (``posttrain_tok_s``, ``trl_padded_tok_
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -79,7 +78,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, best_of_rounds, process_stats, run_subprocess, warn_if_contended
+from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("posttrain", "trl_padded", "trl_packed")
 BATCH_SIZE = 8
@@ -151,7 +150,6 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> None:
 
 
 def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None:
-    import torch
     from datasets import load_dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -171,17 +169,8 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None
         max_steps=spec["steps"],
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         bf16=spec["precision"] == "bf16",
-        # Without a GPU, TRL refuses bf16 unless told it is on the CPU (posttrain's accelerate picks the CPU itself).
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **trl_quiet_args(),
     )
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
     # Labels are unshifted here (the model shifts them), so the first position of every row trains nothing.
@@ -323,27 +312,17 @@ def summarise(results: list[dict[str, Any]], peak: float, flops_per_token: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per size)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the timing")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 2, "optimizer steps per run", "alternating rounds of the three contenders")
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the three contenders")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    import torch
 
     from posttrain.demo.toy import build_toy
 
-    threads = args.threads or torch.get_num_threads()
-    steps = args.steps or DEFAULT_STEPS[args.size]
-    if not 1 <= args.warmup < steps:
-        parser.error(f"--warmup must be at least 1 and below --steps ({steps})")
+    steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     began = time.perf_counter()
     out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,

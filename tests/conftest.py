@@ -24,24 +24,27 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=400, prefs=50, prompts=50, eval=40, pretrain=200)
 
 
-@pytest.fixture(scope="session")
-def micro_model(toy: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 64-wide Llama with the toy tokenizer: trains a step in milliseconds."""
+def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A 2-layer, 64-wide Llama over the tokenizer in ``tokenizer_dir``, saved with it to ``out``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(toy.model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("micro") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_model(toy: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama with the toy tokenizer: trains a step in milliseconds."""
+    return save_micro_model(toy.model, tmp_path_factory.mktemp("micro") / "model")
 
 
 def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:

@@ -160,8 +160,9 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float)
 
 
 @torch.no_grad()
-def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, pad_token_id: int) -> torch.Tensor:
-    """Flat log-probs (N,) of the response tokens of ``rows`` under ``model``, in eval mode."""
+def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, pad_token_id: int, compute: Any) -> torch.Tensor:
+    """``compute(batch)`` over ``rows`` in padded batches of ``train.batch_size``, in eval mode under the run's
+    autocast; the flat results concatenated in row order."""
     out = []
     was_training = model.training
     model.eval()
@@ -169,26 +170,24 @@ def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, pa
         with rt.accelerator.autocast():
             for start in range(0, len(rows), rt.train.batch_size):
                 batch = {k: v.to(rt.device) for k, v in collate(rows[start : start + rt.train.batch_size], pad_token_id, packed=False).items()}
-                trained = batch["targets"] != IGNORE_INDEX
-                out.append(token_logps(token_logits(model, batch), batch["targets"][trained], temperature))
+                out.append(compute(batch).float())
     finally:
         model.train(was_training)
     return torch.cat(out)
 
 
-@torch.no_grad()
+def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Flat log-probs (N,) of the response tokens of ``rows`` under ``model``."""
+
+    def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return token_logps(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], temperature)
+
+    return _no_grad_pass(model, rows, rt, pad_token_id, compute)
+
+
 def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, pad_token_id: int) -> torch.Tensor:
-    out = []
-    was_training = module.training
-    module.eval()
-    try:
-        with rt.accelerator.autocast():
-            for start in range(0, len(rows), rt.train.batch_size):
-                batch = {k: v.to(rt.device) for k, v in collate(rows[start : start + rt.train.batch_size], pad_token_id, packed=False).items()}
-                out.append(module.values(batch["input_ids"], batch["attention_mask"], batch["targets"]).float())
-    finally:
-        module.train(was_training)
-    return torch.cat(out)
+    """Flat values (N,) of the critic at the response positions of ``rows``."""
+    return _no_grad_pass(module, rows, rt, pad_token_id, lambda batch: module.values(batch["input_ids"], batch["attention_mask"], batch["targets"]))
 
 
 class RunningMoments:
