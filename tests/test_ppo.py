@@ -201,3 +201,16 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     kls = [[r["kl"] for r in records(tmp_path / run) if "reward" in r] for run in ("shortcut", "separate")]
     torch.testing.assert_close(torch.tensor(kls[0]), torch.tensor(kls[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_critic_starts_from_a_reward_model_run(toy, micro_model, tmp_path) -> None:
+    """critic.path = a stage: reward run directory: the critic is that model, head included (OpenRLHF's choice),
+    not a fresh head on the policy's weights."""
+    from posttrain.recipes import reward
+
+    reward.run(sft_config(micro_model, toy.prefs, tmp_path / "rm", stage="reward", train__max_steps=2))
+    out = tmp_path / "ppo"
+    # A critic learning rate of 1e-30 leaves its weights as loaded, so the saved critic shows where it started.
+    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, algorithm__advantage="gae", critic__path=str(tmp_path / "rm"), critic__lr=1e-30, train__max_steps=1))
+    rm_head, critic_head = (load_file(str(path / "model.safetensors"))["score.weight"] for path in (tmp_path / "rm" / "model", out / "critic"))
+    assert torch.equal(rm_head, critic_head)

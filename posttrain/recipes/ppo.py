@@ -58,6 +58,7 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
 from posttrain.models.forward import reference_model, token_logits
+from posttrain.models.scalar_head import reward_model_dir
 from posttrain.recipes.rejection_sampling import read_prompts
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
@@ -280,7 +281,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
     critic = None
     if algorithm.advantage == "gae" and not config.critic.shared:
-        critic_model = config.model.model_copy(update={"path": config.critic.path or config.model.path})
+        # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
+        critic_path = str(reward_model_dir(config.critic.path)) if config.critic.path else config.model.path
+        critic_model = config.model.model_copy(update={"path": critic_path})
         critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
     module = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
     groups = _parameter_groups(module, config)
