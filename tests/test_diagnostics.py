@@ -14,6 +14,7 @@ from posttrain.config import WatchBlock
 from posttrain.diagnostics import TrainingWatch, WatchWarning
 
 MAX_NEW_TOKENS = 64
+WINDOW = 8  # the hand-computed warning steps below assume an 8-step window (the default is 16)
 Metrics = dict[str, float]
 
 
@@ -57,7 +58,7 @@ def test_healthy_run_gives_no_warnings() -> None:
             "entropy": 1.2 + rng.gauss(0, 0.05),
         }
 
-    watch = TrainingWatch(WatchBlock(gold="exact_match"), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, gold="exact_match"), MAX_NEW_TOKENS)
     assert drive(watch, range(300), metrics_at) == []
 
 
@@ -73,7 +74,7 @@ def test_reward_hacking_warns_once_at_the_hand_computed_step(stop_on_warning: bo
     reflected, so sigma is the same and 0.125 > 0.0934: the gold falls while the reward rises -> warn at step 15.
     The fall goes on to step 39, but the episode warns once.
     """
-    watch = TrainingWatch(WatchBlock(gold="exact_match", stop_on_warning=stop_on_warning), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, gold="exact_match", stop_on_warning=stop_on_warning), MAX_NEW_TOKENS)
     found = drive(watch, range(40), hacking)
     assert kinds(found) == [(15, "reward_hacking")]
     warning = found[0][1]
@@ -91,7 +92,7 @@ def test_flat_noisy_series_gives_no_hacking_warning() -> None:
 
     def run(slope: float) -> list[tuple[int, str]]:
         rng = random.Random(0)
-        watch = TrainingWatch(WatchBlock(gold="exact_match"), MAX_NEW_TOKENS)
+        watch = TrainingWatch(WatchBlock(window=WINDOW, gold="exact_match"), MAX_NEW_TOKENS)
         return kinds(drive(watch, range(500), lambda step: {
             "reward": 0.5 + slope * step + rng.gauss(0, 0.05),
             "gold_reward": 0.5 - slope * step + rng.gauss(0, 0.05),
@@ -105,7 +106,7 @@ def test_flat_noisy_series_gives_no_hacking_warning() -> None:
 def test_negative_kl_warns_once_per_episode() -> None:
     """-0.2 opens an episode, -0.3 continues it, -0.04 is within the 0.05 tolerance and closes it, -0.2 reopens."""
     kls = [0.1, -0.2, -0.3, -0.04, -0.2, -0.2, 0.0]
-    watch = TrainingWatch(WatchBlock(stop_on_warning=True), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, stop_on_warning=True), MAX_NEW_TOKENS)
     found = drive(watch, range(len(kls)), lambda step: {"kl": kls[step]})
     assert kinds(found) == [(1, "negative_kl"), (4, "negative_kl")]
     first = found[0][1]
@@ -117,7 +118,7 @@ def test_negative_kl_warns_once_per_episode() -> None:
 
 def test_kl_runaway_warns_past_the_limit() -> None:
     """KL = step, kl_limit = 10: 10 is not past the limit, 11 is."""
-    watch = TrainingWatch(WatchBlock(kl_limit=10.0, stop_on_warning=True), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, kl_limit=10.0, stop_on_warning=True), MAX_NEW_TOKENS)
     found = drive(watch, range(20), lambda step: {"kl": float(step)})
     assert kinds(found) == [(11, "kl_runaway")]
     assert found[0][1].stops
@@ -137,7 +138,7 @@ def test_length_runaway_against_the_first_window() -> None:
             return 100.0 if step <= 7 else min(100.0 + 10 * (step - 7), 250.0)
         return 250.0 + 10 * (step - 39)
 
-    watch = TrainingWatch(WatchBlock(stop_on_warning=True), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, stop_on_warning=True), MAX_NEW_TOKENS)
     found = drive(watch, range(60), lambda step: {"response_length": length_at(step)})
     assert kinds(found) == [(18, "length_runaway"), (43, "length_runaway")]
     assert found[0][1].stops
@@ -147,7 +148,7 @@ def test_length_runaway_against_the_first_window() -> None:
 def test_length_runaway_compares_with_the_fixed_baseline_not_a_moving_one() -> None:
     """Growth of 4% per step never doubles within one window, but passes 2x the first window's mean: with a
     baseline that moved along it would never warn."""
-    watch = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     found = drive(watch, range(60), lambda step: {"response_length": 100.0 * 1.04**step})
     # Baseline = mean of 100 * 1.04**k for k < 8 = 100 * (1.04**8 - 1) / (0.04 * 8) = 115.18; 2x = 230.36;
     # 100 * 1.04**21 = 227.9, 100 * 1.04**22 = 237.0 (and the curve rises far beyond its slight bend).
@@ -157,18 +158,18 @@ def test_length_runaway_compares_with_the_fixed_baseline_not_a_moving_one() -> N
 def test_unfinished_share_rising_past_half_is_a_length_runaway() -> None:
     """Baseline share 0.1 (steps 0..7); 0.7 at step 8 -> length_runaway and no_eos at step 8. A policy that never
     stopped from the start gives no_eos only: nothing ran away."""
-    watch = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     found = drive(watch, range(12), lambda step: {"unfinished_share": 0.1 if step < 8 else 0.7})
     assert kinds(found) == [(8, "length_runaway"), (8, "no_eos")]
     assert "rose from 0.10 over the first 8 steps to 0.70" in found[0][1].message
 
-    from_start = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    from_start = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     assert kinds(drive(from_start, range(12), lambda step: {"unfinished_share": 0.7})) == [(0, "no_eos")]
 
 
 def test_no_eos_warns_when_most_responses_are_cut() -> None:
     shares = [0.1, 0.6, 0.7, 0.4, 0.8]
-    watch = TrainingWatch(WatchBlock(stop_on_warning=True), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW, stop_on_warning=True), MAX_NEW_TOKENS)
     found = drive(watch, range(len(shares)), lambda step: {"unfinished_share": shares[step]})
     assert kinds(found) == [(1, "no_eos"), (4, "no_eos")]
     message = found[0][1].message
@@ -187,7 +188,7 @@ def test_no_eos_warns_when_most_responses_are_cut() -> None:
 )
 def test_collapse_warns_on_few_distinct_answers_or_low_entropy(metrics: list[Metrics], seen: str) -> None:
     """min_distinct_share 0.1 and entropy 0.05 nats: step 2 crosses, step 3 stays collapsed (no second line)."""
-    watch = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     found = drive(watch, range(len(metrics)), lambda step: metrics[step])
     assert kinds(found) == [(2, "collapse")]
     message = found[0][1].message
@@ -198,13 +199,13 @@ def test_collapse_warns_on_few_distinct_answers_or_low_entropy(metrics: list[Met
 def test_missing_keys_skip_checks() -> None:
     """No metrics: no warnings and no error. A reward without a gold reward cannot be called hacking. A step with
     the KL missing (or NaN) neither continues nor closes the negative-KL episode: no second warning."""
-    assert drive(TrainingWatch(WatchBlock(), MAX_NEW_TOKENS), range(30), lambda step: {}) == []
+    assert drive(TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS), range(30), lambda step: {}) == []
 
-    no_gold = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    no_gold = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     assert drive(no_gold, range(40), lambda step: {"reward": hacking(step)["reward"]}) == []
 
     kls: list[Metrics] = [{"kl": -0.2}, {}, {"kl": math.nan}, {"kl": -0.2}]
-    gaps = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    gaps = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     assert kinds(drive(gaps, range(4), lambda step: kls[step])) == [(0, "negative_kl")]
 
 
@@ -221,7 +222,7 @@ def resumable(step: int) -> Metrics:
 def test_state_dict_round_trip_continues_like_an_uninterrupted_watch(resume_at: int) -> None:
     """Resume inside the length baseline (3), inside the negative-KL episode (10), on the hacking step (15), and
     late (30): through json, the resumed watch gives exactly the warnings of the uninterrupted one."""
-    config = WatchBlock(gold="exact_match", stop_on_warning=True)
+    config = WatchBlock(window=WINDOW, gold="exact_match", stop_on_warning=True)
     uninterrupted = drive(TrainingWatch(config, MAX_NEW_TOKENS), range(40), resumable)
     assert kinds(uninterrupted) == [(9, "negative_kl"), (15, "reward_hacking"), (18, "length_runaway")]
 
@@ -235,7 +236,7 @@ def test_state_dict_round_trip_continues_like_an_uninterrupted_watch(resume_at: 
 
 
 def test_load_state_dict_rejects_a_foreign_state() -> None:
-    watch = TrainingWatch(WatchBlock(), MAX_NEW_TOKENS)
+    watch = TrainingWatch(WatchBlock(window=WINDOW), MAX_NEW_TOKENS)
     with pytest.raises(ValueError, match="version"):
         watch.load_state_dict({"pairs": []})
     state = watch.state_dict()
