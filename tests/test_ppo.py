@@ -25,6 +25,11 @@ def length_reward(prompt: str, response: str, reference: str | None) -> float:
 LENGTH_REWARD = f"{__name__}:length_reward"
 
 
+def prompt_length_reward(prompt: str, response: str, reference: str | None) -> float:
+    """Differs between prompts even when every response is the same (greedy rollouts of an untrained model)."""
+    return len(prompt) / 10.0
+
+
 def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
     path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
     return path

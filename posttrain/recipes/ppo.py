@@ -237,13 +237,13 @@ def advantages_for(config: PpoConfig, scores: torch.Tensor, kl: torch.Tensor, ma
 
 
 def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """``rl.masked_whiten`` with the mean and variance of the whole rollout (every process's tokens)."""
-    if rt.world_size == 1:
-        return rl.masked_whiten(values, mask)
+    """``rl.masked_whiten`` with the mean and unbiased variance of the whole rollout (every process's tokens), so
+    the advantages do not depend on how many processes share the rollout."""
     sums = rt.sum_over_processes(torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double())
-    mean = sums[0] / sums[2]
-    var = sums[1] / sums[2] - mean**2
-    return ((values - mean) * torch.rsqrt(var + 1e-8)).to(values.dtype) * mask
+    count = sums[2].clamp(min=2)
+    mean = sums[0] / count
+    var = (sums[1] - count * mean**2) / (count - 1)
+    return ((values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)).to(values.dtype) * mask
 
 
 # ---------------------------------------------------------------------------------------------------- the recipe
