@@ -1,27 +1,24 @@
 """PPO and GRPO raise held-out exact match over their SFT start on the toy's count / upper-case / copy tasks.
 
 Set-up (the micro model of conftest on a toy kit of 1,500 demonstrations, 1,500 prompts and 300 held-out
-prompts, restricted to those three tasks: 750 / 750 / 150 rows): 120 SFT steps (batch 16, lr 3e-3), then 150 RL
-steps at lr 1e-3 with the toy's graded gold reward, 16 new tokens at temperature 1:
+prompts, restricted to those three tasks: 750 / 750 / 150 rows): 60 SFT steps (batch 16, lr 3e-3) give a start
+that answers in the right format and is right 11-19 % of the time; then 300 RL steps at lr 1e-3 with the toy's
+graded gold reward, 16 new tokens at temperature 1, KL 0.05 in the reward:
 
-- PPO: GAE with a separate critic (lr 3e-3), 16 prompts x 4 samples per step, 2 epochs x 2 updates, KL 0.05 in
-  the reward.
-- GRPO: 8 prompts x 8 samples per step, 2 epochs x 2 updates, KL 0.05 in the reward.
+- PPO: GAE with a separate critic (lr 3e-3), 16 prompts x 4 samples per step, 2 epochs x 2 updates.
+- GRPO: 8 prompts x 8 samples per step, 2 epochs x 2 updates.
 
 Measured held-out exact match (greedy, 150 prompts), SFT → RL:
 
 | seed | SFT | PPO | GRPO |
 |---|---|---|---|
-| 0 | 0.213 | 0.333 (+0.120) | 0.293 (+0.080) |
-| 1 | 0.340 | 0.333 (−0.007) | 0.333 (−0.007) |
-| 2 | 0.293 | 0.333 (+0.040) | 0.287 (−0.006) |
+| 0 | 0.113 | 0.260 (+0.147) | 0.260 (+0.147) |
+| 1 | 0.187 | 0.300 (+0.113) | 0.300 (+0.113) |
+| 2 | 0.187 | 0.300 (+0.113) | 0.300 (+0.113) |
 
-So the gain does **not** hold over three seeds at this budget: the 109k-parameter micro model samples at about
-2.5 nats of entropy per token, most samples score nothing, and where the SFT start is already near what the
-model can represent (seed 1) RL does not move greedy exact match. (Other settings tried, seed 1: GRPO with an
-exact-match reward for 150 steps, 0.340 → 0.300 at temperature 0.7; seed 2 with exact match: 0.293 → 0.327.) The
-test runs seed 0, deterministic on CPU, and asserts a margin below its measured gains; it guards against the
-recipe breaking, not the claim that RL always helps this model.
+Shorter budgets were not robust: with 150 RL steps PPO gained +0.187 / +0.113 / +0.006, and from a 120-step SFT
+start both lost a little on seed 1 (0.340 → 0.333). The test runs seed 0 (deterministic on CPU) and asserts
++0.08, below the smallest gain measured over the three seeds.
 """
 
 from __future__ import annotations
@@ -47,12 +44,12 @@ def keep_tasks(source: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory) -> dict[str, Path]:
-    """The kit restricted to three tasks, and the micro model after 120 SFT steps."""
+    """The kit restricted to three tasks, and the micro model after 60 SFT steps."""
     root = tmp_path_factory.mktemp("rl_learning")
     kit = build_toy(root / "kit", size="tiny", seed=0, sft=1500, prefs=10, prompts=1500, eval=300, pretrain=10)
     save_micro_model(kit.model, root / "init")
     paths = {name: keep_tasks(getattr(kit, name), root / f"{name}.jsonl") for name in ("sft", "prompts", "eval")}
-    sft.run(sft_config(root / "init", paths["sft"], root / "sft", train__max_steps=120, train__batch_size=16, optim__lr=3e-3, seed=0))
+    sft.run(sft_config(root / "init", paths["sft"], root / "sft", train__max_steps=60, train__batch_size=16, optim__lr=3e-3, seed=0))
     return {**paths, "model": root / "sft" / "model", "root": root}
 
 
@@ -80,7 +77,7 @@ SETTINGS = {
 def test_rl_raises_held_out_exact_match_over_sft(name, start) -> None:
     out = start["root"] / name
     ppo.run(sft_config(
-        start["model"], start["prompts"], out, stage="ppo", train__max_steps=150, optim__lr=1e-3, seed=0,
+        start["model"], start["prompts"], out, stage="ppo", train__max_steps=300, optim__lr=1e-3, seed=0,
         sampling__max_new_tokens=16, resume=False, **SETTINGS[name],
     ))
     before, after = exact_match(start["model"], start["eval"]), exact_match(out / "model", start["eval"])
@@ -88,4 +85,4 @@ def test_rl_raises_held_out_exact_match_over_sft(name, start) -> None:
     assert after > before + MARGIN[name], (before, after)
 
 
-MARGIN = {"ppo": 0.06, "grpo": 0.04}  # seed 0 measured +0.120 / +0.080
+MARGIN = {"ppo": 0.08, "grpo": 0.08}  # the smallest measured gain over seeds 0-2: +0.113 for both
