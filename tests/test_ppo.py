@@ -219,3 +219,14 @@ def test_critic_starts_from_a_reward_model_run(toy, micro_model, tmp_path) -> No
     ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, algorithm__advantage="gae", critic__path=str(tmp_path / "rm"), critic__lr=1e-30, train__max_steps=1))
     rm_head, critic_head = (load_file(str(path / "model.safetensors"))["score.weight"] for path in (tmp_path / "rm" / "model", out / "critic"))
     assert torch.equal(rm_head, critic_head)
+
+
+def test_held_out_prompts_from_data_eval_are_evaluated(toy, micro_model, tmp_path) -> None:
+    """data.eval (with sampling.max_prompts limiting only the training prompts): held-out prompts are answered
+    greedily at each evaluation, and the summary reports the saved model's figures."""
+    out = tmp_path / "run"
+    held_out = prompts_file(toy, tmp_path / "eval.jsonl", rows=6)
+    summary = ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, data__eval=str(held_out), sampling__max_prompts=8, train__eval_every=2))
+    (evaluation,) = [r for r in records(out) if "eval_reward" in r]
+    assert evaluation["step"] == 2 and 0.0 <= evaluation["eval_exact_match"] <= 1.0
+    assert evaluation["eval_length"] > 0 and summary["final_eval_reward"] == evaluation["eval_reward"]

@@ -111,9 +111,12 @@ def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], lis
     if too_long:
         print(f"data: {too_long} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
     if config.data.eval:
-        held_out_config = config.model_copy(update={"data": config.data.model_copy(update={"train": config.data.eval}), "sampling": config.sampling.model_copy(update={"max_prompts": None})})
-        held_out, _ = prompt_rows(held_out_config.model_copy(update={"data": held_out_config.data.model_copy(update={"eval": None})}), tokenizer)
-        return rows, held_out
+        # The held-out file read like the training one (every prompt of it, whatever sampling.max_prompts).
+        held_out_config = config.model_copy(update={
+            "data": config.data.model_copy(update={"train": config.data.eval, "eval": None}),
+            "sampling": config.sampling.model_copy(update={"max_prompts": None}),
+        })
+        return rows, prompt_rows(held_out_config, tokenizer)[0]
     if config.data.eval_fraction:
         generator = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
