@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 from posttrain.config import DataConfig, DataSource
 from posttrain.data.errors import DataError
 from posttrain.data.formats import ReadResult
-from posttrain.data.records import Conversation, Text
+from posttrain.data.records import Conversation, Prompt, Text
 from posttrain.data.registry import read_dataset, resolve_dataset
 from posttrain.data.templates import END_OF_TURN, resolve_template
 from posttrain.data.tokenize import TokenizedSequence, tokenize_conversation, tokenize_text
@@ -46,6 +47,35 @@ def read_source(source: str, config: DataConfig, kind: str | None) -> ReadResult
     if config.format != "auto":
         spec = dataclasses.replace(spec, format=config.format)
     return read_dataset(spec, kind=kind, on_invalid=config.on_invalid)  # type: ignore[arg-type]
+
+
+def read_prompts(config: DataConfig, max_prompts: int | None = None) -> list[Prompt]:
+    """Every ``data.train`` source as prompt records (file:line errors come from the data layer), the first
+    ``max_prompts`` of them. For stages that sample each prompt once (rejection sampling, online RL)."""
+    entries = [config.train] if isinstance(config.train, str) else list(config.train)
+    prompts: list[Prompt] = []
+    for entry in entries:
+        if isinstance(entry, DataSource) and (entry.ratio is not None or entry.epochs is not None):
+            raise ValueError(
+                f"data.train {entry.path}: ratio/epochs mix sources for training; this stage samples every "
+                "prompt once, so give the sources without them"
+            )
+        result = read_source(entry.path if isinstance(entry, DataSource) else entry, config, "prompt")
+        print(f"data: {result.summary()}", file=sys.stderr)
+        prompts += [r for r in result.records if isinstance(r, Prompt)]
+    return prompts[:max_prompts]
+
+
+def require_references(prompts: list[Prompt], what: str) -> None:
+    """Refuse, before any sampling, prompts that ``what`` (a reward comparing with a reference answer) cannot
+    score: a DataError naming the first such row's file and line."""
+    missing = [p for p in prompts if p.reference is None]
+    if missing:
+        raise DataError(
+            missing[0].meta.get("source"), missing[0].meta.get("line"), "reference",
+            f"{what} compares with a reference answer and this row has none ({len(missing)} rows in all); "
+            "add one, or use a reward model or a function that needs none",
+        )
 
 
 @dataclass

@@ -49,8 +49,8 @@ import torch
 
 from posttrain import losses, rl
 from posttrain.config import ConfigError, DataConfig, PpoConfig, RewardSource
-from posttrain.data.dataset import end_of_turn_ids, load_sequences, use_chat_template
-from posttrain.data.errors import DataError
+from posttrain.data.dataset import end_of_turn_ids, load_sequences, read_prompts, require_references, use_chat_template
+from posttrain.data.records import Prompt
 from posttrain.data.packing import Row, collate, single_rows
 from posttrain.diagnostics import TrainingWatch
 from posttrain.losses import IGNORE_INDEX
@@ -59,7 +59,6 @@ from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
 from posttrain.models.forward import reference_model, token_logits
 from posttrain.models.scalar_head import reward_model_dir
-from posttrain.recipes.rejection_sampling import read_prompts
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
 from posttrain.runtime import Runtime
@@ -69,10 +68,8 @@ SAMPLES_PER_STEP_LOGGED = 4
 
 @dataclass
 class PromptRow:
-    messages: list[dict[str, Any]]
-    reference: str | None
-    prompt_ids: list[int]
-    source: str
+    prompt: Prompt
+    prompt_ids: list[int]  # rendered with the chat template, generation prompt appended
 
 
 @dataclass
@@ -102,12 +99,12 @@ def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], lis
     budget = config.data.max_length - config.sampling.max_new_tokens
     if budget < 1:
         raise ConfigError(f"data.max_length ({config.data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({config.sampling.max_new_tokens})")
-    for prompt in read_prompts(config):  # type: ignore[arg-type]
+    for prompt in read_prompts(config.data, config.sampling.max_prompts):
         ids = render_prompt_ids(tokenizer, prompt.messages)
         if len(ids) > budget:
             too_long += 1
             continue
-        rows.append(PromptRow(prompt.messages, prompt.reference, ids, f"{prompt.meta.get('source')}:{prompt.meta.get('line')}"))
+        rows.append(PromptRow(prompt, ids))
     if too_long:
         print(f"data: {too_long} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
     if config.data.eval:
@@ -123,17 +120,6 @@ def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], lis
         cut = max(1, int(round(config.data.eval_fraction * len(rows))))
         return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
     return rows, []
-
-
-def check_references(rows: list[PromptRow], what: str) -> None:
-    """Refuse, before sampling, prompts that a reference-comparing reward cannot score (file:line of the first)."""
-    missing = [row for row in rows if row.reference is None]
-    if missing:
-        path, _, line = missing[0].source.rpartition(":")
-        raise DataError(
-            path, int(line) if line.isdigit() else None, "reference",
-            f"{what} compares with a reference answer, but this prompt has none ({len(missing)} prompts in all); add a reference to every row",
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -258,11 +244,12 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     stop_ids = end_of_turn_ids(tokenizer, template)
     train_prompts, eval_prompts = prompt_rows(config, tokenizer)
     reward = build_reward(config.reward, device=str(rt.device))
+    every_prompt = [row.prompt for row in train_prompts + eval_prompts]
     if reward.needs_reference:
-        check_references(train_prompts + eval_prompts, "the reward")
+        require_references(every_prompt, "the reward")
     gold = _gold_reward(config, rt)
     if gold is not None and gold.needs_reference:
-        check_references(train_prompts + eval_prompts, "watch.gold")
+        require_references(every_prompt, "watch.gold")
 
     world = rt.world_size
     if algorithm.prompts_per_step % world:
@@ -400,8 +387,8 @@ def make_rollout(
     rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
     mask = action_mask(rows, rt.device)
 
-    messages = [p.messages for p in flat_prompts]
-    references = [p.reference for p in flat_prompts]
+    messages = [p.prompt.messages for p in flat_prompts]
+    references = [p.prompt.reference for p in flat_prompts]
     breakdown = reward.breakdown(messages, texts, references, finished=finished.tolist())
     raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
     scores = raw
@@ -553,7 +540,7 @@ def _append_samples(path: Any, step: int, rollout: Rollout) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
             handle.write(json.dumps({
-                "step": step, "prompt": rollout.prompts[i].messages[-1]["content"], "reference": rollout.prompts[i].reference,
+                "step": step, "prompt": rollout.prompts[i].prompt.messages[-1]["content"], "reference": rollout.prompts[i].prompt.reference,
                 "response": rollout.texts[i], "reward": float(rollout.scores[i]), "finished": bool(rollout.finished[i]),
             }) + "\n")
 
@@ -567,7 +554,7 @@ def evaluate_prompts(rows: list[PromptRow], engine: Any, reward: Any, gold: Any,
     mine = rows[rt.accelerator.process_index :: rt.world_size]
     greedy = SamplingSettings(1, config.sampling.max_new_tokens, 0.0)
     responses = [group[0] for group in engine.generate([r.prompt_ids for r in mine], greedy)] if mine else []
-    messages, texts, references = [r.messages for r in mine], [r.text for r in responses], [r.reference for r in mine]
+    messages, texts, references = [r.prompt.messages for r in mine], [r.text for r in responses], [r.prompt.reference for r in mine]
     finished = [r.finished for r in responses]
     scores = reward(messages, texts, references, finished=finished) if mine else []
     with_reference = [i for i, ref in enumerate(references) if ref is not None]

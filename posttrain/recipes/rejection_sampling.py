@@ -47,9 +47,8 @@ from typing import Any
 
 import torch
 
-from posttrain.config import DataSource, RejectionSamplingConfig, SftConfig, StageConfig, save_config
-from posttrain.data.dataset import end_of_turn_ids, read_source, use_chat_template
-from posttrain.data.errors import DataError
+from posttrain.config import RejectionSamplingConfig, SftConfig, StageConfig, save_config
+from posttrain.data.dataset import end_of_turn_ids, read_prompts, require_references, use_chat_template
 from posttrain.data.records import Prompt
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import build_reward
@@ -95,22 +94,6 @@ def summarize(rows: list[dict[str, Any]], chosen: list[int | None]) -> dict[str,
         "kept_finished_share": mean([float(s["finished"]) for s in kept]),
         "distinct_per_prompt": mean([len({s["text"] for s in row["samples"]}) for row in rows]),
     }
-
-
-def read_prompts(config: RejectionSamplingConfig) -> list[Prompt]:
-    """Every ``data.train`` source as prompt records (file:line errors come from the data layer)."""
-    entries = [config.data.train] if isinstance(config.data.train, str) else list(config.data.train)
-    prompts: list[Prompt] = []
-    for entry in entries:
-        if isinstance(entry, DataSource) and (entry.ratio is not None or entry.epochs is not None):
-            raise ValueError(
-                f"data.train {entry.path}: ratio/epochs mix sources for training; rejection sampling samples every "
-                "prompt once, so give the sources without them"
-            )
-        result = read_source(entry.path if isinstance(entry, DataSource) else entry, config.data, "prompt")
-        print(f"data: {result.summary()}", file=sys.stderr)
-        prompts += [r for r in result.records if isinstance(r, Prompt)]
-    return prompts[: config.sampling.max_prompts]
 
 
 def _where(prompt: Prompt) -> str:
@@ -253,16 +236,10 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     # Data and reward before weights: a bad row or an unimportable reward fails in a second, not after sampling.
-    prompts = read_prompts(config)
+    prompts = read_prompts(config.data, config.sampling.max_prompts)
     reward = build_reward(config.reward, batch_size=config.sampling.batch_size)
     if reward.needs_reference:
-        missing = next((p for p in prompts if p.reference is None), None)
-        if missing is not None:
-            raise DataError(
-                missing.meta.get("source"), missing.meta.get("line"), "reference",
-                f"reward.function {config.reward.function} compares with a reference answer and this row has none; "
-                "add one, or use a reward model or a function that needs none",
-            )
+        require_references(prompts, f"reward.function {config.reward.function}")
 
     expected = fingerprint(config, prompts)
     rows = reusable_samples(run_dir, config, expected)
