@@ -62,6 +62,7 @@ from posttrain.models.scalar_head import reward_model_dir
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
 from posttrain.runtime import Runtime
+from posttrain.runtime.metrics import per_example_means
 
 SAMPLES_PER_STEP_LOGGED = 4
 
@@ -275,22 +276,19 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         critic_path = str(reward_model_dir(config.critic.path)) if config.critic.path else config.model.path
         critic_model = config.model.model_copy(update={"path": critic_path})
         critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
-    module = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
-    groups = _parameter_groups(module, config)
-
+    trained = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
     ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
-    engine_holder: dict[str, Any] = {}
+    # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
+    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_prompts(eval_prompts, engine_holder["engine"], reward, gold, config, rt)
+        return evaluate_prompts(eval_prompts, engine, reward, gold, config, rt)
 
     module = rt.setup(
-        module, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
-        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch, parameter_groups=groups,
+        trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
+        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
+        parameter_groups=_parameter_groups(trained, config),
     )
-    trained: ActorCritic = rt.accelerator.unwrap_model(module)
-    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
-    engine_holder["engine"] = engine
     state = rt.recipe_state
     kl_controller: Any = (
         rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
@@ -422,7 +420,8 @@ def make_rollout(
         "sum/response_length": float(lengths.sum()),
         "sum/unfinished_share": float((~finished).sum()),
         "sum/distinct_share": float(len(set(texts))),
-        "sum/advantage": float((advantages * mask).sum() / mask.sum().clamp(min=1) * len(rows)),
+        "sum/advantage": float(rl.masked_sum(advantages, mask)),  # a token mean, like the loss
+        "count/advantage": float(mask.sum()),
     }
     for name, values_of_term in breakdown.items():
         if name != "total" and len(breakdown) > 2:
@@ -459,10 +458,9 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
 
     with rt.accelerator.autocast():
         logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"])
-    trained = batch["targets"] != IGNORE_INDEX
-    scaled = logits.float() / config.sampling.temperature
-    logps = to_actions(scaled.log_softmax(-1).gather(-1, batch["targets"][trained][:, None]).squeeze(-1), mask)
-    entropy = to_actions(rl.entropy_from_logits(scaled), mask)
+    temperature = config.sampling.temperature
+    logps = to_actions(token_logps(logits, batch["targets"][batch["targets"] != IGNORE_INDEX], temperature), mask)
+    entropy = to_actions(rl.entropy_from_logits(logits.float() / temperature), mask)
     # On-policy (one update per rollout) the old log-probs are these very ones: ratio 1, the same gradient.
     old_logps = take(rollout.old_logps) if rollout.old_logps is not None else logps.detach()
     advantages = take(rollout.advantages)
@@ -526,12 +524,7 @@ def _global_rollout_metrics(rollout: Rollout, rt: Runtime) -> dict[str, float]:
     """The step's rollout means over every process: what the watch reads and the record logs."""
     keys = sorted(rollout.metrics)
     totals = dict(zip(keys, rt.sum_over_processes(torch.tensor([rollout.metrics[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()))
-    count = totals["count"]
-    out = {}
-    for key, value in totals.items():
-        if key.startswith("sum/"):
-            name = key[4:]
-            out[name] = value / totals.get(f"count/{name}", count)
+    out = per_example_means(totals)
     out["reward_std"] = math.sqrt(max(out.pop("reward_sq") - out["reward"] ** 2, 0.0))
     return out
 

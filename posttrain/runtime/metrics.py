@@ -83,3 +83,16 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def per_example_means(sums: dict[str, float]) -> dict[str, float]:
+    """``sum/NAME`` divided by ``count/NAME`` (or by ``count``) as ``NAME``: per-example means (pairs, prompts,
+    responses) of statistics summed over micro-batches and processes. Names whose count is 0 are left out."""
+    means = {}
+    for key, value in sums.items():
+        if key.startswith("sum/"):
+            name = key.split("/", 1)[1]
+            count = sums.get(f"count/{name}", sums.get("count", 0.0))
+            if count:
+                means[name] = value / count
+    return means

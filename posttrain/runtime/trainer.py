@@ -34,7 +34,7 @@ import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
 from posttrain.runtime import checkpoint as ckpt
-from posttrain.runtime.metrics import MetricsWriter, Progress, read_metrics
+from posttrain.runtime.metrics import MetricsWriter, Progress, per_example_means, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
 from posttrain.runtime.report import write_plots, write_report
 
@@ -112,7 +112,6 @@ class Runtime:
         self._rows_per_step: int | None = None
         self._update_norms: list[float] = []
         self._skipped_updates = 0
-        self._extra_record: dict[str, float] = {}
         self.recipe_state: dict[str, Any] = {}
         """A recipe's own JSON-serialisable state (an RL run's KL coefficient, reward statistics, watch history):
         written with every checkpoint and restored on resume, so a resumed run continues exactly."""
@@ -335,13 +334,12 @@ class Runtime:
         already combined over processes, logged as given), evaluate, checkpoint, honour signals. Returns the
         metrics record logged for the step."""
         stats = self._reduce(self._group_stats)
-        self._extra_record = dict(extra or {})
         norms = self._update_norms or [0.0]
         grad_norm, skipped = sum(norms) / len(norms), self._skipped_updates > 0
         lr = self.scheduler.get_last_lr()[0]
         self.global_step += 1
         self._group_stats, self._update_norms, self._skipped_updates = {}, [], 0
-        return self._after_step(stats, grad_norm, lr, skipped)
+        return self._after_step(stats, grad_norm, lr, skipped, extra)
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not stats:
@@ -350,7 +348,7 @@ class Runtime:
         summed = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.device), reduction="sum")
         return dict(zip(keys, summed.tolist()))
 
-    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool) -> dict[str, Any]:
+    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool, extra: dict[str, float] | None = None) -> dict[str, Any]:
         elapsed = max(time.time() - self._step_started, 1e-9)
         record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
         if "loss_sum" in stats and stats.get("num_tokens"):
@@ -363,15 +361,10 @@ class Runtime:
                 record[f"tokens/{group}"] = tokens
                 if tokens:
                     record[f"loss/{group}"] = value / tokens
-            elif key.startswith("sum/"):  # per-example means (pairs, prompts): "sum/NAME" over "count/NAME" or "count"
-                name = key.split("/", 1)[1]
-                count = stats.get(f"count/{name}", stats.get("count", 0.0))
-                if count:
-                    record[name] = value / count
-            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith(("num_tokens/", "count/")):
+            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith(("num_tokens/", "count/", "sum/")):
                 record[key] = value
-        record.update(self._extra_record)
-        self._extra_record = {}
+        record.update(per_example_means(stats))
+        record.update(extra or {})
         if "num_real_tokens" in stats:
             record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
         record["step_time_s"] = elapsed
