@@ -31,8 +31,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     paths = build_toy(args.dir, size=args.size, seed=args.seed)
     print(f"toy model: {paths.model}")
-    for name in ("sft", "prefs", "prompts", "eval", "pretrain"):
-        print(f"{name + ':':9} {getattr(paths, name)}")
+    for name in ("sft", "prefs", "prompts", "eval", "eval_prefs", "pretrain"):
+        print(f"{name + ':':11} {getattr(paths, name)}")
     return 0
 
 
@@ -57,11 +57,63 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain.eval import EvalError, evaluate_files, format_table
+
+    try:
+        report = evaluate_files(
+            args.models, args.data, reward_model=args.reward_model, reference=args.reference, judge=args.judge,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+        )
+    except EvalError as error:
+        raise ConfigError(f"posttrain eval: {error}") from None
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"results: {out}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from posttrain.eval.report import _reference_row, format_table
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(args.config, args.overrides, quick=args.quick)
+    if args.dry_run:
+        for name in pipeline.order:
+            inputs = ", ".join(pipeline.stages[name].inputs) or "-"
+            print(f"{name:24} after: {inputs}")
+        return 0
+    result = run_pipeline(pipeline, from_stage=args.from_stage)
+    if result.evaluation:
+        print(format_table(result.evaluation, _reference_row(pipeline)))
+        print(f"report: {pipeline.out / 'report.html'}")
+    print(f"ran: {', '.join(result.ran) or '-'}; reused: {', '.join(result.reused) or '-'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from posttrain.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from posttrain.serve.chat import run_chat
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 (got {args.temperature}) and --top-p in (0, 1] (got {args.top_p})")
+    return run_chat(
+        args.models, prompts=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, template=args.template,
+        dtype=args.dtype, columns=args.columns,
+    )
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -110,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = commands.add_parser("toy", help="write a tiny model, tokenizer and synthetic datasets (offline, seconds)")
     toy.add_argument("dir")
-    toy.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    toy.add_argument("--size", default="tiny", choices=["mini", "tiny", "small"])
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_toy)
 
@@ -127,11 +179,58 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=_positive_int, default=32)
     score.set_defaults(func=cmd_score)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate models on a data file: prompts, conversations/text, preference pairs or multiple choice",
+        description="What is measured follows from what --data holds: prompts with references → greedy answers, "
+        "exact match, gold reward, answer length, EOS rate (+ reward-model score, KL to a reference, win-rate); "
+        "conversations or text → held-out loss and perplexity; preference pairs → reward-model accuracy (MODEL "
+        "must be a reward model); multiple-choice rows {question, choices, answer} → log-likelihood accuracy.",
+    )
+    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="run directories, model directories or adapter directories")
+    evaluate.add_argument("--data", required=True, metavar="FILE", help="the evaluation file (jsonl, json, csv, parquet)")
+    evaluate.add_argument("--reward-model", metavar="RM", help="prompts: also report the mean reward-model score of the answers")
+    evaluate.add_argument("--reference", metavar="REF", help="prompts: also report the KL to this reference model along each model's answers")
+    evaluate.add_argument("--judge", metavar="RM_DIR|gold", help="prompts, 2+ models: win-rate of each model over the first, judged by a reward model or the gold reward")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="longest greedy answer (default 32)")
+    evaluate.add_argument("--max-length", type=_positive_int, default=2048, metavar="N", help="loss: truncate sequences to N tokens (default 2048)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="generation batch size (default 64; loss, KL and multiple-choice forwards use at most 8, 16, 16)")
+    evaluate.add_argument("--out", metavar="FILE.json", help='write {"models": {MODEL: {metric: value}}} (answers included)')
+    evaluate.set_defaults(func=cmd_eval)
+
+    pipeline = commands.add_parser("pipeline", help="run stages as a DAG; unchanged stages are reused, not rerun")
+    pipeline.add_argument("config", help="pipeline YAML (configs/demo.yaml is one)")
+    pipeline.add_argument("overrides", nargs="*", help="out=DIR, seed=N, or STAGE.key.sub=value")
+    pipeline.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream of it")
+    pipeline.add_argument("--quick", action="store_true", help="apply the file's quick: overrides")
+    pipeline.add_argument("--dry-run", action="store_true", help="validate every stage config and print the order")
+    pipeline.set_defaults(func=cmd_pipeline)
+
     demo = commands.add_parser("demo", help="the embedded default: toy model and data, then training end to end")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk to trained models in the terminal; several answer each message side by side",
+        description="Chat with one or more models (run directories, model directories or adapters), each with its "
+        "own conversation rendered by its chat template; replies stream as they are generated. "
+        "In the session: /reset, /system TEXT, /history, /quit (or Ctrl-D).",
+    )
+    chat.add_argument("models", nargs="+", metavar="MODEL_OR_RUN", help="a run directory (with model/), a model or an adapter directory")
+    chat.add_argument("--prompt", action="append", metavar="TEXT", help="answer TEXT and exit instead of chatting; repeat for a scripted multi-turn conversation")
+    chat.add_argument("--system", metavar="TEXT", help="system prompt (kept by /reset)")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0, help="0 (default) is off")
+    chat.add_argument("--seed", type=int, help="seed sampling, for reproducible replies at temperature > 0")
+    chat.add_argument("--template", metavar="NAME|FILE", help="render with this built-in template or .jinja file instead of the tokenizer's own")
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--columns", action="store_true", help="show all models' replies in columns once all have answered (no streaming)")
+    chat.set_defaults(func=cmd_chat)
 
     data = commands.add_parser("data", help="look at a dataset before training on it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -159,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data.errors import DataError
     from posttrain.models.loading import ModelLoadError
+    from posttrain.pipeline import PipelineError
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     handlers: dict[type[BaseException], Callable[[BaseException], int]] = {
         ConfigError: lambda e: _fail(str(e), 2),
+        PipelineError: lambda e: _fail(str(e), 1),
         DataError: lambda e: _fail(f"data error: {e}", 2),
         ModelLoadError: lambda e: _fail(str(e), 2),
         FileNotFoundError: lambda e: _fail(str(e), 2),

@@ -31,9 +31,10 @@ from posttrain.demo.tasks import TASK_NAMES, TASKS, corrupt
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module must stay cheap
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-# Model presets as data. head_dim is 64 in both; grouped-query attention (2 query heads per KV head) so the
+# Model presets as data (mini: the demo's, sized for its ten-minute CPU budget). head_dim is 64 in all; grouped-query attention (2 query heads per KV head) so the
 # KV-cache paths of later stages are exercised, as they would be on a real Llama/Qwen model.
 SIZES: dict[str, dict[str, int]] = {
+    "mini": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1},
     "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
     "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4},
 }
@@ -81,6 +82,7 @@ class ToyPaths:
     prompts: Path
     eval: Path
     pretrain: Path
+    eval_prefs: Path
 
 
 def model_config_kwargs(size: str) -> dict[str, int]:
@@ -99,13 +101,14 @@ def model_config_kwargs(size: str) -> dict[str, int]:
 class _PromptSampler:
     """Draws task instances round-robin over the tasks (balanced classes) and refuses held-out prompts."""
 
-    def __init__(self, rng: random.Random, held_out: set[str]) -> None:
+    def __init__(self, rng: random.Random, held_out: set[str], tasks: tuple[str, ...] = TASK_NAMES) -> None:
         self.rng = rng
         self.held_out = held_out
+        self.tasks = tasks
         self.calls = 0
 
     def next_task(self) -> str:
-        name = TASK_NAMES[self.calls % len(TASK_NAMES)]
+        name = self.tasks[self.calls % len(self.tasks)]
         self.calls += 1
         return name
 
@@ -125,13 +128,13 @@ def _assistant(content: str) -> dict[str, str]:
     return {"role": "assistant", "content": content}
 
 
-def _eval_rows(rng: random.Random, n: int) -> list[dict[str, Any]]:
+def _eval_rows(rng: random.Random, n: int, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
     """`n` distinct prompts, balanced over tasks; drawn first so training rows can avoid them."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     i = 0
     while len(rows) < n:
-        name = TASK_NAMES[i % len(TASK_NAMES)]
+        name = tasks[i % len(tasks)]
         prompt, reference = TASKS[name].generate(rng)
         if prompt in seen:
             continue  # redraw the same task, keeping the balance
@@ -149,7 +152,7 @@ def _sft_rows(sampler: _PromptSampler, n: int) -> list[dict[str, Any]]:
             messages.append({"role": "system", "content": sampler.rng.choice(SYSTEM_PROMPTS)})
         if sampler.rng.random() < TWO_TURN_SHARE:
             # The first exchange is context; the row's task is the last turn's, which is what gets scored.
-            first = sampler.rng.choice(TASK_NAMES)
+            first = sampler.rng.choice(sampler.tasks)
             prompt, reference = sampler.draw(first)
             messages += [_user(prompt), _assistant(reference)]
         name = sampler.next_task()
@@ -218,12 +221,18 @@ def build_datasets(
     prompts: int = DEFAULT_COUNTS["prompts"],
     eval: int = DEFAULT_COUNTS["eval"],  # noqa: A002 - named after the file it sizes
     pretrain: int = DEFAULT_COUNTS["pretrain"],
+    tasks: tuple[str, ...] = TASK_NAMES,
 ) -> dict[str, Path]:
-    """Write sft/prefs/prompts/eval/pretrain JSONL files with the given row counts into `data_dir`.
+    """Write sft/prefs/prompts/eval/pretrain JSONL files with the given row counts into `data_dir`, drawing
+    round-robin from `tasks`, plus eval_prefs.jsonl: one (reference, corrupted) pair per evaluation prompt, for a
+    reward model's held-out accuracy.
 
     Evaluation prompts are drawn first and no training file (sft, prefs, prompts, pretrain) contains any of
     them as a user prompt, so evaluation measures generalisation. Returns {name: path}.
     """
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or '(none given)'}; expected some of {', '.join(TASK_NAMES)}")
     counts = {"sft": sft, "prefs": prefs, "prompts": prompts, "eval": eval, "pretrain": pretrain}
     for name, count in counts.items():
         if count < 0:
@@ -231,9 +240,9 @@ def build_datasets(
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    eval_rows = _eval_rows(rng, eval)
+    eval_rows = _eval_rows(rng, eval, tasks)
     held_out = {row["messages"][0]["content"] for row in eval_rows}
-    sampler = _PromptSampler(rng, held_out)
+    sampler = _PromptSampler(rng, held_out, tasks)
     all_rows = {
         "sft": _sft_rows(sampler, sft),
         "prefs": _pref_rows(sampler, prefs),
@@ -241,6 +250,16 @@ def build_datasets(
         "eval": eval_rows,
         "pretrain": _pretrain_rows(sampler, pretrain),
     }
+    # Drawn last, so every other file is the same with or without it.
+    all_rows["eval_prefs"] = [
+        {
+            "prompt": row["messages"],
+            "chosen": [_assistant(row["reference"])],
+            "rejected": [_assistant(corrupt(row["task"], row["reference"], rng))],
+            "task": row["task"],
+        }
+        for row in eval_rows
+    ]
     paths: dict[str, Path] = {}
     for name, rows in all_rows.items():
         paths[name] = data_dir / f"{name}.jsonl"
@@ -339,7 +358,7 @@ def build_model(tokenizer: "PreTrainedTokenizerFast", size: str, seed: int) -> "
     return model
 
 
-def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, **counts: int) -> ToyPaths:
+def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tuple[str, ...] = TASK_NAMES, **counts: int) -> ToyPaths:
     """Build the toy kit into `out_dir`: data/*.jsonl, then a tokenizer trained on that data, then the model.
 
     `counts` overrides row counts by file name (sft, prefs, prompts, eval, pretrain; defaults in
@@ -351,9 +370,10 @@ def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, **counts: 
     if unknown:
         raise ValueError(f"unknown row count(s) {sorted(unknown)}; expected some of {', '.join(DEFAULT_COUNTS)}")
     root = Path(out_dir)
-    data_paths = build_datasets(random.Random(seed), root / "data", **counts)
+    data_paths = build_datasets(random.Random(seed), root / "data", tasks=tuple(tasks), **counts)
 
-    tokenizer = build_tokenizer(corpus_texts(data_paths))
+    # The held-out pairs stay out of the tokenizer's corpus, so adding them changed no tokenizer or model.
+    tokenizer = build_tokenizer(corpus_texts({k: v for k, v in data_paths.items() if k != "eval_prefs"}))
     model = build_model(tokenizer, size, seed)
     model_dir = root / "model"
     model.save_pretrained(model_dir)

@@ -1,18 +1,23 @@
-"""``posttrain score RM data.jsonl``: a trained reward model's scores for a data file.
+"""Reward-model evaluation: ``posttrain score RM data.jsonl`` (:func:`score_file`), and the reward-model score
+of a policy's answers.
 
-Preference pairs get a score per side and the file's accuracy (share of pairs where the chosen side scores
-higher) and mean gap; conversations (and KTO's labelled completions) get one score each. Scores are written as
-JSONL, one row per record in file order, with the canonical messages so a row can be checked by eye.
+``score_file``: preference pairs get a score per side and the file's accuracy (share of pairs where the chosen
+side scores higher) and mean gap; conversations (and KTO's labelled completions) get one score each. Scores
+are written as JSONL, one row per record in file order, with the canonical messages so a row can be checked by
+eye. :func:`reward_model_accuracy` is the same computation for ``posttrain eval``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.data.formats import read_records
 from posttrain.data.records import Conversation, Preference, Unpaired
+
+if TYPE_CHECKING:
+    from posttrain.models.scalar_head import RewardScorer
 
 
 def score_file(model_path: str | Path, data_path: str | Path, out_path: str | Path | None = None, batch_size: int = 32) -> dict[str, Any]:
@@ -53,3 +58,50 @@ def score_file(model_path: str | Path, data_path: str | Path, out_path: str | Pa
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         summary["out"] = str(out)
     return summary
+
+
+def is_reward_model(path: str | Path) -> bool:
+    """Whether ``path`` (a run directory, model directory or adapter directory) holds a model with a scalar
+    score head (``*ForSequenceClassification``, or a ``SEQ_CLS`` adapter) rather than a causal LM."""
+    from posttrain.models.loading import model_dir_of
+
+    directory = model_dir_of(path)
+    if (directory / "adapter_config.json").exists():
+        adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        return adapter.get("task_type") == "SEQ_CLS"
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or [])
+
+
+def as_scorer(reward_model: str | Path | RewardScorer, batch_size: int = 32) -> RewardScorer:
+    """A reward-model path → a loaded ``RewardScorer`` (a scorer is returned as is)."""
+    from posttrain.models.scalar_head import RewardScorer
+
+    if isinstance(reward_model, RewardScorer):
+        return reward_model
+    if not is_reward_model(reward_model):
+        from posttrain.eval.common import EvalError
+
+        raise EvalError(f"{reward_model}: not a reward model (no score head); give a stage: reward run or its model/ folder")
+    return RewardScorer(reward_model, batch_size=batch_size)
+
+
+def score_answers(scorer: RewardScorer, prompts: list[list[dict[str, Any]]], answers: list[str]) -> list[float]:
+    """The reward model's score of each answer as the assistant's reply to its prompt."""
+    return scorer.score([list(messages) + [{"role": "assistant", "content": answer}] for messages, answer in zip(prompts, answers)])
+
+
+def reward_model_accuracy(reward_model: str | Path, data_path: str | Path, batch_size: int = 32) -> dict[str, Any]:
+    """A reward model on held-out preference pairs (:func:`score_file`): ``accuracy`` (share of pairs where
+    chosen scores higher), ``mean_gap`` (chosen − rejected), ``mean_reward`` and the number of ``pairs``."""
+    from posttrain.eval.common import EvalError
+
+    if not is_reward_model(reward_model):
+        raise EvalError(
+            f"{reward_model}: not a reward model (no score head). Preference pairs are evaluated with a reward "
+            "model: pass a stage: reward run (or its model/ folder) as MODEL"
+        )
+    summary = score_file(reward_model, data_path, batch_size=batch_size)
+    if summary["kind"] != "preference":
+        raise EvalError(f"{data_path}: holds {summary['kind']} records, not preference pairs")
+    return {"accuracy": summary["accuracy"], "mean_gap": summary["mean_gap"], "mean_reward": summary["mean_reward"], "pairs": summary["records"]}

@@ -1,33 +1,78 @@
-"""Exact match and gold reward on prompts with reference answers (the toy tasks, or any ``reference`` rows)."""
+"""Exact match, gold reward, answer length and EOS rate of greedy answers to prompts with reference answers
+(the toy tasks' eval.jsonl, or any prompt rows with a ``reference``).
+
+Generation (:func:`~posttrain.eval.common.generate_answers`) and scoring (:func:`verifiable_metrics`) are
+separate, so the metrics can be checked on hand-made answers and the answers reused (reward-model score, KL,
+win-rate) without generating twice.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from posttrain.data.formats import read_records
-from posttrain.data.records import Prompt
-from posttrain.demo.tasks import exact_match, gold_reward
-from posttrain.rollout import generate_responses
+from posttrain.demo.tasks import TASKS, exact_match, gold_reward, task_of
+from posttrain.eval.common import PromptRow, generate_answers, prompt_text, read_prompts
+
+__all__ = ["evaluate_verifiable", "read_prompts", "reference_reward", "verifiable_metrics"]
 
 
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt rows (any prompt format the data layer reads) as ``{"messages", "reference", "task"}``."""
-    records = read_records(path, kind="prompt").records
-    return [
-        {"messages": r.messages, "reference": r.reference or "", "task": r.meta.get("task")}
-        for r in records
-        if isinstance(r, Prompt)
-    ]
+def toy_task(row: PromptRow) -> str | None:
+    """The toy task a row belongs to: its ``task`` field when that names a toy task, else the task whose
+    phrasing its prompt uses, else None."""
+    task = row.get("task")
+    if isinstance(task, str) and task in TASKS:
+        return task
+    try:
+        return task_of(prompt_text(row))
+    except ValueError:
+        return None
 
 
-def evaluate_verifiable(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = 32) -> dict[str, Any]:
-    """Greedy answers to each prompt: exact-match rate, mean gold reward, and a few sample answers."""
-    replies = generate_responses(model, tokenizer, [r["messages"] for r in rows], max_new_tokens=max_new_tokens)
-    matches = [exact_match(reply, r["reference"]) for reply, r in zip(replies, rows)]
-    rewards = [gold_reward(r["task"], reply, r["reference"]) if r["task"] else float(m) for reply, r, m in zip(replies, rows, matches)]
+def reference_reward(row: PromptRow, answer: str) -> float:
+    """Gold reward of ``answer``: the toy task's graded reward (:func:`~posttrain.demo.tasks.gold_reward`) for
+    a toy prompt, else exact match as 0/1. The row must have a reference."""
+    reference = row.get("reference")
+    if reference is None:
+        raise ValueError(f"prompt {prompt_text(row)[:60]!r} has no reference answer to score against")
+    task = toy_task(row)
+    return gold_reward(task, answer, reference) if task else float(exact_match(answer, reference))
+
+
+def verifiable_metrics(rows: Sequence[PromptRow], answers: Sequence[Any]) -> dict[str, Any]:
+    """Metrics of answers (``rollout.hf.Response``-like: ``text``, ``token_ids``, ``finished``) to ``rows``.
+
+    - ``exact_match`` / ``gold_reward``: means over the rows that have a reference (None when none has);
+    - ``length``: mean answer length in tokens (the stop token included, as generated);
+    - ``eos_rate``: share of answers that ended with a stop token rather than at ``max_new_tokens``;
+    - ``samples``: the first 5 as ``{prompt, reference, answer}``; ``answers``, ``answer_tokens``, ``finished``:
+      every answer's text, token count and whether it finished, in prompt order."""
+    if len(rows) != len(answers):
+        raise ValueError(f"{len(rows)} prompts but {len(answers)} answers")
+    if not rows:
+        raise ValueError("no prompts to score")
+    scored = [(row, answer.text) for row, answer in zip(rows, answers) if row.get("reference") is not None]
+    matches = [float(exact_match(text, row["reference"])) for row, text in scored]
+    rewards = [reference_reward(row, text) for row, text in scored]
     return {
-        "exact_match": sum(matches) / max(len(rows), 1),
-        "gold_reward": sum(rewards) / max(len(rows), 1),
-        "samples": [{"prompt": r["messages"][-1]["content"], "reference": r["reference"], "answer": a} for r, a in zip(rows[:5], replies)],
+        "prompts": len(rows),
+        "exact_match": sum(matches) / len(scored) if scored else None,
+        "gold_reward": sum(rewards) / len(scored) if scored else None,
+        "length": sum(len(a.token_ids) for a in answers) / len(answers),
+        "eos_rate": sum(bool(a.finished) for a in answers) / len(answers),
+        "samples": [
+            {"prompt": prompt_text(row), "reference": row.get("reference"), "answer": answer.text}
+            for row, answer in zip(rows[:5], answers[:5])
+        ],
+        "answers": [a.text for a in answers],
+        "answer_tokens": [len(a.token_ids) for a in answers],
+        "finished": [bool(a.finished) for a in answers],
     }
+
+
+def evaluate_verifiable(
+    model: Any, tokenizer: Any, rows: list[PromptRow], max_new_tokens: int = 32, batch_size: int = 64
+) -> dict[str, Any]:
+    """Greedy answers to each prompt, scored by :func:`verifiable_metrics`."""
+    answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return verifiable_metrics(rows, answers)

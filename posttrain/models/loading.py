@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,4 +85,45 @@ def load_model(
         from posttrain.models.scalar_head import wrap_for_scalar_head
 
         model = wrap_for_scalar_head(model, tokenizer)
+    return model, tokenizer
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """A run directory (``RUN/model``), a Hugging Face model directory or an adapter directory → the folder that
+    holds the weights. Raises FileNotFoundError naming what was looked for."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").exists() or (candidate / "adapter_config.json").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{path}: not a model (no config.json or adapter_config.json here or in {path / 'model'}); "
+        "give a Hugging Face model directory or a finished run directory"
+    )
+
+
+def load_for_inference(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """A trained causal LM and its tokenizer, ready to generate: a run directory, a model directory, or an
+    adapter over the base model named in its ``adapter_config.json`` (LoRA/DoRA merged for speed; prompt-learning
+    adapters stay attached, since their virtual tokens cannot be merged). Eval mode, no gradients needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = model_dir_of(path)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        if (directory / "adapter_config.json").exists():
+            from peft import PeftConfig as AdapterConfig
+            from peft import PeftModel
+
+            adapter = AdapterConfig.from_pretrained(directory)
+            base = AutoModelForCausalLM.from_pretrained(adapter.base_model_name_or_path, dtype=DTYPES[dtype])
+            model = PeftModel.from_pretrained(base, directory)
+            if not adapter.is_prompt_learning:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype])
+    except OSError as error:
+        raise ModelLoadError(f"cannot load model from {directory}: {error}") from None
+    model.eval()
     return model, tokenizer
