@@ -31,7 +31,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     paths = build_toy(args.dir, size=args.size, seed=args.seed)
     print(f"toy model: {paths.model}")
-    for name in ("sft", "prefs", "prompts", "eval", "eval_prefs", "pretrain"):
+    for name in ("sft", "prefs", "prompts", "eval", "eval_prefs", "eval_mc", "pretrain"):
         print(f"{name + ':':11} {getattr(paths, name)}")
     return 0
 

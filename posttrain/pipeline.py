@@ -5,7 +5,7 @@ the mapping's dotted keys override the file) or the toy kit builder. A value ``$
 stage ``sft``, which makes ``sft`` an input: the dependency graph comes from these references (plus an explicit
 ``after:``), so a file lists no order. Outputs of a stage directory ``OUT/NAME``: ``dir`` (the directory),
 ``model`` (``OUT/NAME/model``); the toy stage's are ``model``, ``sft``, ``prefs``, ``prompts``, ``eval``,
-``eval_prefs`` and ``pretrain``.
+``eval_prefs``, ``eval_mc`` and ``pretrain``.
 
 Reuse. A stage's content hash covers its resolved config and the hashes of its inputs. ``OUT/NAME/stage.json``
 records the hash when the stage starts and ``status: done`` when it finishes; a stage whose recorded hash equals
@@ -42,7 +42,7 @@ from pydantic import Field, ValidationError
 from posttrain.config import Block, ConfigError, StageConfig, build_config, deep_merge, parse_overrides
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\}")
-TOY_OUTPUTS = ("model", "sft", "prefs", "prompts", "eval", "eval_prefs", "pretrain")
+TOY_OUTPUTS = ("model", "sft", "prefs", "prompts", "eval", "eval_prefs", "eval_mc", "pretrain")
 STATE_FILE = "stage.json"
 
 
@@ -251,9 +251,9 @@ def _write_state(directory: Path, state: dict[str, Any]) -> None:
 def _run_stage(pipeline: Pipeline, name: str) -> dict[str, Any]:
     resolved = pipeline.resolved[name]
     if isinstance(resolved, dict):
-        from posttrain.demo.toy import TASK_NAMES, build_toy
+        from posttrain.demo.toy import DEFAULT_TASKS, build_toy
 
-        tasks = tuple(resolved["tasks"] or TASK_NAMES)
+        tasks = tuple(resolved["tasks"] or DEFAULT_TASKS)
         build_toy(pipeline.out / name, size=resolved["size"], seed=resolved["seed"], tasks=tasks, **resolved["counts"])
         return {"stage": "toy", "tasks": list(tasks)}
     from posttrain.recipes import RECIPES

@@ -76,3 +76,16 @@ def need_peer_file(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`posttrain demo --quick` run once per session: its exit code, output directory and wall time."""
+    import time
+
+    from posttrain.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    started = time.time()
+    code = main(["demo", "--quick", "--out", str(out), "--seed", "0"])
+    return {"code": code, "out": out, "seconds": time.time() - started}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.demo.tasks import TASK_NAMES, TASKS, corrupt, exact_match, gold_reward, task_of
+from posttrain.demo.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt, exact_match, gold_reward, task_of
 from posttrain.demo.toy import DEFAULT_COUNTS, SPECIAL_TOKENS, ToyPaths, build_toy
 
 DATA_FILES = ("sft", "prefs", "prompts", "eval", "pretrain")
@@ -224,7 +224,7 @@ def test_rows_have_expected_shape(toy: ToyPaths) -> None:
             assert set(row) == {"messages", "reference", "task"}
             assert [m["role"] for m in row["messages"]] == ["user"]
             assert task_of(row["messages"][0]["content"]) == row["task"]
-        assert set(r["task"] for r in rows) == set(TASK_NAMES)
+        assert set(r["task"] for r in rows) == set(DEFAULT_TASKS)
 
     pretrain = read_jsonl(toy.pretrain)
     assert len(pretrain) == DEFAULT_COUNTS["pretrain"]

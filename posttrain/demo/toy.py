@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from posttrain.demo.tasks import TASK_NAMES, TASKS, corrupt
+from posttrain.demo.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module must stay cheap
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -83,6 +83,7 @@ class ToyPaths:
     eval: Path
     pretrain: Path
     eval_prefs: Path
+    eval_mc: Path
 
 
 def model_config_kwargs(size: str) -> dict[str, int]:
@@ -101,7 +102,7 @@ def model_config_kwargs(size: str) -> dict[str, int]:
 class _PromptSampler:
     """Draws task instances round-robin over the tasks (balanced classes) and refuses held-out prompts."""
 
-    def __init__(self, rng: random.Random, held_out: set[str], tasks: tuple[str, ...] = TASK_NAMES) -> None:
+    def __init__(self, rng: random.Random, held_out: set[str], tasks: tuple[str, ...] = DEFAULT_TASKS) -> None:
         self.rng = rng
         self.held_out = held_out
         self.tasks = tasks
@@ -178,6 +179,19 @@ def _pref_rows(sampler: _PromptSampler, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _multiple_choice_row(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """An evaluation prompt as an MMLU-style question: the reference among up to three plausible wrong answers."""
+    choices = [row["reference"]]
+    for _ in range(20):
+        wrong = corrupt(row["task"], row["reference"], rng)
+        if wrong not in choices:
+            choices.append(wrong)
+        if len(choices) == 4:
+            break
+    rng.shuffle(choices)
+    return {"question": row["messages"][-1]["content"], "choices": choices, "answer": "ABCD"[choices.index(row["reference"])], "task": row["task"]}
+
+
 def _prompt_rows(sampler: _PromptSampler, n: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for _ in range(n):
@@ -221,11 +235,12 @@ def build_datasets(
     prompts: int = DEFAULT_COUNTS["prompts"],
     eval: int = DEFAULT_COUNTS["eval"],  # noqa: A002 - named after the file it sizes
     pretrain: int = DEFAULT_COUNTS["pretrain"],
-    tasks: tuple[str, ...] = TASK_NAMES,
+    tasks: tuple[str, ...] = DEFAULT_TASKS,
 ) -> dict[str, Path]:
     """Write sft/prefs/prompts/eval/pretrain JSONL files with the given row counts into `data_dir`, drawing
-    round-robin from `tasks`, plus eval_prefs.jsonl: one (reference, corrupted) pair per evaluation prompt, for a
-    reward model's held-out accuracy.
+    round-robin from `tasks`, plus, from the evaluation prompts: eval_prefs.jsonl, one (reference, corrupted) pair
+    per prompt for a reward model's held-out accuracy, and eval_mc.jsonl, the prompt as a four-way multiple-choice
+    question (`posttrain eval --data`).
 
     Evaluation prompts are drawn first and no training file (sft, prefs, prompts, pretrain) contains any of
     them as a user prompt, so evaluation measures generalisation. Returns {name: path}.
@@ -260,6 +275,7 @@ def build_datasets(
         }
         for row in eval_rows
     ]
+    all_rows["eval_mc"] = [_multiple_choice_row(row, rng) for row in eval_rows]
     paths: dict[str, Path] = {}
     for name, rows in all_rows.items():
         paths[name] = data_dir / f"{name}.jsonl"
@@ -358,7 +374,7 @@ def build_model(tokenizer: "PreTrainedTokenizerFast", size: str, seed: int) -> "
     return model
 
 
-def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tuple[str, ...] = TASK_NAMES, **counts: int) -> ToyPaths:
+def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, **counts: int) -> ToyPaths:
     """Build the toy kit into `out_dir`: data/*.jsonl, then a tokenizer trained on that data, then the model.
 
     `counts` overrides row counts by file name (sft, prefs, prompts, eval, pretrain; defaults in
@@ -372,8 +388,8 @@ def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tup
     root = Path(out_dir)
     data_paths = build_datasets(random.Random(seed), root / "data", tasks=tuple(tasks), **counts)
 
-    # The held-out pairs stay out of the tokenizer's corpus, so adding them changed no tokenizer or model.
-    tokenizer = build_tokenizer(corpus_texts({k: v for k, v in data_paths.items() if k != "eval_prefs"}))
+    # The held-out pairs and questions stay out of the tokenizer's corpus, so adding them changed no tokenizer or model.
+    tokenizer = build_tokenizer(corpus_texts({k: v for k, v in data_paths.items() if k not in ("eval_prefs", "eval_mc")}))
     model = build_model(tokenizer, size, seed)
     model_dir = root / "model"
     model.save_pretrained(model_dir)

@@ -1,0 +1,73 @@
+"""The demo's claims over several seeds: `python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo-seeds]`.
+
+Runs the full demo (`posttrain demo --seed N`) once per seed, each in its own process under `/usr/bin/time -v`
+when available (wall time and peak memory as the README states them), then checks what the demo must show:
+
+- SFT exact match far above base (at least +0.2 absolute);
+- the reward model's held-out accuracy >= 0.90;
+- PPO, GRPO, DPO and rejection sampling each above SFT on gold reward;
+- the whole demo within 10 minutes.
+
+Prints one table per seed, then one JSON line with every figure and whether each claim held on every seed.
+Already finished seeds are reused by the pipeline (delete --out to measure from scratch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ALIGNED = ("ppo", "grpo", "dpo", "rejection_sampling")
+
+
+def run_seed(seed: int, out: Path) -> dict:
+    command = [sys.executable, "-m", "posttrain", "demo", "--seed", str(seed), "--out", str(out)]
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    if timer:
+        command = [timer, "-v", *command]
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.time() - started
+    if result.returncode != 0:
+        sys.exit(f"seed {seed}: demo failed (exit {result.returncode})\n{result.stderr[-3000:]}")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    figures = json.loads((out / "eval.json").read_text())
+    table = result.stdout.split("\n\n")[0] if "exact match" in result.stdout else result.stdout
+    print(f"seed {seed}: {wall:.0f} s\n{table.strip()}\n", flush=True)
+    return {"seed": seed, "wall_s": round(wall, 1), "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, **figures}
+
+
+def claims(run: dict) -> dict[str, bool]:
+    models = run["models"]
+    held = {
+        "sft_far_above_base": models["sft"]["exact_match"] >= models["base"]["exact_match"] + 0.2,
+        "rm_accuracy_at_least_0.9": run["reward_model"]["accuracy"] >= 0.9,
+        "within_10_minutes": run["wall_s"] <= 600,
+    }
+    for name in ALIGNED:
+        held[f"{name}_above_sft_on_gold"] = models[name]["gold_reward"] > models["sft"]["gold_reward"]
+    return held
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/demo-seeds")
+    args = parser.parse_args()
+    runs = [run_seed(seed, Path(args.out) / f"seed{seed}") for seed in args.seeds]
+    per_seed = [claims(run) for run in runs]
+    summary = {name: all(held[name] for held in per_seed) for name in per_seed[0]}
+    for run, held in zip(runs, per_seed):
+        failed = [name for name, ok in held.items() if not ok]
+        print(f"seed {run['seed']}: {'all claims hold' if not failed else 'FAILED: ' + ', '.join(failed)}")
+    print(json.dumps({"runs": runs, "claims_per_seed": per_seed, "claims_hold_on_every_seed": summary}))
+
+
+if __name__ == "__main__":
+    main()
