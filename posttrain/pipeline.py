@@ -197,7 +197,10 @@ class Pipeline:
     def stage_hash(self, name: str, hashes: dict[str, str]) -> str:
         resolved = self.resolved[name]
         payload = resolved if isinstance(resolved, dict) else resolved.model_dump(mode="json")
-        return _hash({"config": payload, "inputs": {dep: hashes[dep] for dep in self.stages[name].inputs}})
+        # Paths inside the pipeline's own out directory are hashed relative to it, so a moved or copied out
+        # directory is still reused.
+        text = json.dumps(payload, sort_keys=True).replace(json.dumps(str(self.out))[1:-1], "${out}")
+        return _hash({"config": text, "inputs": {dep: hashes[dep] for dep in self.stages[name].inputs}})
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> Pipeline:

@@ -166,3 +166,13 @@ def test_every_shipped_pipeline_validates(config: Path, quick: bool) -> None:
     assert pipeline.order[0] == "toy" and len(pipeline.order) == len(pipeline.stages)
     for name in pipeline.order[1:]:
         assert pipeline.resolved[name].output_dir == str(pipeline.out / name)
+
+
+def test_a_copied_out_directory_is_reused(tmp_path: Path) -> None:
+    import shutil
+
+    path = write_pipeline(tmp_path)
+    run_pipeline(load_pipeline(path), log=lambda m: None)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    copied = run_pipeline(load_pipeline(path, [f"out={tmp_path / 'copy'}"]), log=lambda m: None)
+    assert copied.ran == [] and len(copied.reused) == 4
