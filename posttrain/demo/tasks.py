@@ -280,7 +280,9 @@ TASKS: dict[str, Task] = {
             sentence=lambda ws: f"The list {_join(ws)} has {len(ws)} words.",
             # Counts range 2..7; off by 4 or more earns nothing.
             credit=lambda r, ref: number_credit(r, ref, scale=4.0),
-            corrupt_once=lambda ref, rng: _corrupt_number(ref, rng, deltas=(1, 1, 2)),
+            # Mostly near misses, sometimes a far one: a reward model that never saw "2" rejected for seven
+            # words scores it as well as "7" (seen in the demo, where PPO found exactly that).
+            corrupt_once=lambda ref, rng: _corrupt_number(ref, rng, deltas=(1, 1, 2, 3)),
         ),
         Task(
             name="letters",
@@ -292,7 +294,7 @@ TASKS: dict[str, Task] = {
             sentence=lambda xs: f"The letters {_join(xs)} are {len(xs)} letters.",
             # Counts range 3..12: long lists are where a small model miscounts by one or two.
             credit=lambda r, ref: number_credit(r, ref, scale=4.0),
-            corrupt_once=lambda ref, rng: _corrupt_number(ref, rng, deltas=(1, 1, 2)),
+            corrupt_once=lambda ref, rng: _corrupt_number(ref, rng, deltas=(1, 1, 2, 3, 5)),
         ),
     )
 }
