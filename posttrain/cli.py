@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from posttrain.eval.report import _reference_row, format_table
+    from posttrain.eval.report import format_table, reference_row_of
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     pipeline = load_pipeline(args.config, args.overrides, quick=args.quick)
@@ -91,7 +91,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     result = run_pipeline(pipeline, from_stage=args.from_stage)
     if result.evaluation:
-        print(format_table(result.evaluation, _reference_row(pipeline)))
+        print(format_table(result.evaluation, reference_row_of(pipeline)))
         print(f"report: {pipeline.out / 'report.html'}")
     print(f"ran: {', '.join(result.ran) or '-'}; reused: {', '.join(result.reused) or '-'}")
     return 0

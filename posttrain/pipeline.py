@@ -90,13 +90,13 @@ class Stage:
     inputs: list[str] = field(default_factory=list)
 
 
-def _references(value: Any) -> list[tuple[str, str]]:
+def stage_references(value: Any) -> list[tuple[str, str]]:
     if isinstance(value, str):
         return REFERENCE.findall(value)
     if isinstance(value, dict):
-        return [ref for item in value.values() for ref in _references(item)]
+        return [ref for item in value.values() for ref in stage_references(item)]
     if isinstance(value, list):
-        return [ref for item in value for ref in _references(item)]
+        return [ref for item in value for ref in stage_references(item)]
     return []
 
 
@@ -122,7 +122,7 @@ class Pipeline:
         self.out = Path(config.out)
         self.stages = {name: Stage(name, spec) for name, spec in config.stages.items()}
         for stage in self.stages.values():
-            refs = _references(stage.spec.model_dump())
+            refs = stage_references(stage.spec.model_dump())
             for ref_stage, output in refs:
                 self._check_reference(f"stage {stage.name!r}", ref_stage, output)
             stage.inputs = sorted({ref_stage for ref_stage, _ in refs} | set(stage.spec.after))
@@ -130,7 +130,7 @@ class Pipeline:
                 if name not in self.stages:
                     raise ConfigError(f"{source}: stage {stage.name!r}: after: {name!r} is not a stage ({', '.join(self.stages)})")
         if config.eval is not None:
-            for ref_stage, output in _references(config.eval.model_dump()):
+            for ref_stage, output in stage_references(config.eval.model_dump()):
                 self._check_reference("eval", ref_stage, output)
             for row, stage_name in config.eval.models.items():
                 if stage_name not in self.stages:
@@ -237,18 +237,19 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, quick: b
     return Pipeline(config, path.parent, str(path))
 
 
-def _read_state(directory: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _write_state(directory: Path, state: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / (STATE_FILE + ".tmp")
-    temporary.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    temporary.replace(directory / STATE_FILE)
+def _write_json(path: Path, payload: Any) -> None:
+    """Written whole or not at all (a crash mid-write leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    temporary.replace(path)
 
 
 def _run_stage(pipeline: Pipeline, name: str) -> dict[str, Any]:
@@ -285,7 +286,7 @@ def run_pipeline(pipeline: Pipeline, from_stage: str | None = None, log: Any = N
     for index, name in enumerate(pipeline.order, 1):
         directory = pipeline.out / name
         hashes[name] = pipeline.stage_hash(name, hashes)
-        state = _read_state(directory)
+        state = _read_json(directory / STATE_FILE)
         if name not in forced and state and state.get("hash") == hashes[name] and state.get("status") == "done":
             log(f"[{index}/{len(pipeline.order)}] {name}: unchanged, reusing {directory}")
             reused.append(name)
@@ -303,14 +304,14 @@ def run_pipeline(pipeline: Pipeline, from_stage: str | None = None, log: Any = N
                 log(f"[{index}/{len(pipeline.order)}] {name}: resuming an interrupted run from its last checkpoint")
         log(f"[{index}/{len(pipeline.order)}] {name}: running -> {directory}")
         started = time.time()
-        _write_state(directory, {"hash": hashes[name], "status": "running", "started": started})
+        _write_json(directory / STATE_FILE, {"hash": hashes[name], "status": "running", "started": started})
         try:
             summary = _run_stage(pipeline, name)
         except Exception as error:  # noqa: BLE001 - re-raised with the stage's name; other stages are untouched
             raise PipelineError(f"stage {name!r} failed ({type(error).__name__}): {error}") from error
         seconds[name] = round(time.time() - started, 1)
         summaries[name] = _plain(summary)
-        _write_state(directory, {"hash": hashes[name], "status": "done", "started": started, "seconds": seconds[name], "summary": summaries[name]})
+        _write_json(directory / STATE_FILE, {"hash": hashes[name], "status": "done", "started": started, "seconds": seconds[name], "summary": summaries[name]})
         ran.append(name)
         if pipeline.config.eval is not None:
             _evaluate_ready(pipeline, hashes, log)
@@ -343,7 +344,7 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
     spec = pipeline.config.eval
     assert spec is not None
     outputs = {stage: pipeline.outputs(stage) for stage in pipeline.stages}
-    needs = {ref_stage for ref_stage, _ in _references(spec.model_dump(exclude={"models"}))}
+    needs = {ref_stage for ref_stage, _ in stage_references(spec.model_dump(exclude={"models"}))}
     if not needs <= set(hashes):
         return {}
     resolved = _substitute(spec.model_dump(), outputs)
@@ -367,7 +368,7 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
         _write_json(directory / "eval.json", {"hash": cache_key, "figures": figures})
         table["models"][row] = figures
     if resolved["pairs"] and resolved["reward_model"]:
-        rm_stage = next(ref_stage for ref_stage, _ in _references(spec.reward_model or ""))
+        rm_stage = next(ref_stage for ref_stage, _ in stage_references(spec.reward_model or ""))
         cache_file = pipeline.out / rm_stage / "eval_pairs.json"
         cache_key = _hash({"stage": hashes[rm_stage], "eval": spec_hash})
         cached = _read_json(cache_file)
@@ -385,14 +386,3 @@ def _read_eval_prompts(path: str, limit: int | None) -> list[dict[str, Any]]:
     return read_prompts(path)[:limit]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    temporary.replace(path)

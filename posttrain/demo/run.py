@@ -25,13 +25,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     pipeline = load_pipeline(config or DEMO_CONFIG, [f"out={out}", f"seed={seed}"], quick=quick)
     result = run_pipeline(pipeline)
     evaluation = result.evaluation or {}
-    from posttrain.eval.report import _reference_row
+    from posttrain.eval.report import reference_row_of
 
-    print(f"\n{format_table(evaluation, _reference_row(pipeline))}\n")
+    print(f"\n{format_table(evaluation, reference_row_of(pipeline))}\n")
     out = Path(out)
     print(
         f"finished in {time.time() - started:.0f} s ({len(result.ran)} stages run, {len(result.reused)} reused)\n"
         f"  report: {out / 'report.html'}\n  also:   {out / 'report.md'}, {out / 'eval.json'}, one run directory per stage in {out}/",
         file=sys.stdout,
     )
-    return eval_json(evaluation, _reference_row(pipeline))
+    return eval_json(evaluation, reference_row_of(pipeline))
