@@ -156,7 +156,8 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -
     a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
     assert len(a) == 3
     for key in ("loss", "rewards/margin", "rewards/chosen", "logps/chosen"):
-        assert_close(torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b]), rtol=1e-5, atol=1e-6)
+        # rtol 1e-4: eight micro-batches sum in another order than one batch; float32 noise, amplified by lr 0.5.
+        assert_close(torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b]), rtol=1e-4, atol=1e-5)
     # At step 1 every pair is a tie that float noise breaks either way; afterwards the accuracy is a real count.
     assert [r["rewards/accuracy"] for r in a[1:]] == pytest.approx([r["rewards/accuracy"] for r in b[1:]], abs=1e-6)
     assert a[-1]["loss"] != a[0]["loss"]

@@ -255,6 +255,11 @@ FORMAT_TABLE = [
     ("Count the words: cat dog fox", "7", 1.0),
     ("Count the words: cat dog fox", "three", 0.0),
     ("Count the words: cat dog fox", "3 words", 0.0),
+    # letters: one integer
+    ("Count the letters: a b c d", "4", 1.0),
+    ("Count the letters: a b c d", "12", 1.0),
+    ("Count the letters: a b c d", "four", 0.0),
+    ("Count the letters: a b c d", "a b c d", 0.0),
 ]
 
 
