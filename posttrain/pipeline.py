@@ -340,6 +340,8 @@ def _plain(value: Any) -> Any:
 def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dict[str, Any]:
     """Evaluate each listed stage whose model and evaluation inputs are finished; cached per stage."""
     from posttrain.eval import evaluate_model, reward_model_accuracy
+    from posttrain.eval.evaluate import load_reference
+    from posttrain.eval.reward_model import as_scorer
 
     spec = pipeline.config.eval
     assert spec is not None
@@ -351,6 +353,7 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
     spec_hash = _hash({"eval": spec.model_dump(), "needs": {n: hashes[n] for n in sorted(needs)}})
     prompts = _read_eval_prompts(resolved["prompts"], spec.max_prompts)
     table: dict[str, Any] = {"models": {}}
+    shared: dict[str, Any] = {}  # the reward model and the reference, loaded once and only if a model needs them
     for row, stage in spec.models.items():
         if stage not in hashes:
             continue
@@ -361,8 +364,11 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
             table["models"][row] = cached["figures"]
             continue
         log(f"  evaluating {row} ({stage}) on {len(prompts)} held-out prompts")
+        if not shared:
+            shared["reward_model"] = as_scorer(resolved["reward_model"]) if resolved["reward_model"] else None
+            shared["reference"] = load_reference(resolved["reference"]) if resolved["reference"] else None
         figures = evaluate_model(
-            outputs[stage]["model"], prompts, reward_model=resolved["reward_model"], reference=resolved["reference"],
+            outputs[stage]["model"], prompts, reward_model=shared["reward_model"], reference=shared["reference"],
             max_new_tokens=spec.max_new_tokens,
         )
         _write_json(directory / "eval.json", {"hash": cache_key, "figures": figures})

@@ -182,9 +182,9 @@ class ModelReward:
     needs_reference = False
 
     def __init__(self, path: str, batch_size: int = 32, device: str | None = None) -> None:
-        from posttrain.models.scalar_head import reward_model_dir
+        from posttrain.models.loading import model_dir_of
 
-        reward_model_dir(path)  # a wrong path fails now, not after sampling
+        model_dir_of(path)  # a wrong path fails now, not after sampling
         self.path, self.batch_size, self.device = path, batch_size, device
         self.name = f"model:{path}"
         self._scorer: Any = None

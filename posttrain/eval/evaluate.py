@@ -18,7 +18,7 @@ DATA_KINDS = {
 }
 
 
-def _load_reference(reference: Any) -> tuple[Any, Any]:
+def load_reference(reference: Any) -> tuple[Any, Any]:
     """A reference for KL: a path (loaded with its tokenizer), a ``(model, tokenizer)`` pair, or a model."""
     from posttrain.models.loading import load_for_inference
 
@@ -65,7 +65,7 @@ def evaluate_model(
     if reference is not None:
         from posttrain.eval.kl import kl_to_reference
 
-        reference_model, reference_tokenizer = _load_reference(reference)
+        reference_model, reference_tokenizer = load_reference(reference)
         result["kl_to_reference"] = kl_to_reference(
             model, reference_model, tokenizer, messages, answers, batch_size=min(batch_size, 16),
             reference_tokenizer=reference_tokenizer,
@@ -156,7 +156,7 @@ def evaluate_files(
 
         rows = prompt_rows(data)
         scorer = as_scorer(reward_model) if reward_model is not None else None
-        reference_pair = _load_reference(reference) if reference is not None else None
+        reference_pair = load_reference(reference) if reference is not None else None
         for name in names:
             results[name] = evaluate_model(
                 name, rows, reward_model=scorer, reference=reference_pair, max_new_tokens=max_new_tokens, batch_size=batch_size

@@ -96,7 +96,7 @@ def model_dir_of(path: str | Path) -> Path:
         if (candidate / "config.json").exists() or (candidate / "adapter_config.json").exists():
             return candidate
     raise FileNotFoundError(
-        f"{path}: not a model (no config.json or adapter_config.json here or in {path / 'model'}); "
+        f"{path}: not a model directory (no config.json or adapter_config.json here or in {path / 'model'}); "
         "give a Hugging Face model directory or a finished run directory"
     )
 

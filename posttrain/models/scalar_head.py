@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from posttrain.models.adapters import is_peft_model
+from posttrain.models.loading import model_dir_of
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,22 +64,12 @@ def wrap_for_scalar_head(model: Any, tokenizer: Any) -> ScalarHeadModel:
     return ScalarHeadModel(model)
 
 
-def reward_model_dir(path: str | Path) -> Path:
-    """A reward-model run directory or its ``model/`` folder → the folder holding the weights."""
-    path = Path(path)
-    if (path / "model").is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-        path = path / "model"
-    if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json or adapter_config.json); give a stage: reward run")
-    return path
-
-
 def load_scorer_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ScalarHeadModel, Any]:
     """Load a trained reward model (full weights, or a LoRA/DoRA adapter over the base named in its
     ``adapter_config.json``, merged for speed) with its tokenizer, in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    directory = reward_model_dir(path)
+    directory = model_dir_of(path)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -58,7 +58,7 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
 from posttrain.models.forward import reference_model, token_logits
-from posttrain.models.scalar_head import reward_model_dir
+from posttrain.models.loading import model_dir_of
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
 from posttrain.runtime import Runtime
@@ -273,7 +273,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     critic = None
     if algorithm.advantage == "gae" and not config.critic.shared:
         # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
-        critic_path = str(reward_model_dir(config.critic.path)) if config.critic.path else config.model.path
+        critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
         critic_model = config.model.model_copy(update={"path": critic_path})
         critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
     trained = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
