@@ -110,6 +110,9 @@ class DataConfig(Block):
     """Longest tokenised sequence; longer rows are truncated and counted."""
     packing: bool = True
     """Pack several sequences per row (no attention across them, positions restart). False pads each row."""
+    share_prompt: bool = True
+    """Preference pairs and KTO examples: compute the prompt their two sequences share once per unit (packed rows,
+    sdpa attention; same log-probs, about a third fewer tokens on short chats). False: each sequence whole."""
     train_on_prompt: bool = False
     """Also train on system/user tokens, not only assistant turns."""
     format: Literal["auto", "sharegpt", "openai", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"

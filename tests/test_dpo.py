@@ -118,7 +118,8 @@ def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
     assert history[2] < history[0] - 1e-3, history
 
 
-def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model) -> None:
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model, share_prefix) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from posttrain.config import DataConfig
 
@@ -131,7 +132,7 @@ def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model) ->
     ref_table = -torch.rand(2 * len(pairs), generator=torch.Generator().manual_seed(0)) * 20
 
     def losses_and_grads(packed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        items = unit_rows(units, packed, max_length=128, seed=0)
+        items = unit_rows(units, packed, max_length=128, seed=0, share_prefix=share_prefix and packed)
         batch = collate(items, tokenizer.pad_token_id, packed)
         model.zero_grad()
         _, _, (per_pair, _, _) = dpo.forward_pairs(model, batch, options, ref_table)
@@ -140,7 +141,11 @@ def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model) ->
 
     padded_losses, padded_grads = losses_and_grads(packed=False)
     packed_losses, packed_grads = losses_and_grads(packed=True)
-    assert len(unit_rows(units, True, 128, 0)) < len(pairs), "packing must put several pairs in a row"
+    packed_rows = unit_rows(units, True, 128, 0, share_prefix)
+    assert len(packed_rows) < len(pairs), "packing must put several pairs in a row"
+    tokens = sum(len(row.input_ids) for row in packed_rows)
+    if share_prefix:  # the prompt is held once per pair: far fewer tokens than the two whole sequences
+        assert tokens < 0.8 * sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
     assert padded_losses.std() > 0.1
     assert_close(packed_losses, padded_losses, rtol=1e-4, atol=1e-5)
     for name in padded_grads:
@@ -150,7 +155,11 @@ def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model) ->
 @pytest.mark.parametrize("packing", [False, True])
 def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -> None:
     # SGD, as in test_sft_invariance: its update is linear in the gradient. A high β makes the loss move.
-    common = dict(train__max_steps=3, data__packing=packing, optim__name="sgd", optim__lr=0.5, dpo__beta=2.0, dpo__sft_weight=0.5)
+    # max_length 64: packed rows of 128 tokens, enough of them for 8 per step with the prompts shared.
+    common = dict(
+        train__max_steps=3, data__packing=packing, data__max_length=64, optim__name="sgd", optim__lr=0.5, dpo__beta=2.0,
+        dpo__sft_weight=0.5,
+    )
     dpo.run(_config(micro_model, toy.prefs, tmp_path / "a", train__batch_size=8, train__grad_accum=1, **common))
     dpo.run(_config(micro_model, toy.prefs, tmp_path / "b", train__batch_size=1, train__grad_accum=8, **common))
     a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")

@@ -118,8 +118,10 @@ def test_reward_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, pac
         assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path) -> None:
-    """One SGD step over every pair: packed rows and padded rows give the same loss and the same weights."""
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_prompt) -> None:
+    """One SGD step over every pair: packed rows (with each pair's prompt held once, or twice) and padded rows
+    give the same loss and the same weights."""
     from transformers import AutoTokenizer
 
     from posttrain.data.pairs import load_pairs
@@ -127,10 +129,13 @@ def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path) -> Non
     common = dict(train__max_steps=1, optim__name="sgd", optim__lr=0.5)
     padded = reward_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common)
     pairs = load_pairs(padded.data, AutoTokenizer.from_pretrained(micro_model), padded.seed).train
-    packed_rows = len(pair_rows(pairs, padded.data.model_copy(update={"packing": True}), padded.seed))
+    packed_rows = len(pair_rows(pairs, padded.data.model_copy(update={"packing": True}), padded.seed, share_prompt))
     assert packed_rows < len(pairs)
     padded = padded.model_copy(update={"train": padded.train.model_copy(update={"batch_size": len(pairs)})})
-    packed = reward_config(micro_model, toy.prefs, tmp_path / "packed", data__packing=True, train__batch_size=packed_rows, **common)
+    packed = reward_config(
+        micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt,
+        train__batch_size=packed_rows, **common,
+    )
     reward.run(padded)
     reward.run(packed)
     first_padded = next(m for m in _metrics(tmp_path / "padded") if "loss" in m)

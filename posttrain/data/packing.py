@@ -5,6 +5,15 @@ Packed rows carry ``position_ids`` that restart at 0 for every sequence and no a
 causal mask for the sdpa/eager kernels and into the varlen path for flash-attention. No token attends across
 sequences, and positions are those each sequence would have alone, so a packed row computes the same per-sample
 losses as padded rows (tested).
+
+Shared prefixes. The sequences of a unit (a preference pair's chosen and rejected sides, a KTO example and its
+mismatched completion) usually begin with the same prompt tokens. With ``share_prefix`` a packed unit holds that
+prefix once, then each sequence's remainder (its "branch"), positions continuing from the prefix; ``collate`` then
+builds the 4D boolean mask itself: causal, within a unit, and a branch sees the prefix and itself but no other
+branch. Every trained token sees exactly the tokens it would see alone at the same positions, so log-probs and
+rewards are unchanged (tested) while the prompt's forward and backward are paid once per unit instead of once per
+sequence (about a third of the tokens of short chat pairs). Only kernels that take a dense mask can do this (sdpa);
+flash-attention's varlen path has no way to express a branch.
 """
 
 from __future__ import annotations
@@ -30,33 +39,67 @@ class Row:
     num_targets: int
     source_ids: list[int]  # index of the data source (mixture member) of every token
     num_sequences: int = 1
+    # Shared-prefix rows only: 0 on a unit's shared prefix, i + 1 on the branch of the unit's i-th sequence.
+    branch_ids: list[int] | None = None
 
 
-def _row(sequences: list[TokenizedSequence], members: list[int]) -> Row:
+def shared_prefix_length(unit: list[TokenizedSequence]) -> int:
+    """How many leading tokens every sequence of ``unit`` can compute once: their common prefix, cut at the first
+    trained position of any of them (a trained position predicts its own sequence's next token, so it must sit
+    in that sequence's branch). Every branch keeps at least its first trained position. 0 for a lone sequence."""
+    if len(unit) < 2:
+        return 0
+    limit = min(next(i for i, t in enumerate(s.targets + [0]) if t != IGNORE_INDEX) for s in unit)
+    first, others = unit[0].input_ids, [s.input_ids for s in unit[1:]]
+    length = 0
+    while length < limit and all(length < len(o) and o[length] == first[length] for o in others):
+        length += 1
+    return length
+
+
+def _row(sequences: list[TokenizedSequence], units: list[list[int]], shared: list[int] | None = None) -> Row:
+    """A row holding ``units`` (lists of sequence indices) one after the other; ``shared[u]`` leading tokens of
+    unit ``u`` are held once (its shared prefix, owned by the unit's first sequence)."""
     input_ids, targets, positions, sequence_ids, source_ids = [], [], [], [], []
-    for index in members:
-        sequence = sequences[index]
-        input_ids += sequence.input_ids
-        targets += sequence.targets
-        positions += range(len(sequence.input_ids))
-        sequence_ids += [index] * len(sequence.input_ids)
-        source_ids += [sequence.source_index] * len(sequence.input_ids)
+    branch_ids: list[int] | None = [] if shared is not None else None
+    for unit_index, members in enumerate(units):
+        prefix = shared[unit_index] if shared is not None else 0
+        for branch, index in enumerate(members):
+            sequence = sequences[index]
+            start = prefix if branch else 0  # the first sequence carries the prefix
+            n = len(sequence.input_ids) - start
+            input_ids += sequence.input_ids[start:]
+            targets += sequence.targets[start:]
+            positions += range(start, len(sequence.input_ids))
+            sequence_ids += [index] * n
+            source_ids += [sequence.source_index] * n
+            if branch_ids is not None:
+                branch_ids += [0] * (prefix - start) + [branch + 1] * (len(sequence.input_ids) - prefix)
+    members = [index for unit in units for index in unit]
     num_targets = sum(sequences[i].num_targets for i in members)
-    return Row(input_ids, targets, positions, sequence_ids, num_targets, source_ids, len(members))
+    return Row(input_ids, targets, positions, sequence_ids, num_targets, source_ids, len(members), branch_ids)
 
 
 def single_rows(sequences: list[TokenizedSequence], units: list[list[int]] | None = None) -> list[Row]:
     """One row per sequence, or per unit (a group of sequence indices that must share a row, e.g. the chosen and
     rejected sides of a pair, placed one after the other with restarting positions)."""
-    return [_row(sequences, members) for members in (units or [[i] for i in range(len(sequences))])]
+    return [_row(sequences, [members]) for members in (units or [[i] for i in range(len(sequences))])]
 
 
-def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int, units: list[list[int]] | None = None) -> list[Row]:
+def pack_rows(
+    sequences: list[TokenizedSequence], max_length: int, seed: int, units: list[list[int]] | None = None,
+    share_prefix: bool = False,
+) -> list[Row]:
     """Best-fit-decreasing packing into rows of at most ``max_length`` tokens (ties broken by a seeded shuffle).
 
-    ``units`` (default: each sequence alone) are groups of sequence indices that stay together in one row."""
+    ``units`` (default: each sequence alone) are groups of sequence indices that stay together in one row; with
+    ``share_prefix`` each holds its sequences' shared prefix once (module docstring)."""
     units = units or [[i] for i in range(len(sequences))]
-    lengths = [sum(len(sequences[i].input_ids) for i in unit) for unit in units]
+    shared = [shared_prefix_length([sequences[i] for i in unit]) for unit in units] if share_prefix else None
+    lengths = [
+        sum(len(sequences[i].input_ids) for i in unit) - (len(unit) - 1) * (shared[u] if shared else 0)
+        for u, unit in enumerate(units)
+    ]
     order = list(range(len(units)))
     random.Random(seed).shuffle(order)
     order.sort(key=lambda u: -lengths[u])
@@ -70,10 +113,13 @@ def pack_rows(sequences: list[TokenizedSequence], max_length: int, seed: int, un
         else:
             space, bin_index = max(max_length, length), len(bins)
             bins.append([])
-        bins[bin_index] += units[unit]
+        bins[bin_index].append(unit)
         if space - length > 0:
             bisect.insort(free, (space - length, bin_index))
-    return [_row(sequences, members) for members in bins]
+    return [
+        _row(sequences, [units[u] for u in members], [shared[u] for u in members] if shared else None)
+        for members in bins
+    ]
 
 
 def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,21 +187,44 @@ def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch
     batch = {"input_ids": input_ids, "targets": targets, "sequence_ids": sequence_ids, "source_ids": source_ids}
     if packed:
         batch["position_ids"] = position_ids
+        if any(row.branch_ids is not None for row in rows):
+            branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                if row.branch_ids is not None:
+                    branch_ids[i, : len(row.branch_ids)] = torch.tensor(row.branch_ids)
+            batch["attention_mask"] = shared_prefix_mask(position_ids, branch_ids)
     else:
         batch["attention_mask"] = attention_mask
     batch["num_real_tokens"] = attention_mask.sum()
     return batch
 
 
-def unit_rows(units: list[tuple[TokenizedSequence, ...]], packed: bool, max_length: int, seed: int) -> list[Row]:
+def shared_prefix_mask(position_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, L, L)`` boolean attention mask (True: attend) of packed rows whose units may share a prefix.
+
+    A unit starts where positions restart at 0 (so does the padding at a row's end, which then attends only to
+    itself). Query q sees key k when k is not after q, both lie in the same unit, and k is on the shared prefix
+    (branch 0) or on q's own branch; the causal order already hides later branches from earlier ones."""
+    units = (position_ids == 0).long().cumsum(-1)
+    width = position_ids.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    same_unit = units[:, :, None] == units[:, None, :]
+    visible_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    return (causal & same_unit & visible_branch)[:, None]
+
+
+def unit_rows(
+    units: list[tuple[TokenizedSequence, ...]], packed: bool, max_length: int, seed: int, share_prefix: bool = False
+) -> list[Row]:
     """Rows that keep every unit of ``k`` sequences whole (the chosen and rejected sides of a preference pair; a
     KTO example and its mismatched completion), numbered so that unit ``u`` holds sequence ids ``k·u … k·u+k−1``:
     per-sequence values of a batch (in ``local_sequence_ids`` order) reshape to ``(units, k)``, and a row holds
     ``row.num_sequences // k`` units. Packed rows take up to ``k·max_length`` tokens, so any unit fits; padded,
-    each unit is one row that ``collate`` splits into one tensor row per sequence."""
+    each unit is one row that ``collate`` splits into one tensor row per sequence. ``share_prefix`` (packed only)
+    holds each unit's shared prefix once (module docstring)."""
     if not units:
         return []
     k = len(units[0])
     sequences = [sequence for unit in units for sequence in unit]
     groups = [list(range(k * u, k * u + k)) for u in range(len(units))]
-    return pack_rows(sequences, k * max_length, seed, groups) if packed else single_rows(sequences, groups)
+    return pack_rows(sequences, k * max_length, seed, groups, share_prefix) if packed else single_rows(sequences, groups)

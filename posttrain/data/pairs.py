@@ -132,10 +132,12 @@ def load_unpaired(config: DataConfig, tokenizer: Any, seed: int) -> SequenceSet:
     return load_examples(config, None, tokenize, seed, template)
 
 
-def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int) -> list[Row]:
+def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int, share_prefix: bool = False) -> list[Row]:
     """Rows for a pair recipe: pair p's chosen and rejected sides are sequences 2p and 2p+1 and always share a
-    row (one forward computes both; per-sequence values ``.view(-1, 2)`` give (chosen, rejected))."""
-    return unit_rows([(pair.chosen, pair.rejected) for pair in pairs], config.packing, config.max_length, seed)
+    row (one forward computes both; per-sequence values ``.view(-1, 2)`` give (chosen, rejected)); with
+    ``share_prefix`` the prompt they share is held once (``models.forward.shares_prefix`` decides)."""
+    units = [(pair.chosen, pair.rejected) for pair in pairs]
+    return unit_rows(units, config.packing, config.max_length, seed, share_prefix)
 
 
 def pair_sides(pairs: SequenceSet) -> SequenceSet:

@@ -14,6 +14,18 @@ from posttrain.losses import IGNORE_INDEX, per_sequence_nll
 from posttrain.models.adapters import is_peft_model, num_prepended_tokens
 
 
+def shares_prefix(data: Any, model: Any) -> bool:
+    """Whether the pair and KTO recipes lay their units out with a shared prefix (``data.packing``'s module
+    docstring): asked for (``data.share_prompt``), packed, and a model that takes a custom 4D boolean mask as it
+    is, i.e. sdpa attention (eager adds the mask to the scores, flash-attention takes none) and no peft prompt
+    learning (its virtual tokens or prefix keys would not be covered by the mask)."""
+    if not (data.packing and data.share_prompt):
+        return False
+    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+        return False
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
 def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits ``(N, V)`` for the N positions whose target is trained, in row-major order (``targets[keep]``).
 

@@ -35,7 +35,7 @@ from posttrain.config import DpoBlock, DpoConfig
 from posttrain.data.packing import Row, collate
 from posttrain.data.pairs import load_pairs, pair_rows, pair_sides
 from posttrain.models import load_model, load_tokenizer
-from posttrain.models.forward import batch_sequence_logps, reference_logps
+from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
 from posttrain.runtime import Runtime
 
 PairLosses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-pair losses, chosen rewards, rejected rewards
@@ -117,7 +117,9 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     rt.check_data(pair_sides(pairs), tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
-    items, eval_items = pair_rows(pairs.train, config.data, config.seed), pair_rows(pairs.held_out, config.data, config.seed)
+    share = shares_prefix(config.data, model)
+    items = pair_rows(pairs.train, config.data, config.seed, share)
+    eval_items = pair_rows(pairs.held_out, config.data, config.seed, share)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
     truncated = sum(p.truncated for p in pairs.train)
     rt.log(

@@ -33,7 +33,7 @@ from posttrain.data.packing import Row, collate, unit_rows
 from posttrain.data.pairs import load_unpaired
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.models import load_model, load_tokenizer
-from posttrain.models.forward import batch_sequence_logps, reference_logps
+from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
 from posttrain.runtime import Runtime
 
 
@@ -80,8 +80,9 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     rt.check_data(examples, tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
-    items = unit_rows(example_units(examples.train), packed, config.data.max_length, config.seed)
-    eval_items = unit_rows(example_units(examples.held_out), packed, config.data.max_length, config.seed)
+    share = shares_prefix(config.data, model)
+    items = unit_rows(example_units(examples.train), packed, config.data.max_length, config.seed, share)
+    eval_items = unit_rows(example_units(examples.held_out), packed, config.data.max_length, config.seed, share)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
     labels = torch.tensor([e.extra["label"] for e in examples.train], dtype=torch.bool, device=rt.device)
     eval_labels = torch.tensor([e.extra["label"] for e in examples.held_out], dtype=torch.bool, device=rt.device)

@@ -30,6 +30,7 @@ from posttrain.config import RewardConfig
 from posttrain.data.packing import Row, collate, local_sequence_ids, sequence_ends
 from posttrain.data.pairs import TokenizedPair, load_pairs, pair_rows, pair_sides
 from posttrain.models import load_model, load_tokenizer
+from posttrain.models.forward import shares_prefix
 from posttrain.runtime import Runtime
 
 
@@ -71,7 +72,9 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
     rt.check_data(pair_sides(pairs), tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer, scalar_head=True)
 
-    rows, eval_rows = pair_rows(pairs.train, config.data, config.seed), pair_rows(pairs.held_out, config.data, config.seed)
+    share = shares_prefix(config.data, model)
+    rows = pair_rows(pairs.train, config.data, config.seed, share)
+    eval_rows = pair_rows(pairs.held_out, config.data, config.seed, share)
     margins, eval_margins = pair_margins(pairs.train, config.reward.use_margin), pair_margins(pairs.held_out, config.reward.use_margin)
     collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing)
     rt.log(
