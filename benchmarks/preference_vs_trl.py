@@ -303,8 +303,7 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
     from transformers import AutoTokenizer
     from trl.data_utils import _tokenize
 
-    from posttrain.data.packing import unit_rows
-    from posttrain.data.pairs import load_pairs
+    from posttrain.data.pairs import load_pairs, pair_rows
     from posttrain.losses import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -312,7 +311,8 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
             "batch_rows": batch_rows, "max_length": max_length}
     config = posttrain_config(spec, "dpo")
     pairs = load_pairs(config.data, tokenizer, SEED)
-    rows = unit_rows([(p.chosen, p.rejected) for p in pairs.train], True, max_length, SEED)
+    # The recipes' layout: packed, each pair's prompt held once (sdpa, data.share_prompt's default).
+    rows = pair_rows(pairs.train, config.data, SEED, share_prefix=config.data.share_prompt)
     mismatches, extra_scored = 0, []
     records = preference_rows(str(data_path))
     if len(records) != len(pairs.train):

@@ -82,8 +82,13 @@ def test_shared_rows_give_the_log_probs_of_whole_sequences(toy, micro_model) -> 
     shared = unit_rows(units, True, 128, 0, share_prefix=True)
     whole = unit_rows(units, True, 128, 0)
     assert sum(len(r.input_ids) for r in shared) < sum(len(r.input_ids) for r in whole)
+    shared_batch = collate(shared, tokenizer.pad_token_id, True)
+    # The batch is laid out in narrower tensor rows than it was packed in (its mask is dense), same tokens.
+    assert shared_batch["input_ids"].shape[1] < max(len(r.input_ids) for r in shared)
+    assert shared_batch["input_ids"].shape[0] > len(shared)
+    assert int(shared_batch["num_real_tokens"]) == sum(len(r.input_ids) for r in shared)
     with torch.no_grad():
-        shared_logps, shared_counts, shared_ids = batch_sequence_logps(model, collate(shared, tokenizer.pad_token_id, True))
+        shared_logps, shared_counts, shared_ids = batch_sequence_logps(model, shared_batch)
         whole_logps, whole_counts, whole_ids = batch_sequence_logps(model, collate(whole, tokenizer.pad_token_id, True))
     assert torch.equal(shared_ids, whole_ids) and torch.equal(shared_counts, whole_counts)
     assert_close(shared_logps, whole_logps, rtol=1e-5, atol=1e-4)

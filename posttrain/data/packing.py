@@ -103,23 +103,29 @@ def pack_rows(
     order = list(range(len(units)))
     random.Random(seed).shuffle(order)
     order.sort(key=lambda u: -lengths[u])
+    return [
+        _row(sequences, [units[u] for u in members], [shared[u] for u in members] if shared else None)
+        for members in best_fit(lengths, order, max_length)
+    ]
+
+
+def best_fit(lengths: list[int], order: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: each item of ``order`` in turn goes to the open bin it fills best, or opens a new one
+    (of ``capacity``, or its own length when longer). With ``order`` by decreasing length: best-fit-decreasing."""
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (space left, bin index)
-    for unit in order:
-        length = lengths[unit]
+    for item in order:
+        length = lengths[item]
         slot = bisect.bisect_left(free, (length, -1))
         if slot < len(free):
             space, bin_index = free.pop(slot)
         else:
-            space, bin_index = max(max_length, length), len(bins)
+            space, bin_index = max(capacity, length), len(bins)
             bins.append([])
-        bins[bin_index].append(unit)
+        bins[bin_index].append(item)
         if space - length > 0:
             bisect.insort(free, (space - length, bin_index))
-    return [
-        _row(sequences, [units[u] for u in members], [shared[u] for u in members] if shared else None)
-        for members in bins
-    ]
+    return bins
 
 
 def local_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,29 +151,70 @@ def sequence_ends(local_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
     return ends.scatter_reduce(0, flat[real], positions[real], reduce="amax")
 
 
-def _one_sequence_per_row(rows: list[Row]) -> list[Row]:
-    """Split rows that hold several sequences (a pair's two sides) into one row per sequence, in order."""
-    split: list[Row] = []
-    for row in rows:
-        if row.num_sequences == 1:
-            split.append(row)
-            continue
-        starts = [i for i, position in enumerate(row.position_ids) if position == 0] + [len(row.input_ids)]
-        for start, end in zip(starts, starts[1:]):
-            targets = row.targets[start:end]
-            split.append(Row(
-                row.input_ids[start:end], targets, row.position_ids[start:end], row.sequence_ids[start:end],
-                sum(t != IGNORE_INDEX for t in targets), row.source_ids[start:end],
-            ))
-    return split
+def _segments(row: Row) -> list[Row]:
+    """A packed row cut where positions restart at 0: its units (or, in a unit with nothing shared, its
+    sequences), none of which attends to another."""
+    starts = [i for i, position in enumerate(row.position_ids) if position == 0] + [len(row.input_ids)]
+    return [_slice(row, start, end) for start, end in zip(starts, starts[1:])]
+
+
+def _slice(row: Row, start: int, end: int) -> Row:
+    targets = row.targets[start:end]
+    return Row(
+        row.input_ids[start:end], targets, row.position_ids[start:end], row.sequence_ids[start:end],
+        sum(t != IGNORE_INDEX for t in targets), row.source_ids[start:end], len(set(row.sequence_ids[start:end])),
+        row.branch_ids[start:end] if row.branch_ids is not None else None,
+    )
+
+
+def _joined(parts: list[Row]) -> Row:
+    joined = Row([], [], [], [], 0, [], 0, [] if any(p.branch_ids is not None for p in parts) else None)
+    for part in parts:
+        joined.input_ids += part.input_ids
+        joined.targets += part.targets
+        joined.position_ids += part.position_ids
+        joined.sequence_ids += part.sequence_ids
+        joined.source_ids += part.source_ids
+        joined.num_targets += part.num_targets
+        joined.num_sequences += part.num_sequences
+        if joined.branch_ids is not None:
+            joined.branch_ids += part.branch_ids if part.branch_ids is not None else [0] * len(part.input_ids)
+    return joined
+
+
+# Dense-mask rows are re-cut to about this many segments (units) each; see _narrow_rows.
+SEGMENTS_PER_DENSE_ROW = 4
+
+
+def _narrow_rows(rows: list[Row]) -> list[Row]:
+    """The same tokens in narrower tensor rows, for a batch whose mask ``collate`` builds densely.
+
+    A dense mask makes attention cost the row's length squared, however little of it is visible: a 508-token
+    row of 20 short units scores 508² key pairs per head where its units alone would score 20 × 25². So the
+    batch's units are re-packed (best-fit-decreasing, each unit whole) into rows of about four units' length,
+    or the longest unit, which cuts that waste about fivefold for a few percent of padding. Only the tensor
+    layout changes: the batch holds the same units and the same tokens see the same tokens, so losses, batch
+    sizes and everything the recipes compute are those of the rows as packed (and long units, which fill a row
+    on their own, are left as they are)."""
+    segments = [segment for row in rows for segment in _segments(row)]
+    lengths = [len(segment.input_ids) for segment in segments]
+    width = max(max(lengths), round(SEGMENTS_PER_DENSE_ROW * sum(lengths) / len(lengths)))
+    if width >= max(len(row.input_ids) for row in rows):
+        return rows
+    order = sorted(range(len(segments)), key=lambda i: -lengths[i])
+    return [_joined([segments[i] for i in sorted(members)]) for members in best_fit(lengths, order, width)]
 
 
 def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest one. Padded mode gets an attention mask and one sequence per tensor row (a
     row that holds a pair becomes two consecutive tensor rows); packed mode gets restarting positions instead
-    (and its padding forms its own segment, which trains nothing)."""
-    if not packed:
-        rows = _one_sequence_per_row(rows)
+    (and its padding forms its own segment, which trains nothing). Rows with shared prefixes get the 4D mask of
+    ``shared_prefix_mask``, in narrower tensor rows (``_narrow_rows``)."""
+    dense_mask = packed and any(row.branch_ids is not None for row in rows)
+    if dense_mask:
+        rows = _narrow_rows(rows)
+    if not packed:  # a row that holds several sequences (a pair's two sides) becomes one tensor row per sequence
+        rows = [segment for row in rows for segment in (_segments(row) if row.num_sequences > 1 else [row])]
     width = max(len(r.input_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -187,7 +234,7 @@ def collate(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, torch
     batch = {"input_ids": input_ids, "targets": targets, "sequence_ids": sequence_ids, "source_ids": source_ids}
     if packed:
         batch["position_ids"] = position_ids
-        if any(row.branch_ids is not None for row in rows):
+        if dense_mask:
             branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
             for i, row in enumerate(rows):
                 if row.branch_ids is not None:
