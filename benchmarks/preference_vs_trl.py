@@ -12,7 +12,8 @@ directory; every contender trains the SAME model directory (its tokenizer and ch
 
 - ``dpo``: ``posttrain.recipes.dpo.run(build_config({"stage": "dpo", ...}))``, sigmoid loss, pairs packed
   (``data.packing: true``, the default: whole pairs in rows of up to ``2 x max_length`` tokens, restarting
-  positions, no attention across sequences), reference log-probs computed once up front (the recipe's design).
+  positions, no attention across sequences, each pair's prompt held once: ``data.share_prompt``, the default),
+  reference log-probs computed once up front (the recipe's design).
 - ``trl_dpo``: ``trl.DPOTrainer`` as it comes: a second (reference) model loaded from the same path, and a
   reference forward over every batch at every step.
 - ``trl_dpo_precompute``: the same with ``precompute_ref_log_probs=True`` (TRL's own up-front reference pass).
@@ -28,10 +29,10 @@ no progress bar. Everything else is each library's default (e.g. TRL's fused Ada
 posttrain's metrics.jsonl every step).
 
 Pairs per step. posttrain's ``train.batch_size`` counts packed rows, TRL's ``per_device_train_batch_size`` counts
-pairs. The parent lays the pairs out exactly as the recipes do (``posttrain.data.packing.unit_rows``) and gives TRL
-``round(batch_rows x pairs per row)`` pairs a step (``--batch-rows``, default 3: about 34 pairs). posttrain's
-count varies a little from step to step (rows hold 9-18 toy pairs); both are reported, and the headline is pairs
-per second, which does not depend on it. Padding: TRL pads the 2B sequences of a batch to the longest (chosen
+pairs. The parent lays the pairs out exactly as the recipes do (``posttrain.data.pairs.pair_rows``, prompts
+shared) and gives TRL ``round(batch_rows x pairs per row)`` pairs a step (``--batch-rows``, default 3: about 51
+pairs). posttrain's count varies a little from step to step (rows hold about 17 toy pairs); both are reported, and
+the headline is pairs per second, which depends little on it. Padding: TRL pads the 2B sequences of a batch to the longest (chosen
 first, then rejected); ``padding_free`` is "temporarily unavailable" in TRL 1.16's DPO (it warns and pads) and does
 not exist for its reward trainer, so TRL runs padded. Tokens: both sides feed identical input ids (checked for
 every pair: ``trl_id_mismatches`` must be 0). posttrain scores a response as its content and the ``<|end|>``
@@ -62,16 +63,21 @@ Threads. ``--threads`` defaults to torch's default (all cores). On a machine sha
 use ``--threads 1``: with 2 OpenMP threads on 2 busy cores every op waits at a barrier for a descheduled thread
 (measured here: a tiny forward went from 0.16 s on one thread to 1.3 s on two), which swamps the code's own speed.
 
-Why the ratios are near 1 on CPU (measured on the tiny model, one thread, so nobody mistakes it for a handicap of
-this script): both libraries do the same arithmetic per pair. DPO needs one reference forward per pair, paid up
-front by posttrain and inside the step by TRL: the same FLOPs, so caching it saves the second model's memory, not
-time. What differs is layout: TRL pads 2B sequences to the batch's longest (~1.33x the real tokens here), while
-posttrain's packed rows of up to ``2 x max_length`` tokens (508 here) carry ~11 short pairs each, and with no
-varlen attention kernel on CPU transformers turns the restarting positions into a block-diagonal mask over the
-whole row, so sdpa scores 508^2 key pairs per head instead of ~22^2 per sequence: about a quarter of a packed
-step (attention forward+backward: 143 of 533 ms) for 3 rows of 508 tokens, which cancels the padding saved.
-With ``--max-length 32`` (rows of 64 tokens, about one pair each) the attention waste is gone but the rows pad
-to the longest pair instead.
+Where the difference comes from (tiny model, 2 threads): per pair both libraries do the same kind of work (one
+forward and backward of the chosen and rejected sequences; DPO also one reference forward, paid up front by
+posttrain and inside the step by TRL: the same FLOPs, so caching it saves the second model's memory, not time).
+posttrain does less of it:
+
+- the prompt is computed once per pair (``data.share_prompt``, on by default): a packed unit holds the prompt,
+  then the chosen and the rejected response, with a 4D mask that hides one response from the other. On the toy
+  pairs the prompt is about 16 of a sequence's 22 tokens, so a pair is ~30 tokens instead of ~45, in the
+  reference pass too;
+- no padding: TRL pads the 2B sequences of a batch to the longest (~1.35x the real tokens here);
+- short tensor rows: with a dense mask, attention costs the row's length squared however little of it is
+  visible, so a batch is laid out in rows of about four units (``data.packing._narrow_rows``) rather than in
+  rows of ``2 x max_length`` tokens (508 here, where attention was a quarter of the step).
+
+Before the shared prompt and the short rows the ratios were 0.97 for both (``git log`` of this file).
 
 The LAST line printed is one JSON object: ``dpo_pairs_s``, ``trl_dpo_pairs_s``, ``dpo_ratio``,
 ``trl_dpo_precompute_pairs_s``, ``dpo_ratio_vs_precompute``, ``rm_pairs_s``, ``trl_rm_pairs_s``, ``rm_ratio`` (with

@@ -13,7 +13,10 @@ Choices this recipe makes:
   model and a resumed run is the uninterrupted one. SimPO and ORPO skip this pass.
 - Chosen and rejected share one forward: a pair's two sequences are one unit that is never split (packed into
   rows of ``2·data.max_length`` tokens, or one padded row per pair that ``collate`` splits into its two sides;
-  ``data.packing.unit_rows``). ``train.batch_size`` counts rows: packed rows, or pairs when padded.
+  ``data.packing.unit_rows``). Packed, the prompt both sides share is held once (``data.share_prompt``): one
+  unit is prompt, chosen response, rejected response, with a mask that hides the chosen response from the
+  rejected one, so the prompt's forward and backward are paid once per pair. ``train.batch_size`` counts rows:
+  packed rows, or pairs when padded.
 - A log-prob is summed over the response tokens (the prompt is never trained, ``data/pairs.py``); IPO, SimPO and
   ORPO divide by the response length.
 - The loss is the sum of per-pair losses over the accumulated batch's pair count, so grad accumulation is exact.

@@ -13,7 +13,8 @@ Choices this recipe makes:
 - Loss: Bradley–Terry ``-logσ(r_c − r_r − m)`` (``losses.pairwise_reward_loss``), ``m`` the pair's margin when
   the data has one and ``reward.use_margin`` is on (Llama 2 §3.2.2), else 0. Averaged over the pairs of the whole
   accumulated batch, so grad accumulation is exact.
-- Chosen and rejected are one concatenated forward: they share a row (packed) or sit in consecutive rows.
+- Chosen and rejected are one concatenated forward: they share a row (packed, their common prompt held once:
+  ``data.share_prompt``) or sit in consecutive rows.
 - Held-out accuracy (share of pairs with ``r_c > r_r``) and mean reward gap are reported at every evaluation;
   ``eval_loss`` (the pairwise loss) drives the best checkpoint and early stopping.
 """
