@@ -50,6 +50,8 @@ def test_every_shipped_config_trains(toy, micro_model, tmp_path, config, capsys)
     stage_overrides = {
         "rejection_sampling": ["sampling.num_samples=2", "sampling.max_new_tokens=8", "rejection.require_finished=false"],
         "ppo": ["sampling.max_new_tokens=8"],
+        # 50 toy pairs with their prompts shared fill about 6 packed rows of 256 tokens.
+        **{stage: ["train.batch_size=2"] for stage in ("dpo", "kto", "reward")},
     }
     out = tmp_path / "run"
     code = main([

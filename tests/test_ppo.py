@@ -105,7 +105,12 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path) -> None:
     results = {}
     for batch_size, accum in ((8, 1), (1, 8)):
         out = tmp_path / f"run{batch_size}x{accum}"
-        ppo.run(ppo_config(micro_model, data, out, algorithm__advantage="gae", train__batch_size=batch_size, train__grad_accum=accum, train__max_steps=1, sampling__num_samples=2, algorithm__prompts_per_step=4))
+        # SGD, as in test_sft_invariance: the two layouts sum in another order (prompts shared within a
+        # micro-batch of 8, not in micro-batches of 1), and Adam's first step would amplify that noise.
+        ppo.run(ppo_config(
+            micro_model, data, out, algorithm__advantage="gae", train__batch_size=batch_size, train__grad_accum=accum,
+            train__max_steps=1, sampling__num_samples=2, algorithm__prompts_per_step=4, optim__name="sgd", optim__lr=0.5,
+        ))
         results[(batch_size, accum)] = weights(out / "model")
     a, b = results[(8, 1)], results[(1, 8)]
     for key in a:
@@ -206,6 +211,43 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     kls = [[r["kl"] for r in records(tmp_path / run) if "reward" in r] for run in ("shortcut", "separate")]
     torch.testing.assert_close(torch.tensor(kls[0]), torch.tensor(kls[1]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["grpo", "gae", "gae_shared_critic"])
+def test_shared_prompt_layout_trains_like_padded_rows(name, toy, micro_model, tmp_path) -> None:
+    """The responses to one prompt as one unit holding the prompt once (``data.share_prompt``, the default)
+    train exactly as padded rows of prompt + response: the same weights, critic included, and the same KL."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    # SGD: its update is linear in the gradient, so float summation-order noise stays noise (Adam's first step
+    # is about lr x sign(gradient), which turns the noise of a near-zero gradient into a full step).
+    settings = {
+        **ESTIMATORS[name], "sampling__num_samples": 4, "train__batch_size": 8, "train__grad_accum": 2, "train__max_steps": 2,
+        "optim__name": "sgd", "optim__lr": 0.5,
+    }
+    for share in (True, False):
+        ppo.run(ppo_config(micro_model, data, tmp_path / str(share), data__share_prompt=share, **settings))
+    for part in ("model", "critic"):
+        if not (tmp_path / "True" / part).exists():
+            continue
+        a, b = weights(tmp_path / "True" / part), weights(tmp_path / "False" / part)
+        if part == "model":  # the step really moved the policy
+            assert any(not torch.equal(a[k], weights(micro_model)[k]) for k in a)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    kls = [[r["kl"] for r in records(tmp_path / run) if "reward" in r] for run in ("True", "False")]
+    torch.testing.assert_close(torch.tensor(kls[0]), torch.tensor(kls[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_response_layout_shares_only_with_several_samples_and_a_dense_mask(toy, micro_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = ppo_config(micro_model, toy.prompts, Path("unused"))
+    sdpa = AutoModelForCausalLM.from_pretrained(micro_model, attn_implementation="sdpa")
+    eager = AutoModelForCausalLM.from_pretrained(micro_model, attn_implementation="eager")
+    assert ppo.response_layout(config, [sdpa], 0).share_prompt
+    assert not ppo.response_layout(config, [sdpa, eager], 0).share_prompt  # every model reading the rollout
+    one_sample = config.model_copy(update={"sampling": config.sampling.model_copy(update={"num_samples": 1})})
+    assert not ppo.response_layout(one_sample, [sdpa], 0).share_prompt
 
 
 def test_critic_starts_from_a_reward_model_run(toy, micro_model, tmp_path) -> None:

@@ -35,6 +35,33 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(micro_model)
     assert [[r.token_ids for r in g] for g in together] == [[r.token_ids for r in g] for g in alone]
 
 
+def test_prompts_computed_once_per_group_give_the_same_answers(micro_model, monkeypatch) -> None:
+    """Several samples of a prompt start from one forward of it, copied in the KV cache; greedy answers (and the
+    log-probs that pick them) are those of every row computing its own prompt."""
+    import posttrain.rollout.hf as hf
+
+    model, tokenizer = load(micro_model)
+    engine = HFEngine(model, tokenizer, {tokenizer.eos_token_id}, batch_size=9)
+    ids = [render_prompt_ids(tokenizer, messages) for messages in PROMPTS]
+    greedy = SamplingSettings(num_samples=3, max_new_tokens=10)
+    built = []
+    original = hf.shared_prompt_cache
+
+    def spy(*args):
+        cache = original(*args)  # generate extends it afterwards: record its shape now
+        built.append((cache.get_seq_length(), cache.layers[0].keys.shape[0]) if cache is not None else None)
+        return cache
+
+    monkeypatch.setattr(hf, "shared_prompt_cache", spy)
+    shared = engine.generate(ids, greedy)
+    # Three prompts computed once (but their last token), copied to their nine rows.
+    assert built == [(max(len(i) for i in ids) - 1, 9)]
+    monkeypatch.setattr(hf, "shared_prompt_cache", lambda *args: None)
+    separate = engine.generate(ids, greedy)
+    assert [[r.token_ids for r in g] for g in shared] == [[r.token_ids for r in g] for g in separate]
+    assert all(len(g) == 3 and g[0].token_ids == g[1].token_ids == g[2].token_ids for g in shared)
+
+
 def test_engine_equals_the_message_level_helper(micro_model) -> None:
     model, tokenizer = load(micro_model)
     engine = HFEngine(model, tokenizer, {tokenizer.eos_token_id}, batch_size=4)

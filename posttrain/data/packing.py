@@ -49,7 +49,10 @@ def shared_prefix_length(unit: list[TokenizedSequence]) -> int:
     in that sequence's branch). Every branch keeps at least its first trained position. 0 for a lone sequence."""
     if len(unit) < 2:
         return 0
-    limit = min(next(i for i, t in enumerate(s.targets + [0]) if t != IGNORE_INDEX) for s in unit)
+    limit = min(
+        min(next((i for i, t in enumerate(s.targets) if t != IGNORE_INDEX), len(s.targets)), len(s.input_ids) - 1)
+        for s in unit
+    )
     first, others = unit[0].input_ids, [s.input_ids for s in unit[1:]]
     length = 0
     while length < limit and all(length < len(o) and o[length] == first[length] for o in others):
@@ -182,8 +185,10 @@ def _joined(parts: list[Row]) -> Row:
     return joined
 
 
-# Dense-mask rows are re-cut to about this many segments (units) each; see _narrow_rows.
+# Dense-mask rows are re-cut to about this many segments (units) each, and at most this many tokens unless one
+# segment is longer; see _narrow_rows.
 SEGMENTS_PER_DENSE_ROW = 4
+DENSE_ROW_TOKENS = 256
 
 
 def _narrow_rows(rows: list[Row]) -> list[Row]:
@@ -191,14 +196,15 @@ def _narrow_rows(rows: list[Row]) -> list[Row]:
 
     A dense mask makes attention cost the row's length squared, however little of it is visible: a 508-token
     row of 20 short units scores 508² key pairs per head where its units alone would score 20 × 25². So the
-    batch's units are re-packed (best-fit-decreasing, each unit whole) into rows of about four units' length,
-    or the longest unit, which cuts that waste about fivefold for a few percent of padding. Only the tensor
+    batch's units are re-packed (best-fit-decreasing, each unit whole) into rows of about four units' length
+    (at most 256 tokens: past that, attention's share of the work grows faster than the padding it saves), or
+    the longest unit, which cuts that waste about fivefold for a few percent of padding. Only the tensor
     layout changes: the batch holds the same units and the same tokens see the same tokens, so losses, batch
     sizes and everything the recipes compute are those of the rows as packed (and long units, which fill a row
     on their own, are left as they are)."""
     segments = [segment for row in rows for segment in _segments(row)]
     lengths = [len(segment.input_ids) for segment in segments]
-    width = max(max(lengths), round(SEGMENTS_PER_DENSE_ROW * sum(lengths) / len(lengths)))
+    width = max(max(lengths), min(round(SEGMENTS_PER_DENSE_ROW * sum(lengths) / len(lengths)), DENSE_ROW_TOKENS))
     if width >= max(len(row.input_ids) for row in rows):
         return rows
     order = sorted(range(len(segments)), key=lambda i: -lengths[i])

@@ -49,29 +49,37 @@ class ActorCritic(nn.Module):
     def has_critic(self) -> bool:
         return self.critic is not None or self.value_head is not None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, with_values: bool = True,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attention_mask`` is a padding mask, or the 4D mask of shared-prefix rows with their ``position_ids``."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         keep = targets != IGNORE_INDEX
         if self.value_head is not None and with_values:
             # One backbone pass serves both heads: the LM head only at the response positions, as token_logits does.
             lm = _causal_lm(self.policy)
             backbone = getattr(lm, lm.base_model_prefix)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[keep]
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state[keep]
             logits = lm.lm_head(hidden)
             return logits, self.value_head(hidden).squeeze(-1).float()
         logits = token_logits(self.policy, batch)
         values = None
         if self.critic is not None and with_values:
-            values = self.critic(input_ids, attention_mask=attention_mask)[keep]
+            values = self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids)[keep]
         return logits, values
 
     @torch.no_grad()
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The critic's values at the response positions, without the policy's logits where the critic is separate."""
         keep = targets != IGNORE_INDEX
         if self.critic is not None:
-            return self.critic(input_ids, attention_mask=attention_mask)[keep]
-        return self(input_ids, attention_mask, targets)[1]  # type: ignore[return-value]
+            return self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids)[keep]
+        return self(input_ids, attention_mask, targets, position_ids=position_ids)[1]  # type: ignore[return-value]
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         """The policy into ``directory`` (a Hugging Face model, what later stages load); a separate critic into

@@ -51,13 +51,14 @@ from posttrain import losses, rl
 from posttrain.config import ConfigError, DataConfig, PpoConfig, RewardSource
 from posttrain.data.dataset import end_of_turn_ids, load_sequences, read_prompts, require_references, use_chat_template
 from posttrain.data.records import Prompt
-from posttrain.data.packing import Row, collate, single_rows
+from posttrain.data.packing import Row, collate, pack_rows, single_rows
+from posttrain.data.tokenize import TokenizedSequence
 from posttrain.diagnostics import TrainingWatch
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
-from posttrain.models.forward import reference_model, token_logits
+from posttrain.models.forward import reference_model, shares_prefix, token_logits
 from posttrain.models.loading import model_dir_of
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
@@ -132,6 +133,44 @@ def response_row(prompt_ids: list[int], response_ids: list[int], index: int) -> 
     return Row(input_ids, targets, list(range(n)), [index] * n, len(response_ids), [0] * n)
 
 
+@dataclass(frozen=True)
+class ResponseLayout:
+    """How rollout rows (prompt + response) become model inputs: padded, one row each; or, with
+    ``share_prompt``, the responses to one prompt as one unit that holds the prompt once (``data.packing``'s
+    shared prefixes: each response sees the prompt and itself), which spares the forward and backward of
+    ``num_samples - 1`` copies of every prompt."""
+
+    pad_token_id: int
+    share_prompt: bool = False
+
+    def batch(self, rows: list[Row], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The collated batch, and the permutation that puts its response positions (row-major in the batch) in
+        the order of ``rows`` (what ``to_actions`` expects); None when they already are."""
+        if not self.share_prompt:
+            return {k: v.to(device) for k, v in collate(rows, self.pad_token_id, packed=False).items()}, None
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for index, row in enumerate(rows):
+            by_prompt.setdefault(tuple(row.input_ids[: len(row.input_ids) - row.num_targets]), []).append(index)
+        sequences = [TokenizedSequence(row.input_ids, row.targets) for row in rows]
+        # Capacity 0: a row per unit, which collate then lays out in rows of a few units.
+        packed = pack_rows(sequences, 0, 0, list(by_prompt.values()), share_prefix=True)
+        batch = {k: v.to(device) for k, v in collate(packed, self.pad_token_id, packed=True).items()}
+        # Sequence ids are indices into rows; a response's positions are in order within its branch.
+        order = torch.argsort(batch["sequence_ids"][batch["targets"] != IGNORE_INDEX], stable=True)
+        return batch, order
+
+
+def response_layout(config: PpoConfig, models: list[Any], pad_token_id: int) -> ResponseLayout:
+    """Shared prompts when every model that reads the rollout takes the mask (``models.forward.shares_prefix``)
+    and there are several samples per prompt to share it."""
+    share = config.sampling.num_samples > 1 and all(shares_prefix(config.data, m) for m in models)
+    return ResponseLayout(pad_token_id, share)
+
+
+def in_row_order(flat: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return flat if order is None else flat[order]
+
+
 def to_actions(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Values at the N response positions (row-major) → ``(B, R)`` action space, 0 where masked."""
     out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
@@ -151,8 +190,8 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float)
 
 
 @torch.no_grad()
-def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, pad_token_id: int, compute: Any) -> torch.Tensor:
-    """``compute(batch)`` over ``rows`` in padded batches of ``train.batch_size``, in eval mode under the run's
+def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, layout: ResponseLayout, compute: Any) -> torch.Tensor:
+    """``compute(batch)`` over ``rows`` in batches of ``train.batch_size`` rows, in eval mode under the run's
     autocast; the flat results concatenated in row order."""
     out = []
     was_training = model.training
@@ -160,25 +199,29 @@ def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, pad_token_id: int, c
     try:
         with rt.accelerator.autocast():
             for start in range(0, len(rows), rt.train.batch_size):
-                batch = {k: v.to(rt.device) for k, v in collate(rows[start : start + rt.train.batch_size], pad_token_id, packed=False).items()}
-                out.append(compute(batch).float())
+                batch, order = layout.batch(rows[start : start + rt.train.batch_size], rt.device)
+                out.append(in_row_order(compute(batch).float(), order))
     finally:
         model.train(was_training)
     return torch.cat(out)
 
 
-def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, pad_token_id: int) -> torch.Tensor:
+def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, layout: ResponseLayout) -> torch.Tensor:
     """Flat log-probs (N,) of the response tokens of ``rows`` under ``model``."""
 
     def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return token_logps(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], temperature)
 
-    return _no_grad_pass(model, rows, rt, pad_token_id, compute)
+    return _no_grad_pass(model, rows, rt, layout, compute)
 
 
-def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, pad_token_id: int) -> torch.Tensor:
+def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, layout: ResponseLayout) -> torch.Tensor:
     """Flat values (N,) of the critic at the response positions of ``rows``."""
-    return _no_grad_pass(module, rows, rt, pad_token_id, lambda batch: module.values(batch["input_ids"], batch["attention_mask"], batch["targets"]))
+
+    def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return module.values(batch["input_ids"], batch["attention_mask"], batch["targets"], batch.get("position_ids"))
+
+    return _no_grad_pass(module, rows, rt, layout, compute)
 
 
 class RunningMoments:
@@ -277,6 +320,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         critic_model = config.model.model_copy(update={"path": critic_path})
         critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
     trained = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
+    layout = response_layout(config, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
     ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
@@ -310,7 +354,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, tokenizer, on_policy)
+        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, layout, on_policy)
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
@@ -319,7 +363,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 normaliser = _normaliser(rollout, members, config, rt)
                 for micro in range(rt.train.grad_accum):
                     chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
-                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, tokenizer.pad_token_id)
+                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, layout)
                     if ptx_rows:
                         ptx_loss, ptx_stats = _ptx_loss(module, ptx_rows, rt, tokenizer.pad_token_id, config)
                         loss, stats = loss + ptx_loss, {**stats, **ptx_stats}
@@ -370,8 +414,8 @@ def _parameter_groups(module: ActorCritic, config: PpoConfig) -> list[dict[str, 
 
 def make_rollout(
     prompts: list[PromptRow], engine: Any, module: ActorCritic, frozen_reference: Any, reward: Any, gold: Any,
-    settings: SamplingSettings, kl_coef: float, moments: RunningMoments, config: PpoConfig, rt: Runtime, tokenizer: Any,
-    on_policy: bool = False,
+    settings: SamplingSettings, kl_coef: float, moments: RunningMoments, config: PpoConfig, rt: Runtime,
+    layout: ResponseLayout, on_policy: bool = False,
 ) -> Rollout:
     """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
     gets exactly one update, so its log-probs before the update are the update's own (detached) and the separate
@@ -399,14 +443,14 @@ def make_rollout(
         scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
 
     policy = module.policy
-    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, tokenizer.pad_token_id), mask)
+    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, layout), mask)
     if frozen_reference is not None:
-        ref_flat = score_logps(frozen_reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
+        ref_flat = score_logps(frozen_reference, rows, rt, settings.temperature, layout)
     else:
         with reference_model(policy) as reference:
-            ref_flat = score_logps(reference, rows, rt, settings.temperature, tokenizer.pad_token_id)
+            ref_flat = score_logps(reference, rows, rt, settings.temperature, layout)
     ref_logps = to_actions(ref_flat, mask)
-    values = to_actions(critic_values(module, rows, rt, tokenizer.pad_token_id), mask) if module.has_critic else None
+    values = to_actions(critic_values(module, rows, rt, layout), mask) if module.has_critic else None
     # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
     kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if old_logps is not None else torch.zeros_like(mask)
     advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
@@ -445,10 +489,10 @@ def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Run
     return float(rt.sum_over_processes(local.clone()).clamp(min=1))
 
 
-def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, config: PpoConfig, rt: Runtime, pad_token_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, config: PpoConfig, rt: Runtime, layout: ResponseLayout) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (its share of the update's normalised sum) and its statistics."""
     algorithm = config.algorithm
-    batch = {k: v.to(rt.device) for k, v in collate([rollout.rows[i] for i in chosen], pad_token_id, packed=False).items()}
+    batch, order = layout.batch([rollout.rows[i] for i in chosen], rt.device)
     mask = rollout.mask[chosen]
     mask = mask[:, : int(mask.sum(1).max())]
     width = mask.shape[1]
@@ -457,9 +501,11 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         return tensor[chosen][:, :width]
 
     with rt.accelerator.autocast():
-        logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"])
+        logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"], position_ids=batch.get("position_ids"))
+    logits = in_row_order(logits, order)
+    values_flat = in_row_order(values_flat, order) if values_flat is not None else None
     temperature = config.sampling.temperature
-    logps = to_actions(token_logps(logits, batch["targets"][batch["targets"] != IGNORE_INDEX], temperature), mask)
+    logps = to_actions(token_logps(logits, in_row_order(batch["targets"][batch["targets"] != IGNORE_INDEX], order), temperature), mask)
     entropy = to_actions(rl.entropy_from_logits(logits.float() / temperature), mask)
     # On-policy (one update per rollout) the old log-probs are these very ones: ratio 1, the same gradient.
     old_logps = take(rollout.old_logps) if rollout.old_logps is not None else logps.detach()

@@ -42,6 +42,35 @@ class SamplingSettings:
     top_k: int = 0
 
 
+def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: list[int]) -> Any:
+    """A KV cache holding every row's prompt but its last token, each distinct prompt computed once and copied to
+    its rows (``num_samples`` copies of each prompt in a rollout); ``generate`` then starts from the last prompt
+    token. None (``generate`` computes every row's prompt itself) when no prompt repeats, or for peft prompt
+    learning, whose virtual tokens ``generate`` inserts itself.
+
+    Positions are what ``generate`` gives left-padded rows (the running count of real tokens), so the cache is
+    the one ``generate`` would have built."""
+    from transformers import DynamicCache
+
+    from posttrain.models.adapters import is_peft_model
+
+    if len(set(prompt_of_row)) == len(prompt_of_row) or input_ids.shape[1] < 2:
+        return None
+    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+        return None
+    first_row: dict[int, int] = {}
+    for row, prompt in enumerate(prompt_of_row):
+        first_row.setdefault(prompt, row)
+    distinct = torch.tensor(list(first_row.values()), device=input_ids.device)
+    ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    slot = {prompt: i for i, prompt in enumerate(first_row)}
+    cache.batch_select_indices(torch.tensor([slot[p] for p in prompt_of_row], device=input_ids.device))
+    return cache
+
+
 @torch.no_grad()
 def generate_from_ids(
     model: Any,
@@ -56,7 +85,8 @@ def generate_from_ids(
     ``result[i]`` holds prompt ``i``'s. ``decode(ids) -> str`` turns a response's ids into its text.
 
     Each prompt is repeated ``num_samples`` times in the flat stream, so ``batch_size`` bounds the sequences per
-    ``generate`` call whatever ``num_samples`` is. Left padding keeps every prompt's last token at the same
+    ``generate`` call whatever ``num_samples`` is; the copies of a prompt in one call share its forward
+    (``shared_prompt_cache``). Left padding keeps every prompt's last token at the same
     position so one batched ``generate`` (with its KV cache) serves all. Every sampling setting is passed
     explicitly so the checkpoint's ``generation_config.json`` (often ``do_sample: true`` with its own temperature)
     cannot change what was asked for."""
@@ -81,9 +111,11 @@ def generate_from_ids(
                 ids = prompt_ids[index]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=shared_prompt_cache(model, input_ids, attention_mask, chunk),
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(stop_ids),
