@@ -47,10 +47,9 @@ sdpa attention; float32 weights and compute (TRL defaults to bf16 and gradient c
 no evaluation, no checkpoint during training, no progress bar. Everything else is each library's default (TRL's
 fused AdamW, its logging every 10 steps; posttrain's ``metrics.jsonl`` and ``samples.jsonl`` every step).
 
-One difference is each library's design, not a setting: with one update per rollout the sampling policy IS the
-policy being updated, and TRL then skips the "old log-probs" forward (it uses the detached current log-probs);
-posttrain always computes them with an extra no-grad forward over the rollout (the recipe's design, which keeps
-``ppo_epochs > 1`` and several updates per step exact). The phase breakdown below shows what that costs.
+Both skip the separate "old log-probs" forward here: with one update per rollout the sampling policy IS the
+policy being updated, so the update's own (detached) log-probs serve (TRL always does this; posttrain when the
+rollout gets exactly one update, ``no_grad_forwards_per_step`` = 1 on both sides).
 
 How it is measured. Each run is a fresh subprocess; runs alternate (grpo, trl_grpo, grpo, ...) over ``--rounds``
 rounds, and the headline is the MEDIAN over rounds (the fastest round and every round are beside it). In every
@@ -84,18 +83,25 @@ Threads. ``--threads`` defaults to torch's default (all cores), the same on both
 in each subprocess). On a machine shared with other busy processes use ``--threads 1`` (``preference_vs_trl.py``
 explains why).
 
-Why posttrain is slower here (measured: ``--size tiny --threads 1 --steps 6 --rounds 3``, untrained policy, so
-nobody mistakes it for a handicap of this script): ratio 0.86, every round 0.84-0.87. Both sides spend nearly all
-their time in the same kernels of the same transformers model (linear layers, sdpa, autograd), and a step is the
-same work but for one forward. Median seconds per step, posttrain vs TRL: generation 0.41 vs 0.40 (an A/B of the
-two generation call paths in one process also measured them equal); no-grad forwards over the rollout 0.46 vs
-0.23: posttrain runs two (old policy and reference, ``no_grad_forwards_per_step``), TRL one (reference); loss
-forward 0.27 vs 0.26; backward 0.45 vs 0.50; optimizer 0.033 (posttrain's for-loop ``torch.optim.AdamW``) vs
-~0.01 (TRL's fused AdamW, inside its ``other``); reward, advantages and logging under 0.02 on both. The extra
-forward (~14% of posttrain's step) and the optimizer account for the whole gap of 0.24 s. With ``--sft-steps 30``
-(responses of ~5 tokens that end) the picture is the same (ratio ~0.8 in a one-round check). With the untrained
-policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense work whatever
-the values, so this does not change the timing.
+Where the difference comes from (``--size tiny --threads 1 --steps 6 --rounds 3``, untrained policy; median
+seconds per step, posttrain vs TRL): generation 0.234 vs 0.293, reference forward 0.120 vs 0.178, loss forward
+0.146 vs 0.210, backward 0.246 vs 0.399, optimizer 0.014 (TRL's fused AdamW is inside its ``other``, 0.009).
+Both run the same transformers model and kernels, compute-bound on one core; posttrain computes each prompt once
+per group of ``num_samples`` instead of once per sample:
+
+- in generation, every distinct prompt is prefilled once and its KV cache copied to the group's rows
+  (``rollout.hf.shared_prompt_cache``), and ``generate`` starts from the prompt's last token;
+- in the reference, loss and (for PPO) critic forwards and the backward, the responses to one prompt form one
+  packed unit that holds the prompt once, with a 4D mask that shows each response the prompt and itself
+  (``recipes.ppo.ResponseLayout``), and no padding.
+
+The toy prompts average 16.5 tokens against 24 generated, so a group of 8 is ~214 tokens instead of ~324. What
+is left is the responses' own arithmetic, the same on both sides: 2x on CPU would need attention that skips the
+masked blocks of the shared-prompt rows (a cascade/varlen kernel; with a dense mask, a response token still
+scores the other responses' positions) or less generation work per token; on GPU, vLLM generation
+(``rollout/vllm.py``). Before the shared prompts the ratio was 1.06 (0.86 before the on-policy shortcut). With
+the untrained policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense
+work whatever the values, so this does not change the timing.
 
 The LAST line printed is one JSON object: ``samples_s`` (posttrain's sampled responses per second, steady state)
 ``trl_samples_s``, ``ratio`` (= samples_s / trl_samples_s), ``gen_tok_s``, ``trl_gen_tok_s``, ``gen_tok_ratio``,
