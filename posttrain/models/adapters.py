@@ -100,12 +100,18 @@ def attach_adapter(model: Any, config: PeftConfig, task: str = "CAUSAL_LM") -> A
     return peft.get_peft_model(model, adapter)
 
 
+def is_prompt_learning(model: Any) -> bool:
+    """A peft model whose adapter is prompt learning (prompt tuning, P-tuning, prefix tuning): virtual tokens or
+    prefix keys/values that peft adds inside ``forward``."""
+    return is_peft_model(model) and model.active_peft_config.is_prompt_learning
+
+
 def num_prepended_tokens(model: Any) -> int:
     """Virtual tokens peft prepends to the sequence (prompt tuning, P-tuning); prefix tuning prepends none to
     the sequence (it extends the keys/values instead)."""
-    if not is_peft_model(model):
+    if not is_prompt_learning(model):
         return 0
     peft_config = model.active_peft_config
-    if peft_config.is_prompt_learning and peft_config.peft_type.value in ("PROMPT_TUNING", "P_TUNING"):
+    if peft_config.peft_type.value in ("PROMPT_TUNING", "P_TUNING"):
         return peft_config.num_virtual_tokens
     return 0

@@ -11,7 +11,7 @@ import torch
 
 from posttrain.data.packing import local_sequence_ids
 from posttrain.losses import IGNORE_INDEX, per_sequence_nll
-from posttrain.models.adapters import is_peft_model, num_prepended_tokens
+from posttrain.models.adapters import is_peft_model, is_prompt_learning, num_prepended_tokens
 
 
 def shares_prefix(data: Any, model: Any) -> bool:
@@ -21,7 +21,7 @@ def shares_prefix(data: Any, model: Any) -> bool:
     learning (its virtual tokens or prefix keys would not be covered by the mask)."""
     if not (data.packing and data.share_prompt):
         return False
-    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+    if is_prompt_learning(model):
         return False
     return getattr(model.config, "_attn_implementation", None) == "sdpa"
 
@@ -62,7 +62,7 @@ def reference_model(model: Any) -> Iterator[Any]:
     ``disable_adapter`` swaps ``forward`` but ``token_logits`` would still skip the virtual tokens' positions."""
     if not is_peft_model(model):
         yield model
-    elif model.active_peft_config.is_prompt_learning:
+    elif is_prompt_learning(model):
         yield model.get_base_model()
     else:
         with model.disable_adapter():

@@ -10,8 +10,8 @@ Choices this recipe makes:
 - The reference point z0 estimates ``KL(π‖π_ref)`` as the mean log-ratio of mismatched (prompt, other example's
   completion) sequences (``data/pairs.py``), over the micro-batch and all processes, detached and clamped at 0 as
   in the paper and TRL. Each example and its mismatched sequence form one unit that shares the forward
-  (``data.packing.unit_rows``; packed, their common prompt is held once, ``data.share_prompt``). Because z0 is a micro-batch statistic, gradient accumulation is not exactly
-  equal to a larger micro-batch here (as in TRL).
+  (``data.packing.unit_rows``; packed, their common prompt is held once, ``data.share_prompt``). Because z0 is
+  a micro-batch statistic, gradient accumulation is not exactly equal to a larger micro-batch here (as in TRL).
 - The reference log-probs of every example and every mismatched sequence are computed once, before the runtime
   restores a checkpoint, with the adapter switched off (or, for full and freeze tuning, from the initial
   weights), and cached (``models.forward.reference_logps``).

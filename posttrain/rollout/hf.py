@@ -52,11 +52,9 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     the one ``generate`` would have built."""
     from transformers import DynamicCache
 
-    from posttrain.models.adapters import is_peft_model
+    from posttrain.models.adapters import is_prompt_learning
 
-    if len(set(prompt_of_row)) == len(prompt_of_row) or input_ids.shape[1] < 2:
-        return None
-    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+    if len(set(prompt_of_row)) == len(prompt_of_row) or input_ids.shape[1] < 2 or is_prompt_learning(model):
         return None
     first_row: dict[int, int] = {}
     for row, prompt in enumerate(prompt_of_row):
