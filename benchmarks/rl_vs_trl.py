@@ -1,9 +1,10 @@
 """Online-RL throughput: posttrain's GRPO (``stage: ppo``, ``algorithm.advantage: grpo``) against TRL's
-``GRPOTrainer``, on CPU, fp32, generation with transformers ``generate`` on both sides (no vLLM).
+``GRPOTrainer``, on CPU, fp32, generation on the transformers model on both sides (posttrain's decoding loop,
+TRL's ``generate``; no vLLM).
 
     python benchmarks/rl_vs_trl.py --size tiny                      # 1 round of the two contenders
     python benchmarks/rl_vs_trl.py --size tiny --threads 1 --steps 6 # on a shared machine (see below)
-    python benchmarks/rl_vs_trl.py --size tiny --rounds 3 --sft-steps 30
+    python benchmarks/rl_vs_trl.py --size tiny --threads 1 --steps 6 --sft-steps 0   # untrained policy
     python benchmarks/rl_vs_trl.py --size tiny --steps 4 --profile grpo   # cProfile of the timed steps
 
 What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
@@ -15,11 +16,16 @@ TRL gets ``prompt`` = the message list, in its conversational format, and the ``
 - ``grpo``: ``posttrain.recipes.ppo.run(build_config({"stage": "ppo", ...}))`` with ``algorithm.advantage: grpo``.
 - ``trl_grpo``: ``trl.GRPOTrainer``.
 
-The policy is the untrained toy model by default. A randomly initialised model almost never samples the end token
-(about 1 in 2000 per token), so nearly every response runs to ``max_new_tokens`` on both sides: the same work for
-both, printed as ``policy``, ``*_mean_completion_tokens`` and ``*_finished_share``. ``--sft-steps N`` first
-fine-tunes it with posttrain's SFT recipe on the toy ``sft.jsonl`` (N steps, lr 2e-3, as ``posttrain demo
---quick``) so that responses end, as they do in a real run; that run is not timed.
+The policy. By default the toy model after ``--sft-steps`` (60, the demo's SFT length) steps of posttrain's SFT
+recipe on the toy ``sft.jsonl`` (lr 2e-3, batch 8; not timed), because an RL run starts from an SFT model: its
+answers end with the end token after about 5 tokens, now and then one runs to ``max_new_tokens``, and both sides
+sample from the same policy, so from the same length distribution (printed as ``policy``,
+``*_mean_completion_tokens`` and ``*_finished_share``). ``--sft-steps 0`` takes the untrained toy model: it almost
+never samples the end token (about 1 in 2000 per token), so nearly every response runs to ``max_new_tokens`` on
+both sides. That workload has no variable lengths and measures the arithmetic per token alone; the default also
+measures what each side does with lengths (posttrain drops a row from the decoding batch when it ends and packs
+training rows without padding; TRL's ``generate`` runs every row until the longest ends, and its training batch
+is padded to the longest completion).
 
 Same reward: the toy gold reward, ``posttrain.demo.tasks.score_prompt(prompt_text, response, reference)``, where
 ``prompt_text`` is the last user message. posttrain calls it through ``reward.function: toy`` (with
@@ -139,6 +145,7 @@ TRL_LOSS_TYPE = "dapo"  # sum over the batch's response tokens / their count: po
 DEFAULT_STEPS: dict[str, int] = {"tiny": 8, "small": 4}
 DEFAULT_WARMUP = 1
 SFT_LR = 2e-3  # posttrain demo's SFT settings: enough for the toy model to end its answers after ~30 steps
+DEFAULT_SFT_STEPS = 60  # the demo's SFT length
 PROFILE_LINES = 30
 
 
@@ -542,7 +549,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=DEFAULT_PROMPTS_PER_STEP)
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="group size (TRL num_generations)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--sft-steps", type=int, default=0, help="SFT the toy model this many steps first (0: none)")
+    parser.add_argument("--sft-steps", type=int, default=DEFAULT_SFT_STEPS, help="SFT the toy model this many steps first (0: none, the untrained model)")
     parser.add_argument("--profile", choices=CONTENDERS, default=None, help="cProfile one run of this contender")
     args = parser.parse_args()
     if args.worker:

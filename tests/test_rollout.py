@@ -1,13 +1,17 @@
-"""Rollout engines: batched left-padded generation equals one prompt at a time, the engine interface equals the
-message-level helper, and (GPU, vLLM installed) the vLLM engine samples what transformers samples and follows
-the trained weights after ``sync_weights``."""
+"""Rollout engines: batched left-padded generation equals one prompt at a time and transformers ``generate``,
+rows that stop leave the batch, draws follow the temperature / top-k / top-p distribution, the engine interface
+equals the message-level helper, and (GPU, vLLM installed) the vLLM engine samples what transformers samples and
+follows the trained weights after ``sync_weights``."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids, sample_responses
+from posttrain.rollout.hf import sample_next_tokens
 from posttrain.rollout.vllm import vllm_available
 
 PROMPTS = [
@@ -60,6 +64,95 @@ def test_prompts_computed_once_per_group_give_the_same_answers(micro_model, monk
     separate = engine.generate(ids, greedy)
     assert [[r.token_ids for r in g] for g in shared] == [[r.token_ids for r in g] for g in separate]
     assert all(len(g) == 3 and g[0].token_ids == g[1].token_ids == g[2].token_ids for g in shared)
+
+
+def test_rows_that_stop_leave_the_batch_and_answers_equal_generate(micro_model) -> None:
+    """Greedy answers equal transformers ``generate`` (left padding, repeated prompts, two stop ids), while each
+    decoding forward computes only the rows still going: its batch is the number of answers longer than the
+    step (after one forward of the three distinct prompts)."""
+    model, tokenizer = load(micro_model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the untrained micro model answers one token over and over: make answers differ
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    ids = [render_prompt_ids(tokenizer, messages) for messages in PROMPTS]
+    greedy = SamplingSettings(num_samples=2, max_new_tokens=12)
+    # A second stop token: one that the first prompt's greedy answer emits after a few tokens, so its rows stop
+    # early while the others run on.
+    first = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate(ids[:1], greedy)[0][0].token_ids
+    stop = {tokenizer.eos_token_id, first[3]}
+    batch_sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        answers = [r.token_ids for g in HFEngine(model, tokenizer, stop, batch_size=6).generate(ids, greedy) for r in g]
+    finally:
+        hook.remove()
+    width = max(len(i) for i in ids)
+    padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids for _ in range(2)])
+    output = model.generate(
+        input_ids=padded, attention_mask=(padded != tokenizer.pad_token_id).long(), max_new_tokens=12, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
+    )
+    expected = []
+    for row in output[:, width:].tolist():
+        cut = next((i for i, token in enumerate(row) if token in stop), len(row) - 1)
+        expected.append(row[: cut + 1])
+    assert answers == expected
+    lengths = [len(a) for a in answers]
+    assert min(lengths) < max(lengths) == 12  # some rows stopped early, some ran to the limit
+    assert batch_sizes == [3] + [sum(length > step for length in lengths) for step in range(max(lengths))]
+
+
+def test_prompt_tuning_generates_through_transformers(micro_model) -> None:
+    """peft prompt learning inserts its virtual tokens inside ``generate``: the engine answers what the peft
+    model's own ``generate`` does (and not what the bare base model would)."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    base, tokenizer = load(micro_model)
+    torch.manual_seed(0)
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # virtual tokens far from the vocabulary's, to change the answers
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    ids = render_prompt_ids(tokenizer, PROMPTS[1])
+    answer = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate([ids], SamplingSettings(1, 8))[0][0].token_ids
+    prompt = torch.tensor([ids])
+    expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id])
+    assert answer == expected[0, len(ids) :].tolist()[: len(answer)]
+    with model.disable_adapter():
+        bare = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate([ids], SamplingSettings(1, 8))[0][0].token_ids
+    assert bare != answer
+
+
+def test_draws_follow_the_temperature_top_k_top_p_distribution() -> None:
+    """200,000 draws from one row of logits: frequencies match the hand-derived probabilities within 5 standard
+    errors, and tokens outside the cut (or of probability 0) are never drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -math.inf])
+    draws = 200_000
+
+    def frequencies(settings: SamplingSettings) -> list[float]:
+        torch.manual_seed(0)
+        tokens = sample_next_tokens(logits.expand(draws, -1), settings)
+        return (torch.bincount(tokens, minlength=6).double() / draws).tolist()
+
+    def assert_close(observed: list[float], weights: list[float]) -> None:
+        expected = [w / sum(weights) for w in weights]
+        for got, want in zip(observed, expected):
+            assert abs(got - want) <= 5 * math.sqrt(want * (1 - want) / draws) + 1e-12, (observed, expected)
+
+    e = math.exp
+    # Temperature 1: softmax of the logits, the -inf token never.
+    assert_close(frequencies(SamplingSettings(temperature=1.0)), [e(2), e(1), e(0.5), 1.0, e(-1), 0.0])
+    # Temperature 0.5 doubles the logits.
+    assert_close(frequencies(SamplingSettings(temperature=0.5)), [e(4), e(2), e(1), 1.0, e(-2), 0.0])
+    # Top-k 2 keeps the two most likely tokens, renormalised.
+    assert_close(frequencies(SamplingSettings(temperature=1.0, top_k=2)), [e(2), e(1), 0, 0, 0, 0])
+    # Top-p 0.8: probabilities .563, .207, .126, ... reach 0.8 only with the third token.
+    total = e(2) + e(1) + e(0.5) + 1.0 + e(-1)
+    assert e(2) / total + e(1) / total < 0.8 < (e(2) + e(1) + e(0.5)) / total
+    assert_close(frequencies(SamplingSettings(temperature=1.0, top_p=0.8)), [e(2), e(1), e(0.5), 0, 0, 0])
+    # Temperature 0 is the argmax, whatever the other settings.
+    assert frequencies(SamplingSettings(temperature=0.0, top_k=3)) == [1.0, 0, 0, 0, 0, 0]
 
 
 def test_engine_equals_the_message_level_helper(micro_model) -> None:

@@ -1,4 +1,5 @@
-"""Batched sampling with transformers ``generate`` (KV cache, left padding, stop at EOS / end of turn)."""
+"""Batched sampling on a transformers model: a KV cache, left padding, prompts shared by a group computed once,
+and rows that leave the batch when they reach a stop token (EOS / end of turn)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,14 @@ class SamplingSettings:
 
 def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: list[int]) -> Any:
     """A KV cache holding every row's prompt but its last token, each distinct prompt computed once and copied to
-    its rows (``num_samples`` copies of each prompt in a rollout); ``generate`` then starts from the last prompt
-    token. None (``generate`` computes every row's prompt itself) when no prompt repeats, or for peft prompt
-    learning, whose virtual tokens ``generate`` inserts itself.
+    its rows (``num_samples`` copies of each prompt in a rollout); decoding then starts from the last prompt
+    token. None (every row computes its own prompt) when no prompt repeats.
 
     Positions are what ``generate`` gives left-padded rows (the running count of real tokens), so the cache is
-    the one ``generate`` would have built."""
+    the one a forward of every row would have built."""
     from transformers import DynamicCache
 
-    from posttrain.models.adapters import is_prompt_learning
-
-    if len(set(prompt_of_row)) == len(prompt_of_row) or input_ids.shape[1] < 2 or is_prompt_learning(model):
+    if len(set(prompt_of_row)) == len(prompt_of_row) or input_ids.shape[1] < 2:
         return None
     first_row: dict[int, int] = {}
     for row, prompt in enumerate(prompt_of_row):
@@ -69,6 +67,70 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     return cache
 
 
+def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """One token per row from next-token logits ``(B, V)``: the argmax when ``temperature`` is 0, otherwise a
+    draw from ``softmax(logits / temperature)`` cut to the ``top_k`` most likely tokens and then to the ``top_p``
+    nucleus, in that order, with transformers' own warpers (the cut ``generate`` makes).
+
+    The draw inverts the cumulative distribution with one uniform number per row. ``torch.multinomial`` draws
+    one exponential per vocabulary entry instead; on CPU that was most of a small model's sampling time, and
+    with a real vocabulary (150k entries x 64 rows) it would be ~10M random numbers per token."""
+    if settings.temperature <= 0:
+        return logits.argmax(dim=-1)
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float() / settings.temperature
+    if settings.top_k > 0:
+        scores = TopKLogitsWarper(settings.top_k)(None, scores)
+    if settings.top_p < 1.0:
+        scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    uniform = torch.rand(cumulative.shape[0], 1, device=cumulative.device) * cumulative[:, -1:]
+    # The first token whose cumulative probability exceeds the draw: right=True never lands on a token of
+    # probability 0 (its cumulative value equals its predecessor's); the clamp covers rounding at the top end.
+    return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=cumulative.shape[-1] - 1).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, stop_ids: set[int], prompt_of_row: list[int]) -> list[list[int]]:
+    """Each left-padded row's new tokens, up to and including its first stop token, or ``max_new_tokens``.
+
+    A row leaves the batch when it stops: its KV-cache entries are dropped (transformers'
+    ``DynamicCache.batch_select_indices``) and later steps compute only the rows still going. ``generate``
+    keeps every row until the last one ends, computing padding for the finished ones; with replies of mixed
+    lengths (most answer in a few tokens, one runs to the limit) that padding is most of the decoding.
+    Positions are ``generate``'s for left padding (the running count of real tokens), so greedy answers are
+    ``generate``'s (tested). Copies of a prompt start from one forward of it (``shared_prompt_cache``)."""
+    from transformers import DynamicCache
+
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    cache = shared_prompt_cache(model, input_ids, attention_mask, prompt_of_row)
+    if cache is None:
+        cache, step_ids, step_positions = DynamicCache(config=model.config), input_ids, positions
+    else:  # the cache holds every prompt but its last token
+        step_ids, step_positions = input_ids[:, -1:], positions[:, -1:]
+    mask = attention_mask
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    stop = torch.tensor(sorted(stop_ids), dtype=input_ids.dtype, device=input_ids.device)
+    new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for _ in range(settings.max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        tokens = sample_next_tokens(logits[:, -1], settings)
+        for row, token in zip(rows.tolist(), tokens.tolist()):
+            new_tokens[row].append(token)
+        going = ~torch.isin(tokens, stop)
+        if not bool(going.any()):
+            break
+        step_positions = step_positions[:, -1:] + 1
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, step_positions = rows[keep], tokens[keep], mask[keep], step_positions[keep]
+        step_ids = tokens[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return new_tokens
+
+
 @torch.no_grad()
 def generate_from_ids(
     model: Any,
@@ -76,24 +138,20 @@ def generate_from_ids(
     settings: SamplingSettings,
     pad_token_id: int,
     stop_token_ids: Iterable[int],
-    decode: Any,
+    decode_text: Any,
     batch_size: int = 32,
 ) -> list[list[Response]]:
-    """``settings.num_samples`` responses to each tokenised prompt with transformers ``generate``;
-    ``result[i]`` holds prompt ``i``'s. ``decode(ids) -> str`` turns a response's ids into its text.
+    """``settings.num_samples`` responses to each tokenised prompt; ``result[i]`` holds prompt ``i``'s.
+    ``decode_text(ids) -> str`` turns a response's ids into its text.
 
     Each prompt is repeated ``num_samples`` times in the flat stream, so ``batch_size`` bounds the sequences per
-    ``generate`` call whatever ``num_samples`` is; the copies of a prompt in one call share its forward
-    (``shared_prompt_cache``). Left padding keeps every prompt's last token at the same
-    position so one batched ``generate`` (with its KV cache) serves all. Every sampling setting is passed
-    explicitly so the checkpoint's ``generation_config.json`` (often ``do_sample: true`` with its own temperature)
-    cannot change what was asked for."""
+    batch whatever ``num_samples`` is. Left padding keeps every prompt's last token at the same position so one
+    batch with one KV cache serves all (:func:`decode_batch`). Every sampling setting is explicit, so the checkpoint's
+    ``generation_config.json`` (often ``do_sample: true`` with its own temperature) cannot change what was asked
+    for. peft prompt learning goes through ``generate``, which inserts its virtual tokens."""
+    from posttrain.models.adapters import is_prompt_learning
+
     stop_ids = {int(i) for i in stop_token_ids if i is not None}
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-        if settings.temperature > 0
-        else {"do_sample": False}
-    )
     flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]
     was_training = model.training
     model.eval()
@@ -110,21 +168,30 @@ def generate_from_ids(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                past_key_values=shared_prompt_cache(model, input_ids, attention_mask, chunk),
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=pad_token_id,
-                eos_token_id=sorted(stop_ids),
-                **sampling,
-            )
-            for index, ids in zip(chunk, output[:, width:].tolist()):
+            if is_prompt_learning(model):
+                new_tokens = _generate(model, input_ids, attention_mask, settings, pad_token_id, stop_ids)
+            else:
+                new_tokens = decode_batch(model, input_ids, attention_mask, settings, stop_ids, chunk)
+            for index, ids in zip(chunk, new_tokens):
                 kept, finished = _cut_at_stop(ids, stop_ids)
-                grouped[index].append(Response(decode(kept), kept, finished))
+                grouped[index].append(Response(decode_text(kept), kept, finished))
     finally:
         model.train(was_training)
     return grouped
+
+
+def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, pad_token_id: int, stop_ids: set[int]) -> list[list[int]]:
+    """transformers ``generate`` (for peft prompt learning): the new ids of each row, padding included."""
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        if settings.temperature > 0
+        else {"do_sample": False}
+    )
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
+        pad_token_id=pad_token_id, eos_token_id=sorted(stop_ids), **sampling,
+    )
+    return output[:, input_ids.shape[1] :].tolist()
 
 
 def render_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
