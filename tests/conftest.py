@@ -14,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", REPO.parent / "shared" / "peer-data"))
+# The learning tests run seed 0; their docstrings' rows for other seeds come from
+# ``POSTTRAIN_LEARNING_SEED=1 pytest -s tests/test_rl_learning.py`` (the kit, micro model and training all seeded).
+LEARNING_SEED = int(os.environ.get("POSTTRAIN_LEARNING_SEED", "0"))
 
 
 @pytest.fixture(scope="session")

@@ -201,7 +201,11 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
     """With one update per rollout and the KL in the loss, the old log-probs are taken from the update's own
     forward instead of a separate pass (what TRL does too); forcing the separate pass gives the same training."""
     data = prompts_file(toy, tmp_path / "p.jsonl")
-    grpo = {"algorithm__advantage": "grpo", "algorithm__kl_mode": "loss", "algorithm__kl_estimator": "k3", "train__max_steps": 3}
+    # SGD, as in the shared-layout test below: Adam's first step would blow float noise up to a full step.
+    grpo = {
+        "algorithm__advantage": "grpo", "algorithm__kl_mode": "loss", "algorithm__kl_estimator": "k3", "train__max_steps": 3,
+        "optim__name": "sgd", "optim__lr": 0.5,
+    }
     ppo.run(ppo_config(micro_model, data, tmp_path / "shortcut", **grpo))
     full_pass = ppo.make_rollout
     monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-1], False))

@@ -5,8 +5,9 @@ Choices this recipe makes:
 
 - Every prompt of ``data.train`` (prompt records: the turns before a final assistant turn, plus a ``reference``
   when the row has one) gets ``sampling.num_samples`` responses from the policy (``model.path``), sampled with
-  transformers ``generate`` and its KV cache (``rollout.sample_responses``), rendered with ``data.template`` or the
-  tokenizer's template (the one the SFT round then trains with), stopping at EOS or the template's end of turn.
+  the rollout engine's decoding loop and KV cache (``rollout.sample_responses``), rendered with
+  ``data.template`` or the tokenizer's template (the one the SFT round then trains with), stopping at EOS or the
+  template's end of turn.
 - Sampling comes first, scoring second, so the policy and a reward model are never in memory together. The
   reward is ``rewards.build_reward(reward)``: a reward model, a function, an HTTP service, or their weighted sum,
   minus ``reward.unfinished_penalty`` for a response cut at ``max_new_tokens``.

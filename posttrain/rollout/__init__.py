@@ -1,8 +1,9 @@
 """Generation engines behind one interface.
 
 A :class:`RolloutEngine` turns tokenised prompts into sampled responses (their token ids, text, and whether a
-stop token ended them) and takes the trained weights after each update. The default, ``HFEngine``, is
-transformers' ``generate`` with a KV cache on the policy itself; ``VllmEngine`` (GPU, when vLLM is installed)
+stop token ended them) and takes the trained weights after each update. The default, ``HFEngine``, decodes on
+the policy itself (a transformers model) with a KV cache, each group's prompt computed once and finished rows
+leaving the batch; ``VllmEngine`` (GPU, when vLLM is installed)
 generates with vLLM and receives the weights after every update. Trainers recompute the log-probs of the sampled
 tokens themselves, so an engine only has to sample.
 """
