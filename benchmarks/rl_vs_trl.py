@@ -89,24 +89,24 @@ Threads. ``--threads`` defaults to torch's default (all cores), the same on both
 in each subprocess). On a machine shared with other busy processes use ``--threads 1`` (``preference_vs_trl.py``
 explains why).
 
-Where the difference comes from (``--size tiny --threads 1 --steps 6 --rounds 3``, untrained policy; median
-seconds per step, posttrain vs TRL): generation 0.234 vs 0.293, reference forward 0.120 vs 0.178, loss forward
-0.146 vs 0.210, backward 0.246 vs 0.399, optimizer 0.014 (TRL's fused AdamW is inside its ``other``, 0.009).
-Both run the same transformers model and kernels, compute-bound on one core; posttrain computes each prompt once
-per group of ``num_samples`` instead of once per sample:
+Where the difference comes from (``--size tiny --threads 1 --steps 6 --rounds 3``, median seconds per step,
+posttrain vs TRL). Default policy (ratio 2.92): generation 0.106 vs 0.269, reference forward 0.056 vs 0.179, loss
+forward 0.067 vs 0.205, backward 0.111 vs 0.383. Untrained policy, ``--sft-steps 0`` (ratio 1.56): generation
+0.225 vs 0.339, reference forward 0.134 vs 0.202, loss forward 0.168 vs 0.251, backward 0.266 vs 0.464. Both run
+the same transformers model and kernels, compute-bound on one core; posttrain does less of that work:
 
-- in generation, every distinct prompt is prefilled once and its KV cache copied to the group's rows
-  (``rollout.hf.shared_prompt_cache``), and ``generate`` starts from the prompt's last token;
-- in the reference, loss and (for PPO) critic forwards and the backward, the responses to one prompt form one
-  packed unit that holds the prompt once, with a 4D mask that shows each response the prompt and itself
-  (``recipes.ppo.ResponseLayout``), and no padding.
+- each prompt is computed once per group of ``num_samples`` instead of once per sample: in generation, every
+  distinct prompt is prefilled once and its KV cache copied to the group's rows
+  (``rollout.hf.shared_prompt_cache``); in the reference, loss and (for PPO) critic forwards and the backward,
+  the responses to one prompt form one packed unit that holds the prompt once, with a 4D mask that shows each
+  response the prompt and itself (``recipes.ppo.ResponseLayout``);
+- a row leaves the decoding batch when it ends (``rollout.hf.decode_batch``), and training rows hold no padding.
 
-The toy prompts average 16.5 tokens against 24 generated, so a group of 8 is ~214 tokens instead of ~324. What
-is left is the responses' own arithmetic, the same on both sides: 2x on CPU would need attention that skips the
-masked blocks of the shared-prompt rows (a cascade/varlen kernel; with a dense mask, a response token still
-scores the other responses' positions) or less generation work per token; on GPU, vLLM generation
-(``rollout/vllm.py``). Before the shared prompts the ratio was 1.06 (0.86 before the on-policy shortcut). With
-the untrained policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense
+On the untrained policy only the first applies (every response runs to ``max_new_tokens``): the toy prompts
+average 16.5 tokens against 24 generated, so a group of 8 is ~214 tokens instead of ~324, and what is left is the
+responses' own arithmetic, the same on both sides. On GPU, vLLM generation (``rollout/vllm.py``) is not measured
+here. Before the shared prompts the untrained ratio was 1.06 (0.86 before the on-policy shortcut). With the
+untrained policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense
 work whatever the values, so this does not change the timing.
 
 The LAST line printed is one JSON object: ``samples_s`` (posttrain's sampled responses per second, steady state)

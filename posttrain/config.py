@@ -111,8 +111,9 @@ class DataConfig(Block):
     packing: bool = True
     """Pack several sequences per row (no attention across them, positions restart). False pads each row."""
     share_prompt: bool = True
-    """Preference pairs and KTO examples: compute the prompt their two sequences share once per unit (packed rows,
-    sdpa attention; same log-probs, about a third fewer tokens on short chats). False: each sequence whole."""
+    """Preference pairs, KTO examples and the responses to one RL prompt: compute the prompt their sequences share
+    once per unit (packed rows, sdpa attention; same log-probs, about a third fewer tokens on short chats). False:
+    each sequence whole."""
     train_on_prompt: bool = False
     """Also train on system/user tokens, not only assistant turns."""
     format: Literal["auto", "sharegpt", "openai", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"

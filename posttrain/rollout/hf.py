@@ -153,6 +153,7 @@ def generate_from_ids(
 
     stop_ids = {int(i) for i in stop_token_ids if i is not None}
     flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]
+    through_generate = is_prompt_learning(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -168,7 +169,7 @@ def generate_from_ids(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if is_prompt_learning(model):
+            if through_generate:
                 new_tokens = _generate(model, input_ids, attention_mask, settings, pad_token_id, stop_ids)
             else:
                 new_tokens = decode_batch(model, input_ids, attention_mask, settings, stop_ids, chunk)
