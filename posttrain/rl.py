@@ -212,7 +212,11 @@ def _grouped(function: str, scores: torch.Tensor, group_size: int) -> torch.Tens
             f"{function}: {scores.shape[0]} scores do not split into groups of group_size={group_size}; lay them "
             "out as contiguous groups of group_size samples of the same prompt."
         )
-    return scores.view(-1, group_size)
+    # Group statistics in float64: the float32 mean of n equal scores is generally off by an ulp, and GRPO's
+    # division by a std of ~1 ulp (+ eps) blew that up into a same-sign advantage for the whole group (+0.316 for
+    # eight 5.3s), pushing a group that carries no signal up or down. In float64 the sum of n equal float32 values
+    # is exact (n < 2^29), so their mean is the value itself and r − mean is exactly 0.
+    return scores.view(-1, group_size).double()
 
 
 def group_advantages(
@@ -222,7 +226,8 @@ def group_advantages(
     group of ``group_size`` samples of one prompt, laid out contiguously in ``scores`` (B,).
 
     The std has Bessel's correction (``torch.std``'s default, as TRL's GRPOTrainer computes it). A group whose
-    samples all scored the same gets advantage 0: it carries no signal. ``scale_by_std=False`` is Dr.GRPO (Liu et
+    samples all scored the same gets advantage exactly 0 (the statistics are taken in float64): it carries no
+    signal. ``scale_by_std=False`` is Dr.GRPO (Liu et
     al. 2025, "Understanding R1-Zero-Like Training"), ``r − mean_g``: dividing by the std up-weights prompts that are
     nearly always or never solved. TRL uses ``eps = 1e-4``. Returns ``(B,)``; broadcast it over the response tokens.
     """
@@ -230,7 +235,7 @@ def group_advantages(
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
-    return advantages.reshape(-1)
+    return advantages.reshape(-1).to(scores.dtype)
 
 
 def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -239,7 +244,7 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     the policy gradient stays unbiased; it equals ``G/(G−1)·(r_i − mean_g)``. Returns ``(B,)``."""
     grouped = _grouped("leave_one_out_advantages", scores, group_size)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
+    return (grouped - baseline).reshape(-1).to(scores.dtype)
 
 
 # --- Losses ----------------------------------------------------------------------------------------------------------

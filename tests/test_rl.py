@@ -326,6 +326,21 @@ def test_group_baselines_properties(group_size: int) -> None:
     assert_close(advantages["rloo"], group_size / (group_size - 1) * advantages["dr_grpo"])
 
 
+@pytest.mark.parametrize("score", [5.3, 2 / 3, 0.3 - 0.5, -7.1, 1e4 / 3])
+@pytest.mark.parametrize("group_size", [2, 5, 8, 16])
+def test_equal_scores_give_exactly_zero_advantage_in_float32(score: float, group_size: int) -> None:
+    """A group whose samples all scored the same carries no signal: advantage exactly 0, in the float32 the recipe
+    uses. (The float32 group mean of eight 5.3s is off by one ulp, and dividing by a std of ~1 ulp + 1e-6 used to
+    give +0.316 to every sample.) The dtype stays float32."""
+    scores = torch.full((3 * group_size,), score, dtype=torch.float32)
+    for function in (group_advantages, leave_one_out_advantages):
+        advantages = function(scores, group_size)
+        assert advantages.dtype == torch.float32
+        assert torch.equal(advantages, torch.zeros_like(scores)), (function.__name__, advantages)
+    assert torch.equal(group_advantages(scores, group_size, scale_by_std=False), torch.zeros_like(scores))
+    assert torch.equal(group_advantages(torch.full((8,), 5.3), 8), torch.zeros(8))
+
+
 @pytest.mark.parametrize("function", [group_advantages, leave_one_out_advantages])
 def test_group_functions_validate_group_size(function: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     with pytest.raises(ValueError, match="at least 2"):
