@@ -74,11 +74,38 @@ def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
     return build_config(raw)
 
 
+# `.ci/run` sets this: a test that needs peer-data then fails when it is missing, instead of skipping and letting
+# CI go green without the real-tokenizer loss masks, templates and registries. `make test` alone still skips.
+REQUIRE_PEER_DATA = os.environ.get("POSTTRAIN_REQUIRE_PEER_DATA", "") not in ("", "0")
+_PEER_DATA_REQUIRED = "POSTTRAIN_REQUIRE_PEER_DATA=1 (set by .ci/run): peer data is required"
+
+
 def need_peer_file(path: Path) -> Path:
-    """``path`` under peer-data, or skip the test when that folder is not beside the checkout."""
+    """``path`` under peer-data, or skip the test when that folder is not beside the checkout (fail under
+    ``POSTTRAIN_REQUIRE_PEER_DATA=1``)."""
     if not path.exists():
-        pytest.skip(f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)")
+        message = f"peer data not found: {path} (set POSTTRAIN_PEER_DATA)"
+        if REQUIRE_PEER_DATA:
+            pytest.fail(f"{_PEER_DATA_REQUIRED}; {message}", pytrace=False)
+        pytest.skip(message)
     return path
+
+
+def _is_peer_data_skip(reason: str) -> bool:
+    return "peer data" in reason or "peer-data" in reason or str(PEER_DATA) in reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """Under ``POSTTRAIN_REQUIRE_PEER_DATA=1``, a skip for missing peer-data from a test file's own ``skipif``
+    mark (not only from :func:`need_peer_file`) is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_PEER_DATA and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if _is_peer_data_skip(reason):
+            report.outcome = "failed"
+            report.longrepr = f"{_PEER_DATA_REQUIRED}; {reason}"
 
 
 @pytest.fixture(scope="session")
