@@ -67,6 +67,19 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     return cache
 
 
+def cumulative_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """The cumulative distribution ``(B, V)`` of ``softmax(scores)`` that :func:`sample_next_tokens` inverts, in
+    float64: token i is drawn with probability ``(c_i − c_{i−1}) / c_V``.
+
+    Why float64: in float32 the running sum's ulp is 6e-8 once it passes 0.5, so every later token with p < 3e-8
+    adds nothing (never drawn) and the rest are rounded to multiples of 6e-8: on a 152k vocabulary 112k–146k
+    tokens could not be drawn and the draws were 1e-4 (total variation) away from the softmax whose log-probs
+    PPO uses as the behaviour policy's. In float64 the ulp is 1.1e-16: a token is lost only below that, and
+    all such tokens together weigh less than V·1.1e-16 (2e-11 for 152k), under float32's resolution of the
+    log-probs themselves."""
+    return torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+
+
 def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """One token per row from next-token logits ``(B, V)``: the argmax when ``temperature`` is 0, otherwise a
     draw from ``softmax(logits / temperature)`` cut to the ``top_k`` most likely tokens and then to the ``top_p``
@@ -84,8 +97,10 @@ def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torc
         scores = TopKLogitsWarper(settings.top_k)(None, scores)
     if settings.top_p < 1.0:
         scores = TopPLogitsWarper(settings.top_p)(None, scores)
-    cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-    uniform = torch.rand(cumulative.shape[0], 1, device=cumulative.device) * cumulative[:, -1:]
+    cumulative = cumulative_probabilities(scores)
+    # The uniform in float64 too: float32's 2^-24 grid would hand every token of p < 6e-8 at the bottom of the CDF
+    # a probability of 0 or 6e-8 instead of p.
+    uniform = torch.rand(cumulative.shape[0], 1, dtype=cumulative.dtype, device=cumulative.device) * cumulative[:, -1:]
     # The first token whose cumulative probability exceeds the draw: right=True never lands on a token of
     # probability 0 (its cumulative value equals its predecessor's); the clamp covers rounding at the top end.
     return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=cumulative.shape[-1] - 1).squeeze(-1)
