@@ -426,6 +426,10 @@ class RejectionSamplingConfig(StageConfig):
     """Selection and the SFT round."""
 
 
+# The KL estimator an unset algorithm.kl_estimator takes, per kl_mode (AlgorithmBlock explains why).
+KL_ESTIMATOR_BY_MODE: dict[str, str] = {"reward": "k1", "loss": "k3"}
+
+
 class AlgorithmBlock(Block):
     """The online-RL algorithm: advantage estimator, PPO clipping, KL anchor, epochs over each rollout."""
 
@@ -459,12 +463,14 @@ class AlgorithmBlock(Block):
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus weight."""
     kl_coef: float = Field(0.05, ge=0)
-    """KL anchor to the reference policy (beta); 0 turns it off (and skips the reference pass)."""
+    """KL anchor to the reference policy (beta); 0 turns it off: no reference model is kept (no frozen copy)
+    and no reference pass is run, and no KL is logged."""
     kl_mode: Literal["reward", "loss"] = "reward"
     """reward: per-token -beta*KL added to the reward (InstructGPT); loss: beta*KL added to the loss (GRPO)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (Schulman 2020): k1 = log ratio (unbiased, the usual in-reward choice), k3
-    (non-negative, low variance, GRPO's in-loss choice)."""
+    """Per-token KL estimator (Schulman 2020): k1 = log ratio (unbiased, the usual in-reward choice), k2, k3
+    (non-negative, low variance, GRPO's in-loss choice). Unset: k1 with kl_mode=reward, k3 with kl_mode=loss;
+    k1 with kl_mode=loss is refused (its expected gradient is zero)."""
     kl_target: float | None = Field(None, gt=0)
     """Adaptive KL controller target per response (Ziegler et al. 2019); null keeps kl_coef fixed."""
     kl_horizon: int = Field(10000, ge=1)
@@ -499,10 +505,40 @@ class CriticBlock(Block):
     lr: float | None = Field(None, gt=0)
     """Critic learning rate; null: optim.lr."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_follows_the_mode(cls, data: Any) -> Any:
+        # An unset estimator defaults per mode rather than to one value: k1 is right in the reward (unbiased, and
+        # its value is what matters there) but as a loss its expected gradient is zero, so a user who only sets
+        # kl_mode=loss would get a KL anchor that adds noise and no pull. k3 is GRPO's in-loss choice (TRL,
+        # DeepSeekMath). A k1 the user wrote is not rewritten: _kl_loss_has_a_gradient refuses it.
+        if isinstance(data, dict) and data.get("kl_estimator") is None:
+            data = {**data, "kl_estimator": KL_ESTIMATOR_BY_MODE[data.get("kl_mode", "reward")]}
+        return data
+
     @model_validator(mode="after")
     def _shared_has_no_path(self) -> "CriticBlock":
         if self.shared and self.path:
             raise ValueError("critic.shared=true puts the value head on the policy; critic.path is then unused, remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _kl_loss_has_a_gradient(self) -> "AlgorithmBlock":
+        if self.kl_mode == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "algorithm.kl_mode=loss with kl_estimator=k1 adds a KL term whose expected gradient is zero "
+                "(∇ log π averages to 0 under sampling), so it would not anchor the policy; use kl_estimator=k3 "
+                "(GRPO's choice, the default with kl_mode=loss) or k2, or kl_mode=reward for k1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kl_target_needs_a_coefficient(self) -> "AlgorithmBlock":
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError(
+                "algorithm.kl_target steers kl_coef multiplicatively, so from kl_coef=0 it stays 0 and does "
+                "nothing; set a starting kl_coef > 0 (e.g. 0.05) or remove kl_target"
+            )
         return self
 
 
@@ -557,8 +593,22 @@ class PpoConfig(StageConfig):
             raise ValueError(f"algorithm.advantage={advantage} compares responses to the same prompt: set sampling.num_samples >= 2")
         if self.sampling.temperature == 0:
             raise ValueError("sampling.temperature=0 samples the same response every time, so RL cannot explore; use > 0 (e.g. 1.0)")
-        if self.peft.method in PROMPT_LEARNING_METHODS and advantage == "gae" and self.critic.shared:
-            raise ValueError("a shared critic reads the policy's hidden states, which prompt learning does not expose; set critic.shared=false")
+        if self.model.dropout:
+            raise ValueError(
+                "model.dropout=true in stage ppo: the PPO ratio compares the update's log-probs with the rollout's, and "
+                "dropout noise makes them differ with no update (TRL and OpenRLHF turn it off); remove model.dropout"
+            )
+        if self.peft.method in PROMPT_LEARNING_METHODS and advantage == "gae":
+            # Shared: the value head reads hidden states that prompt learning does not expose. Separate: the
+            # critic is a scalar-head model that calls its base model directly, so peft never inserts the
+            # virtual tokens and only the head trains (a linear probe on a frozen backbone); RewardConfig
+            # refuses prompt learning for scalar heads for the same reason.
+            raise ValueError(
+                f"peft.method={self.peft.method} cannot train a critic (algorithm.advantage=gae): a shared critic "
+                "reads hidden states prompt learning does not expose, and a separate critic's scalar head never "
+                "sees the virtual tokens, so only its head would train; use a critic-free algorithm.advantage "
+                "(grpo, rloo, reinforce++) or peft.method lora"
+            )
         return self
 
 

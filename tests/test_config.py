@@ -57,6 +57,38 @@ def test_cross_checks() -> None:
         load_config(None, ["stage=sft", *REQUIRED, "resume=true"])
 
 
+PPO = ["stage=ppo", *REQUIRED]
+
+
+def test_kl_in_the_loss_never_uses_k1() -> None:
+    """k1 = log π − log π_ref as a loss term has zero expected gradient: refused when written, and an unset
+    estimator follows the mode (k3 in the loss, k1 in the reward), so `kl_mode=loss` alone anchors the policy."""
+    with pytest.raises(ConfigError, match=r"kl_mode=loss with kl_estimator=k1 .* expected gradient is zero"):
+        load_config(None, [*PPO, "algorithm.kl_mode=loss", "algorithm.kl_estimator=k1"])
+    assert load_config(None, [*PPO, "algorithm.kl_mode=loss"]).algorithm.kl_estimator == "k3"
+    assert load_config(None, PPO).algorithm.kl_estimator == "k1"
+    assert load_config(None, [*PPO, "algorithm.kl_mode=loss", "algorithm.kl_estimator=k2"]).algorithm.kl_estimator == "k2"
+    assert load_config(None, [*PPO, "algorithm.kl_mode=reward", "algorithm.kl_estimator=k3"]).algorithm.kl_estimator == "k3"
+
+
+def test_kl_target_needs_a_nonzero_starting_coefficient() -> None:
+    """The adaptive controller multiplies kl_coef, so from 0 it would stay 0 (N1)."""
+    with pytest.raises(ConfigError, match=r"kl_target steers kl_coef multiplicatively"):
+        load_config(None, [*PPO, "algorithm.kl_coef=0", "algorithm.kl_target=3.0"])
+    assert load_config(None, [*PPO, "algorithm.kl_coef=0"]).algorithm.kl_coef == 0
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_critic_with_prompt_learning_is_refused(method: str, shared: bool) -> None:
+    """A separate critic's scalar head never sees the virtual tokens (only its head would train, a linear probe);
+    a shared one reads hidden states prompt learning does not expose. Critic-free estimators still accept it."""
+    with pytest.raises(ConfigError, match=rf"peft.method={method} cannot train a critic"):
+        load_config(None, [*PPO, f"peft.method={method}", "data.packing=false", f"critic.shared={str(shared).lower()}"])
+    grpo = load_config(None, [*PPO, f"peft.method={method}", "data.packing=false", "algorithm.advantage=grpo", "sampling.num_samples=2"])
+    assert grpo.peft.method == method
+
+
 def test_overrides_are_parsed_as_yaml_values() -> None:
     assert parse_overrides(["a.b=3", "a.c=[x, y]", "d=false", "e=/p/q"]) == {"a": {"b": 3, "c": ["x", "y"]}, "d": False, "e": "/p/q"}
     config = load_config(None, ["stage=sft", *REQUIRED, "train.max_steps=20", "peft.target_modules=[q_proj,v_proj]", "resume=false"])
