@@ -487,24 +487,6 @@ class AlgorithmBlock(Block):
     ptx_data: str | None = None
     """SFT data (any chat format data.train accepts) for the ptx term."""
 
-    @model_validator(mode="after")
-    def _ptx_has_data(self) -> "AlgorithmBlock":
-        if self.ptx_coef and not self.ptx_data:
-            raise ValueError("algorithm.ptx_coef > 0 needs algorithm.ptx_data (an SFT file)")
-        return self
-
-
-class CriticBlock(Block):
-    """The value model of algorithm.advantage=gae."""
-
-    path: str | None = None
-    """Initial weights: a reward-model run (OpenRLHF's choice) or a causal LM; null: model.path with a fresh value
-    head. Trained with the same peft method as the policy."""
-    shared: bool = False
-    """true: a value head on the policy's own backbone (one model, one forward; with LoRA the adapter is shared)."""
-    lr: float | None = Field(None, gt=0)
-    """Critic learning rate; null: optim.lr."""
-
     @model_validator(mode="before")
     @classmethod
     def _estimator_follows_the_mode(cls, data: Any) -> Any:
@@ -517,9 +499,9 @@ class CriticBlock(Block):
         return data
 
     @model_validator(mode="after")
-    def _shared_has_no_path(self) -> "CriticBlock":
-        if self.shared and self.path:
-            raise ValueError("critic.shared=true puts the value head on the policy; critic.path is then unused, remove it")
+    def _ptx_has_data(self) -> "AlgorithmBlock":
+        if self.ptx_coef and not self.ptx_data:
+            raise ValueError("algorithm.ptx_coef > 0 needs algorithm.ptx_data (an SFT file)")
         return self
 
     @model_validator(mode="after")
@@ -539,6 +521,24 @@ class CriticBlock(Block):
                 "algorithm.kl_target steers kl_coef multiplicatively, so from kl_coef=0 it stays 0 and does "
                 "nothing; set a starting kl_coef > 0 (e.g. 0.05) or remove kl_target"
             )
+        return self
+
+
+class CriticBlock(Block):
+    """The value model of algorithm.advantage=gae."""
+
+    path: str | None = None
+    """Initial weights: a reward-model run (OpenRLHF's choice) or a causal LM; null: model.path with a fresh value
+    head. Trained with the same peft method as the policy."""
+    shared: bool = False
+    """true: a value head on the policy's own backbone (one model, one forward; with LoRA the adapter is shared)."""
+    lr: float | None = Field(None, gt=0)
+    """Critic learning rate; null: optim.lr."""
+
+    @model_validator(mode="after")
+    def _shared_has_no_path(self) -> "CriticBlock":
+        if self.shared and self.path:
+            raise ValueError("critic.shared=true puts the value head on the policy; critic.path is then unused, remove it")
         return self
 
 
