@@ -479,9 +479,12 @@ class AlgorithmBlock(Block):
     """Normalise rewards by running mean and std before advantages."""
     reward_clip: float | None = Field(None, gt=0)
     """Clip (normalised) rewards to ± this; null: no clipping."""
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-    """token_mean: every response token weighs the same (DAPO); sequence_mean: every response weighs the same
-    (the GRPO paper)."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "sum_over_max_tokens"] = "token_mean"
+    """token_mean: every response token weighs the same, the loss divided by the update's response tokens
+    (DAPO); sequence_mean: every response weighs the same, each its token mean (the GRPO paper);
+    sum_over_max_tokens: each response's token sum divided by the constant sampling.max_new_tokens, averaged over
+    responses (Dr. GRPO, Liu et al. 2025; TRL's dr_grpo, verl's seq-mean-token-sum-norm): no length bias and
+    no batch-dependent normaliser. Dr. GRPO is this with scale_by_std=false."""
     ptx_coef: float = Field(0.0, ge=0)
     """PPO-ptx (InstructGPT): weight of an SFT loss on algorithm.ptx_data mixed into every update; 0: off."""
     ptx_data: str | None = None

@@ -20,8 +20,8 @@ Where each piece is used
   ``leave_one_out_advantages`` for RLOO (Ahmadian et al. 2024).
 * Losses: ``policy_loss``, the clipped surrogate of PPO (Schulman et al. 2017) with DAPO's asymmetric clip-higher
   (Yu et al. 2025) and dual clip (Ye et al. 2020); ``value_loss``, PPO's clipped value loss; ``entropy_from_logits``
-  for an entropy bonus or for logging. The per-token losses are returned unreduced: token-mean, sequence-mean or
-  a constant normaliser (Dr.GRPO) is the recipe's choice.
+  for an entropy bonus or for logging. The per-token losses are returned unreduced; ``LOSS_AGGREGATIONS`` reduces them
+  (token mean, sequence mean, or Dr.GRPO's constant normaliser), the recipe's choice.
 * KL estimators (Schulman 2020, "Approximating KL divergence"), from tokens sampled from π, of KL(π‖π_ref):
   ``k1 = log π − log π_ref`` is unbiased but high-variance and can be negative per token: the usual choice for the
   KL *penalty in the reward*, whose value matters and which is not differentiated. ``k2 = ½(log π − log π_ref)²`` is
@@ -324,6 +324,53 @@ def value_loss(
     is_clipped = clipped_error > squared_error
     loss = 0.5 * torch.where(is_clipped, clipped_error, squared_error)
     return _select(loss, keep), (is_clipped & keep).to(loss.dtype)
+
+
+# --- Loss aggregation ------------------------------------------------------------------------------------------------
+
+
+def _token_sum(token_loss: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    return masked_sum(token_loss, mask)
+
+
+def _sum_of_sequence_means(token_loss: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    return (masked_sum(token_loss, mask, dim=1) / mask.bool().sum(dim=1).clamp(min=1)).sum()
+
+
+def _token_sum_over_max_tokens(token_loss: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    return masked_sum(token_loss, mask) / max_tokens
+
+
+@dataclass(frozen=True)
+class LossAggregation:
+    """How per-token losses ``(B, R)`` become one loss: ``partial_sum(token_loss, mask, max_tokens)`` over each
+    micro-batch, divided by the whole update's count of ``per`` ("token": masked-in response tokens;
+    "response": responses) over every micro-batch and process, so gradient accumulation is exact."""
+
+    partial_sum: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    per: str
+
+
+LOSS_AGGREGATIONS: dict[str, LossAggregation] = {
+    # DAPO (Yu et al. 2025), OpenRLHF: every token weighs the same; the normaliser varies with the batch's lengths.
+    "token_mean": LossAggregation(_token_sum, per="token"),
+    # The GRPO paper (Shao et al. 2024), TRL's "grpo": every response weighs the same, each its own token mean,
+    # so a token of a long response weighs less (the length bias Dr. GRPO removes).
+    "sequence_mean": LossAggregation(_sum_of_sequence_means, per="response"),
+    # Dr. GRPO (Liu et al. 2025), TRL's "dr_grpo", verl's "seq-mean-token-sum-norm": each response's token sum
+    # over a constant (the generation limit), averaged over responses: no length bias and a normaliser that does
+    # not depend on the batch.
+    "sum_over_max_tokens": LossAggregation(_token_sum_over_max_tokens, per="response"),
+}
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor, mask: torch.Tensor, aggregation: str, normaliser: float, max_tokens: int
+) -> torch.Tensor:
+    """This micro-batch's share of the loss under ``LOSS_AGGREGATIONS[aggregation]``: its partial sum divided by
+    ``normaliser``, the update's global count of tokens or responses (``LossAggregation.per``)."""
+    _check_shapes("aggregate_loss", token_loss=token_loss, mask=mask)
+    return LOSS_AGGREGATIONS[aggregation].partial_sum(token_loss, mask, max_tokens) / normaliser
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ from torch.testing import assert_close
 
 from posttrain.rl import (
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     AdaptiveKLController,
+    aggregate_loss,
     FixedKLController,
     discounted_returns,
     entropy_from_logits,
@@ -339,6 +341,37 @@ def test_equal_scores_give_exactly_zero_advantage_in_float32(score: float, group
         assert torch.equal(advantages, torch.zeros_like(scores)), (function.__name__, advantages)
     assert torch.equal(group_advantages(scores, group_size, scale_by_std=False), torch.zeros_like(scores))
     assert torch.equal(group_advantages(torch.full((8,), 5.3), 8), torch.zeros(8))
+
+
+def test_loss_aggregations_hand_derived() -> None:
+    """Per-token losses [[1, 2, 3, ·], [4, ·, ·, ·]] (· off the mask, NaN here), max_new_tokens 4:
+    token_mean: (1 + 2 + 3 + 4) / 4 tokens = 2.5; sequence_mean: (6/3 + 4/1) / 2 responses = 3;
+    sum_over_max_tokens (Dr. GRPO): (6/4 + 4/4) / 2 responses = 1.25 — the long response's tokens weigh as much
+    as the short one's (1/8 each), where sequence_mean gives them 1/6 against 1/2."""
+    nan = math.nan
+    token_loss = _t([1.0, 2.0, 3.0, nan], [4.0, nan, nan, nan])
+    mask = _t([1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    expected = {"token_mean": (4, 2.5), "sequence_mean": (2, 3.0), "sum_over_max_tokens": (2, 1.25)}
+    assert set(expected) == set(LOSS_AGGREGATIONS)
+    for name, (normaliser, value) in expected.items():
+        assert {"token": 4, "response": 2}[LOSS_AGGREGATIONS[name].per] == normaliser, name
+        assert_close(aggregate_loss(token_loss, mask, name, normaliser, max_tokens=4), torch.tensor(value), msg=name)
+        # Two micro-batches of one response each, divided by the update's normaliser, add up to the whole.
+        halves = sum(aggregate_loss(token_loss[i : i + 1], mask[i : i + 1], name, normaliser, 4) for i in range(2))
+        assert_close(halves, torch.tensor(value), msg=name)
+    # The gradient per token: Dr. GRPO gives every token 1/(responses x max_new_tokens), whatever its length.
+    leaf = torch.zeros(2, 4, requires_grad=True)
+    aggregate_loss(leaf, mask, "sum_over_max_tokens", 2, 4).backward()
+    assert_close(leaf.grad, mask / 8)
+
+
+def test_loss_aggregation_names_match_the_config() -> None:
+    """The config's choices are exactly the registry's entries."""
+    from typing import get_args
+
+    from posttrain.config import AlgorithmBlock
+
+    assert set(get_args(AlgorithmBlock.model_fields["loss_aggregation"].annotation)) == set(LOSS_AGGREGATIONS)
 
 
 @pytest.mark.parametrize("function", [group_advantages, leave_one_out_advantages])

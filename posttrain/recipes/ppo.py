@@ -19,9 +19,10 @@ updates over the rollout. Choices this recipe makes:
   ``rloo`` — score minus the mean of the other samples of the prompt; ``reinforce++`` — returns-to-go of the
   token rewards, whitened over the rollout.
 - **Loss**: clipped surrogate (optional clip-higher and dual clip) − ``entropy_coef`` × entropy (+ ``kl_coef`` ×
-  KL in loss mode) + ``vf_coef`` × clipped value loss (gae), aggregated as a token mean over the whole
-  mini-batch (or a mean of per-response token means), normalised by the mini-batch's global count so grad
-  accumulation is exact. ``ptx_coef`` mixes in the SFT loss on ``ptx_data`` (InstructGPT's PPO-ptx).
+  KL in loss mode) + ``vf_coef`` × clipped value loss (gae), aggregated by ``algorithm.loss_aggregation``
+  (``rl.LOSS_AGGREGATIONS``: a token mean over the whole mini-batch, a mean of per-response token means, or
+  Dr. GRPO's per-response token sums over ``sampling.max_new_tokens``), normalised by the mini-batch's global
+  count so grad accumulation is exact. ``ptx_coef`` mixes in the SFT loss on ``ptx_data`` (InstructGPT's PPO-ptx).
 - **Rewards** (``rewards.build_reward``): a reward model, a function, an HTTP service, or their weighted sum,
   minus ``unfinished_penalty`` for responses that never ended; optionally normalised by running statistics and
   clipped. Sampling and scoring happen per step on each process's own prompts; groups never cross processes.
@@ -482,8 +483,9 @@ def make_rollout(
 
 
 def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Runtime) -> float:
-    """The global denominator of one update's loss: response tokens (token_mean) or responses (sequence_mean)."""
-    if config.algorithm.loss_aggregation == "sequence_mean":
+    """The global denominator of one update's loss: its response tokens or its responses, as the aggregation's
+    ``rl.LossAggregation.per`` says."""
+    if rl.LOSS_AGGREGATIONS[config.algorithm.loss_aggregation].per == "response":
         return float(len(members) * rt.world_size)
     local = rollout.mask[members].sum()
     return float(rt.sum_over_processes(local.clone()).clamp(min=1))
@@ -519,11 +521,7 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         values = to_actions(values_flat, mask)
         value_token_loss, _ = rl.value_loss(values, take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
         token_loss = token_loss + algorithm.vf_coef * value_token_loss
-    if algorithm.loss_aggregation == "sequence_mean":
-        per_response = rl.masked_sum(token_loss, mask, dim=1) / mask.sum(1).clamp(min=1)
-        loss = per_response.sum() / normaliser
-    else:
-        loss = rl.masked_sum(token_loss, mask) / normaliser
+    loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, config.sampling.max_new_tokens)
     tokens = float(mask.sum())
     stats = {
         "loss_sum": float(rl.masked_sum(token_loss, mask).detach()),  # logged as "loss": the total per token
