@@ -4,7 +4,9 @@ a planted flawed reward is caught by the watch, and bad settings fail before any
 
 from __future__ import annotations
 
+import contextlib
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,53 @@ def test_planted_length_reward_trips_the_watch(toy, answering_model, tmp_path) -
     # What the watch saw (measured: reward 0.47 -> 1.54, length 4.6 -> 11.2 tokens, unfinished 0 -> 56% by step 8).
     assert steps[-1]["reward"] > 2 * steps[0]["reward"]
     assert steps[-1]["response_length"] > 2 * steps[0]["response_length"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_path, monkeypatch) -> None:
+    """``kl_coef: 0`` needs no reference: no frozen copy of a fully fine-tuned policy is made and no reference
+    forward runs (the adapter is never switched off for LoRA); no KL is logged. With kl_coef 0.05 the same run
+    makes its copy (full) and its reference pass. PPO with a critic (gae), so the old-policy pass runs
+    either way: only the reference passes differ."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    score_logps, reference_model, deepcopy = ppo.score_logps, ppo.reference_model, ppo.copy.deepcopy
+
+    def counted(kl_coef: float) -> dict[str, Any]:
+        calls: dict[str, Any] = {"copies": [], "reference_passes": 0, "policy_passes": 0, "inside_reference": False}
+
+        def copying(obj: Any, *args: Any) -> Any:
+            out = deepcopy(obj, *args)
+            if isinstance(obj, torch.nn.Module):
+                calls["copies"].append(out)
+            return out
+
+        @contextlib.contextmanager
+        def switching_off(policy: Any) -> Any:
+            with reference_model(policy) as reference:
+                calls["inside_reference"] = True
+                try:
+                    yield reference
+                finally:
+                    calls["inside_reference"] = False
+
+        def scoring(model: Any, *args: Any) -> torch.Tensor:
+            is_reference = calls["inside_reference"] or any(model is c for c in calls["copies"])
+            calls["reference_passes" if is_reference else "policy_passes"] += 1
+            return score_logps(model, *args)
+
+        monkeypatch.setattr(ppo, "copy", types.SimpleNamespace(deepcopy=copying))
+        monkeypatch.setattr(ppo, "reference_model", switching_off)
+        monkeypatch.setattr(ppo, "score_logps", scoring)
+        out = tmp_path / f"kl{kl_coef}"
+        ppo.run(ppo_config(micro_model, data, out, peft__method=method, algorithm__kl_coef=kl_coef, train__max_steps=1))
+        calls["logged_kl"] = ["kl" in r for r in records(out) if "reward" in r]
+        return calls
+
+    anchored, free = counted(0.05), counted(0.0)
+    assert len(anchored["copies"]) == (1 if method == "full" else 0) and anchored["reference_passes"] == 1
+    assert free["copies"] == [] and free["reference_passes"] == 0
+    assert anchored["policy_passes"] == free["policy_passes"] == 1
+    assert anchored["logged_kl"] == [True] and free["logged_kl"] == [False]
 
 
 def test_bad_settings_fail_before_training(toy, micro_model, tmp_path) -> None:

@@ -9,7 +9,8 @@ updates over the rollout. Choices this recipe makes:
   with the logits divided by the sampling temperature, so the old log-probs, the new ones and the reference's
   describe the distribution that was sampled (top-p/top-k are not applied to them, as in TRL and OpenRLHF).
 - **Reference**: the policy as loaded; for adapters the same model with the adapter switched off (no second
-  copy), for full fine-tuning a frozen copy. The per-token KL to it is logged every step whatever ``kl_coef``.
+  copy), for full fine-tuning a frozen copy. The per-token KL to it is logged every step; with ``kl_coef: 0``
+  there is no reference at all (no copy, no pass) and no KL is logged.
 - **KL anchor**: ``kl_mode: reward`` subtracts ``kl_coef * KL_t`` from every token's reward (InstructGPT; k1 is
   the unbiased choice) with a fixed or adaptive coefficient (Ziegler et al. 2019); for the critic-free
   estimators the per-response sum is subtracted from the score before the baseline. ``kl_mode: loss`` adds
@@ -85,7 +86,7 @@ class Rollout:
     finished: torch.Tensor  # (B,) bool
     mask: torch.Tensor  # (B, R) float
     old_logps: torch.Tensor | None  # None when the one update is on-policy: the update's own forward gives them
-    ref_logps: torch.Tensor
+    ref_logps: torch.Tensor | None  # None without a KL anchor (kl_coef 0): no reference is kept or run
     values: torch.Tensor | None
     scores: torch.Tensor  # (B,) the reward optimised (after penalty, normalisation, clipping)
     advantages: torch.Tensor  # (B, R)
@@ -312,7 +313,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     on_policy = algorithm.ppo_epochs == 1 and updates_per_epoch == 1 and algorithm.advantage != "gae" and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
     policy, _ = load_model(config.model, config.peft, tokenizer)
     frozen_reference = None
-    if not is_peft_model(policy):
+    # kl_coef 0 needs no reference (kl_target, the only way it could grow, is refused with it): no frozen copy
+    # of a fully fine-tuned policy, and make_rollout skips the reference pass (TRL's GRPO does the same, beta 0).
+    if algorithm.kl_coef and not is_peft_model(policy):
         frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
     critic = None
     if algorithm.advantage == "gae" and not config.critic.shared:
@@ -445,21 +448,22 @@ def make_rollout(
 
     policy = module.policy
     old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, layout), mask)
+    ref_logps = None
     if frozen_reference is not None:
-        ref_flat = score_logps(frozen_reference, rows, rt, settings.temperature, layout)
-    else:
+        ref_logps = to_actions(score_logps(frozen_reference, rows, rt, settings.temperature, layout), mask)
+    elif algorithm.kl_coef:
         with reference_model(policy) as reference:
-            ref_flat = score_logps(reference, rows, rt, settings.temperature, layout)
-    ref_logps = to_actions(ref_flat, mask)
+            ref_logps = to_actions(score_logps(reference, rows, rt, settings.temperature, layout), mask)
     values = to_actions(critic_values(module, rows, rt, layout), mask) if module.has_critic else None
     # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
-    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if old_logps is not None else torch.zeros_like(mask)
+    measured = old_logps is not None and ref_logps is not None
+    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
     advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
 
     lengths = mask.sum(1)
     metrics: dict[str, float] = {
         "count": float(len(rows)),
-        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if old_logps is not None else {}),
+        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if measured else {}),
         "sum/reward": float(raw.sum()),
         "sum/reward_sq": float((raw**2).sum()),
         "sum/response_length": float(lengths.sum()),
@@ -533,7 +537,7 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         **{f"count/{name}": tokens for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy")},
         "num_real_tokens": float(batch["num_real_tokens"]),
     }
-    if rollout.old_logps is None:  # the rollout's KL to the reference, from this forward (see make_rollout)
+    if rollout.old_logps is None and rollout.ref_logps is not None:  # the rollout's KL, from this forward (make_rollout)
         stats["sum/rollout_kl"] = float(rl.masked_sum(rl.kl_estimate(logps.detach(), take(rollout.ref_logps), "k1"), mask))
     if value_token_loss is not None:
         stats["sum/value_loss"], stats["count/value_loss"] = float(rl.masked_sum(value_token_loss, mask).detach()), tokens
