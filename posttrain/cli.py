@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from posttrain.config import STAGE_CONFIGS, ConfigError, describe_fields, load_config
 from posttrain.data.records import KINDS
@@ -20,10 +22,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("posttrain train needs a CONFIG.yaml (or --help-config STAGE)")
     config = load_config(args.config, args.overrides)
+    check_model_path(config.model.path)
     from posttrain.recipes import RECIPES
 
     RECIPES[config.stage](config, args.config)
     return 0
+
+
+# A hub id: "name" or "org/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule), not a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+def check_model_path(path: str) -> None:
+    """Refuse, in one line (``ModelLoadError``, exit 2), a ``model.path`` that names no model: a missing or
+    mistyped directory, a directory without ``config.json``, or a hub id that is neither in the local cache nor
+    (online) on the hub. Before any data or weights are read, so the user never sees a hub traceback."""
+    from posttrain.models.loading import ModelLoadError
+
+    local = Path(path).expanduser()
+    expected = "expected a Hugging Face model directory (with config.json, e.g. a run's OUTPUT_DIR/model) or a hub id such as Qwen/Qwen2.5-0.5B"
+    if local.is_dir():
+        if not any((local / name).is_file() for name in _MODEL_FILES):
+            raise ModelLoadError(f"model.path={path}: the directory has no config.json or adapter_config.json; {expected}")
+        return
+    if local.exists():
+        raise ModelLoadError(f"model.path={path}: a file, not a model directory; {expected}")
+    if path.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(path):
+        raise ModelLoadError(f"model.path={path}: no such directory; {expected}")
+    _check_hub_id(path, expected)
+
+
+def _check_hub_id(repo_id: str, expected: str) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from posttrain.models.loading import ModelLoadError
+
+    if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in _MODEL_FILES):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"model.path={repo_id}: no such local directory, and this hub id is not in the Hugging Face cache "
+            f"(HF_HUB_OFFLINE is set, so nothing is downloaded); {expected}"
+        )
+    try:  # one request, no retries: a machine without network answers in seconds, not after a minute of backoff
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        raise ModelLoadError(f"model.path={repo_id}: a gated model on the hub; accept its terms and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"model.path={repo_id}: no such local directory, and no such model on the Hugging Face hub (or it is "
+            f"private: log in with hf auth login); {expected}"
+        ) from None
+    except Exception as error:  # no network, a proxy, a timeout: whatever the HTTP stack raises
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelLoadError(
+            f"model.path={repo_id}: no such local directory, and the Hugging Face hub could not be reached ({reason}); "
+            f"{expected}, or set HF_HUB_OFFLINE=1 to use the cache only"
+        ) from None
 
 
 def cmd_toy(args: argparse.Namespace) -> int:

@@ -105,18 +105,21 @@ class DataConfig(Block):
     eval: str | None = None
     """Held-out data for the validation loss; defaults to a split of `data.train` when `eval_fraction` > 0."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    """Share of the training rows held out for validation when `data.eval` is not given."""
+    """Share of the training rows held out for validation when `data.eval` is not given (at least one row of each
+    file when > 0; a file that would lose every row to the split is refused)."""
     max_length: int = Field(1024, ge=8)
     """Longest tokenised sequence; longer rows are truncated and counted."""
     packing: bool = True
-    """Pack several sequences per row (no attention across them, positions restart). False pads each row."""
+    """Lay each micro-batch's examples out packed: several sequences per tensor row (no attention across them,
+    positions restart). False pads each sequence to the micro-batch's longest. Either way a step trains the same
+    examples (`train.batch_size` counts examples, not rows)."""
     share_prompt: bool = True
     """Preference pairs, KTO examples and the responses to one RL prompt: compute the prompt their sequences share
     once per unit (packed rows, sdpa attention; same log-probs, about a third fewer tokens on short chats). False:
     each sequence whole."""
     train_on_prompt: bool = False
     """Also train on system/user tokens, not only assistant turns."""
-    format: Literal["auto", "sharegpt", "openai", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"
+    format: Literal["auto", "sharegpt", "openai", "dolly", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"
     """Row format; auto detects it per file (and reports it)."""
     max_truncated_share: float = Field(0.05, ge=0, le=1)
     """Preflight refuses to train when more than this share of sequences is cut at max_length."""
@@ -144,10 +147,14 @@ class TrainConfig(Block):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data when `max_steps` is not set."""
     batch_size: int = Field(8, ge=1)
-    """Sequences (rows, packed or padded) per micro-batch per process."""
+    """Examples per micro-batch per process, whatever `data.packing` (which decides only how they lie in tensor
+    rows): sequences for sft and pretrain, pairs for reward and dpo, examples for kto, sequences of the SFT round
+    for rejection_sampling; for ppo, sampled responses (algorithm.prompts_per_step sets the prompts). A step
+    trains batch_size x grad_accum x processes of them."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step. The loss is normalised by the trained-token count of the
-    whole accumulated batch, so batch_size x grad_accum is what matters, not the split."""
+    """Micro-batches accumulated per optimizer step. The loss is normalised over the whole accumulated batch
+    (its trained tokens for sft/pretrain, its pairs or examples otherwise), so batch_size x grad_accum is what
+    matters, not the split."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32; bf16 autocast (CPU and GPU); fp16 autocast with loss scaling (GPU only)."""
     eval_every: int | None = Field(None, ge=1)

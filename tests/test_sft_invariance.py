@@ -1,7 +1,8 @@
 """Invariance tests of the SFT recipe and runtime: what smoke tests cannot catch.
 
 - gradient accumulation: 1 micro-batch of 8 == 8 micro-batches of 1 (loss trajectory and weights);
-- packing: packed rows give the same per-sample losses and gradients as padded rows;
+- packing: packed rows give the same per-sample losses and gradients as padded rows, and a packed run takes the
+  same sequences per step as a padded one and ends at the same weights;
 - resume: a run killed with SIGKILL after a checkpoint and resumed ends bitwise equal to an uninterrupted run,
   and half-written checkpoint directories are never picked up.
 """
@@ -28,6 +29,9 @@ from posttrain.data.tokenize import tokenize_conversation
 from posttrain.losses import IGNORE_INDEX, per_sequence_nll
 from posttrain.models import token_logits
 from posttrain.recipes import sft
+
+
+EPS32 = torch.finfo(torch.float32).eps
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -57,6 +61,28 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -
     for name in weights_a:
         # atol: float32 rounding of near-zero weights (padding changes the summation order).
         assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-7)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_packed_and_padded_runs_train_the_same_sequences_to_the_same_weights(toy, micro_model, tmp_path) -> None:
+    """Through the recipe: ``train.batch_size`` counts sequences whatever ``data.packing``, so a packed and a padded
+    run take the same 2 x 8 sequences in every step (logged as ``examples``), log the same losses and end at the
+    same weights. SGD (linear in the gradient); tolerances from float32's epsilon: packing changes only the
+    summation order, and lr 0.5 amplifies the rounding of the updates."""
+    common = dict(train__max_steps=3, train__batch_size=8, train__grad_accum=2, optim__name="sgd", optim__lr=0.5)
+    for packing in (True, False):
+        sft.run(sft_config(micro_model, toy.sft, tmp_path / str(packing), data__packing=packing, **common))
+    packed, padded = _records(tmp_path / "True"), _records(tmp_path / "False")
+    assert [r["examples"] for r in packed] == [r["examples"] for r in padded] == [16, 16, 16]
+    assert_close(torch.tensor([r["loss"] for r in packed]), torch.tensor([r["loss"] for r in padded]), rtol=64 * EPS32, atol=0)
+    weights_packed, weights_padded = _weights(tmp_path / "True"), _weights(tmp_path / "False")
+    before = load_file(str(micro_model / "model.safetensors"))
+    assert any(not torch.equal(weights_packed[k], before[k]) for k in before), "training changed nothing"
+    for name, expected in weights_padded.items():
+        assert_close(weights_packed[name], expected, rtol=64 * EPS32, atol=64 * EPS32 * float(expected.abs().max()))
 
 
 def test_packed_equals_padded(toy, micro_model) -> None:

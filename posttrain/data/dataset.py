@@ -178,6 +178,13 @@ def load_examples(
         if not config.eval and config.eval_fraction > 0:
             rng.shuffle(examples)
             cut = max(1, int(len(examples) * config.eval_fraction))
+            if cut >= len(examples):  # else preflight would say "no training sequences", which hides why
+                raise DataError(
+                    source.path, None, None,
+                    f"all {len(examples)} rows of {source.path} went to the held-out split "
+                    f"(data.eval_fraction={config.eval_fraction} holds out at least one row per file); add rows, "
+                    "set data.eval_fraction=0, or give held-out data as data.eval",
+                )
             held_out += examples[:cut]
             examples = examples[cut:]
         per_source.append(examples)

@@ -20,6 +20,10 @@ Formats (``format=`` overrides detection; the first row that is an object decide
 ``alpaca``          ``{"instruction", "input"?, "output", "system"?, "history"?}``; ``history`` is a list of
                     ``[user, assistant]`` pairs before the instruction; ``output: [better, worse]`` or
                     ``chosen``/``rejected`` strings make a ranking (preference) row.
+``dolly``           ``{"instruction", "context"?, "response", "category"?}`` (databricks-dolly-15k): the context,
+                    when not empty, follows the instruction in the user turn (as alpaca's ``input``, LLaMA-Factory's
+                    mapping of Dolly); ``category`` stays in the record's meta (``posttrain data inspect`` counts
+                    it). Without a ``response`` a row is a prompt.
 ``flat``            ``{"role": "system", "content", "user", "assistant"}`` (one exchange with a system prompt).
 ``preference``      ``{"prompt"?, "chosen", "rejected"}``: strings or message lists (TRL standard and
                     conversational forms); without ``prompt`` the shared leading turns of chosen and rejected
@@ -673,6 +677,16 @@ def _parse_alpaca(row: _Row, options: _Options) -> _Parsed:
     return _Parsed(prompt + [text_message("assistant", output, field, row.where)], field, split=len(prompt))
 
 
+def _parse_dolly(row: _Row, options: _Options) -> _Parsed:
+    instruction = row.text("instruction", required=True)
+    context = row.text("context", required=False)
+    prompt: list[Message] = [{"role": "user", "content": "\n".join(part for part in (instruction, context) if part)}]
+    response = row.text("response", required=False)
+    if response is None:
+        return _Parsed(prompt, row.field("instruction"), split=len(prompt))
+    return _Parsed(prompt + [text_message("assistant", response, row.field("response"), row.where)], row.field("response"), split=len(prompt))
+
+
 def _parse_flat(row: _Row, options: _Options) -> _Parsed:
     role = row.get("role")
     if role != "system":
@@ -762,6 +776,8 @@ FORMATS: dict[str, _Format] = {
         _looks_sharegpt, _parse_sharegpt,
     ),
     "openai": _Format({"messages": ("messages", "conversations")}, _has("messages"), _parse_openai),
+    # Before alpaca: a Dolly row also has an instruction, but its answer is `response` and its input `context`.
+    "dolly": _Format({name: (name,) for name in ("instruction", "context", "response")}, _has("instruction", "response"), _parse_dolly),
     "alpaca": _Format(
         {name: (name,) for name in ("instruction", "input", "output", "system", "history", "chosen", "rejected")},
         _has("instruction"), _parse_alpaca,
@@ -787,7 +803,7 @@ COMMON_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 FORMAT_SIGNATURES = (
-    "conversations (sharegpt), messages (openai), instruction/input/output (alpaca), "
+    "conversations (sharegpt), messages (openai), instruction/context/response (dolly), instruction/input/output (alpaca), "
     "role/content/user/assistant (flat), prompt?/chosen/rejected (preference), prompt/completion, "
     "prompt with reference (prompt), text"
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,7 @@ def shared_prefix_length(unit: list[TokenizedSequence]) -> int:
     return length
 
 
-def _row(sequences: list[TokenizedSequence], units: list[list[int]], shared: list[int] | None = None) -> Row:
+def _row(sequences: Sequences, units: list[list[int]], shared: list[int] | None = None) -> Row:
     """A row holding ``units`` (lists of sequence indices) one after the other; ``shared[u]`` leading tokens of
     unit ``u`` are held once (its shared prefix, owned by the unit's first sequence)."""
     input_ids, targets, positions, sequence_ids, source_ids = [], [], [], [], []
@@ -83,14 +84,18 @@ def _row(sequences: list[TokenizedSequence], units: list[list[int]], shared: lis
     return Row(input_ids, targets, positions, sequence_ids, num_targets, source_ids, len(members), branch_ids)
 
 
-def single_rows(sequences: list[TokenizedSequence], units: list[list[int]] | None = None) -> list[Row]:
+# Sequences are looked up by their id: a list (ids 0…n−1) or a mapping from the ids a batch's examples own.
+Sequences = Sequence[TokenizedSequence] | Mapping[int, TokenizedSequence]
+
+
+def single_rows(sequences: Sequences, units: list[list[int]] | None = None) -> list[Row]:
     """One row per sequence, or per unit (a group of sequence indices that must share a row, e.g. the chosen and
     rejected sides of a pair, placed one after the other with restarting positions)."""
     return [_row(sequences, [members]) for members in (units or [[i] for i in range(len(sequences))])]
 
 
 def pack_rows(
-    sequences: list[TokenizedSequence], max_length: int, seed: int, units: list[list[int]] | None = None,
+    sequences: Sequences, max_length: int, seed: int, units: list[list[int]] | None = None,
     share_prefix: bool = False,
 ) -> list[Row]:
     """Best-fit-decreasing packing into rows of at most ``max_length`` tokens (ties broken by a seeded shuffle).
@@ -266,6 +271,52 @@ def shared_prefix_mask(position_ids: torch.Tensor, branch_ids: torch.Tensor) -> 
     return (causal & same_unit & visible_branch)[:, None]
 
 
+@dataclass(frozen=True)
+class Example:
+    """One training example, the thing ``train.batch_size`` counts: a unit of ``k`` sequences that always share a
+    forward (an SFT or pretraining sequence alone; a preference pair's chosen and rejected sides; a KTO example and
+    its mismatched completion). Its sequences are numbered ``k·index … k·index+k−1`` in every batch that holds it,
+    whatever else the batch holds, so per-sequence tables (cached reference log-probs, labels, margins) index the
+    same way in any layout."""
+
+    index: int
+    sequences: tuple[TokenizedSequence, ...]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(sequence.num_targets for sequence in self.sequences)
+
+
+def examples_of(units: Sequence[TokenizedSequence | tuple[TokenizedSequence, ...]]) -> list[Example]:
+    """Number ``units`` (sequences, or tuples of ``k`` sequences) as examples ``0 … len(units)−1``."""
+    return [Example(index, unit if isinstance(unit, tuple) else (unit,)) for index, unit in enumerate(units)]
+
+
+def example_rows(examples: Sequence[Example], packed: bool, max_length: int, seed: int, share_prefix: bool = False) -> list[Row]:
+    """Rows holding exactly ``examples``, each whole: packed (best-fit into rows of ``k·max_length`` tokens, so
+    any unit fits; ``share_prefix`` holds a unit's shared prefix once) or one row per example (``collate`` splits
+    a ``k``-sequence row into one tensor row per sequence). Only the layout depends on ``packed``: the examples,
+    their sequence ids and every per-sequence value computed from them do not."""
+    if not examples:
+        return []
+    k = len(examples[0].sequences)
+    by_id = {k * example.index + j: sequence for example in examples for j, sequence in enumerate(example.sequences)}
+    units = [[k * example.index + j for j in range(k)] for example in examples]
+    if packed:
+        return pack_rows(by_id, k * max_length, seed, units, share_prefix)
+    return single_rows(by_id, units)
+
+
+def collate_examples(
+    examples: list[Example], pad_token_id: int, packed: bool, max_length: int, seed: int, share_prefix: bool = False
+) -> dict[str, torch.Tensor]:
+    """The batch of ``examples``: laid out by :func:`example_rows`, then :func:`collate`; ``num_examples`` counts
+    them (what the runtime logs per step as ``examples``)."""
+    batch = collate(example_rows(examples, packed, max_length, seed, share_prefix), pad_token_id, packed)
+    batch["num_examples"] = torch.tensor(len(examples))
+    return batch
+
+
 def unit_rows(
     units: list[tuple[TokenizedSequence, ...]], packed: bool, max_length: int, seed: int, share_prefix: bool = False
 ) -> list[Row]:
@@ -275,9 +326,4 @@ def unit_rows(
     ``row.num_sequences // k`` units. Packed rows take up to ``k·max_length`` tokens, so any unit fits; padded,
     each unit is one row that ``collate`` splits into one tensor row per sequence. ``share_prefix`` (packed only)
     holds each unit's shared prefix once (module docstring)."""
-    if not units:
-        return []
-    k = len(units[0])
-    sequences = [sequence for unit in units for sequence in unit]
-    groups = [list(range(k * u, k * u + k)) for u in range(len(units))]
-    return pack_rows(sequences, k * max_length, seed, groups, share_prefix) if packed else single_rows(sequences, groups)
+    return example_rows(examples_of(units), packed, max_length, seed, share_prefix)

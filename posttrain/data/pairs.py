@@ -16,7 +16,7 @@ from posttrain.config import DataConfig
 from posttrain.data.dataset import SequenceSet, load_examples, tokenize_messages, use_chat_template
 from posttrain.data.errors import DataError
 from posttrain.data.formats import ReadResult
-from posttrain.data.packing import Row, unit_rows
+from posttrain.data.packing import Example, Row, examples_of, unit_rows
 from posttrain.data.records import Preference, Unpaired
 from posttrain.data.tokenize import TokenizedSequence
 
@@ -138,6 +138,12 @@ def pair_rows(pairs: list[TokenizedPair], config: DataConfig, seed: int, share_p
     ``share_prefix`` the prompt they share is held once (``models.forward.shares_prefix`` decides)."""
     units = [(pair.chosen, pair.rejected) for pair in pairs]
     return unit_rows(units, config.packing, config.max_length, seed, share_prefix)
+
+
+def pair_examples(pairs: list[TokenizedPair]) -> list[Example]:
+    """The pairs as training examples (what ``train.batch_size`` counts): pair p's chosen and rejected sides are
+    sequences 2p and 2p+1 in any batch that holds it (``data.packing.Example``)."""
+    return examples_of([(pair.chosen, pair.rejected) for pair in pairs])
 
 
 def pair_sides(pairs: SequenceSet) -> SequenceSet:

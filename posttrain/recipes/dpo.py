@@ -15,8 +15,8 @@ Choices this recipe makes:
   rows of ``2·data.max_length`` tokens, or one padded row per pair that ``collate`` splits into its two sides;
   ``data.packing.unit_rows``). Packed, the prompt both sides share is held once (``data.share_prompt``): one
   unit is prompt, chosen response, rejected response, with a mask that hides the chosen response from the
-  rejected one, so the prompt's forward and backward are paid once per pair. ``train.batch_size`` counts rows:
-  packed rows, or pairs when padded.
+  rejected one, so the prompt's forward and backward are paid once per pair. ``train.batch_size`` counts pairs,
+  packed or padded: the layout changes how a micro-batch's pairs lie in tensors, never which pairs it holds.
 - A log-prob is summed over the response tokens (the prompt is never trained, ``data/pairs.py``); IPO, SimPO and
   ORPO divide by the response length.
 - The loss is the sum of per-pair losses over the accumulated batch's pair count, so grad accumulation is exact.
@@ -35,8 +35,8 @@ import torch
 
 from posttrain import losses
 from posttrain.config import DpoBlock, DpoConfig
-from posttrain.data.packing import Row, collate
-from posttrain.data.pairs import load_pairs, pair_rows, pair_sides
+from posttrain.data.packing import Example, collate_examples
+from posttrain.data.pairs import load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
 from posttrain.runtime import Runtime
@@ -95,7 +95,7 @@ def forward_pairs(
 
 
 def evaluate_pairs(
-    model: Any, items: list[Row], collate_rows: Any, options: DpoBlock, ref_table: torch.Tensor | None, rt: Runtime
+    model: Any, items: list[Example], collate_rows: Any, options: DpoBlock, ref_table: torch.Tensor | None, rt: Runtime
 ) -> dict[str, float]:
     """Held-out mean loss, implicit-reward preference accuracy and margin (sharded over processes, summed)."""
     total = torch.zeros(4, device=rt.device)
@@ -121,12 +121,15 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
     share = shares_prefix(config.data, model)
-    items = pair_rows(pairs.train, config.data, config.seed, share)
-    eval_items = pair_rows(pairs.held_out, config.data, config.seed, share)
-    collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
+    items, eval_items = pair_examples(pairs.train), pair_examples(pairs.held_out)
+    collate_rows = partial(
+        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=packed, max_length=config.data.max_length,
+        seed=config.seed, share_prefix=share,
+    )
     truncated = sum(p.truncated for p in pairs.train)
     rt.log(
-        f"data: {len(pairs.train)} training pairs in {len(items)} {'packed' if packed else 'padded'} rows, "
+        f"data: {len(pairs.train)} training pairs, {config.train.batch_size} per micro-batch "
+        f"({'packed' if packed else 'padded'}), "
         f"{truncated} truncated at {config.data.max_length} tokens; {len(pairs.held_out)} held out"
         + (f"; chat template: {pairs.template}" if pairs.template else "")
     )
@@ -141,7 +144,7 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     evaluate = partial(evaluate_pairs, items=eval_items, collate_rows=collate_rows, options=options, ref_table=eval_ref_table, rt=rt)
     model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)
 
-    for batch in rt.batches(items, collate_rows, weight=lambda row: row.num_sequences // 2):
+    for batch in rt.batches(items, collate_rows, weight=lambda pair: 1):
         logps, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
         num_pairs = batch["num_items_in_batch"]
         loss = per_pair.sum() / num_pairs

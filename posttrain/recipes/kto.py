@@ -10,7 +10,8 @@ Choices this recipe makes:
 - The reference point z0 estimates ``KL(π‖π_ref)`` as the mean log-ratio of mismatched (prompt, other example's
   completion) sequences (``data/pairs.py``), over the micro-batch and all processes, detached and clamped at 0 as
   in the paper and TRL. Each example and its mismatched sequence form one unit that shares the forward
-  (``data.packing.unit_rows``; packed, their common prompt is held once, ``data.share_prompt``). Because z0 is
+  (``data.packing.Example``; packed, their common prompt is held once, ``data.share_prompt``).
+  ``train.batch_size`` counts examples, packed or padded. Because z0 is
   a micro-batch statistic, gradient accumulation is not exactly equal to a larger micro-batch here (as in TRL).
 - The reference log-probs of every example and every mismatched sequence are computed once, before the runtime
   restores a checkpoint, with the adapter switched off (or, for full and freeze tuning, from the initial
@@ -29,7 +30,7 @@ import torch
 
 from posttrain import losses
 from posttrain.config import KtoBlock, KtoConfig
-from posttrain.data.packing import Row, collate, unit_rows
+from posttrain.data.packing import Example, collate_examples, examples_of
 from posttrain.data.pairs import load_unpaired
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.models import load_model, load_tokenizer
@@ -52,7 +53,7 @@ def forward_examples(
 
 
 def evaluate_examples(
-    model: Any, items: list[Row], collate_rows: Any, labels: torch.Tensor, ref_table: torch.Tensor, options: KtoBlock, rt: Runtime
+    model: Any, items: list[Example], collate_rows: Any, labels: torch.Tensor, ref_table: torch.Tensor, options: KtoBlock, rt: Runtime
 ) -> dict[str, float]:
     """Held-out KTO loss (z0 from the whole held-out set) and the gap between mean desirable and undesirable
     rewards (sharded over processes, summed)."""
@@ -81,15 +82,17 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     packed = config.data.packing
     share = shares_prefix(config.data, model)
-    items = unit_rows(example_units(examples.train), packed, config.data.max_length, config.seed, share)
-    eval_items = unit_rows(example_units(examples.held_out), packed, config.data.max_length, config.seed, share)
-    collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=packed)
+    items, eval_items = examples_of(example_units(examples.train)), examples_of(example_units(examples.held_out))
+    collate_rows = partial(
+        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=packed, max_length=config.data.max_length,
+        seed=config.seed, share_prefix=share,
+    )
     labels = torch.tensor([e.extra["label"] for e in examples.train], dtype=torch.bool, device=rt.device)
     eval_labels = torch.tensor([e.extra["label"] for e in examples.held_out], dtype=torch.bool, device=rt.device)
     desirable = int(labels.sum())
     rt.log(
-        f"data: {len(examples.train)} training examples ({desirable} desirable, {len(labels) - desirable} undesirable) "
-        f"in {len(items)} {'packed' if packed else 'padded'} rows, each with a mismatched completion for the KL "
+        f"data: {len(examples.train)} training examples ({desirable} desirable, {len(labels) - desirable} undesirable), "
+        f"{config.train.batch_size} per micro-batch ({'packed' if packed else 'padded'}), each with a mismatched completion for the KL "
         f"estimate; {examples.truncated} truncated at {config.data.max_length} tokens; {len(examples.held_out)} held out"
     )
 
@@ -104,7 +107,7 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)
 
     micro_batches = rt.train.grad_accum * rt.world_size
-    for batch in rt.batches(items, collate_rows, weight=lambda row: row.num_sequences // 2):
+    for batch in rt.batches(items, collate_rows, weight=lambda example: 1):
         logps, ref_logps, kl_ratios, index = forward_examples(model, batch, ref_table)
         kl_total = torch.stack([kl_ratios.sum(), torch.tensor(float(len(kl_ratios)), device=kl_ratios.device)])
         if rt.world_size > 1:  # every process must use the same z0, as one large micro-batch would

@@ -14,7 +14,7 @@ Choices this recipe makes:
   the data has one and ``reward.use_margin`` is on (Llama 2 §3.2.2), else 0. Averaged over the pairs of the whole
   accumulated batch, so grad accumulation is exact.
 - Chosen and rejected are one concatenated forward: they share a row (packed, their common prompt held once:
-  ``data.share_prompt``) or sit in consecutive rows.
+  ``data.share_prompt``) or sit in consecutive rows. ``train.batch_size`` counts pairs, packed or padded.
 - Held-out accuracy (share of pairs with ``r_c > r_r``) and mean reward gap are reported at every evaluation;
   ``eval_loss`` (the pairwise loss) drives the best checkpoint and early stopping.
 """
@@ -28,8 +28,8 @@ import torch
 
 from posttrain import losses
 from posttrain.config import RewardConfig
-from posttrain.data.packing import Row, collate, local_sequence_ids, sequence_ends
-from posttrain.data.pairs import TokenizedPair, load_pairs, pair_rows, pair_sides
+from posttrain.data.packing import Example, collate_examples, local_sequence_ids, sequence_ends
+from posttrain.data.pairs import TokenizedPair, load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import shares_prefix
 from posttrain.runtime import Runtime
@@ -51,7 +51,7 @@ def pair_margins(pairs: list[TokenizedPair], use_margin: bool) -> torch.Tensor |
     return torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
 
 
-def evaluate_pairs(model: Any, rows: list[Row], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime) -> dict[str, float]:
+def evaluate_pairs(model: Any, rows: list[Example], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime) -> dict[str, float]:
     """Held-out pairwise loss, accuracy and mean reward gap (rows sharded over processes, sums reduced)."""
     totals = torch.zeros(4, device=rt.device)  # loss sum, correct, gap sum, pairs
     for batch in rt.eval_batches(rows, collate_rows):
@@ -74,19 +74,22 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, config.peft, tokenizer, scalar_head=True)
 
     share = shares_prefix(config.data, model)
-    rows = pair_rows(pairs.train, config.data, config.seed, share)
-    eval_rows = pair_rows(pairs.held_out, config.data, config.seed, share)
+    rows, eval_rows = pair_examples(pairs.train), pair_examples(pairs.held_out)
     margins, eval_margins = pair_margins(pairs.train, config.reward.use_margin), pair_margins(pairs.held_out, config.reward.use_margin)
-    collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing)
+    collate_rows = partial(
+        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing,
+        max_length=config.data.max_length, seed=config.seed, share_prefix=share,
+    )
     rt.log(
-        f"data: {len(pairs.train)} training pairs in {len(rows)} rows ({'packed' if config.data.packing else 'padded'}), "
+        f"data: {len(pairs.train)} training pairs, {config.train.batch_size} per micro-batch "
+        f"({'packed' if config.data.packing else 'padded'}), "
         f"{pairs.truncated} with a side truncated at {config.data.max_length} tokens; {len(pairs.held_out)} held out; "
         f"margins {'used' if margins is not None else 'none'}; chat template {pairs.template}"
     )
     evaluate = partial(evaluate_pairs, rows=eval_rows, margins=eval_margins, collate_rows=collate_rows, rt=rt) if eval_rows else None
     model = rt.setup(model, num_rows=len(rows), evaluate=(lambda: evaluate(model)) if evaluate else None)
 
-    for batch in rt.batches(rows, collate_rows, weight=lambda row: row.num_sequences // 2):
+    for batch in rt.batches(rows, collate_rows, weight=lambda pair: 1):
         rewards, index = pair_rewards(model, batch)
         margin = margins[index.cpu()].to(rewards.device) if margins is not None else None
         mean_loss, stats = losses.pairwise_reward_loss(rewards[:, 0], rewards[:, 1], margin)

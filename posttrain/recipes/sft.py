@@ -7,10 +7,14 @@ Choices this recipe makes:
   (``data/tokenize.py``). Pretraining rows train every token, documents cut into ``max_length`` chunks.
 - The loss is token-level cross-entropy normalised by the trained-token count of the whole accumulated batch
   (``losses.sft_loss``), so long and short sequences weigh by their tokens and grad accumulation is exact.
-- Packing (``data.packing: true``, the default) puts several sequences in one row with ``position_ids`` that
-  restart at 0 per sequence and no attention mask; transformers builds a block-diagonal causal mask from them
-  for sdpa/eager attention (and uses the varlen kernel under flash-attention), so no token attends across
-  sequences. Padded mode pads each row and masks the padding. Both give the same per-sample losses (tested).
+- ``train.batch_size`` counts sequences (conversations; pretraining chunks), whatever the packing: each
+  micro-batch is that many sequences of the seeded order, and packing decides only how they lie in tensors.
+  Packed (``data.packing: true``, the default), a micro-batch's sequences share rows of up to ``data.max_length``
+  tokens with ``position_ids`` that restart at 0 per sequence and no attention mask; transformers builds a
+  block-diagonal causal mask from them for sdpa/eager attention (and uses the varlen kernel under
+  flash-attention), so no token attends across sequences. Padded mode pads each sequence to the micro-batch's
+  longest and masks the padding. Both train the same sequences in every step and end at the same weights
+  (tested through this recipe).
 - Logits are computed only at trained positions (``models.forward.token_logits``).
 - Full fine-tuning, LoRA/DoRA/QLoRA, prompt tuning, P-tuning, prefix tuning and freeze-tuning are the same
   recipe with a different ``peft`` block.
@@ -26,23 +30,16 @@ import torch
 from posttrain import losses
 from posttrain.config import SftConfig
 from posttrain.data.dataset import load_sequences
-from posttrain.data.packing import Row, collate, pack_rows, single_rows
-from posttrain.data.tokenize import TokenizedSequence
+from posttrain.data.packing import Example, collate_examples, examples_of
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer, token_logits
 from posttrain.runtime import Runtime
 
 
-def make_rows(sequences: list[TokenizedSequence], config: SftConfig) -> list[Row]:
-    if config.data.packing:
-        return pack_rows(sequences, config.data.max_length, config.seed)
-    return single_rows(sequences)
-
-
-def evaluate_loss(model: Any, rows: list[Row], collate_rows: Any, rt: Runtime) -> dict[str, float]:
-    """Token-mean validation loss and perplexity over ``rows`` (sharded over processes, summed)."""
+def evaluate_loss(model: Any, examples: list[Example], collate_rows: Any, rt: Runtime) -> dict[str, float]:
+    """Token-mean validation loss and perplexity over ``examples`` (sharded over processes, summed)."""
     total = torch.zeros(2, device=rt.device)
-    for batch in rt.eval_batches(rows, collate_rows):
+    for batch in rt.eval_batches(examples, collate_rows):
         _, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1)
         total += torch.stack([stats["loss_sum"].float(), stats["num_tokens"].float()])
     total = rt.sum_over_processes(total)
@@ -59,22 +56,24 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     train_sequences, eval_sequences = sequences.train, sequences.held_out
     rt.check_data(sequences, tokenizer)
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
-    rows = make_rows(train_sequences, config)
-    eval_rows = make_rows(eval_sequences, config)
-    collate_rows = partial(collate, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing)
+    examples, eval_examples = examples_of(train_sequences), examples_of(eval_sequences)
+    collate_rows = partial(
+        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing,
+        max_length=config.data.max_length, seed=config.seed,
+    )
     truncated = sequences.truncated
     rt.log(
-        f"data: {len(train_sequences)} training sequences in {len(rows)} rows "
+        f"data: {len(train_sequences)} training sequences, {config.train.batch_size} per micro-batch "
         f"({'packed' if config.data.packing else 'padded'}), {truncated} truncated at {config.data.max_length} tokens "
         f"({sequences.cut_turns} inside a trained turn); {len(eval_sequences)} held out"
         + (f"; chat template: {sequences.template}" if sequences.template else "")
     )
 
-    evaluate = partial(evaluate_loss, rows=eval_rows, collate_rows=collate_rows, rt=rt) if eval_rows else None
-    model = rt.setup(model, num_rows=len(rows), evaluate=(lambda: evaluate(model)) if evaluate else None)
+    evaluate = partial(evaluate_loss, examples=eval_examples, collate_rows=collate_rows, rt=rt) if eval_examples else None
+    model = rt.setup(model, num_rows=len(examples), evaluate=(lambda: evaluate(model)) if evaluate else None)
 
     sources = sequences.source_names
-    for batch in rt.batches(rows, collate_rows):
+    for batch in rt.batches(examples, collate_rows):
         trained = batch["targets"] != IGNORE_INDEX
         logits = token_logits(model, batch)
         loss, stats = losses.sft_loss(logits, batch["targets"][trained], batch["num_items_in_batch"])

@@ -6,17 +6,22 @@ A recipe reads like this (``recipes/sft.py``)::
 
     rt = Runtime(config)
     model, tokenizer = load_model(config.model, config.peft)
-    rows = ...                                        # items with a ``num_targets`` count
-    model = rt.setup(model, num_rows=len(rows))       # optimizer, scheduler, resume
-    for batch in rt.batches(rows, collate):           # the exact data position survives a resume
+    examples = ...                                    # items with a ``num_targets`` count
+    model = rt.setup(model, num_rows=len(examples))   # optimizer, scheduler, resume
+    for batch in rt.batches(examples, collate):       # the exact data position survives a resume
         loss, stats = losses.sft_loss(token_logits(model, batch), ..., batch["num_items_in_batch"])
         rt.step(loss, stats)                          # backward; on the last micro-batch: clip, step, log, save
     rt.finish(model, tokenizer)
 
-Data order: every optimizer step consumes one *group* of ``batch_size x grad_accum x processes`` rows of a seeded
-per-epoch permutation (an incomplete last group is dropped, as every process must step together). The data
-position is therefore a function of the step count, which is what makes resume exact. ``num_items_in_batch`` is
-the trained-token count of the whole group, computed from the rows on every process without communication.
+Batch size counts examples. Every optimizer step consumes one *group* of ``batch_size x grad_accum x processes``
+examples (data rows: SFT or pretraining sequences, preference pairs, KTO examples) of a seeded per-epoch
+permutation (an incomplete last group is dropped, as every process must step together); each micro-batch is
+``batch_size`` of them, which the recipe's ``collate`` lays out in tensors (packed or padded: the layout is the
+collate's business, so packing never changes which examples a step trains on). The data position is therefore a
+function of the step count, which is what makes resume exact. ``num_items_in_batch`` is the summed weight
+(trained tokens, or examples) of the whole group, computed from the examples on every process without
+communication, so accumulated micro-batches normalise exactly as one large batch would. Every step logs its
+example count as ``examples``.
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class Runtime:
         self.resumed_from: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results) of the latest evaluation
         self._rows_per_step: int | None = None
+        self._step_examples: int | None = None  # examples of the current step (all processes), logged as "examples"
         self._update_norms: list[float] = []
         self._skipped_updates = 0
         self.recipe_state: dict[str, Any] = {}
@@ -127,6 +133,8 @@ class Runtime:
 
     @property
     def rows_per_step(self) -> int:
+        """Examples (data rows) one step consumes over all processes: ``batch_size x grad_accum x processes``, or
+        what a step-structured recipe set (online RL: prompts per step)."""
         return self._rows_per_step or self.train.batch_size * self.train.grad_accum * self.world_size
 
     def log(self, message: str) -> None:
@@ -148,8 +156,8 @@ class Runtime:
         checks.raise_if_failed()
 
     def eval_batches(self, rows: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """This process's share of held-out ``rows`` in batches of ``train.batch_size``, on the device; combine
-        per-process results with :meth:`sum_over_processes`."""
+        """This process's share of held-out ``rows`` (examples) in batches of ``train.batch_size`` examples, laid
+        out by ``collate``, on the device; combine per-process results with :meth:`sum_over_processes`."""
         mine = rows[self.accelerator.process_index :: self.world_size]
         for start in range(0, len(mine), self.train.batch_size):
             yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(list(mine[start : start + self.train.batch_size])).items()}
@@ -168,8 +176,9 @@ class Runtime:
     ) -> Any:
         """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming.
 
-        Step-structured recipes (online RL, :meth:`iterations`) give ``rows_per_step`` (rows consumed per step
-        over all processes) and ``updates_per_step`` (optimizer updates per step, which the learning-rate
+        ``num_rows`` is the number of training examples (what :meth:`batches` iterates). Step-structured recipes
+        (online RL, :meth:`iterations`) give ``rows_per_step`` (prompts consumed per step over all processes)
+        and ``updates_per_step`` (optimizer updates per step, which the learning-rate
         schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``) set per-group options
         such as a critic's learning rate."""
         from posttrain.models.adapters import count_parameters
@@ -177,9 +186,13 @@ class Runtime:
         self._rows_per_step = rows_per_step
         self.steps_per_epoch = num_rows // self.rows_per_step
         if self.steps_per_epoch == 0:
+            needs = (
+                f"algorithm.prompts_per_step = {self.rows_per_step}" if rows_per_step else
+                f"train.batch_size x train.grad_accum x processes = {self.train.batch_size} x {self.train.grad_accum} "
+                f"x {self.world_size} = {self.rows_per_step}"
+            )
             raise ConfigError(
-                f"{num_rows} training rows are fewer than one optimizer step needs "
-                f"(train.batch_size x train.grad_accum x processes = {self.rows_per_step}); lower them or add data"
+                f"{num_rows} training examples are fewer than one optimizer step needs ({needs}); lower them or add data"
             )
         self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * self.steps_per_epoch))
         self.evaluate = evaluate
@@ -240,12 +253,14 @@ class Runtime:
         collate: Callable[[list[Any]], dict[str, Any]],
         weight: Callable[[Any], int] = lambda row: row.num_targets,
     ) -> Iterator[dict[str, Any]]:
-        """Micro-batches from the current step to the last, each with ``num_items_in_batch`` = the summed
-        ``weight`` (trained tokens by default) of its whole accumulated group across all processes."""
+        """Micro-batches of ``train.batch_size`` examples from ``rows``, from the current step to the last, each
+        laid out by ``collate`` and carrying ``num_items_in_batch`` = the summed ``weight`` (trained tokens by
+        default; 1 per example for per-example losses) of its whole accumulated group across all processes."""
         rank, world, micro = self.accelerator.process_index, self.world_size, self.train.batch_size
         for members in self._step_members(len(rows)):
             num_items = sum(weight(rows[i]) for i in members)
             self._step_started = time.time()
+            self._step_examples = len(members)
             for m in range(self.train.grad_accum):
                 first = (m * world + rank) * micro
                 batch = collate([rows[i] for i in members[first : first + micro]])
@@ -365,6 +380,8 @@ class Runtime:
                 record[key] = value
         record.update(per_example_means(stats))
         record.update(extra or {})
+        if self._step_examples is not None:
+            record["examples"] = self._step_examples
         if "num_real_tokens" in stats:
             record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
         record["step_time_s"] = elapsed
