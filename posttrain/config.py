@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,12 +34,17 @@ class ModelConfig(Block):
     """Tokenizer directory or hub id; defaults to `model.path`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in. Mixed precision is `train.precision`; keep float32 weights for it."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
+    """Attention kernel passed to transformers. auto: sdpa where the architecture supports it, else eager (Gemma 2);
+    a kernel named here that the architecture lacks is an error."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the checkpoint."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    dropout: bool | None = None
+    """Keep the model's (and LoRA's) dropout while training. null: the stage's default, on for sft and pretrain,
+    off for reward, dpo, kto, rejection_sampling and ppo (their losses compare log-probs or scores of one model
+    in two passes, which dropout noise would make differ with no update; TRL and OpenRLHF turn it off too)."""
 
 
 PeftMethod = Literal["full", "lora", "dora", "qlora", "prompt_tuning", "p_tuning", "prefix", "freeze"]
@@ -214,6 +219,9 @@ class LoggingConfig(Block):
 class StageConfig(Block):
     """Fields every stage shares."""
 
+    dropout_by_default: ClassVar[bool] = False
+    """What `model.dropout: null` means for this stage."""
+
     stage: str
     """Which recipe runs this config."""
     output_dir: str = "runs/run"
@@ -248,6 +256,8 @@ class StageConfig(Block):
 
     @model_validator(mode="after")
     def _check_required_paths(self) -> "StageConfig":
+        if self.model.dropout is None:
+            self.model.dropout = self.dropout_by_default
         if not self.model.path:
             raise ValueError("model.path is required (a Hugging Face model directory), e.g. model.path=./toy/model")
         if not self.data.train:
@@ -265,6 +275,8 @@ class StageConfig(Block):
 
 
 class SftConfig(StageConfig):
+    dropout_by_default: ClassVar[bool] = True
+
     stage: Literal["sft"] = "sft"
     """sft: train on chat data (assistant turns by default)."""
 
@@ -544,6 +556,10 @@ class CriticBlock(Block):
     """true: a value head on the policy's own backbone (one model, one forward; with LoRA the adapter is shared)."""
     lr: float | None = Field(None, gt=0)
     """Critic learning rate; null: optim.lr."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the critic's gradient norm to this, apart from the policy's (which optim.max_grad_norm clips), so the
+    value loss never shrinks the policy's step; null: optim.max_grad_norm (still clipped apart). Both norms are
+    logged, as grad_norm/policy and grad_norm/critic."""
 
     @model_validator(mode="after")
     def _shared_has_no_path(self) -> "CriticBlock":

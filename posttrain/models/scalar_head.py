@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from posttrain.models.adapters import is_peft_model
-from posttrain.models.loading import model_dir_of
+from posttrain.models.loading import load_weights, model_dir_of
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -65,22 +65,15 @@ def wrap_for_scalar_head(model: Any, tokenizer: Any) -> ScalarHeadModel:
 
 
 def load_scorer_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ScalarHeadModel, Any]:
-    """Load a trained reward model (full weights, or a LoRA/DoRA adapter over the base named in its
-    ``adapter_config.json``, merged for speed) with its tokenizer, in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Load a trained reward model (full weights, or a LoRA/DoRA adapter (chain) over the base named in its
+    ``adapter_config.json``, merged for speed: ``models.loading.load_weights``) with its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
 
     directory = model_dir_of(path)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if (directory / "adapter_config.json").exists():
-        from peft import PeftConfig, PeftModel
-
-        base_path = PeftConfig.from_pretrained(directory).base_model_name_or_path
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype)
-        model = PeftModel.from_pretrained(base, directory).merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dtype)
+    model = load_weights(directory, "SEQ_CLS", dtype=dtype)
     if getattr(model.config, "num_labels", 1) != 1:
         raise ValueError(f"{directory} has {model.config.num_labels} output labels; a reward model has 1")
     scorer = wrap_for_scalar_head(model, tokenizer)
