@@ -217,6 +217,26 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
     assert anchored["logged_kl"] == [True] and free["logged_kl"] == [False]
 
 
+def test_separate_critic_gradients_never_scale_the_policy_step(toy, micro_model, tmp_path) -> None:
+    """PPO with a separate critic, one SGD update, max_grad_norm 1e-4 so both clips bind: the policy's update is
+    the same whatever vf_coef (0.1 or 10), since the policy and the critic are clipped apart (one global clip let
+    the value loss, scaled by vf_coef, shrink the policy's step). Both norms are logged; only the critic's moves."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    common = {"algorithm__advantage": "gae", "train__max_steps": 1, "optim__name": "sgd", "optim__lr": 1.0, "optim__max_grad_norm": 1e-4}
+    runs = {}
+    for vf_coef in (0.1, 10.0):
+        out = tmp_path / f"vf{vf_coef}"
+        ppo.run(ppo_config(micro_model, data, out, algorithm__vf_coef=vf_coef, **common))
+        runs[vf_coef] = (weights(out / "model"), [r for r in records(out) if "reward" in r][0])
+    (low, low_record), (high, high_record) = runs[0.1], runs[10.0]
+    before = weights(micro_model)
+    assert any(not torch.equal(before[k], low[k]) for k in before), "the policy trained"
+    for key in low:
+        torch.testing.assert_close(low[key], high[key], rtol=0, atol=1e-7, msg=key)
+    assert low_record["grad_norm/policy"] == pytest.approx(high_record["grad_norm/policy"], rel=1e-5)
+    assert high_record["grad_norm/critic"] == pytest.approx(100 * low_record["grad_norm/critic"], rel=1e-3)
+
+
 def test_bad_settings_fail_before_training(toy, micro_model, tmp_path) -> None:
     data = prompts_file(toy, tmp_path / "p.jsonl")
     with pytest.raises(ValueError, match="num_samples >= 2"):

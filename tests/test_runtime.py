@@ -100,6 +100,29 @@ def test_clipping_bounds_the_update(tmp_path) -> None:
     assert grad_norm > 1.0, "the logged norm is the one before clipping"
 
 
+def test_each_parameter_group_is_clipped_to_its_own_norm(tmp_path) -> None:
+    """Two named groups, SGD with lr 1 on the loss (w·100 + b)², both gradients far above their limits: the weight
+    (group "policy", optim.max_grad_norm 1e-3) moves by exactly 1e-3 and the bias (group "critic", its own
+    max_grad_norm 1e-2) by exactly 1e-2, where one global clip would have moved them in proportion to their
+    gradients (w's is 100 times b's). Each norm before clipping is logged as grad_norm/NAME, and grad_norm is
+    their root sum of squares."""
+    rt, model = _runtime(tmp_path, max_steps=1)
+    rt.config.optim.lr = 1.0
+    rt.config.optim.max_grad_norm = 1e-3
+    groups = [{"params": [model.weight], "name": "policy"}, {"params": [model.bias], "name": "critic", "max_grad_norm": 1e-2}]
+    model = rt.setup(model, num_rows=4, parameter_groups=groups)
+    weight, bias = model.weight.item(), model.bias.item()
+    for batch in rt.batches([Item(100.0)] * 4, _collate):
+        rt.step(model(batch["x"]).pow(2).mean())
+    assert abs(model.weight.item() - weight) == pytest.approx(1e-3, rel=1e-4)
+    assert abs(model.bias.item() - bias) == pytest.approx(1e-2, rel=1e-4)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    residual = 2 * (weight * 100 + bias)  # d/db of (100w + b)²; d/dw is 100 times it
+    assert record["grad_norm/critic"] == pytest.approx(abs(residual), rel=1e-5)
+    assert record["grad_norm/policy"] == pytest.approx(100 * abs(residual), rel=1e-5)
+    assert record["grad_norm"] == pytest.approx(math.hypot(record["grad_norm/policy"], record["grad_norm/critic"]), rel=1e-6)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path) -> None:
     rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2, keep=1)
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])

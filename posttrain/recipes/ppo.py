@@ -410,9 +410,11 @@ def _parameter_groups(module: ActorCritic, config: PpoConfig) -> list[dict[str, 
     critic_names = ("critic.", "value_head.")
     policy_params = [p for name, p in module.named_parameters() if not name.startswith(critic_names)]
     critic_params = [p for name, p in module.named_parameters() if name.startswith(critic_names)]
-    groups = [{"params": policy_params}]
+    # Named groups: the runtime clips each to its own max norm and logs grad_norm/policy and grad_norm/critic.
+    groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
     if critic_params:
-        groups.append({"params": critic_params, **({"lr": config.critic.lr} if config.critic.lr else {})})
+        options = {"lr": config.critic.lr, "max_grad_norm": config.critic.max_grad_norm}
+        groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
     return groups
 
 

@@ -117,6 +117,7 @@ class Runtime:
         self._rows_per_step: int | None = None
         self._step_examples: int | None = None  # examples of the current step (all processes), logged as "examples"
         self._update_norms: list[float] = []
+        self._update_group_norms: list[dict[str, float]] = []  # per parameter group, when there are several
         self._skipped_updates = 0
         self.recipe_state: dict[str, Any] = {}
         """A recipe's own JSON-serialisable state (an RL run's KL coefficient, reward statistics, watch history):
@@ -323,10 +324,20 @@ class Runtime:
 
     def update(self) -> float:
         """One optimizer update from the accumulated gradients: clip, refuse a non-finite loss or gradient (the
-        update is skipped and counted), step, schedule, zero; returns the gradient norm before clipping."""
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.config.optim.max_grad_norm or math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+        update is skipped and counted), step, schedule, zero; returns the gradient norm before clipping.
+
+        Each optimizer parameter group is clipped on its own, to its ``max_grad_norm`` entry if it has one, else
+        ``optim.max_grad_norm``: one model's gradients (a critic regressing unnormalised returns) then never
+        scale another's step, as they would under one global clip (OpenRLHF clips actor and critic apart). With
+        the one group most recipes have, this is the global clip. The returned norm is over every group."""
+        # fp16: gradients are unscaled once, before any norm is taken (what accelerate's clip_grad_norm_ does).
+        self.accelerator.unscale_gradients()
+        group_norms: dict[str, float] = {}
+        for index, group in enumerate(self.optimizer.param_groups):
+            parameters = [p for p in group["params"] if p.requires_grad]
+            max_norm = group.get("max_grad_norm", self.config.optim.max_grad_norm) or math.inf
+            group_norms[group.get("name", f"group{index}")] = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        grad_norm = math.sqrt(sum(norm**2 for norm in group_norms.values()))
         loss_finite = all(torch.isfinite(l).all() for l in self._group_losses)
         # Under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale);
         # a NaN/inf *loss* is always ours.
@@ -342,6 +353,8 @@ class Runtime:
         self.optimizer.zero_grad(set_to_none=True)
         self._group_losses.clear()
         self._update_norms.append(grad_norm)
+        if len(group_norms) > 1:
+            self._update_group_norms.append(group_norms)
         return grad_norm
 
     def end_step(self, extra: dict[str, float] | None = None) -> dict[str, Any]:
@@ -351,10 +364,15 @@ class Runtime:
         stats = self._reduce(self._group_stats)
         norms = self._update_norms or [0.0]
         grad_norm, skipped = sum(norms) / len(norms), self._skipped_updates > 0
+        # Each parameter group's norm before its clip, as grad_norm/NAME (mean over the step's updates).
+        per_group = {
+            f"grad_norm/{name}": sum(update[name] for update in self._update_group_norms) / len(self._update_group_norms)
+            for name in (self._update_group_norms[0] if self._update_group_norms else {})
+        }
         lr = self.scheduler.get_last_lr()[0]
         self.global_step += 1
-        self._group_stats, self._update_norms, self._skipped_updates = {}, [], 0
-        return self._after_step(stats, grad_norm, lr, skipped, extra)
+        self._group_stats, self._update_norms, self._update_group_norms, self._skipped_updates = {}, [], [], 0
+        return self._after_step(stats, grad_norm, lr, skipped, {**per_group, **(extra or {})})
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not stats:
