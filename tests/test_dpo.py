@@ -176,6 +176,30 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -
         assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_and_padded_runs_train_the_same_pairs_to_the_same_weights(toy, micro_model, tmp_path, share_prompt) -> None:
+    """Through the recipe: ``train.batch_size`` counts pairs whatever ``data.packing``, so packed (each pair's
+    prompt held once, or twice) and padded runs take the same 2 x 6 pairs in every step (logged as ``examples``),
+    log the same losses and end at the same weights. SGD, high β so the loss moves; tolerances from float32's
+    epsilon (the layouts differ only in summation order, amplified by lr 0.5)."""
+    eps = torch.finfo(torch.float32).eps
+    common = dict(
+        train__max_steps=3, train__batch_size=6, train__grad_accum=2, data__max_length=64, optim__name="sgd",
+        optim__lr=0.5, dpo__beta=2.0, dpo__sft_weight=0.5,
+    )
+    dpo.run(_config(micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt, **common))
+    dpo.run(_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common))
+    packed, padded = _train_records(tmp_path / "packed"), _train_records(tmp_path / "padded")
+    assert [r["examples"] for r in packed] == [r["examples"] for r in padded] == [12, 12, 12]
+    for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected"):
+        assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]), rtol=256 * eps, atol=256 * eps)
+    assert packed[-1]["loss"] != packed[0]["loss"]
+    weights_packed = load_file(str(tmp_path / "packed" / "model" / "model.safetensors"))
+    weights_padded = load_file(str(tmp_path / "padded" / "model" / "model.safetensors"))
+    for name, expected in weights_padded.items():
+        assert_close(weights_packed[name], expected, rtol=256 * eps, atol=256 * eps * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 def test_cached_reference_is_the_base_model_whatever_the_adapter_learnt(toy, micro_model, method) -> None:
     from transformers import AutoModelForCausalLM

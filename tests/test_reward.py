@@ -120,8 +120,8 @@ def test_reward_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, pac
 
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_prompt) -> None:
-    """One SGD step over every pair: packed rows (with each pair's prompt held once, or twice) and padded rows
-    give the same loss and the same weights."""
+    """One SGD step over every pair (``train.batch_size`` counts pairs, packed or padded): packed rows (with each
+    pair's prompt held once, or twice) and padded rows give the same loss and the same weights."""
     from transformers import AutoTokenizer
 
     from posttrain.data.pairs import load_pairs
@@ -130,17 +130,17 @@ def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_
     padded = reward_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common)
     pairs = load_pairs(padded.data, AutoTokenizer.from_pretrained(micro_model), padded.seed).train
     packed_rows = len(pair_rows(pairs, padded.data.model_copy(update={"packing": True}), padded.seed, share_prompt))
-    assert packed_rows < len(pairs)
+    assert packed_rows < len(pairs), "packing must change the layout for this test to bite"
     padded = padded.model_copy(update={"train": padded.train.model_copy(update={"batch_size": len(pairs)})})
     packed = reward_config(
         micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt,
-        train__batch_size=packed_rows, **common,
+        train__batch_size=len(pairs), **common,
     )
     reward.run(padded)
     reward.run(packed)
     first_padded = next(m for m in _metrics(tmp_path / "padded") if "loss" in m)
     first_packed = next(m for m in _metrics(tmp_path / "packed") if "loss" in m)
-    assert first_padded["count"] == first_packed["count"] == len(pairs)
+    assert first_padded["count"] == first_packed["count"] == first_packed["examples"] == len(pairs)
     assert first_padded["loss"] == pytest.approx(first_packed["loss"], rel=1e-5)
     # At initialisation the head is random and small, so the first loss is near log 2.
     assert first_padded["loss"] == pytest.approx(math.log(2), abs=0.05)
