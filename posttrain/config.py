@@ -165,7 +165,8 @@ class TrainConfig(Block):
     eval_every: int | None = Field(None, ge=1)
     """Validation loss every N steps (and at the end); needs eval data."""
     early_stopping_patience: int | None = Field(None, ge=1)
-    """Stop after this many evaluations without improvement of the validation loss."""
+    """Stop after this many evaluations without improvement of the stage's model-selection metric (eval_loss,
+    minimised; for ppo eval_reward, the held-out greedy reward, maximised); the best checkpoint is then the model."""
     max_nonfinite_steps: int = Field(5, ge=1)
     """Abort after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped)."""
     log_every: int = Field(1, ge=1)

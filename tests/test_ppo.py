@@ -237,6 +237,34 @@ def test_separate_critic_gradients_never_scale_the_policy_step(toy, micro_model,
     assert high_record["grad_norm/critic"] == pytest.approx(100 * low_record["grad_norm/critic"], rel=1e-3)
 
 
+def test_early_stopping_follows_the_held_out_reward(toy, micro_model, tmp_path, monkeypatch) -> None:
+    """PPO/GRPO select models by eval_reward, maximised (there is no eval_loss in online RL). Scripted held-out
+    rewards 0.1, 0.5, 0.3, 0.2 with patience 2: the run stops after step 4 and its final model is step 2's."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    scripted = iter([0.1, 0.5, 0.3, 0.2, 0.9, 0.9])
+    evaluated = []
+
+    def scripted_evaluation(rows: Any, engine: Any, *args: Any) -> dict[str, float]:
+        evaluated.append(weights_of(engine.model))
+        return {"eval_reward": next(scripted), "eval_exact_match": 0.0}
+
+    def weights_of(model: Any) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(ppo, "evaluate_prompts", scripted_evaluation)
+    out = tmp_path / "run"
+    summary = ppo.run(ppo_config(
+        micro_model, data, out, algorithm__advantage="grpo", data__eval_fraction=0.25, train__max_steps=6,
+        train__eval_every=1, train__early_stopping_patience=2, checkpoint__every=None,
+    ))
+    assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2
+    assert summary["best_eval_reward"] == 0.5
+    final, at_step_2, at_step_4 = weights(out / "model"), evaluated[1], evaluated[3]
+    assert any(not torch.equal(at_step_2[key], at_step_4[key]) for key in final)
+    for key in final:
+        torch.testing.assert_close(final[key], at_step_2[key], rtol=0, atol=0, msg=key)
+
+
 def test_bad_settings_fail_before_training(toy, micro_model, tmp_path) -> None:
     data = prompts_file(toy, tmp_path / "p.jsonl")
     with pytest.raises(ValueError, match="num_samples >= 2"):

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from conftest import sft_config
 from posttrain.config import ScheduleConfig, build_config
 from posttrain.recipes import sft
-from posttrain.runtime import NonFiniteLossError, Runtime
+from posttrain.runtime import ModelSelection, NonFiniteLossError, Runtime
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.optim import lr_multiplier
 
@@ -132,6 +132,27 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path) -> None:
     assert rt.stopped_early and rt.global_step == 4 and rt.best_step == 2
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["step-000002"], "keep=1 prunes the rest but never the best"
+
+
+def test_early_stopping_follows_the_named_metric_and_direction(tmp_path) -> None:
+    """A stage that selects by a reward (maximised): scripted eval_reward 1.0, 2.0, 1.5, 1.9 with patience 2 peaks
+    at step 2 and stops at step 4, keeping step 2. (Read as eval_loss, which this evaluation never returns, every
+    evaluation counted as no improvement and the run stopped at step 2 with no best step.)"""
+    rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2, keep=1)
+    scripted = iter([1.0, 2.0, 1.5, 1.9, 3.0, 3.0])
+    model = rt.setup(model, num_rows=20, evaluate=lambda: {"eval_reward": next(scripted)}, selection=ModelSelection("eval_reward", maximize=True))
+    for batch in rt.batches([Item(1.0)] * 20, _collate):
+        rt.step(model(batch["x"]).pow(2).mean())
+    assert rt.stopped_early and rt.global_step == 4 and rt.best_step == 2 and rt.best_eval == 2.0
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000002"]
+
+
+def test_an_evaluation_without_the_selection_metric_is_an_error(tmp_path) -> None:
+    rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2)
+    model = rt.setup(model, num_rows=20, evaluate=lambda: {"eval_reward": 1.0})
+    with pytest.raises(ValueError, match=r"selects models by eval_loss, which its evaluation did not return \(it returned eval_reward\)"):
+        for batch in rt.batches([Item(1.0)] * 20, _collate):
+            rt.step(model(batch["x"]).pow(2).mean())
 
 
 def test_checkpoint_retention_and_leftovers(tmp_path) -> None:

@@ -64,10 +64,13 @@ from posttrain.models.forward import reference_model, shares_prefix, token_logit
 from posttrain.models.loading import model_dir_of
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
-from posttrain.runtime import Runtime
+from posttrain.runtime import ModelSelection, Runtime
 from posttrain.runtime.metrics import per_example_means
 
 SAMPLES_PER_STEP_LOGGED = 4
+# There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
+# answers to the held-out prompts (evaluate_prompts), maximised.
+MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
 
 
 @dataclass
@@ -335,7 +338,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     module = rt.setup(
         trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
         rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
-        parameter_groups=_parameter_groups(trained, config),
+        parameter_groups=_parameter_groups(trained, config), selection=MODEL_SELECTION,
     )
     state = rt.recipe_state
     kl_controller: Any = (

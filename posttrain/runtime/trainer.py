@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,23 @@ def _forget_previous_accelerator_settings() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """The held-out metric a stage picks its best checkpoint by, which early stopping follows, and its direction.
+    Each recipe names its own (``eval_loss``, minimised, unless it says otherwise): an online-RL stage has no
+    held-out loss, only held-out rewards to maximise."""
+
+    metric: str = "eval_loss"
+    maximize: bool = False
+
+    def better(self, value: float, best: float) -> bool:
+        return value > best if self.maximize else value < best
+
+    @property
+    def worst(self) -> float:
+        return -math.inf if self.maximize else math.inf
 
 
 class Runtime:
@@ -100,7 +118,8 @@ class Runtime:
         self.trainable = (0, 0)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.best_eval = math.inf
+        self.selection = ModelSelection()
+        self.best_eval = self.selection.worst  # the best value of selection.metric so far
         self.best_step: int | None = None
         self.evals_without_improvement = 0
         self.stopped_early = False
@@ -174,6 +193,7 @@ class Runtime:
         rows_per_step: int | None = None,
         updates_per_step: int = 1,
         parameter_groups: list[dict[str, Any]] | None = None,
+        selection: ModelSelection = ModelSelection(),
     ) -> Any:
         """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming.
 
@@ -181,9 +201,12 @@ class Runtime:
         (online RL, :meth:`iterations`) give ``rows_per_step`` (prompts consumed per step over all processes)
         and ``updates_per_step`` (optimizer updates per step, which the learning-rate
         schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``) set per-group options
-        such as a critic's learning rate."""
+        such as a critic's learning rate (and ``name``/``max_grad_norm``, see :meth:`update`); ``selection`` is the
+        held-out metric and direction that pick the best checkpoint and drive early stopping."""
         from posttrain.models.adapters import count_parameters
 
+        self.selection = selection
+        self.best_eval = selection.worst
         self._rows_per_step = rows_per_step
         self.steps_per_epoch = num_rows // self.rows_per_step
         if self.steps_per_epoch == 0:
@@ -228,7 +251,7 @@ class Runtime:
         )
         self.global_step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.best_eval = state.get("best_eval", math.inf)
+        self.best_eval = state.get("best_eval", self.selection.worst)
         self.best_step = state.get("best_step")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.tokens_trained = state.get("tokens_trained", 0)
@@ -441,10 +464,17 @@ class Runtime:
         self.model.train()
         self.last_eval = (self.global_step, results)
         self.metrics.log(self.global_step, results)
-        eval_loss = results.get("eval_loss", math.inf)
+        metric = self.selection.metric
+        if metric not in results:
+            # A missing metric used to count as "no improvement", so early stopping ended runs for nothing.
+            raise ValueError(
+                f"the {self.config.stage} stage selects models by {metric}, which its evaluation did not return "
+                f"(it returned {', '.join(sorted(results)) or 'nothing'})"
+            )
+        value = results[metric]
         self.log(f"step {self.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        if eval_loss < self.best_eval:
-            self.best_eval, self.best_step = eval_loss, self.global_step
+        if self.selection.better(value, self.best_eval):
+            self.best_eval, self.best_step = value, self.global_step
             self.evals_without_improvement = 0
             self.save_checkpoint()  # the best checkpoint must exist to be kept
             return True
@@ -454,7 +484,7 @@ class Runtime:
             self.stopped_early = True
             self.log(
                 f"early stopping at step {self.global_step}: no validation improvement in {patience} evaluations; "
-                f"best eval_loss {self.best_eval:.4f} at step {self.best_step}"
+                f"best {metric} {self.best_eval:.4f} at step {self.best_step}"
             )
         return False
 
@@ -559,7 +589,7 @@ class Runtime:
                 "total_parameters": total,
                 "tokens_trained": self.tokens_trained,
                 "nonfinite_steps_skipped": self.nonfinite_total,
-                "best_eval_loss": self.best_eval if math.isfinite(self.best_eval) else None,
+                f"best_{self.selection.metric}": self.best_eval if math.isfinite(self.best_eval) else None,
                 "best_step": self.best_step,
                 "stopped_early": self.stopped_early,
                 **{f"final_{k}": v for k, v in (final_eval or {}).items()},
