@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,54 @@ def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
             node = node.setdefault(block, {})
         node[leaf] = value
     return build_config(raw)
+
+
+# Runs `posttrain train CONFIG [overrides]` and, with a kill step, SIGKILLs itself right after that optimizer
+# step has been logged (and checkpointed, when due): a crash at an exact point, whatever the machine's load. The
+# parent never has to catch a fast run in the act (polling a checkpoint file and killing from outside is a race
+# the run can win by finishing first).
+_TRAIN_AND_KILL = """
+import os, signal, sys
+from posttrain.cli import main
+from posttrain.runtime.trainer import Runtime
+
+kill_after_step = int(sys.argv[1])
+end_step = Runtime.end_step
+
+def end_step_then_kill(self, *args, **kwargs):
+    record = end_step(self, *args, **kwargs)
+    if self.global_step == kill_after_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+
+if kill_after_step > 0:
+    Runtime.end_step = end_step_then_kill
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def write_config(config: Any, path: Path) -> Path:
+    """``config`` as the YAML file `posttrain train` reads."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def train_in_subprocess(
+    config: Any, *overrides: str, kill_after_step: int | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`posttrain train` on ``config`` in a fresh process (its YAML written beside ``output_dir``); with
+    ``kill_after_step`` the process SIGKILLs itself once that step is logged. ``tests/`` is importable there (for
+    reward functions defined in test files); ``env`` adds variables."""
+    out = Path(config.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = write_config(config, out.parent / f"{out.name}.yaml")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", _TRAIN_AND_KILL, str(kill_after_step or 0), str(config_path), *overrides],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
+    )
 
 
 # `.ci/run` sets this: a test that needs peer-data then fails when it is missing, instead of skipping and letting

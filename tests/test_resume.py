@@ -1,0 +1,143 @@
+"""Resume after ``kill -9`` == the uninterrupted run, for every trainer recipe, under one unchanged config.
+
+Each case trains a tiny run three times in fresh processes (``conftest.train_in_subprocess``): once
+uninterrupted; once SIGKILLed right after a step that follows a checkpoint (so the work after the checkpoint is
+lost, its metrics line included); and once more with ``resume=auto``. The resumed run must log each step once, with
+the same learning rate and the same metrics as the uninterrupted one at every step, and end at bitwise the same
+weights. The schedule is cosine with warm-up, so the learning rate differs at every step: a resume that restarted
+the schedule (or the warm-up) from step 0 fails here; a constant schedule could not tell.
+
+The SFT case with half-written checkpoint directories is ``test_sft_invariance.test_resume_after_sigkill_is_bitwise_equal``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import sft_config, train_in_subprocess
+
+SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
+MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3
+# Metrics that measure the machine, not the training.
+TIMING = ("step_time_s", "tokens_per_s", "samples_per_s", "wall_time_s")
+
+
+def length_reward(prompt: str, response: str, reference: str | None) -> float:
+    """Differs between an untrained model's samples (the toy tasks' gold reward would be 0 for all of them)."""
+    return len(response) / 10.0
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    files = sorted((run / "model").glob("*.safetensors"))
+    assert files, f"no weights in {run / 'model'}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def assert_kill_and_resume_equal_uninterrupted(make_config: Callable[[Path], Any], tmp_path: Path) -> list[dict[str, Any]]:
+    """The whole check, for a recipe whose config ``make_config(output_dir)`` builds; returns the uninterrupted
+    run's metric records."""
+    whole = train_in_subprocess(make_config(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed_config = make_config(tmp_path / "killed")
+    killed = train_in_subprocess(killed_config, kill_after_step=KILL_AFTER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert [p.name for p in sorted(checkpoints.glob("step-*"))] == [f"step-{EVERY:06d}"]
+    assert not (tmp_path / "killed" / "model").exists()
+    assert [r["step"] for r in records(tmp_path / "killed") if "lr" in r][-1] == KILL_AFTER  # lost work: step 3
+
+    resumed = train_in_subprocess(killed_config, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{EVERY:06d} at step {EVERY}" in resumed.stderr
+
+    expected, got = records(tmp_path / "whole"), records(tmp_path / "killed")
+    assert [r["step"] for r in got] == [r["step"] for r in expected], "each step (and evaluation) logged once"
+    train_steps = [r for r in expected if "lr" in r]
+    assert [r["step"] for r in train_steps] == list(range(1, MAX_STEPS + 1))
+    assert len({r["lr"] for r in train_steps}) == MAX_STEPS, "the schedule must change the lr at every step"
+    for want, have in zip(expected, got):
+        assert want.keys() == have.keys(), want["step"]
+        for key in want:
+            if key not in TIMING:
+                assert have[key] == want[key], f"step {want['step']}: {key} {have[key]} != {want[key]}"
+    expected_weights, got_weights = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert expected_weights.keys() == got_weights.keys()
+    for name in expected_weights:
+        assert torch.equal(expected_weights[name], got_weights[name]), f"{name} differs after resume"
+    return expected
+
+
+def common(**overrides: Any) -> dict[str, Any]:
+    return {"train__max_steps": MAX_STEPS, "checkpoint__every": EVERY, "optim__lr": 1e-2, **SCHEDULE, **overrides}
+
+
+def first_rows(source: Path, target: Path, count: int) -> Path:
+    """The first ``count`` rows of a JSONL file: small runs (fewer reference log-probs), and the 6 steps then
+    cross an epoch boundary, which the resumed data position must get right too."""
+    # The preference recipes below run padded (one pair or example per row): what state a resume restores
+    # does not depend on the layout, and the runs stay the same size whatever train.batch_size counts.
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:count]))
+    return target
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reward_model(toy, micro_model, tmp_path, method) -> None:
+    """LoRA: the score head travels with the adapter and must come back too."""
+    pairs = first_rows(toy.prefs, tmp_path / "pairs.jsonl", 8)
+    assert_kill_and_resume_equal_uninterrupted(
+        lambda out: sft_config(micro_model, pairs, out, stage="reward", data__max_length=64, data__packing=False, train__batch_size=2, peft__method=method, **common()),
+        tmp_path,
+    )
+
+
+def test_dpo(toy, micro_model, tmp_path) -> None:
+    """Full tuning: the cached reference must be the initial weights, computed before the restore, not the
+    step-2 ones. (A LoRA reference is the base whatever the adapter holds: test_dpo.py.)"""
+    pairs = first_rows(toy.prefs, tmp_path / "pairs.jsonl", 8)
+    assert_kill_and_resume_equal_uninterrupted(
+        lambda out: sft_config(micro_model, pairs, out, stage="dpo", data__packing=False, train__batch_size=2, **common()), tmp_path
+    )
+
+
+def test_kto_with_held_out_evaluation(toy, micro_model, tmp_path) -> None:
+    """Full tuning: the reference log-probs are cached before the restore, as in DPO; the held-out evaluation
+    at steps 4 and 6 is the same too."""
+    pairs = first_rows(toy.prefs, tmp_path / "pairs.jsonl", 8)
+    held_out = first_rows(toy.eval_prefs, tmp_path / "held_out.jsonl", 4)
+    expected = assert_kill_and_resume_equal_uninterrupted(
+        lambda out: sft_config(
+            micro_model, pairs, out, stage="kto", data__packing=False, train__batch_size=4, data__eval=str(held_out), train__eval_every=4, **common(),
+        ),
+        tmp_path,
+    )
+    assert [r["step"] for r in expected if "eval_loss" in r] == [4, 6]
+
+
+def test_ppo(toy, micro_model, tmp_path) -> None:
+    """GAE with a separate critic: the data position, the torch RNG that sampling draws from, both optimizers'
+    states, the adaptive KL coefficient and the running reward statistics all come back. (GRPO keeps a subset
+    of this state; test_ppo.py resumes it by growing max_steps.)"""
+    prompts = first_rows(toy.prompts, tmp_path / "prompts.jsonl", 16)
+    settings = {
+        "stage": "ppo", "algorithm__advantage": "gae", "sampling__num_samples": 2, "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4, "train__batch_size": 4, "train__grad_accum": 2, "algorithm__kl_target": 1.0,
+        "reward__function": f"{__name__}:length_reward", "algorithm__reward_normalize": True,
+    }
+    expected = assert_kill_and_resume_equal_uninterrupted(
+        lambda out: sft_config(micro_model, prompts, out, **settings, **common(optim__lr=1e-3)), tmp_path
+    )
+    steps = [r for r in expected if "reward" in r]
+    assert steps[-1]["kl_coef"] != steps[0]["kl_coef"], "the adaptive KL controller must move for the test to bite"
