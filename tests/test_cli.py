@@ -125,3 +125,27 @@ def test_a_file_whose_rows_all_go_to_the_held_out_split_says_so(micro_model, tmp
     assert code == 2, err
     assert f"all 1 rows of {data} went to the held-out split (data.eval_fraction=0.02" in err
     assert "no training sequences" not in err
+
+
+def test_a_dolly_file_trains_as_it_is(micro_model, tmp_path, capsys) -> None:
+    """A databricks-dolly-15k-shaped file (instruction, context, response, category) trains with a shipped SFT
+    config and no format or column options: the response is what is trained."""
+    categories = ["closed_qa", "open_qa", "brainstorming", "classification"]
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "context": f"We are adding {i} and {i}." if i % 2 else "",
+         "response": str(2 * i), "category": categories[i % 4]}
+        for i in range(20)
+    ]
+    data = tmp_path / "dolly.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    code = main([
+        "train", str(REPO / "configs" / "sft_lora.yaml"), f"model.path={micro_model}", f"data.train={data}",
+        f"output_dir={out}", "train.max_steps=2", "data.max_length=128", "logging.progress=false",
+    ])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"{data}: format dolly, 20 rows → 20 conversation records, 0 skipped" in err
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["examples"] for r in records if "loss" in r] == [8, 8]
+    assert (out / "model" / "adapter_config.json").exists()

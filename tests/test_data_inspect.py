@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import need_peer_file
 from posttrain.cli import main
 from posttrain.data.quality import approx_tokens, inspect_dataset, percentiles
 
@@ -192,6 +193,45 @@ def test_task_balance_on_the_toy_sft_file(toy_kit: Any) -> None:
     assert counts == {"add": 9, "reverse": 9, "copy": 8, "count": 8, "sort": 8, "upper": 8}
     assert task["values"]["add"]["rate"] == pytest.approx(0.18)
     assert "label" not in balance
+
+
+def dolly(instruction: str, context: str, response: str, category: str) -> dict[str, str]:
+    return {"instruction": instruction, "context": context, "response": response, "category": category}
+
+
+def test_dolly_categories_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        dolly("When did Virgin Australia start operating?", "Virgin Australia commenced services on 31 August 2000.", "On 31 August 2000.", "closed_qa"),
+        dolly("Name three primary colours.", "", "Red, yellow and blue.", "open_qa"),
+        dolly("Which is a fish: tope or rope?", "", "Tope.", "classification"),
+        dolly("Give me ideas for a picnic.", "", "Sandwiches, fruit, lemonade.", "open_qa"),
+    ]
+    path = write_jsonl(tmp_path / "dolly.jsonl", rows)
+    report = inspect_dataset(path)
+    assert (report["format"], report["kind"], report["records"]) == ("dolly", "conversation", 4)
+    counts = {name: share["count"] for name, share in report["balance"]["category"]["values"].items()}
+    assert counts == {"open_qa": 2, "closed_qa": 1, "classification": 1}
+
+    assert main(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format        dolly" in out
+    assert "category (3 values): open_qa 2 (50.0%), classification 1 (25.0%), closed_qa 1 (25.0%)" in out
+
+
+def test_the_real_dolly_15k_file_reads_as_dolly_with_its_eight_categories() -> None:
+    """The real databricks-dolly-15k.jsonl when peer-data has it. peer-data/dolly/SOURCES.md records that its blob
+    was missing from the snapshot (only the dataset card was saved), so with peer-data present and the file
+    absent this skips and says why; without peer-data it follows the usual rule (skip, or fail under CI)."""
+    need_peer_file(PEER_DATA / "dolly" / "SOURCES.md")
+    path = PEER_DATA / "dolly" / "databricks-dolly-15k.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path}: not in peer-data (dolly/SOURCES.md: the snapshot lacks its blob)")
+    report = inspect_dataset(path)
+    assert (report["format"], report["kind"]) == ("dolly", "conversation")
+    assert report["invalid"]["count"] == 0 and report["records"] == report["rows_read"] > 15_000
+    assert set(report["balance"]["category"]["values"]) == {
+        "brainstorming", "classification", "closed_qa", "creative_writing", "general_qa", "information_extraction", "open_qa", "summarization",
+    }
 
 
 def test_turn_and_tool_statistics(tmp_path: Path) -> None:

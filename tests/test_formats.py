@@ -140,6 +140,32 @@ def test_sharegpt_role_tags_are_configurable(tmp_path: Path) -> None:
         read_records(write_jsonl(tmp_path / "d.jsonl", [{"dialog": [{"speaker": "U", "text": "x"}, {"speaker": "human", "text": "y"}]}]), format="sharegpt", columns={"messages": "dialog"}, tags=tags)
 
 
+def test_dolly_context_is_the_input_and_category_stays_in_meta(tmp_path: Path) -> None:
+    """databricks-dolly-15k rows (instruction, context, response, category) are their own format: the context
+    follows the instruction in the user turn (alpaca's input, LLaMA-Factory's mapping), an empty context is left
+    out, and category is kept in the record's meta for balance reports."""
+    rows = [
+        {"instruction": "When did Virgin Australia start operating?", "context": "Virgin Australia commenced services on 31 August 2000.",
+         "response": "On 31 August 2000.", "category": "closed_qa"},
+        {"instruction": "Name three primary colours.", "context": "", "response": "Red, yellow and blue.", "category": "open_qa"},
+    ]
+    result = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert (result.format, result.kind, result.rows_read) == ("dolly", "conversation", 2)
+    assert result.records[0] == Conversation(
+        messages=[
+            {"role": "user", "content": "When did Virgin Australia start operating?\nVirgin Australia commenced services on 31 August 2000."},
+            {"role": "assistant", "content": "On 31 August 2000."},
+        ],
+        meta=meta(tmp_path, category="closed_qa"),
+    )
+    assert result.records[1].messages == [{"role": "user", "content": "Name three primary colours."}, {"role": "assistant", "content": "Red, yellow and blue."}]
+    assert result.records[1].meta["category"] == "open_qa"
+    assert detect_file(tmp_path / "d.jsonl") == ("dolly", "conversation")
+    # The same rows as RL prompts: the instruction and context, without the response.
+    prompt = read_records(tmp_path / "d.jsonl", kind="prompt").records[0]
+    assert prompt == Prompt(messages=[result.records[0].messages[0]], meta=meta(tmp_path, category="closed_qa"))
+
+
 def test_alpaca_with_system_input_and_history(tmp_path: Path) -> None:
     row = {
         "instruction": "Add these.",
