@@ -313,6 +313,19 @@ class RewardConfig(StageConfig):
         return self
 
 
+# dpo.loss → the β it takes when dpo.beta is unset. β means different things per loss, so one default cannot suit
+# all: SimPO's β scales a *length-averaged* log-prob margin and its paper tunes it in 2–10 with γ/β 0.3–0.5 (Meng
+# et al. 2024, Table 7); DPO's 0.1 would leave it nearly flat. The others take the value their papers and TRL use.
+DPO_DEFAULT_BETA: dict[str, float] = {
+    "sigmoid": 0.1,
+    "ipo": 0.1,
+    "hinge": 0.1,
+    "robust": 0.1,
+    "simpo": 2.0,
+    "orpo": 0.1,
+}
+
+
 class DpoBlock(Block):
     """Direct preference optimisation: the loss and its strength."""
 
@@ -320,13 +333,24 @@ class DpoBlock(Block):
     """sigmoid (DPO), ipo, hinge (SLiC), robust (label-noise unbiased), simpo (reference-free, length-normalised),
     orpo (reference-free, odds ratio + SFT term)."""
     beta: float = Field(0.1, gt=0)
-    """Strength of the preference term (DPO's β, IPO's τ, ORPO's λ)."""
+    """Strength of the preference term (DPO's β, IPO's τ, ORPO's λ). Unset: the loss's own default, 0.1, or 2.0
+    for simpo (its paper's range, 2–10); the run's config.yaml records the value used."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Assumed share of flipped labels: conservative DPO with loss=sigmoid, robust DPO with loss=robust."""
     simpo_gamma_beta_ratio: float = 0.5
     """SimPO's target margin γ as a multiple of β."""
     sft_weight: float = Field(0.0, ge=0)
     """Weight of an extra NLL term on the chosen response (RPO); 0 turns it off. ORPO always has its own."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _beta_follows_the_loss(cls, data: Any) -> Any:
+        # Fills only an unset β (a β the user wrote is kept as written); an unknown loss is left for the Literal.
+        if isinstance(data, dict) and data.get("beta") is None:
+            loss = data.get("loss", "sigmoid")
+            if loss in DPO_DEFAULT_BETA:
+                data = {**data, "beta": DPO_DEFAULT_BETA[loss]}
+        return data
 
 
 class DpoConfig(StageConfig):

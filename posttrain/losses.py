@@ -223,7 +223,8 @@ def simpo_loss(
     """SimPO (Meng et al. 2024): reference-free and length-normalised,
     ``-logσ(β·(avg_c − avg_r) − γ)`` with ``avg`` the mean token log-prob (``sequence_logps(..., average=True)``)
     and target margin ``γ = gamma_beta_ratio·β`` (the SimPO code's parameter; TRL's ``simpo_gamma`` is γ itself).
-    Returns ``(losses (B,), chosen_rewards, rejected_rewards)``, rewards ``β·avg`` detached.
+    The paper tunes β in 2–10 with γ/β 0.3–0.5: β scales a length-averaged margin, far smaller than DPO's summed
+    log-ratio, so DPO's β = 0.1 leaves the loss nearly flat (``config.DPO_DEFAULT_BETA`` gives simpo 2.0). Returns ``(losses (B,), chosen_rewards, rejected_rewards)``, rewards ``β·avg`` detached.
     """
     gamma = gamma_beta_ratio * beta
     losses = -F.logsigmoid(beta * (policy_chosen_logps_avg - policy_rejected_logps_avg) - gamma)

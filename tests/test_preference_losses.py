@@ -135,6 +135,27 @@ def test_hinge_hand_derived() -> None:
     assert_close(losses, _t(1.0, 0.0, 1.5))
 
 
+def test_simpo_takes_its_papers_beta_when_beta_is_unset() -> None:
+    """dpo.loss=simpo with dpo.beta unset gives β = 2 and γ = 1 (γ/β = 0.5), the SimPO paper's range, instead
+    of DPO's 0.1; a β the user writes is kept, and the other losses keep 0.1. Through the recipe: average
+    log-probs chosen −1, rejected −1.5 (sums −2 over 2 tokens, −3 over 2): 2·(−1 + 1.5) − 1 = 0 → loss ln 2,
+    chosen reward 2·(−1) = −2; with β 0.1 (γ 0.05) the margin would be 0.05 − 0.05 = 0 too, so a second pair,
+    averages −1 and −2, tells them apart: 2·1 − 1 = 1 → −logσ(1), where β 0.1 gives −logσ(0.05)."""
+    from posttrain.config import DPO_DEFAULT_BETA, DpoBlock, build_config
+    from posttrain.recipes.dpo import PAIR_LOSSES, pair_losses
+
+    config = build_config({"stage": "dpo", "model": {"path": "m"}, "data": {"train": "d.jsonl"}, "dpo": {"loss": "simpo"}})
+    assert config.dpo.beta == 2.0 and config.dpo.simpo_gamma_beta_ratio * config.dpo.beta == 1.0
+    assert DpoBlock(loss="simpo", beta=0.5).beta == 0.5
+    assert DpoBlock().beta == DpoBlock(loss="orpo").beta == 0.1
+    assert set(DPO_DEFAULT_BETA) == set(PAIR_LOSSES) == set(DpoBlock.model_fields["loss"].annotation.__args__)
+    logps = torch.tensor([[-2.0, -3.0], [-2.0, -4.0]])
+    counts = torch.tensor([[2, 2], [2, 2]])
+    per_pair, chosen_rewards, _ = pair_losses(config.dpo, logps, counts, None)
+    assert_close(per_pair, torch.tensor([math.log(2.0), -math.log(torch.sigmoid(torch.tensor(1.0)).item())]))
+    assert_close(chosen_rewards, torch.tensor([-2.0, -2.0]))
+
+
 def test_simpo_hand_derived() -> None:
     """β = 2, gamma_beta_ratio = 1/2 → γ = 1. Average log-probs chosen [−1, −1], rejected [−1.5, −1]:
     pair 0: β·0.5 − 1 = 0 → −logσ(0) = ln 2; pair 1: β·0 − 1 = −1 → −logσ(−1) = ln(1 + e).
