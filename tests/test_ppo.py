@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import sft_config
 from posttrain.config import ConfigError
+from posttrain.losses import IGNORE_INDEX
 from posttrain.recipes import ppo
 
 
@@ -373,3 +376,218 @@ def test_held_out_prompts_from_data_eval_are_evaluated(toy, micro_model, tmp_pat
     (evaluation,) = [r for r in records(out) if "eval_reward" in r]
     assert evaluation["step"] == 2 and 0.0 <= evaluation["eval_exact_match"] <= 1.0
     assert evaluation["eval_length"] > 0 and summary["final_eval_reward"] == evaluation["eval_reward"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The recipe's wiring of every algorithm option, hand-derived, through its own functions (no model is loaded).
+
+
+def _unit_config(**overrides: Any) -> Any:
+    """A PpoConfig for the recipe functions (paths are never opened): groups of 2, max_new_tokens 4."""
+    options = {"sampling__num_samples": 2, "sampling__max_new_tokens": 4, "algorithm__whiten_advantages": False, **overrides}
+    return sft_config(Path("model"), Path("prompts.jsonl"), Path("out"), stage="ppo", **options)
+
+
+def _unit_runtime() -> Any:
+    """What the recipe functions read from the runtime, for one process on the CPU."""
+    return types.SimpleNamespace(
+        device=torch.device("cpu"), world_size=1, sum_over_processes=lambda tensor: tensor,
+        accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext),
+    )
+
+
+# Four responses to two prompts (groups of 2), lengths 2, 1, 2, 2: scores, per-token KL (old vs reference),
+# critic values. kl_coef 0.1 in the reward gives per-token rewards −0.1·KL plus the score on the last token:
+# [−0.05, 0.9], [2.8], [0, 2], [−0.1, 2.1]; per-response KL sums 1.5, 2, 0, 0.
+PLANTED_SCORES = torch.tensor([1.0, 3.0, 2.0, 2.0])
+PLANTED_KL = torch.tensor([[0.5, 1.0], [2.0, 0.0], [0.0, 0.0], [1.0, -1.0]])
+PLANTED_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+PLANTED_VALUES = torch.tensor([[0.5, 1.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+
+
+def _advantages(**overrides: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    config = _unit_config(**overrides)
+    values = PLANTED_VALUES if config.algorithm.advantage == "gae" else None
+    return ppo.advantages_for(config, PLANTED_SCORES, PLANTED_KL, PLANTED_MASK, values, 0.1, _unit_runtime())
+
+
+def test_advantage_dispatch_hand_derived() -> None:
+    """Every estimator on the planted rollout, γ = λ = 1, no whitening, KL in the reward (coefficient 0.1):
+    gae: returns-to-go G = [0.85, 0.9], [2.8], [2, 2], [2.0, 2.1]; A = G − V = [0.35, −0.1], [1.8], [2, 2], [1.5, 1.6].
+    reinforce++: G itself, no returns. Critic-free baselines on the scores minus 0.1·KL sums, [0.85, 2.8 | 2, 2]:
+    grpo without std (Dr. GRPO) [−0.975, 0.975 | 0, 0]; with the Bessel std (1.95/√2) ±1/√2 | 0 (the equal
+    group exactly 0); rloo r − the other: [−1.95, 1.95 | 0, 0]; each the same on every token of its response."""
+    returns_to_go = torch.tensor([[0.85, 0.9], [2.8, 0.0], [2.0, 2.0], [2.0, 2.1]])
+    advantages, returns = _advantages(algorithm__advantage="gae", algorithm__lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.35, -0.1], [1.8, 0.0], [2.0, 2.0], [1.5, 1.6]]))
+    torch.testing.assert_close(returns, returns_to_go)
+    advantages, returns = _advantages(algorithm__advantage="reinforce++")
+    torch.testing.assert_close(advantages, returns_to_go)
+    assert returns is None
+
+    def broadcast(*per_response: float) -> torch.Tensor:
+        return torch.tensor(per_response)[:, None] * PLANTED_MASK
+
+    dr_grpo = _advantages(algorithm__advantage="grpo", algorithm__scale_by_std=False)[0]
+    torch.testing.assert_close(dr_grpo, broadcast(-0.975, 0.975, 0.0, 0.0))
+    grpo = _advantages(algorithm__advantage="grpo")[0]
+    torch.testing.assert_close(grpo, broadcast(-(0.5**0.5), 0.5**0.5, 0.0, 0.0), atol=1e-5, rtol=0)
+    assert torch.equal(grpo[2:], torch.zeros(2, 2))
+    rloo, returns = _advantages(algorithm__advantage="rloo")
+    torch.testing.assert_close(rloo, broadcast(-1.95, 1.95, 0.0, 0.0))
+    assert returns is None
+
+
+def test_gamma_lambda_whitening_and_kl_mode_change_the_advantages_as_derived() -> None:
+    """Each option against the dispatch test's values. γ 0.5 (gae, λ 1): row 4 A₁ = 2.1 − 0.5 = 1.6,
+    A₀ = −0.1 + 0.5·2.1 − 0.5 = 0.45. λ 0 (γ 1): A_t = δ_t: row 1 [−0.05 + 1 − 0.5, 0.9 − 1] = [0.45, −0.1],
+    row 4 [−0.1 + 0.5 − 0.5, 1.6]. reinforce++ γ 0.5: [0.4, 0.9], [2.8], [1, 2], [0.95, 2.1]. Whitening: (A − mean)
+    / sqrt(unbiased var + 1e-8) over the 7 response tokens (numpy). kl_mode loss: the reward carries no KL, so
+    Dr. GRPO's baseline acts on the raw scores [1, 3 | 2, 2]: [−1, 1 | 0, 0]."""
+    advantages = _advantages(algorithm__advantage="gae", algorithm__gamma=0.5, algorithm__lam=1.0)[0]
+    torch.testing.assert_close(advantages[3], torch.tensor([0.45, 1.6]))
+    advantages = _advantages(algorithm__advantage="gae", algorithm__lam=0.0)[0]
+    torch.testing.assert_close(advantages[0], torch.tensor([0.45, -0.1]))
+    torch.testing.assert_close(advantages[3], torch.tensor([-0.1, 1.6]))
+    advantages = _advantages(algorithm__advantage="reinforce++", algorithm__gamma=0.5)[0]
+    torch.testing.assert_close(advantages, torch.tensor([[0.4, 0.9], [2.8, 0.0], [1.0, 2.0], [0.95, 2.1]]))
+    for advantage in ("gae", "reinforce++"):
+        plain = _advantages(algorithm__advantage=advantage, algorithm__lam=1.0)[0]
+        whitened = _advantages(algorithm__advantage=advantage, algorithm__lam=1.0, algorithm__whiten_advantages=True)[0]
+        tokens = np.array(plain[PLANTED_MASK.bool()].tolist(), dtype=np.float64)
+        expected = (tokens - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
+        np.testing.assert_allclose(whitened[PLANTED_MASK.bool()].numpy(), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(whitened[~PLANTED_MASK.bool()], torch.zeros(1))
+    in_loss = _advantages(algorithm__advantage="grpo", algorithm__scale_by_std=False, algorithm__kl_mode="loss")[0]
+    torch.testing.assert_close(in_loss, torch.tensor([-1.0, 1.0, 0.0, 0.0])[:, None] * PLANTED_MASK)
+
+
+def test_reward_normalisation_and_clipping_hand_derived() -> None:
+    """Rewards [1, 2, 3, 6]: mean 3, Σ(r − 3)² = 14, unbiased std √(14/3) → normalised [−2, −1, 0, 3]/√(14/3);
+    reward_clip 1 caps the last at 1; reward_clip 2.5 alone clips the raw rewards to [1, 2, 2.5, 2.5]."""
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    std = (14 / 3) ** 0.5
+    config = _unit_config(algorithm__reward_normalize=True)
+    normalised = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime())
+    torch.testing.assert_close(normalised, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std)
+    config = _unit_config(algorithm__reward_normalize=True, algorithm__reward_clip=1.0)
+    clipped = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime())
+    torch.testing.assert_close(clipped, torch.tensor([-2.0 / std, -1.0 / std, 0.0, 1.0]))
+    config = _unit_config(algorithm__reward_clip=2.5)
+    torch.testing.assert_close(ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime()), torch.tensor([1.0, 2.0, 2.5, 2.5]))
+    assert torch.equal(ppo.optimised_scores(raw, _unit_config().algorithm, ppo.RunningMoments(), _unit_runtime()), raw)
+
+
+def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
+    """Batches of 5, 1, 12 and 7 rewards through the recipe's normalisation: after each, the running mean and
+    (unbiased) std equal numpy's over every reward so far, and the batch is normalised by them; the state
+    survives a checkpoint round trip."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=generator) * 3 + 1 for n in (5, 1, 12, 7)]
+    config = _unit_config(algorithm__reward_normalize=True)
+    moments, seen = ppo.RunningMoments(), []
+    for batch in batches:
+        scores = ppo.optimised_scores(batch, config.algorithm, moments, _unit_runtime())
+        seen.extend(batch.tolist())
+        everything = np.array(seen, dtype=np.float32).astype(np.float64)
+        assert moments.count == len(seen)
+        assert moments.mean == pytest.approx(everything.mean(), rel=1e-6, abs=1e-7)
+        assert moments.std == pytest.approx(everything.std(ddof=1) if len(seen) > 1 else 0.0, rel=1e-6, abs=1e-7)
+        torch.testing.assert_close(scores, ((batch.double() - everything.mean()) / everything.std(ddof=1)).float(), rtol=1e-5, atol=1e-6)
+        moments = ppo.RunningMoments(json.loads(json.dumps(moments.state_dict())))
+
+
+def test_kl_horizon_and_target_steer_the_coefficient_as_derived() -> None:
+    """Adaptive β (kl_target 1): a measured KL of 2 is a +100% error, clipped to +0.2, so after 10 responses
+    β = 0.05·(1 + 0.2·10/horizon): 0.051 with kl_horizon 100, 0.0501 with 1000. Without kl_target β stays 0.05;
+    a resumed state's β is continued."""
+    for horizon, expected in ((100, 0.051), (1000, 0.0501)):
+        controller = ppo.kl_controller_for(_unit_config(algorithm__kl_target=1.0, algorithm__kl_horizon=horizon).algorithm, {})
+        controller.update(2.0, 10)
+        assert controller.value == pytest.approx(expected, rel=1e-12)
+    fixed = ppo.kl_controller_for(_unit_config().algorithm, {})
+    fixed.update(2.0, 10)
+    assert fixed.value == 0.05
+    assert ppo.kl_controller_for(_unit_config(algorithm__kl_target=1.0).algorithm, {"kl_coef": 0.3}).value == 0.3
+
+
+class PlantedPolicyAndCritic(torch.nn.Module):
+    """Stands in for the ActorCritic: logits [0, 0] over a 2-token vocabulary at every response position (each
+    sampled token, id 1, has log-prob −ln 2, entropy ln 2) and planted critic values."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        super().__init__()
+        self.planted_values = values
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, position_ids: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(int((targets != IGNORE_INDEX).sum()), 2), self.planted_values
+
+
+def _micro_loss(**overrides: Any) -> float:
+    """One update's loss through the recipe (``_normaliser``, ``kl_controller_for``, ``ppo_micro_loss``) on two
+    planted responses of 2 and 1 tokens: ratios ρ = [1.5, 0.5 | 3.0], advantages [1, −1 | −1], new values
+    [1, 0 | 2], old values 0, returns [2, 1 | 0], reference log-probs ln 2 below the policy's."""
+    config = _unit_config(**{"algorithm__advantage": "gae", **overrides})
+    rt = _unit_runtime()
+    rows = [ppo.response_row([5, 6], [1, 1], 0), ppo.response_row([5], [1], 1)]
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logp = -math.log(2.0)
+    old_logps = torch.tensor([[logp - math.log(1.5), logp - math.log(0.5)], [logp - math.log(3.0), 0.0]])
+    rollout = ppo.Rollout(
+        rows, [None, None], ["", ""], torch.tensor([True, True]), mask, old_logps, torch.full((2, 2), 2 * logp) * mask,
+        torch.zeros(2, 2), torch.zeros(2), torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), torch.tensor([[2.0, 1.0], [0.0, 0.0]]), {},
+    )
+    normaliser = ppo._normaliser(rollout, [0, 1], config, rt)
+    kl_coef = ppo.kl_controller_for(config.algorithm, {}).value
+    module = PlantedPolicyAndCritic(torch.tensor([1.0, 0.0, 2.0]))
+    loss, _ = ppo.ppo_micro_loss(module, rollout, [0, 1], normaliser, kl_coef, config, rt, ppo.ResponseLayout(0))
+    return float(loss)
+
+
+LN2 = math.log(2.0)
+# Per token, clip 0.2: policy max(−Aρ, −A·clip(ρ)) = [−1.2, 0.8 | 3.0]; value ½max((V − R)², (clipped V − R)²) with
+# value_clip 0.2 = [½·3.24, ½·1 | ½·4] = [1.62, 0.5 | 2.0]; vf_coef 0.5. Token mean over 3 tokens unless noted.
+OPTION_LOSSES = {
+    "defaults": ({}, (2.6 + 0.5 * 4.12) / 3),
+    "clip_range": ({"algorithm__clip_range": 0.1}, (-1.1 + 0.9 + 3.0 + 0.5 * 4.12) / 3),
+    "clip_range_high": ({"algorithm__clip_range_high": 0.6}, (-1.5 + 0.8 + 3.0 + 0.5 * 4.12) / 3),
+    "dual_clip": ({"algorithm__dual_clip": 2.0}, (-1.2 + 0.8 + 2.0 + 0.5 * 4.12) / 3),
+    "value_clip": ({"algorithm__value_clip": None}, (2.6 + 0.5 * (0.5 + 0.5 + 2.0)) / 3),
+    "vf_coef": ({"algorithm__vf_coef": 2.0}, (2.6 + 2.0 * 4.12) / 3),
+    "entropy_coef": ({"algorithm__entropy_coef": 0.1}, (2.6 + 0.5 * 4.12 - 3 * 0.1 * LN2) / 3),
+    # k3 of log π_ref − log π = −ln 2: e^(−ln 2) + ln 2 − 1 = ln 2 − 1/2 per token.
+    "kl_in_loss": ({"algorithm__kl_mode": "loss", "algorithm__kl_coef": 0.5}, (2.6 + 0.5 * 4.12 + 3 * 0.5 * (LN2 - 0.5)) / 3),
+    "kl_in_reward": ({"algorithm__kl_mode": "reward", "algorithm__kl_coef": 0.5}, (2.6 + 0.5 * 4.12) / 3),
+    # Per-token totals [−0.39, 1.05 | 4.0]: response means 0.33 and 4.0 over 2 responses; sums 0.66 and 4.0 over
+    # 2 responses x max_new_tokens 4.
+    "sequence_mean": ({"algorithm__loss_aggregation": "sequence_mean"}, (0.33 + 4.0) / 2),
+    "sum_over_max_tokens": ({"algorithm__loss_aggregation": "sum_over_max_tokens"}, (0.66 / 4 + 4.0 / 4) / 2),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_LOSSES))
+def test_each_loss_option_changes_the_loss_as_derived(name: str) -> None:
+    overrides, expected = OPTION_LOSSES[name]
+    assert _micro_loss(**overrides) == pytest.approx(expected, rel=1e-5)
+    if name not in ("defaults", "kl_in_reward"):
+        assert _micro_loss(**overrides) != pytest.approx(OPTION_LOSSES["defaults"][1], rel=1e-3)
+
+
+def test_ptx_moves_the_weights_in_proportion_to_its_coefficient(toy, micro_model, tmp_path) -> None:
+    """PPO-ptx is in the update: one SGD step (no momentum, no clipping) with ptx_coef 0, c and 2c from the same
+    rollout: the weights move by −lr·c·∇SFT beyond the c = 0 run, so the c and 2c displacements are non-zero and
+    the second is twice the first."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    common = {
+        "algorithm__advantage": "grpo", "train__max_steps": 1, "optim__name": "sgd", "optim__lr": 0.5,
+        "optim__momentum": 0.0, "optim__max_grad_norm": None, "algorithm__ptx_data": str(toy.sft),
+    }
+    after = {}
+    for coef in (0.0, 0.25, 0.5):
+        out = tmp_path / f"ptx{coef}"
+        ppo.run(ppo_config(micro_model, data, out, algorithm__ptx_coef=coef, **common))
+        after[coef] = weights(out / "model")
+    once = torch.cat([(after[0.25][k] - after[0.0][k]).flatten() for k in after[0.0]])
+    twice = torch.cat([(after[0.5][k] - after[0.0][k]).flatten() for k in after[0.0]])
+    assert float(once.norm()) > 1e-4
+    torch.testing.assert_close(twice, 2 * once, rtol=1e-3, atol=1e-6)

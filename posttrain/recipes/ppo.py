@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from posttrain import losses, rl
-from posttrain.config import ConfigError, DataConfig, PpoConfig, RewardSource
+from posttrain.config import AlgorithmBlock, ConfigError, DataConfig, PpoConfig, RewardSource
 from posttrain.data.dataset import end_of_turn_ids, load_sequences, read_prompts, require_references, use_chat_template
 from posttrain.data.records import Prompt
 from posttrain.data.packing import Row, collate, pack_rows, single_rows
@@ -251,6 +251,29 @@ class RunningMoments:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
 
+def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, rt: Runtime) -> torch.Tensor:
+    """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
+    of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
+    first) and clipped to ± ``reward_clip``."""
+    scores = raw
+    if algorithm.reward_normalize:
+        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
+        count, mean = float(sums[2]), float(sums[0] / sums[2])
+        moments.update(count, mean, float(sums[1] - count * mean**2))
+        scores = (raw - moments.mean) / max(moments.std, 1e-8)
+    if algorithm.reward_clip:
+        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
+    return scores
+
+
+def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
+    """The KL coefficient β: fixed, or steered to ``kl_target`` over ``kl_horizon`` responses (Ziegler et al.),
+    continuing from a resumed run's ``state``."""
+    if algorithm.kl_target:
+        return rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
+    return rl.FixedKLController(algorithm.kl_coef)
+
+
 def advantages_for(config: PpoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(advantages (B, R), returns (B, R) or None)`` of ``algorithm.advantage``."""
     algorithm = config.algorithm
@@ -341,11 +364,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         parameter_groups=_parameter_groups(trained, config), selection=MODEL_SELECTION,
     )
     state = rt.recipe_state
-    kl_controller: Any = (
-        rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
-        if algorithm.kl_target
-        else rl.FixedKLController(algorithm.kl_coef)
-    )
+    kl_controller = kl_controller_for(algorithm, state)
     moments = RunningMoments(state.get("reward_moments"))
     watch = TrainingWatch(config.watch, sampling.max_new_tokens)
     if "watch" in state:
@@ -442,14 +461,7 @@ def make_rollout(
     references = [p.prompt.reference for p in flat_prompts]
     breakdown = reward.breakdown(messages, texts, references, finished=finished.tolist())
     raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
-    scores = raw
-    if algorithm.reward_normalize:
-        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=rt.device)]).double())
-        count, mean = float(sums[2]), float(sums[0] / sums[2])
-        moments.update(count, mean, float(sums[1] - count * mean**2))
-        scores = (raw - moments.mean) / max(moments.std, 1e-8)
-    if algorithm.reward_clip:
-        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
+    scores = optimised_scores(raw, algorithm, moments, rt)
 
     policy = module.policy
     old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, layout), mask)
