@@ -59,11 +59,10 @@ class ActorCritic(nn.Module):
             batch["position_ids"] = position_ids
         keep = targets != IGNORE_INDEX
         if self.value_head is not None and with_values:
-            # One backbone pass serves both heads: the LM head only at the response positions, as token_logits does.
-            lm = _causal_lm(self.policy)
-            backbone = getattr(lm, lm.base_model_prefix)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state[keep]
-            logits = lm.lm_head(hidden)
+            # One pass serves both heads, through the model's own forward: its logits carry what the architecture
+            # does after lm_head (Gemma 2's soft-capping, Cohere's logit_scale, Granite's logits_scaling), exactly
+            # as the rollout's and reference's log-probs did; the value head reads the final (normed) hidden state.
+            logits, hidden = token_logits(self.policy, batch, with_hidden=True)
             return logits, self.value_head(hidden).squeeze(-1).float()
         logits = token_logits(self.policy, batch)
         values = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -26,8 +26,15 @@ def shares_prefix(data: Any, model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", None) == "sdpa"
 
 
-def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits ``(N, V)`` for the N positions whose target is trained, in row-major order (``targets[keep]``).
+@overload
+def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+@overload
+def token_logits(model: Any, batch: dict[str, torch.Tensor], with_hidden: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def token_logits(model: Any, batch: dict[str, torch.Tensor], with_hidden: bool = False) -> Any:
+    """Logits ``(N, V)`` for the N positions whose target is trained, in row-major order (``targets[keep]``);
+    ``with_hidden``: also the final hidden states ``(N, H)`` there (what a shared value head reads).
 
     Projecting only those hidden states onto the vocabulary (transformers' boolean ``logits_to_keep``) skips the
     lm_head matmul and the full-vocabulary logits for prompt and padding tokens: with assistant-only loss that
@@ -39,8 +46,11 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # peft prepends virtual tokens inside forward; keep their (untrained) positions out.
         keep = torch.cat([keep.new_zeros(keep.shape[0], prepended), keep], dim=1)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    output = model(**inputs, logits_to_keep=keep, use_cache=False)
-    return output.logits.reshape(-1, output.logits.shape[-1])
+    output = model(**inputs, logits_to_keep=keep, use_cache=False, output_hidden_states=with_hidden)
+    logits = output.logits.reshape(-1, output.logits.shape[-1])
+    if with_hidden:
+        return logits, output.hidden_states[-1][keep]
+    return logits
 
 
 def batch_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -78,6 +78,28 @@ def _auto_class(task: str) -> Any:
     return AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
 
 
+def model_class_for(config: Any, task: str) -> Any:
+    """The transformers class that ``task`` loads for ``config`` (None for remote code). An architecture without a
+    sequence-classification class of its own (Cohere, Granite) gets one built from transformers' own generic
+    scorer (``GenericForSequenceClassification``: the backbone, then a bias-free ``score`` on the final hidden
+    state, as Llama's and Qwen's are), registered with the auto class so reward models and critics load for it."""
+    auto = _auto_class(task)
+    model_class = auto._model_mapping.get(type(config), None)
+    if model_class is not None or task != "SEQ_CLS":
+        return model_class
+    causal = _auto_class("CAUSAL_LM")._model_mapping.get(type(config), None)
+    if causal is None:
+        return None
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    pretrained = next(c for c in causal.__mro__ if issubclass(c, PreTrainedModel) and c.__name__.endswith("PreTrainedModel"))
+    name = causal.__name__.replace("ForCausalLM", "ForSequenceClassification")
+    model_class = type(name, (GenericForSequenceClassification, pretrained), {"__module__": causal.__module__})
+    auto.register(type(config), model_class, exist_ok=True)
+    return model_class
+
+
 def load_weights(source: str | Path, task: str = "CAUSAL_LM", keep_prompt_learning: bool = False, **kwargs: Any) -> Any:
     """The model at ``source`` as a plain transformers model (``task``: CAUSAL_LM, or SEQ_CLS with one label):
     full weights as they are; an adapter merged into its base, recursively. ``kwargs`` go to ``from_pretrained``
@@ -89,8 +111,12 @@ def load_weights(source: str | Path, task: str = "CAUSAL_LM", keep_prompt_learni
     adapter = adapter_config_of(source)
     try:
         if adapter is None:
-            extra = {"num_labels": 1} if task == "SEQ_CLS" else {}
-            return _auto_class(task).from_pretrained(source, **extra, **kwargs)
+            if task != "SEQ_CLS":
+                return _auto_class(task).from_pretrained(source, **kwargs)
+            from transformers import AutoConfig
+
+            model_class_for(AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False)), task)
+            return _auto_class(task).from_pretrained(source, num_labels=1, **kwargs)
         assert isinstance(source, Path)
         if adapter.is_prompt_learning and not keep_prompt_learning:
             raise ModelLoadError(
@@ -156,7 +182,7 @@ def attention_implementation(source: str | Path, asked: str, task: str = "CAUSAL
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model from {str(source)!r}: {error}") from None
-    model_class = _auto_class(task)._model_mapping.get(type(config), None)
+    model_class = model_class_for(config, task)
     if model_class is None:
         return "eager" if asked == "auto" else asked  # remote code: the class decides for itself
     supported = {
