@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import REPO, sft_config
+from conftest import REPO, assert_weights_close, sft_config
 from posttrain import losses
 from posttrain.cli import main
 from posttrain.recipes import kto
@@ -116,9 +116,9 @@ def test_packed_and_padded_runs_end_at_the_same_weights(toy, micro_model, tmp_pa
     for key in ("loss", "kl", "rewards/desirable", "logps/undesirable"):
         assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]), rtol=1e-4, atol=atol)
     weights_padded, weights_packed = _weights(tmp_path / "padded"), _weights(tmp_path / "packed")
-    assert any(not torch.equal(weights_padded[k], v) for k, v in load_file(str(micro_model / "model.safetensors")).items())
-    for name in weights_padded:
-        assert_close(weights_packed[name], weights_padded[name], rtol=1e-5, atol=1e-6)
+    initial = load_file(str(micro_model / "model.safetensors"))
+    assert any(not torch.equal(weights_padded[k], v) for k, v in initial.items())
+    assert_weights_close(weights_packed, weights_padded, initial)
 
 
 def test_grad_accumulation_is_exact_when_z0_is_fixed_and_only_then(toy, micro_model, tmp_path, monkeypatch) -> None:
@@ -153,8 +153,7 @@ def test_grad_accumulation_is_exact_when_z0_is_fixed_and_only_then(toy, micro_mo
     for key in ("loss", "rewards/desirable", "rewards/undesirable", "logps/desirable"):
         # rtol: eight micro-batches sum in another order than one batch; float32 noise, amplified by lr 0.5.
         assert_close(torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b]), rtol=1e-4, atol=_logp_atol(a))
-    for name in weights_a:
-        assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6)
+    assert_weights_close(weights_b, weights_a, load_file(str(micro_model / "model.safetensors")))
 
 
 def test_prompt_tuning_trains_padded(toy, micro_model, tmp_path) -> None:

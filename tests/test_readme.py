@@ -1,5 +1,6 @@
 """Every command in the README's code blocks runs as written (in order, in a shell, from the repository root),
-with two substitutions: `/tmp/` becomes a fresh temporary directory and `runs/demo` the quick demo's output.
+with two substitutions: `/tmp/` becomes a fresh temporary directory and `runs/demo` a copy of the quick demo's
+output (the commands rerun stages in it; other tests read the original).
 Each must exit 0 and leave what it says it writes (`output_dir=`, `--out`). Not run here, and why:
 - `make demo` / `make test`: `make test` is this suite; `make demo` is `posttrain demo` after installing, which
   runs here in --quick mode (test_demo.py) because the full one takes minutes of the suite's budget;
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +51,12 @@ def test_every_posttrain_command_in_the_readme_runs(tmp_path: Path, quick_demo: 
     commands = [c for c in readme_commands() if c.startswith("posttrain ")]
     assert len(commands) >= 15
     posttrain = Path(sys.executable).parent / "posttrain"
+    # The README reruns stages in runs/demo (`--from`, overrides): on a copy, so test_demo's checks of the
+    # session's demo directory hold in any test order.
+    demo = tmp_path / "demo"
+    shutil.copytree(quick_demo["out"], demo)
     for command in commands:
-        concrete = command.replace("/tmp/", f"{tmp_path}/").replace("runs/demo", str(quick_demo["out"]))
+        concrete = command.replace("/tmp/", f"{tmp_path}/").replace("runs/demo", str(demo))
         concrete = str(posttrain) + concrete[len("posttrain"):]
         result = subprocess.run(concrete, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import sft_config
+from conftest import assert_weights_close, sft_config
 from posttrain.config import DataConfig
 from posttrain.data.formats import read_records
 from posttrain.data.packing import collate
@@ -114,8 +114,7 @@ def test_reward_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, pac
     weights_a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     weights_b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     assert "score.weight" in weights_a
-    for name in weights_a:
-        assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6)
+    assert_weights_close(weights_b, weights_a, load_file(str(micro_model / "model.safetensors")))
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
@@ -146,8 +145,7 @@ def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_
     assert first_padded["loss"] == pytest.approx(math.log(2), abs=0.05)
     weights_padded = load_file(str(tmp_path / "padded" / "model" / "model.safetensors"))
     weights_packed = load_file(str(tmp_path / "packed" / "model" / "model.safetensors"))
-    for name in weights_padded:
-        assert_close(weights_padded[name], weights_packed[name], rtol=1e-4, atol=1e-6)
+    assert_weights_close(weights_packed, weights_padded, load_file(str(micro_model / "model.safetensors")))
 
 
 def test_margin_enters_the_loss(tmp_path, micro_model) -> None:

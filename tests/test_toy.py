@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,13 @@ DATA_FILES = ("sft", "prefs", "prompts", "eval", "pretrain")
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Two tiny builds with seed 0 and one with seed 1; the first build's wall time (cold imports included)."""
+    """Two tiny builds with seed 0 and one with seed 1. (How long a build takes is measured by
+    `benchmarks/demo_seeds.py --budgets`, not asserted here.)"""
     root = tmp_path_factory.mktemp("toy")
-    start = time.perf_counter()
-    first = build_toy(root / "a", size="tiny", seed=0)
-    seconds = time.perf_counter() - start
     return {
-        "a": first,
+        "a": build_toy(root / "a", size="tiny", seed=0),
         "b": build_toy(root / "b", size="tiny", seed=0),
         "c": build_toy(root / "c", size="tiny", seed=1),
-        "seconds": seconds,
     }
 
 
@@ -162,10 +158,6 @@ def test_different_seed_changes_data(builds: dict[str, object]) -> None:
     a, c = builds["a"], builds["c"]
     for name in DATA_FILES:
         assert getattr(a, name).read_bytes() != getattr(c, name).read_bytes(), name
-
-
-def test_tiny_build_is_fast(builds: dict[str, object]) -> None:
-    assert builds["seconds"] < 15.0
 
 
 def test_unknown_size_is_rejected(tmp_path: Path) -> None:
