@@ -1,5 +1,10 @@
 """Batching: padded rows, or packed rows holding several sequences with no attention across them.
 
+What is batched are examples (:class:`Example`: a sequence, or a unit of sequences that share a forward), drawn
+by the runtime ``train.batch_size`` at a time; :func:`collate_examples` lays one micro-batch's examples out, packed
+among themselves or padded. Packing therefore never changes which examples a step trains on, only how many tensor
+rows they take (a larger micro-batch packs tighter).
+
 Packed rows carry ``position_ids`` that restart at 0 for every sequence and no attention mask; transformers
 (>= 4.54, ``masking_utils.find_packed_sequence_indices``) turns restarting positions into a block-diagonal
 causal mask for the sdpa/eager kernels and into the varlen path for flash-attention. No token attends across
