@@ -34,9 +34,9 @@ def test_dpo_raises_held_out_preference_accuracy_and_gold_score(tmp_path) -> Non
     kit = build_toy(tmp_path / "kit", size="tiny", seed=LEARNING_SEED, sft=400, prefs=800, prompts=10, eval=40, pretrain=10)
     # The kit's tokenizer is trained on this kit's text: a micro model (as in conftest) of its vocabulary.
     save_micro_model(kit.model, tmp_path / "init", seed=LEARNING_SEED)
-    sft.run(sft_config(tmp_path / "init", kit.sft, tmp_path / "sft", train__max_steps=60, train__batch_size=16, optim__lr=3e-3, seed=LEARNING_SEED))
+    sft.run(sft_config(tmp_path / "init", kit.sft, tmp_path / "sft", train__max_steps=60, train__batch_size=75, optim__lr=3e-3, seed=LEARNING_SEED))
     dpo.run(sft_config(
-        tmp_path / "sft" / "model", kit.prefs, tmp_path / "dpo", stage="dpo", train__max_steps=60, train__batch_size=16,
+        tmp_path / "sft" / "model", kit.prefs, tmp_path / "dpo", stage="dpo", train__max_steps=60, train__batch_size=135,
         data__eval_fraction=0.1, train__eval_every=60, optim__lr=3e-3, dpo__beta=0.1, dpo__sft_weight=1.0, seed=LEARNING_SEED,
     ))
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
