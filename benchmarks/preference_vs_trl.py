@@ -28,11 +28,10 @@ set to match), dropout off (TRL's default; the toy model has none), no evaluatio
 no progress bar. Everything else is each library's default (e.g. TRL's fused AdamW, its logging every 10 steps;
 posttrain's metrics.jsonl every step).
 
-Pairs per step. posttrain's ``train.batch_size`` counts packed rows, TRL's ``per_device_train_batch_size`` counts
-pairs. The parent lays the pairs out exactly as the recipes do (``posttrain.data.pairs.pair_rows``, prompts
-shared) and gives TRL ``round(batch_rows x pairs per row)`` pairs a step (``--batch-rows``, default 3: about 51
-pairs). posttrain's count varies a little from step to step (rows hold about 17 toy pairs); both are reported, and
-the headline is pairs per second, which depends little on it. Padding: TRL pads the 2B sequences of a batch to the longest (chosen
+Pairs per step. posttrain's ``train.batch_size`` and TRL's ``per_device_train_batch_size`` both count pairs; both
+get ``round(batch_rows x pairs per row)`` pairs a step (``--batch-rows``, default 3: about 51 pairs), the pairs per
+packed row measured by laying the pairs out as the recipes do (``posttrain.data.pairs.pair_rows``, prompts
+shared). Padding: TRL pads the 2B sequences of a batch to the longest (chosen
 first, then rejected); ``padding_free`` is "temporarily unavailable" in TRL 1.16's DPO (it warns and pads) and does
 not exist for its reward trainer, so TRL runs padded. Tokens: both sides feed identical input ids (checked for
 every pair: ``trl_id_mismatches`` must be 0). posttrain scores a response as its content and the ``<|end|>``
@@ -142,7 +141,7 @@ def posttrain_config(spec: dict[str, Any], stage: str) -> Any:
         "model": {"path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa"},
         "peft": {"method": "full"},
         "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": True},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch_rows"], "grad_accum": 1, "precision": "fp32"},
+        "train": {"max_steps": spec["steps"], "batch_size": spec["batch_pairs"], "grad_accum": 1, "precision": "fp32"},
         "optim": {
             "name": "adamw", "lr": DPO_LR if stage == "dpo" else RM_LR, "weight_decay": 0.0, "max_grad_norm": 1.0
         },
