@@ -8,12 +8,20 @@ weights. The schedule is cosine with warm-up, so the learning rate differs at ev
 the schedule (or the warm-up) from step 0 fails here; a constant schedule could not tell.
 
 The SFT case with half-written checkpoint directories is ``test_sft_invariance.test_resume_after_sigkill_is_bitwise_equal``.
+
+The same holds between any two fresh processes with the same seed: ``PYTHONHASHSEED`` (which reorders sets and
+dicts of strings) and the intra-op thread count (``OMP_NUM_THREADS``, which splits CPU reductions) must not
+change the toy kit or a run's metrics and weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sft_config, train_in_subprocess
+from conftest import REPO, sft_config, train_in_subprocess
 
 SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
 MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3
@@ -141,3 +149,41 @@ def test_ppo(toy, micro_model, tmp_path) -> None:
     )
     steps = [r for r in expected if "reward" in r]
     assert steps[-1]["kl_coef"] != steps[0]["kl_coef"], "the adaptive KL controller must move for the test to bite"
+
+
+# --------------------------------------------------------------------------------------------- fresh processes
+FRESH_PROCESSES = [{"PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "1"}, {"PYTHONHASHSEED": "2", "OMP_NUM_THREADS": "3"}]
+
+
+def test_the_toy_kit_is_the_same_in_any_fresh_process(tmp_path) -> None:
+    """Tokenizer training, task sampling and file writing: byte-identical under other hash seeds and threads."""
+    build = "import sys; from posttrain.demo.toy import build_toy; build_toy(sys.argv[1], size='tiny', seed=0, sft=100, prefs=20, prompts=20, eval=10, pretrain=50)"
+    digests = []
+    for i, env in enumerate(FRESH_PROCESSES):
+        out = tmp_path / f"kit{i}"
+        result = subprocess.run([sys.executable, "-c", build, str(out)], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        digests.append({str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*")) if f.is_file()})
+    assert digests[0] and digests[0] == digests[1]
+
+
+def test_same_seed_same_run_in_any_fresh_process(toy, micro_model, tmp_path) -> None:
+    """PPO touches the most state (sampling from the torch RNG, a reward function, a critic, data order): two
+    fresh processes with other hash seeds and thread counts log the same metrics and end at the same weights."""
+    prompts = first_rows(toy.prompts, tmp_path / "prompts.jsonl", 16)
+    settings = {
+        "stage": "ppo", "algorithm__advantage": "gae", "sampling__num_samples": 2, "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4, "train__batch_size": 4, "train__grad_accum": 2, "train__max_steps": 3,
+        "reward__function": f"{__name__}:length_reward", "optim__lr": 1e-3,
+    }
+    runs = []
+    for i, env in enumerate(FRESH_PROCESSES):
+        result = train_in_subprocess(sft_config(micro_model, prompts, tmp_path / f"run{i}", **settings), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(tmp_path / f"run{i}")
+    first, second = records(runs[0]), records(runs[1])
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in first] == [{k: v for k, v in r.items() if k not in TIMING} for r in second]
+    expected, got = weights(runs[0]), weights(runs[1])
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
