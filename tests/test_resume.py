@@ -17,6 +17,7 @@ change the toy kit or a run's metrics and weights.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -187,3 +188,25 @@ def test_same_seed_same_run_in_any_fresh_process(toy, micro_model, tmp_path) -> 
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+# --------------------------------------------------------------------------------------------- best checkpoint
+def test_early_stopping_saves_the_best_steps_weights(toy, micro_model, tmp_path, monkeypatch) -> None:
+    """Scripted held-out losses 3.0, 2.0, 2.5, 2.6 with patience 2: the run stops after step 4 with step 2 the
+    best, and the model it saves must be step 2's, bitwise: the weights of the same run stopped by max_steps=2
+    (constant schedule, so the first two steps are the same in both). Saving the last step's weights instead
+    (the restore skipped) fails here."""
+    from posttrain.recipes import sft
+
+    scripted = itertools.chain([3.0, 2.0, 2.5, 2.6], itertools.repeat(2.0))  # then: the restored model's evaluations
+    monkeypatch.setattr(sft, "evaluate_loss", lambda model, **_: {"eval_loss": next(scripted)})
+    held_out = first_rows(toy.sft, tmp_path / "held_out.jsonl", 8)  # never read: the evaluation is scripted
+    settings = dict(train__batch_size=8, optim__lr=3e-3, data__eval=str(held_out), checkpoint__keep=1)
+    summary = sft.run(sft_config(micro_model, toy.sft, tmp_path / "stopped", train__max_steps=10, train__eval_every=1,
+                                 train__early_stopping_patience=2, **settings))
+    assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2, summary
+    sft.run(sft_config(micro_model, toy.sft, tmp_path / "two_steps", train__max_steps=2, **settings))
+    best, saved = weights(tmp_path / "two_steps"), weights(tmp_path / "stopped")
+    assert best.keys() == saved.keys()
+    for name in best:
+        assert torch.equal(saved[name], best[name]), f"{name}: the saved model is not step 2's"
