@@ -108,7 +108,8 @@ def test_packed_equals_padded_per_example_losses_and_gradients(toy, micro_model,
 def test_packed_and_padded_runs_end_at_the_same_weights(toy, micro_model, tmp_path) -> None:
     """train.batch_size counts examples whatever the layout: three SGD steps packed (prompts shared) and padded
     take the same examples and end at the same weights, up to float32 summation order."""
-    common = dict(stage="kto", train__max_steps=3, train__batch_size=8, optim__name="sgd", optim__lr=0.5, kto__beta=2.0)
+    # SGD without clipping (a clipped update has a fixed norm, blind to a wrongly scaled gradient).
+    common = dict(stage="kto", train__max_steps=3, train__batch_size=8, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None, kto__beta=2.0)
     kto.run(sft_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common))
     kto.run(sft_config(micro_model, toy.prefs, tmp_path / "packed", data__packing=True, **common))
     padded, packed = _records(tmp_path / "padded"), _records(tmp_path / "packed")
@@ -128,7 +129,7 @@ def test_grad_accumulation_is_exact_when_z0_is_fixed_and_only_then(toy, micro_mo
     estimates, clamped at 0 each, where 1×8 takes one. At step 1 the policy is the reference (every log-ratio 0,
     z0 = 0 in both), so that step agrees; once the policy moves, each example's z0, and so the loss, differs
     between the layouts."""
-    common = dict(stage="kto", data__packing=False, train__max_steps=2, optim__name="sgd", optim__lr=0.5, kto__beta=2.0)
+    common = dict(stage="kto", data__packing=False, train__max_steps=2, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None, kto__beta=2.0)
 
     def run_pair(tag: str) -> tuple[list[dict], list[dict], dict, dict]:
         kto.run(sft_config(micro_model, toy.prefs, tmp_path / f"{tag}1x8", train__batch_size=8, train__grad_accum=1, **common))

@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, sft_config, train_in_subprocess
+from conftest import REPO, assert_weights_close, sft_config, train_in_subprocess
 
 SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
 MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3
@@ -49,9 +49,10 @@ def records(run: Path) -> list[dict[str, Any]]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    files = sorted((run / "model").glob("*.safetensors"))
+    """Every saved tensor of a run: the policy (``model/``) and, for PPO, the critic (``critic/``)."""
+    files = sorted((run / "model").glob("*.safetensors")) + sorted((run / "critic").glob("*.safetensors"))
     assert files, f"no weights in {run / 'model'}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+    return {f"{f.parent.name}/{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
 
 
 def assert_kill_and_resume_equal_uninterrupted(make_config: Callable[[Path], Any], tmp_path: Path) -> list[dict[str, Any]]:
@@ -150,6 +151,33 @@ def test_ppo(toy, micro_model, tmp_path) -> None:
     )
     steps = [r for r in expected if "reward" in r]
     assert steps[-1]["kl_coef"] != steps[0]["kl_coef"], "the adaptive KL controller must move for the test to bite"
+    assert any(name.startswith("critic/") for name in weights(tmp_path / "whole")), "the critic is compared too"
+
+
+def test_ppo_grad_accumulation_1x8_equals_8x1_for_policy_and_critic(toy, micro_model, tmp_path) -> None:
+    """test_ppo.py compares the policy's weights after one 1×8 vs 8×1 update; the separate critic, trained on
+    the same micro-batches by its own loss, must agree too (its value loss normalised by the update's total
+    response tokens, like the policy's). SGD without clipping, so the update is linear in the gradient."""
+    from posttrain.recipes import ppo
+
+    prompts = first_rows(toy.prompts, tmp_path / "prompts.jsonl", 16)
+    runs = {}
+    for batch_size, accum in ((8, 1), (1, 8)):
+        out = tmp_path / f"run{batch_size}x{accum}"
+        ppo.run(sft_config(
+            micro_model, prompts, out, stage="ppo", algorithm__advantage="gae", sampling__num_samples=2, sampling__max_new_tokens=6,
+            algorithm__prompts_per_step=4, train__batch_size=batch_size, train__grad_accum=accum, train__max_steps=1,
+            reward__function=f"{__name__}:length_reward", optim__name="sgd", optim__lr=0.5, critic__lr=0.5,
+            # No clipping: a clipped update has a fixed norm, blind to a wrongly scaled loss.
+            optim__max_grad_norm=None, critic__max_grad_norm=None,
+        ))
+        runs[(batch_size, accum)] = weights(out)
+    one_by_eight, eight_by_one = runs[(8, 1)], runs[(1, 8)]
+    critic = {name for name in one_by_eight if name.startswith("critic/")}
+    assert critic, "a separate critic is saved in critic/"
+    initial = {f"{folder}/model.safetensors:{k}": v for folder in ("model", "critic") for k, v in load_file(str(micro_model / "model.safetensors")).items()}
+    assert any(not torch.equal(one_by_eight[n], initial[n]) for n in critic if n in initial), "the critic must have trained"
+    assert_weights_close(eight_by_one, one_by_eight, initial)
 
 
 # --------------------------------------------------------------------------------------------- fresh processes

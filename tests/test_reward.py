@@ -101,7 +101,8 @@ def test_reward_is_read_at_the_last_token_for_any_padding_and_packing(toy, rewar
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_reward_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -> None:
-    common = dict(train__max_steps=3, data__packing=packing, optim__name="sgd", optim__lr=0.5)
+    # SGD without clipping: a clipped update has a fixed norm, blind to a wrongly scaled gradient.
+    common = dict(train__max_steps=3, data__packing=packing, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None)
     # Padded rows hold one pair each; packed rows several, so the 8-row micro-batch is split in 8 differently.
     a = reward_config(micro_model, toy.prefs, tmp_path / "a", train__batch_size=8, train__grad_accum=1, **common)
     b = reward_config(micro_model, toy.prefs, tmp_path / "b", train__batch_size=1, train__grad_accum=8, **common)
@@ -125,7 +126,7 @@ def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_
 
     from posttrain.data.pairs import load_pairs
 
-    common = dict(train__max_steps=1, optim__name="sgd", optim__lr=0.5)
+    common = dict(train__max_steps=1, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None)
     padded = reward_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common)
     pairs = load_pairs(padded.data, AutoTokenizer.from_pretrained(micro_model), padded.seed).train
     packed_rows = len(pair_rows(pairs, padded.data.model_copy(update={"packing": True}), padded.seed, share_prompt))
