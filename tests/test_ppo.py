@@ -147,7 +147,7 @@ def answering_model(toy, micro_model, tmp_path_factory) -> Path:
     from posttrain.recipes import sft
 
     out = tmp_path_factory.mktemp("sft")
-    sft.run(sft_config(micro_model, toy.sft, out, train__max_steps=60, train__batch_size=16, optim__lr=3e-3, seed=0))
+    sft.run(sft_config(micro_model, toy.sft, out, train__max_steps=60, train__batch_size=75, optim__lr=3e-3, seed=0))
     return out / "model"
 
 

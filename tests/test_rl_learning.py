@@ -56,7 +56,7 @@ def start(tmp_path_factory) -> dict[str, Path]:
     kit = build_toy(root / "kit", size="tiny", seed=LEARNING_SEED, sft=1500, prefs=10, prompts=1500, eval=300, pretrain=10)
     save_micro_model(kit.model, root / "init", seed=LEARNING_SEED)
     paths = {name: keep_tasks(getattr(kit, name), root / f"{name}.jsonl") for name in ("sft", "prompts", "eval")}
-    sft.run(sft_config(root / "init", paths["sft"], root / "sft", train__max_steps=60, train__batch_size=16, optim__lr=3e-3, seed=LEARNING_SEED))
+    sft.run(sft_config(root / "init", paths["sft"], root / "sft", train__max_steps=60, train__batch_size=80, optim__lr=3e-3, seed=LEARNING_SEED))
     return {**paths, "model": root / "sft" / "model", "root": root}
 
 
