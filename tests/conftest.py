@@ -158,19 +158,24 @@ def need_peer_file(path: Path) -> Path:
     return path
 
 
-def _is_peer_data_skip(reason: str) -> bool:
-    return "peer data" in reason or "peer-data" in reason or str(PEER_DATA) in reason
+def _skipped_for_missing_peer_data(item: pytest.Item, reason: str) -> bool:
+    """The peer-data folder is missing and the skip comes from a test file that reads it (one that defines
+    ``PEER_DATA``) or names it. A skip while the folder is present (a file the snapshot lacks) stays a skip."""
+    folder = Path(getattr(item.module, "PEER_DATA", PEER_DATA))
+    if folder.is_dir():
+        return False
+    return hasattr(item.module, "PEER_DATA") or "peer data" in reason or "peer-data" in reason or str(folder) in reason
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
-    """Under ``POSTTRAIN_REQUIRE_PEER_DATA=1``, a skip for missing peer-data from a test file's own ``skipif``
-    mark (not only from :func:`need_peer_file`) is reported as a failure."""
+    """Under ``POSTTRAIN_REQUIRE_PEER_DATA=1`` with the peer-data folder missing, a skip from a test file's own
+    ``skipif`` mark or ``pytest.skip`` (not only from :func:`need_peer_file`) is reported as a failure."""
     outcome = yield
     report = outcome.get_result()
     if REQUIRE_PEER_DATA and report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[2])
-        if _is_peer_data_skip(reason):
+        if _skipped_for_missing_peer_data(item, reason):
             report.outcome = "failed"
             report.longrepr = f"{_PEER_DATA_REQUIRED}; {reason}"
 
