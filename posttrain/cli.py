@@ -38,13 +38,15 @@ def check_model_path(path: str) -> None:
     """Refuse, in one line (``ModelLoadError``, exit 2), a ``model.path`` that names no model: a missing or
     mistyped directory, a directory without ``config.json``, or a hub id that is neither in the local cache nor
     (online) on the hub. Before any data or weights are read, so the user never sees a hub traceback."""
-    from posttrain.models.loading import ModelLoadError
+    from posttrain.models.loading import ModelLoadError, model_dir_of
 
     local = Path(path).expanduser()
     expected = "expected a Hugging Face model directory (with config.json, e.g. a run's OUTPUT_DIR/model) or a hub id such as Qwen/Qwen2.5-0.5B"
     if local.is_dir():
-        if not any((local / name).is_file() for name in _MODEL_FILES):
-            raise ModelLoadError(f"model.path={path}: the directory has no config.json or adapter_config.json; {expected}")
+        try:  # the resolver every loader uses: the directory itself, or a run directory's model/ folder
+            model_dir_of(local)
+        except FileNotFoundError:
+            raise ModelLoadError(f"model.path={path}: the directory has no config.json or adapter_config.json; {expected}") from None
         return
     if local.exists():
         raise ModelLoadError(f"model.path={path}: a file, not a model directory; {expected}")

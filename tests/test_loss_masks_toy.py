@@ -20,18 +20,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO
+from test_chat_data import DIALOGUE  # the same two-exchange dialogue the toy-tokenizer chat tests render
 from posttrain.config import DataConfig
 from posttrain.data.dataset import load_sequences
 from posttrain.data.tokenize import tokenize_conversation
 from posttrain.losses import IGNORE_INDEX
 
-DIALOGUE = [
-    {"role": "system", "content": "Answer with the result only."},
-    {"role": "user", "content": "Add 2 and 3."},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "Reverse: a b c"},
-    {"role": "assistant", "content": "c b a"},
-]
 TOKENS = [
     "<|bos|>", "<|system|>", "Ċ", "Answer", "Ġ", "with", "Ġ", "the", "Ġ", "result", "Ġ", "only", ".", "<|end|>", "Ċ",
     "<|user|>", "Ċ", "Add", "Ġ", "2", "Ġ", "and", "Ġ", "3", ".", "<|end|>", "Ċ",
