@@ -133,7 +133,7 @@ def test_lora_wraps_every_projection_of_every_layer(arch) -> None:
     for module_name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             wrapped.add(module_name)
-        elif isinstance(module, (torch.nn.Linear, Conv1D)) and ".layers." in module_name or ".h." in module_name and isinstance(module, Conv1D):
+        elif isinstance(module, (torch.nn.Linear, Conv1D)) and (".layers." in module_name or ".h." in module_name):  # decoder layers (GPT-2: h)
             if not any(module_name.startswith(w + ".") for w in wrapped) and "lora_" not in module_name:
                 bare.append(module_name)
     assert wrapped, f"{name}: LoRA found no target module"
