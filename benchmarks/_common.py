@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 CONTENDED_CPU_SHARE = 0.8  # below this share of its cores a run is flagged as slowed by other processes
@@ -122,7 +123,71 @@ def benchmark_parser(description: str, default_warmup: int, default_rounds: int,
     parser.add_argument("--rounds", type=int, default=default_rounds, help=rounds_help)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_results_option(parser)
     return parser
+
+
+def add_results_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--record", action="store_true",
+                        help=f"also record the summary in {RESULTS_FILE.name} (the README quotes the figures from there)")
+
+
+RESULTS_FILE = Path(__file__).parent / "RESULTS.md"
+RESULTS_HEADER = """# Benchmark results
+
+Written by the scripts in this folder when run with `--record` (one section per command; a new run of the same
+command replaces its section). The README quotes its figures from here. History lives in git.
+"""
+
+
+def emit_results(out: dict[str, Any], record: bool, table: list[str] | None = None) -> None:
+    """Print the summary as one JSON line; with ``--record``, also write it to RESULTS.md under its command."""
+    print(json.dumps(out))
+    if record:
+        record_results(out, sys.argv, table)
+
+
+def record_results(out: dict[str, Any], argv: list[str], table: list[str] | None = None) -> None:
+    """Replace (or add) the section of RESULTS.md whose heading is this command, with the commit, the date, the
+    machine, ``table`` (markdown lines, when the script has a readable summary) and every figure of the summary."""
+    arguments = [a for a in argv[1:] if a != "--record"]
+    command = " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *arguments])
+    heading = f"## `{command}`"
+    lines = [
+        heading, "",
+        f"Commit {current_commit() or 'unknown'}, {time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
+        *([*table, ""] if table else []),
+        "| figure | value |", "|---|---|",
+        *(f"| {key} | {json.dumps(value)} |" for key, value in out.items()), "",
+    ]
+    text = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else RESULTS_HEADER
+    sections = text.split("\n## ")
+    kept = [sections[0].rstrip("\n") + "\n"] + ["## " + s.rstrip("\n") + "\n" for s in sections[1:] if not ("## " + s).startswith(heading + "\n")]
+    RESULTS_FILE.write_text("\n".join([*kept, "\n".join(lines)]))
+
+
+def machine_description() -> str:
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}"
+
+
+def current_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def steps_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace, default_steps: dict[str, int]) -> tuple[int, int]:

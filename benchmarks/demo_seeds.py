@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import add_results_option, emit_results
+
 ALIGNED = ("ppo", "grpo", "dpo", "rejection_sampling")
 BUDGETS_S = {"demo_quick": 120.0, "toy_build_tiny": 15.0}
 
@@ -68,7 +70,7 @@ def timed(command: list[str]) -> float:
     return time.time() - started
 
 
-def budgets(out: Path) -> None:
+def budgets(out: Path) -> dict:
     """Wall time of `posttrain demo --quick` and of a tiny toy build, each from scratch, against BUDGETS_S."""
     shutil.rmtree(out, ignore_errors=True)
     build = "from posttrain.demo.toy import build_toy; import sys; build_toy(sys.argv[1], size='tiny', seed=0)"
@@ -78,8 +80,8 @@ def budgets(out: Path) -> None:
     }
     for name, value in seconds.items():
         print(f"{name}: {value:.1f} s (budget {BUDGETS_S[name]:.0f} s){'' if value <= BUDGETS_S[name] else '  OVER BUDGET'}")
-    print(json.dumps({"seconds": {k: round(v, 1) for k, v in seconds.items()}, "budget_s": BUDGETS_S,
-                      "within_budget": {k: seconds[k] <= BUDGETS_S[k] for k in seconds}}))
+    return {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "budget_s": BUDGETS_S,
+            "within_budget": {k: seconds[k] <= BUDGETS_S[k] for k in seconds}}
 
 
 def main() -> None:
@@ -87,9 +89,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo-seeds")
     parser.add_argument("--budgets", action="store_true", help="measure the demo --quick and toy-build wall-clock budgets instead")
+    add_results_option(parser)
     args = parser.parse_args()
     if args.budgets:
-        budgets(Path(args.out) / "budgets")
+        emit_results(budgets(Path(args.out) / "budgets"), args.record)
         return
     runs = [run_seed(seed, Path(args.out) / f"seed{seed}") for seed in args.seeds]
     per_seed = [claims(run) for run in runs]
@@ -97,7 +100,26 @@ def main() -> None:
     for run, held in zip(runs, per_seed):
         failed = [name for name, ok in held.items() if not ok]
         print(f"seed {run['seed']}: {'all claims hold' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    print(json.dumps({"runs": runs, "claims_per_seed": per_seed, "claims_hold_on_every_seed": summary}))
+    emit_results({"claims_hold_on_every_seed": summary, "claims_per_seed": per_seed, "runs": runs}, args.record, seed_table(runs))
+
+
+def seed_table(runs: list[dict]) -> list[str]:
+    """One markdown row per seed: time, peak memory, exact match of base and SFT, the reward model's accuracy and
+    the gold reward of SFT and of each aligned model."""
+    lines = [
+        "| seed | time | peak RSS | base EM | SFT EM | RM accuracy | gold: SFT | " + " | ".join(ALIGNED) + " |",
+        "|---" * (7 + len(ALIGNED)) + "|",
+    ]
+    for run in runs:
+        models = run["models"]
+        minutes, seconds = divmod(round(run["wall_s"]), 60)
+        peak = f"{run['peak_rss_mb']:,} MiB" if run["peak_rss_mb"] else "n/a"
+        lines.append(
+            f"| {run['seed']} | {minutes} min {seconds:02d} s | {peak} | {models['base']['exact_match']:.3f} | "
+            f"{models['sft']['exact_match']:.3f} | {run['reward_model']['accuracy']:.3f} | {models['sft']['gold_reward']:.3f} | "
+            + " | ".join(f"{models[name]['gold_reward']:.3f}" for name in ALIGNED) + " |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

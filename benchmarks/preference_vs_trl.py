@@ -95,7 +95,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("dpo", "trl_dpo", "trl_dpo_precompute", "rm", "trl_rm")
 DEFAULT_MAX_LENGTH = 256
@@ -437,7 +437,7 @@ def main() -> None:
     out["cpu_share_runs"] = {c: [round(r["cpu_share"], 2) for r in results if r["contender"] == c] for c in contenders}
     warn_if_contended(shares, threads)
     out["wall_s"] = round(time.perf_counter() - began, 1)
-    print(json.dumps(out))
+    emit_results(out, args.record)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("grpo", "trl_grpo")
 SEED = 0
@@ -660,7 +660,7 @@ def main() -> None:
             f"(median of {args.rounds} round(s)); {out['policy']}",
             file=sys.stderr,
         )
-    print(json.dumps(out))
+    emit_results(out, args.record)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, benchmark_parser, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
 
 CONTENDERS: tuple[str, ...] = ("posttrain_packed", "posttrain_padded", "trl_padded", "trl_packed")
 # Conversations per optimizer step for every contender (grad accumulation 1): on the toy kit's short chats about
@@ -418,7 +418,7 @@ def main() -> None:
     out["min_cpu_share"] = round(min(shares), 3)
     warn_if_contended(shares, threads)
     out["wall_s"] = round(time.perf_counter() - began, 1)
-    print(json.dumps(out))
+    emit_results(out, args.record)
 
 
 if __name__ == "__main__":
