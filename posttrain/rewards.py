@@ -19,37 +19,10 @@ Reward functions, given as ``reward.function``:
 sampling, so a row without one fails with its file and line rather than after an hour of generation.
 ``toy_format`` needs none.
 
-HTTP reward service (``reward.http: URL``, :class:`HttpReward`). Responses are sent in batches of at most
-``batch_size``, one ``POST URL`` each, ``Content-Type: application/json``::
-
-    {"prompts":    [[{"role": "user", "content": "Add 2 and 3."}], ...],   # full message lists, as in the data
-     "responses":  ["5", ...],                                           # the sampled replies
-     "references": ["5", ...]}                                           # str, or null where a row has none
-
-The three lists have the same length and order. The server answers ``200`` with::
-
-    {"scores": [1.0, ...]}
-
-one finite number per response, in the same order (other keys are ignored). A connection error, a timeout,
-HTTP 5xx or 429 is retried (``retries`` times, waiting 0.5 s, 1 s, 2 s, ... up to 8 s); any other 4xx is the
-caller's mistake and fails at once. Any failure raises :class:`RewardError` naming the URL, the attempts, the
-status and the start of the body (or what was wrong with the JSON). A minimal server with the standard library::
-
-    import json
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Score(BaseHTTPRequestHandler):
-        def do_POST(self):
-            batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            scores = [float(len(r) < 20) for r in batch["responses"]]
-            body = json.dumps({"scores": scores}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    ThreadingHTTPServer(("127.0.0.1", 8000), Score).serve_forever()   # reward.http: http://127.0.0.1:8000
+HTTP reward service (``reward.http: URL``, :class:`HttpReward`): batches of prompts (message lists), responses and
+references are POSTed as JSON and one score per response comes back; busy-server errors (connection, timeout,
+5xx, 429) are retried with a doubling wait, the caller's mistakes (other 4xx, malformed answers) fail at once.
+The protocol and a minimal server are in ``docs/reward-http.md``.
 
 Choices: with two or more sources (model, function, http) the reward is ``sum(weight * score)``, e.g.
 ``model_weight * model + function_weight * function`` (raw scores, not normalised: a reward model's scale is
@@ -204,7 +177,7 @@ class ModelReward:
 
 class HttpReward:
     """A reward service over HTTP: POSTs batches of prompts, responses and references as JSON and reads back one
-    score per response (the protocol is in this module's docstring).
+    score per response (the protocol: ``docs/reward-http.md``).
 
     Retries a connection error, a timeout, HTTP 5xx or 429 up to ``retries`` times, waiting ``backoff`` seconds
     (default ``HTTP_BACKOFF_S``, read when called) and doubling up to ``HTTP_BACKOFF_MAX_S``; other 4xx answers

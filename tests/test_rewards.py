@@ -214,6 +214,25 @@ def test_http_reward_rejects_bad_arguments() -> None:
     assert issubclass(RewardError, ValueError)
 
 
+def test_the_documented_minimal_server_answers_http_reward() -> None:
+    """The server in docs/reward-http.md, run as written (on port 0 instead of 8000), scores through HttpReward."""
+    document = (Path(__file__).resolve().parents[1] / "docs" / "reward-http.md").read_text(encoding="utf-8")
+    (code,) = [block.split("\n", 1)[1] for block in document.split("```")[1::2] if block.startswith("python")]
+    namespace: dict[str, Any] = {"__name__": "reward_http_doc"}
+    exec(compile(code, "docs/reward-http.md", "exec"), namespace)
+    namespace["Score"].log_message = lambda *args: None  # keep the test's output quiet
+    httpd = namespace["ThreadingHTTPServer"](("127.0.0.1", 0), namespace["Score"])
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        scores = fast(f"http://127.0.0.1:{httpd.server_address[1]}")([messages("q")] * 2, ["short", "x" * 30], ["5", None])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    assert scores == [1.0, 0.0]
+
+
 # ---- toy_format ---------------------------------------------------------------------------------------------------
 
 
