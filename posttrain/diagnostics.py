@@ -40,12 +40,13 @@ metric (steps where it was present) and compare the mean of the first ``window /
 exceeds ``TREND_Z = 4`` standard errors of that difference, ``sigma * sqrt(2 / (window // 2))``, where ``sigma`` is
 the spread of the window's values around their least-squares line (so the threshold is in the metric's own units
 and noise, and a steady trend is not counted as noise); it must also exceed ``1e-6 x max(1, |first-half mean|)`` so
-float rounding on a constant series is no trend. Why 4: sigma rests on only ``window - 2`` degrees of freedom, so
-its errors have heavy tails; on flat series with Gaussian noise and window 8, 4 gives a false reward_hacking
-warning in about 0.5% of 1000-step runs (3 gave 8%), while a reward rising and a gold reward falling by 0.6 noise
-sigmas per step are caught about 13 steps in. A noise-free trend is caught at once. For noisier metrics raise
-``watch.window`` (16 is far more sensitive at the same false-alarm rate). With ``window = 2`` there is no spread to
-measure and any change beyond the rounding floor counts. Nothing trend-based can fire before ``window`` steps with the metric.
+float rounding on a constant series is no trend. Why 4 rather than the usual 2 or 3: sigma rests on only
+``window - 2`` degrees of freedom, so its errors have heavy tails, and the test runs at every step of a long run;
+4 keeps false warnings on flat noisy series rare over a whole run while a steady opposite drift of proxy and gold
+is still caught within a couple of windows (a noise-free trend at once). For noisier metrics raise
+``watch.window``: more values give a better sigma, so a longer window is more sensitive at the same false-alarm
+rate. With ``window = 2`` there is no spread to measure and any change beyond the rounding floor counts. Nothing
+trend-based can fire before ``window`` steps with the metric.
 
 Only the standard library and posttrain.config are imported, so the watch is cheap to test and to run anywhere.
 """
