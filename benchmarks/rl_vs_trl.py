@@ -18,10 +18,10 @@ TRL gets ``prompt`` = the message list, in its conversational format, and the ``
 
 The policy. By default the toy model after ``--sft-steps`` (60, the demo's SFT length) steps of posttrain's SFT
 recipe on the toy ``sft.jsonl`` (lr 2e-3, batch 8; not timed), because an RL run starts from an SFT model: its
-answers end with the end token after about 5 tokens, now and then one runs to ``max_new_tokens``, and both sides
+answers end with the end token after a few tokens, now and then one runs to ``max_new_tokens``, and both sides
 sample from the same policy, so from the same length distribution (printed as ``policy``,
 ``*_mean_completion_tokens`` and ``*_finished_share``). ``--sft-steps 0`` takes the untrained toy model: it almost
-never samples the end token (about 1 in 2000 per token), so nearly every response runs to ``max_new_tokens`` on
+never samples the end token, so nearly every response runs to ``max_new_tokens`` on
 both sides. That workload has no variable lengths and measures the arithmetic per token alone; the default also
 measures what each side does with lengths (posttrain drops a row from the decoding batch when it ends and packs
 training rows without padding; TRL's ``generate`` runs every row until the longest ends, and its training batch
@@ -89,11 +89,8 @@ Threads. ``--threads`` defaults to torch's default (all cores), the same on both
 in each subprocess). On a machine shared with other busy processes use ``--threads 1`` (``preference_vs_trl.py``
 explains why).
 
-Where the difference comes from (``--size tiny --threads 1 --steps 6 --rounds 3``, median seconds per step,
-posttrain vs TRL). Default policy (ratio 2.92): generation 0.106 vs 0.269, reference forward 0.056 vs 0.179, loss
-forward 0.067 vs 0.205, backward 0.111 vs 0.383. Untrained policy, ``--sft-steps 0`` (ratio 1.56): generation
-0.225 vs 0.339, reference forward 0.134 vs 0.202, loss forward 0.168 vs 0.251, backward 0.266 vs 0.464. Both run
-the same transformers model and kernels, compute-bound on one core; posttrain does less of that work:
+Where the difference comes from. Both run the same transformers model and kernels, compute-bound on one core;
+posttrain does less of that work (the per-phase seconds in the summary show where):
 
 - each prompt is computed once per group of ``num_samples`` instead of once per sample: in generation, every
   distinct prompt is prefilled once and its KV cache copied to the group's rows
@@ -102,12 +99,14 @@ the same transformers model and kernels, compute-bound on one core; posttrain do
   response the prompt and itself (``recipes.ppo.ResponseLayout``);
 - a row leaves the decoding batch when it ends (``rollout.hf.decode_batch``), and training rows hold no padding.
 
-On the untrained policy only the first applies (every response runs to ``max_new_tokens``): the toy prompts
-average 16.5 tokens against 24 generated, so a group of 8 is ~214 tokens instead of ~324, and what is left is the
-responses' own arithmetic, the same on both sides. On GPU, vLLM generation (``rollout/vllm.py``) is not measured
-here. Before the shared prompts the untrained ratio was 1.06 (0.86 before the on-policy shortcut). With the
+On the untrained policy only the first applies (every response runs to ``max_new_tokens``), so its ratio measures
+the shared prompts alone: what is left is the responses' own arithmetic, the same on both sides. With the
 untrained policy every reward is 0, so the advantages and the updates are 0: the arithmetic is the same dense
-work whatever the values, so this does not change the timing.
+work whatever the values, so this does not change the timing. On GPU, vLLM generation (``rollout/vllm.py``) is not
+measured here.
+
+Figures: ``--record`` writes the summary to ``benchmarks/RESULTS.md`` (one section per command); the README quotes
+them from there.
 
 The LAST line printed is one JSON object: ``samples_s`` (posttrain's sampled responses per second, steady state)
 ``trl_samples_s``, ``ratio`` (= samples_s / trl_samples_s), ``gen_tok_s``, ``trl_gen_tok_s``, ``gen_tok_ratio``,
