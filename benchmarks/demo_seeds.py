@@ -73,7 +73,7 @@ def timed(command: list[str]) -> float:
 def budgets(out: Path) -> dict:
     """Wall time of `posttrain demo --quick` and of a tiny toy build, each from scratch, against BUDGETS_S."""
     shutil.rmtree(out, ignore_errors=True)
-    build = "from posttrain.demo.toy import build_toy; import sys; build_toy(sys.argv[1], size='tiny', seed=0)"
+    build = "from posttrain.toy import build_toy; import sys; build_toy(sys.argv[1], size='tiny', seed=0)"
     seconds = {
         "demo_quick": timed([sys.executable, "-m", "posttrain", "demo", "--quick", "--seed", "0", "--out", str(out / "quick")]),
         "toy_build_tiny": timed([sys.executable, "-c", build, str(out / "toy")]),

@@ -5,7 +5,7 @@
     python benchmarks/preference_vs_trl.py --size tiny --threads 1  # on a shared machine (see below)
     python benchmarks/preference_vs_trl.py --size small --steps 20 --rounds 3
 
-What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
+What is compared. The toy kit (``posttrain.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
 directory; every contender trains the SAME model directory (its tokenizer and chat template) on the SAME
 ``prefs.jsonl`` (``prompt``/``chosen``/``rejected`` message lists, given to TRL in its conversational format through
 ``datasets.Dataset.from_list``), full fine-tuning:
@@ -357,7 +357,7 @@ def main() -> None:
         return
 
 
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]

@@ -7,7 +7,7 @@ TRL's ``generate``; no vLLM).
     python benchmarks/rl_vs_trl.py --size tiny --threads 1 --steps 6 --sft-steps 0   # untrained policy
     python benchmarks/rl_vs_trl.py --size tiny --steps 4 --profile grpo   # cProfile of the timed steps
 
-What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
+What is compared. The toy kit (``posttrain.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
 directory. Both contenders train the SAME policy directory (its tokenizer and chat template), with a frozen
 reference model loaded from that same directory, on the SAME ``prompts.jsonl`` (``messages`` + ``reference`` rows;
 TRL gets ``prompt`` = the message list, in its conversational format, and the ``reference`` column through
@@ -27,7 +27,7 @@ measures what each side does with lengths (posttrain drops a row from the decodi
 training rows without padding; TRL's ``generate`` runs every row until the longest ends, and its training batch
 is padded to the longest completion).
 
-Same reward: the toy gold reward, ``posttrain.demo.tasks.score_prompt(prompt_text, response, reference)``, where
+Same reward: the toy gold reward, ``posttrain.tasks.score_prompt(prompt_text, response, reference)``, where
 ``prompt_text`` is the last user message. posttrain calls it through ``reward.function: toy`` (with
 ``unfinished_penalty: 0``, which TRL has no counterpart for) on the decoded response with special tokens skipped
 and whitespace stripped; TRL calls ``toy_gold_reward(prompts, completions, reference)``, a wrapper that applies
@@ -313,7 +313,7 @@ def run_trl(spec: dict[str, Any], phases: Phases, generations: Generations) -> d
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from posttrain.demo.tasks import score_prompt
+    from posttrain.tasks import score_prompt
     from posttrain.rewards import last_user_text
 
     rewards: list[float] = []
@@ -559,7 +559,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     if args.num_samples < 2:

@@ -4,7 +4,7 @@ optimizer step, on CPU.
     python benchmarks/sft_vs_trl.py --size tiny                 # fp32 and bf16, 2 rounds
     python benchmarks/sft_vs_trl.py --size small --precision fp32 --steps 30
 
-What is compared. The toy kit (``posttrain.demo.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
+What is compared. The toy kit (``posttrain.toy.build_toy(dir, size, seed=0)``) is built once in a temporary
 directory; every contender trains the SAME model directory on the SAME ``sft.jsonl`` (``messages`` rows):
 
 - ``posttrain_packed``: the real recipe, ``posttrain.recipes.sft.run(build_config({...}))``, ``data.packing:
@@ -103,7 +103,7 @@ SEED = 0
 DEFAULT_STEPS: dict[str, int] = {"tiny": 20, "small": 10}
 DEFAULT_WARMUP = 3
 
-# The toy template (posttrain.demo.toy.CHAT_TEMPLATE) with the assistant content and its end-of-turn token inside
+# The toy template (posttrain.toy.CHAT_TEMPLATE) with the assistant content and its end-of-turn token inside
 # {% generation %}, so TRL's assistant_only_loss trains exactly the tokens posttrain trains (content + <|end|>).
 TRL_TRAINING_TEMPLATE = (
     "{{ bos_token }}"
@@ -349,7 +349,7 @@ def main() -> None:
         return
 
 
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]

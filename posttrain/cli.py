@@ -5,11 +5,35 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from posttrain.config import STAGE_CONFIGS, ConfigError, describe_fields, load_config
+from posttrain.config import STAGE_CONFIGS, ConfigError, StageConfig, describe_fields, load_config
 from posttrain.data.records import KINDS
+
+if TYPE_CHECKING:
+    from posttrain.pipeline import Pipeline
+
+# The shipped configs (package data, so an installed wheel has them too): one per stage variant, and demo.yaml,
+# the pipeline `posttrain demo` runs. In a checkout, ./configs points here.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_PIPELINE = SHIPPED_CONFIGS / "demo.yaml"
+
+
+def stage_config(stage_or_file: str, overrides: list[str]) -> tuple[StageConfig, str | None]:
+    """The config a ``train``/``data check`` command names: a stage name (``sft``, ``dpo``, ...) starts from that
+    stage's defaults, as ``trl sft`` does; anything else is a YAML file. Returns the config and its file (None
+    for a stage name)."""
+    if stage_or_file in STAGE_CONFIGS and not Path(stage_or_file).is_file():
+        return load_config(None, [f"stage={stage_or_file}", *overrides]), None
+    if not Path(stage_or_file).is_file():
+        raise ConfigError(
+            f"{stage_or_file}: no such config file, and not a stage name; give a YAML file (e.g. "
+            f"{SHIPPED_CONFIGS / 'sft_lora.yaml'}) or a stage: {', '.join(STAGE_CONFIGS)}"
+        )
+    return load_config(stage_or_file, overrides), stage_or_file
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -20,12 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{key}\n    {help_text}\n    type: {type_name}   default: {default}")
         return 0
     if not args.config:
-        raise ConfigError("posttrain train needs a CONFIG.yaml (or --help-config STAGE)")
-    config = load_config(args.config, args.overrides)
+        raise ConfigError(f"posttrain train needs a stage ({', '.join(STAGE_CONFIGS)}) or a CONFIG.yaml (or --help-config STAGE)")
+    config, config_file = stage_config(args.config, args.overrides)
     check_model_path(config.model.path)
     from posttrain.recipes import RECIPES
 
-    RECIPES[config.stage](config, args.config)
+    RECIPES[config.stage](config, config_file)
     return 0
 
 
@@ -86,7 +110,7 @@ def _check_hub_id(repo_id: str, expected: str) -> None:
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     paths = build_toy(args.dir, size=args.size, seed=args.seed)
     print(f"toy model: {paths.model}")
@@ -139,28 +163,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from posttrain.eval.report import format_table, reference_row_of
-    from posttrain.pipeline import load_pipeline, run_pipeline
+    from posttrain.pipeline import load_pipeline
 
-    pipeline = load_pipeline(args.config, args.overrides, quick=args.quick)
+    shipped = SHIPPED_CONFIGS / f"{args.config}.yaml"
+    path = shipped if not Path(args.config).exists() and shipped.is_file() else Path(args.config)
+    pipeline = load_pipeline(path, args.overrides, quick=args.quick)
     if args.dry_run:
         for name in pipeline.order:
             inputs = ", ".join(pipeline.stages[name].inputs) or "-"
             print(f"{name:24} after: {inputs}")
         return 0
-    result = run_pipeline(pipeline, from_stage=args.from_stage)
-    if result.evaluation:
-        print(format_table(result.evaluation, reference_row_of(pipeline)))
-        print(f"report: {pipeline.out / 'report.html'}")
-    print(f"ran: {', '.join(result.ran) or '-'}; reused: {', '.join(result.reused) or '-'}")
+    _run_and_summarise(pipeline, from_stage=args.from_stage)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from posttrain.demo.run import run_demo
+    """The demo is the shipped pipeline ``demo.yaml`` (toy kit → pretrain → SFT → reward model → PPO, GRPO, DPO,
+    rejection sampling, each evaluated on the same held-out prompts) with this seed and output directory."""
+    from posttrain.pipeline import load_pipeline
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    pipeline = load_pipeline(DEMO_PIPELINE, [f"out={args.out}", f"seed={args.seed}"], quick=args.quick)
+    _run_and_summarise(pipeline)
     return 0
+
+
+def _run_and_summarise(pipeline: Pipeline, from_stage: str | None = None) -> None:
+    """Run the pipeline, then print its evaluation table, what ran and where the report is."""
+    from posttrain.eval.report import format_table
+    from posttrain.pipeline import run_pipeline
+
+    started = time.time()
+    result = run_pipeline(pipeline, from_stage=from_stage)
+    if result.evaluation:
+        print(f"\n{format_table(result.evaluation, pipeline.reference_row())}\n")
+    print(f"finished in {time.time() - started:.0f} s ({len(result.ran)} stages run, {len(result.reused)} reused)")
+    print(f"  ran: {', '.join(result.ran) or '-'}; reused: {', '.join(result.reused) or '-'}")
+    if result.evaluation:
+        out = pipeline.out
+        print(f"  report: {out / 'report.html'}\n  also:   {out / 'report.md'}, {out / 'eval.json'}, one run directory per stage in {out}/")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -189,7 +229,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from posttrain.data.preflight import load_for_check, preflight
     from posttrain.models import load_tokenizer
 
-    config = load_config(args.config, args.overrides)
+    config, _ = stage_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
     sequences = load_for_check(config, tokenizer)
     for line in sequences.reports:
@@ -213,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for large language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run one stage from a YAML config with key.sub=value overrides")
-    train.add_argument("config", nargs="?", help="stage config YAML (configs/*.yaml)")
+    train = commands.add_parser("train", help="run one stage from its defaults or a YAML config, with key.sub=value overrides")
+    train.add_argument("config", nargs="?", metavar="STAGE|CONFIG", help=f"a stage ({', '.join(STAGE_CONFIGS)}) to start from its defaults, or a stage config YAML (configs/*.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 model.path=DIR")
     train.add_argument("--help-config", metavar="STAGE", help="list every field of STAGE's config with help and default")
     train.set_defaults(func=cmd_train)
@@ -258,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     pipeline = commands.add_parser("pipeline", help="run stages as a DAG; unchanged stages are reused, not rerun")
-    pipeline.add_argument("config", help="pipeline YAML (configs/demo.yaml is one)")
+    pipeline.add_argument("config", metavar="PIPELINE", help="a pipeline YAML, or the name of a shipped one: demo")
     pipeline.add_argument("overrides", nargs="*", help="out=DIR, seed=N, or STAGE.key.sub=value")
     pipeline.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream of it")
     pipeline.add_argument("--quick", action="store_true", help="apply the file's quick: overrides")
@@ -308,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_inspect.set_defaults(func=cmd_data_inspect)
 
     data_check = data_commands.add_parser("check", help="the preflight of a training config, without training")
-    data_check.add_argument("config", help="stage config YAML")
+    data_check.add_argument("config", metavar="STAGE|CONFIG", help="a stage (its defaults) or a stage config YAML")
     data_check.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     data_check.set_defaults(func=cmd_data_check)
     return parser

@@ -411,7 +411,7 @@ class RewardSource(Block):
     """A reward-model run directory (or its model/ folder) from stage: reward."""
     function: str | None = None
     """A Python function ``reward(prompt, response, reference) -> float`` as module:name (e.g.
-    posttrain.demo.tasks:score_prompt), or a built-in name: exact_match, toy, toy_format."""
+    posttrain.tasks:score_prompt), or a built-in name: exact_match, toy, toy_format."""
     http: str | None = None
     """URL (http:// or https://) of a reward service that scores JSON batches; the protocol is in the
     posttrain.rewards module docstring."""

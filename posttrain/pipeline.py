@@ -40,6 +40,13 @@ import yaml
 from pydantic import Field, ValidationError
 
 from posttrain.config import Block, ConfigError, StageConfig, build_config, deep_merge, parse_overrides
+from posttrain.eval import evaluate_model, reward_model_accuracy
+from posttrain.eval.evaluate import load_reference
+from posttrain.eval.report import write_pipeline_report
+from posttrain.eval.reward_model import as_scorer
+from posttrain.eval.verifiable import read_prompts
+from posttrain.recipes import RECIPES
+from posttrain.toy import DEFAULT_TASKS, build_toy
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\}")
 TOY_OUTPUTS = ("model", "sft", "prefs", "prompts", "eval", "eval_prefs", "eval_mc", "pretrain")
@@ -51,7 +58,7 @@ class PipelineError(RuntimeError):
 
 
 class ToyBlock(Block):
-    """The toy kit (``posttrain.demo.toy.build_toy``): tiny model, tokenizer and synthetic task data."""
+    """The toy kit (``posttrain.toy.build_toy``): tiny model, tokenizer and synthetic task data."""
 
     size: str = "tiny"
     tasks: list[str] | None = Field(None, description="task subset (default: all toy tasks)")
@@ -170,6 +177,14 @@ class Pipeline:
             return {"dir": str(directory), "model": str(directory / "model"), **{k: str(directory / "data" / f"{k}.jsonl") for k in TOY_OUTPUTS[1:]}}
         return {"dir": str(directory), "model": str(directory / "model")}
 
+    def reference_row(self) -> str | None:
+        """The evaluation row whose model is ``eval.reference`` (its KL column is titled after it), if any."""
+        spec = self.config.eval
+        if spec is None or not spec.reference:
+            return None
+        stages = {stage for stage, _ in stage_references(spec.reference)}
+        return next((row for row, stage in spec.models.items() if stage in stages), None)
+
     def _resolve(self, name: str) -> dict[str, Any] | StageConfig:
         """The stage's final config: a validated StageConfig, or the toy builder's arguments."""
         spec = self.stages[name].spec
@@ -255,13 +270,9 @@ def _write_json(path: Path, payload: Any) -> None:
 def _run_stage(pipeline: Pipeline, name: str) -> dict[str, Any]:
     resolved = pipeline.resolved[name]
     if isinstance(resolved, dict):
-        from posttrain.demo.toy import DEFAULT_TASKS, build_toy
-
         tasks = tuple(resolved["tasks"] or DEFAULT_TASKS)
         build_toy(pipeline.out / name, size=resolved["size"], seed=resolved["seed"], tasks=tasks, **resolved["counts"])
         return {"stage": "toy", "tasks": list(tasks)}
-    from posttrain.recipes import RECIPES
-
     return RECIPES[resolved.stage](resolved, pipeline.source) or {}
 
 
@@ -318,8 +329,6 @@ def run_pipeline(pipeline: Pipeline, from_stage: str | None = None, log: Any = N
     evaluation = _evaluate_ready(pipeline, hashes, log) if pipeline.config.eval is not None else None
     result = PipelineResult(pipeline.out, ran, reused, summaries, evaluation, seconds)
     if evaluation is not None:
-        from posttrain.eval.report import write_pipeline_report
-
         write_pipeline_report(pipeline, result)
     return result
 
@@ -339,10 +348,6 @@ def _plain(value: Any) -> Any:
 
 def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dict[str, Any]:
     """Evaluate each listed stage whose model and evaluation inputs are finished; cached per stage."""
-    from posttrain.eval import evaluate_model, reward_model_accuracy
-    from posttrain.eval.evaluate import load_reference
-    from posttrain.eval.reward_model import as_scorer
-
     spec = pipeline.config.eval
     assert spec is not None
     outputs = {stage: pipeline.outputs(stage) for stage in pipeline.stages}
@@ -387,8 +392,6 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
 
 
 def _read_eval_prompts(path: str, limit: int | None) -> list[dict[str, Any]]:
-    from posttrain.eval.verifiable import read_prompts
-
     return read_prompts(path)[:limit]
 
 

@@ -10,9 +10,9 @@ Reward functions, given as ``reward.function``:
   response, where ``prompt`` is the text of the prompt's **last user message** (system prompts and earlier turns
   are not passed), ``response`` the sampled reply and ``reference`` the row's reference answer or ``None``.
 - ``exact_match`` — 1.0 when the response equals the reference after whitespace normalisation, else 0.0.
-- ``toy`` — the toy tasks' graded gold reward (``demo.tasks.score_prompt``): 1.0 exact, partial credit below.
+- ``toy`` — the toy tasks' graded gold reward (``tasks.score_prompt``): 1.0 exact, partial credit below.
 - ``toy_format`` — 1.0 when the response has the shape the toy task asks for (one integer for add and count,
-  single lower-case letters for reverse, ...: ``demo.tasks.format_reward``), else 0.0; right or wrong is not
+  single lower-case letters for reverse, ...: ``tasks.format_reward``), else 0.0; right or wrong is not
   checked. A prompt that is not a toy task is an error.
 
 ``exact_match`` and ``toy`` need a reference on every row (``needs_reference``); the caller checks that before
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from posttrain.config import RewardSource
-from posttrain.demo.tasks import exact_match, format_reward, score_prompt, task_of
+from posttrain.tasks import exact_match, format_reward, score_prompt, task_of
 
 Messages = list[dict[str, Any]]
 RewardFn = Callable[[str, str, "str | None"], float]
@@ -163,7 +163,7 @@ class ModelReward:
         self._scorer: Any = None
 
     def __call__(self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]) -> list[float]:
-        from posttrain.models.scalar_head import RewardScorer
+        from posttrain.eval.reward_model import RewardScorer
 
         if self._scorer is None:
             self._scorer = RewardScorer(self.path, device=self.device, batch_size=self.batch_size)

@@ -24,7 +24,7 @@ LEARNING_SEED = int(os.environ.get("POSTTRAIN_LEARNING_SEED", "0"))
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The real toy kit (tiny size), smaller row counts."""
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=400, prefs=50, prompts=50, eval=40, pretrain=200)
 

@@ -235,7 +235,7 @@ def test_sft_methods_chat_and_export(arch, toy, data, tmp_path) -> None:
 def test_reward_model_trains_and_exports_as_a_scorer(arch, toy, data, tmp_path) -> None:
     from posttrain.cli import main
     from posttrain.models.loading import load_weights
-    from posttrain.models.scalar_head import RewardScorer
+    from posttrain.eval.reward_model import RewardScorer
 
     name, path = arch
     rows = _run("reward", path, tmp_path / "rm", data, peft={"method": "lora", "r": 2})

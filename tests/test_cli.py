@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.cli import main
+from posttrain.cli import SHIPPED_CONFIGS, main
 
-REPO = Path(__file__).resolve().parents[1]
-# Stage configs; pipeline files (a `stages:` mapping, e.g. configs/demo.yaml) are validated in test_pipeline.py.
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if "stages" not in yaml.safe_load(p.read_text()))
+# Stage configs; pipeline files (a `stages:` mapping, e.g. demo.yaml) are validated in test_pipeline.py.
+CONFIGS = sorted(p for p in SHIPPED_CONFIGS.glob("*.yaml") if "stages" not in yaml.safe_load(p.read_text()))
 
 
 def test_console_script_writes_a_loadable_toy_kit(tmp_path) -> None:
@@ -101,7 +100,7 @@ def test_a_missing_or_mistyped_model_path_is_one_line_and_exit_2(toy, tmp_path, 
         (tmp_path / "empty").mkdir()
         path, expected = str(tmp_path / "empty"), f"model.path={tmp_path / 'empty'}: {expected}"
     result = subprocess.run(
-        [sys.executable, "-m", "posttrain", "train", str(REPO / "configs" / "sft_lora.yaml"), f"model.path={path}",
+        [sys.executable, "-m", "posttrain", "train", str(SHIPPED_CONFIGS / "sft_lora.yaml"), f"model.path={path}",
          f"data.train={toy.sft}", f"output_dir={tmp_path / 'run'}", "logging.progress=false"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -118,7 +117,7 @@ def test_a_file_whose_rows_all_go_to_the_held_out_split_says_so(micro_model, tmp
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
     code = main([
-        "train", str(REPO / "configs" / "sft_full.yaml"), f"model.path={micro_model}", f"data.train={data}",
+        "train", str(SHIPPED_CONFIGS / "sft_full.yaml"), f"model.path={micro_model}", f"data.train={data}",
         f"output_dir={tmp_path / 'run'}", "logging.progress=false",
     ])
     err = capsys.readouterr().err
@@ -140,7 +139,7 @@ def test_a_dolly_file_trains_as_it_is(micro_model, tmp_path, capsys) -> None:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "run"
     code = main([
-        "train", str(REPO / "configs" / "sft_lora.yaml"), f"model.path={micro_model}", f"data.train={data}",
+        "train", str(SHIPPED_CONFIGS / "sft_lora.yaml"), f"model.path={micro_model}", f"data.train={data}",
         f"output_dir={out}", "train.max_steps=2", "data.max_length=128", "logging.progress=false",
     ])
     err = capsys.readouterr().err
@@ -149,3 +148,29 @@ def test_a_dolly_file_trains_as_it_is(micro_model, tmp_path, capsys) -> None:
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples"] for r in records if "loss" in r] == [8, 8]
     assert (out / "model" / "adapter_config.json").exists()
+
+
+def test_a_stage_name_trains_from_the_stage_defaults_without_a_yaml(toy, micro_model, tmp_path, capsys) -> None:
+    """``posttrain train dpo model.path=… data.train=…``: the stage's defaults (as ``trl dpo``), no file; the saved
+    config is the DpoConfig defaults plus the overrides."""
+    out = tmp_path / "run"
+    code = main([
+        "train", "dpo", f"model.path={micro_model}", f"data.train={toy.prefs}", f"output_dir={out}",
+        "train.max_steps=2", "data.max_length=64", "logging.progress=false",
+    ])
+    assert code == 0, capsys.readouterr().err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["stage"] == "dpo" and saved["dpo"]["beta"] == 0.1 and saved["train"]["max_steps"] == 2
+    assert (out / "model").is_dir()
+
+
+def test_train_refuses_a_name_that_is_neither_a_file_nor_a_stage(capsys) -> None:
+    assert main(["train", "sft_lora", "model.path=x"]) == 2
+    err = capsys.readouterr().err
+    assert "sft_lora: no such config file, and not a stage name" in err and "sft, pretrain, reward" in err
+
+
+def test_the_shipped_demo_pipeline_is_found_by_name(tmp_path, capsys) -> None:
+    assert main(["pipeline", "demo", f"out={tmp_path}", "--quick", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[0] == "toy" and {"sft", "reward", "ppo", "grpo", "dpo", "rejection_sampling"} <= set(printed)

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.cli import main
+from posttrain.cli import SHIPPED_CONFIGS, main
 from posttrain.config import STAGE_CONFIGS, ConfigError, SftConfig, describe_fields, load_config, parse_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["model.path=/some/model", "data.train=/some/data.jsonl"]
 
 
@@ -99,7 +98,7 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
 
 
 # Stage configs; pipeline files (a `stages:` mapping) are validated in test_pipeline.py.
-STAGE_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "stages" not in yaml.safe_load(p.read_text()))
+STAGE_FILES = sorted(p for p in SHIPPED_CONFIGS.rglob("*.yaml") if "stages" not in yaml.safe_load(p.read_text()))
 
 
 @pytest.mark.parametrize("path", STAGE_FILES, ids=lambda p: p.name)

@@ -28,7 +28,7 @@ def alpaca(instruction: str, output: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def toy_kit(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from posttrain.demo.toy import build_toy
+    from posttrain.toy import build_toy
 
     return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=50, prefs=10, prompts=10, eval=10, pretrain=10)
 

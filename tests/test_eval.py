@@ -307,7 +307,7 @@ def test_multiple_choice_bad_rows_name_file_line_and_field(tmp_path) -> None:
 
 
 def test_evaluate_model_reports_every_metric_and_zero_kl_to_itself(micro_model, few_prompts, reward_dir) -> None:
-    from posttrain.models.scalar_head import RewardScorer
+    from posttrain.eval.reward_model import RewardScorer
 
     rows = [json.loads(line) for line in few_prompts.read_text().splitlines()][:6]
     result = evaluate_model(micro_model, rows, reward_model=reward_dir, reference=micro_model, max_new_tokens=4, batch_size=4)

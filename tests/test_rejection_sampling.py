@@ -132,7 +132,7 @@ def tiny_reward_model(micro_model: Path, out: Path) -> Path:
 
 
 def test_reward_model_picks_its_highest_scoring_sample(toy, micro_model, tmp_path) -> None:
-    from posttrain.models.scalar_head import RewardScorer
+    from posttrain.eval.reward_model import RewardScorer
 
     reward_dir = tiny_reward_model(micro_model, tmp_path / "rm")
     data = prompts_file(toy, tmp_path / "p.jsonl", 4)
@@ -197,10 +197,10 @@ def test_load_reward_function_errors_name_the_spec() -> None:
         load_reward_function("nope")
     with pytest.raises(ValueError, match="no_such_module_xyz:f.*cannot import module 'no_such_module_xyz'"):
         load_reward_function("no_such_module_xyz:f")
-    with pytest.raises(ValueError, match="posttrain.demo.tasks:nope.*no attribute 'nope'"):
-        load_reward_function("posttrain.demo.tasks:nope")
-    with pytest.raises(ValueError, match="posttrain.demo.tasks:TASKS.*not a function"):
-        load_reward_function("posttrain.demo.tasks:TASKS")
+    with pytest.raises(ValueError, match="posttrain.tasks:nope.*no attribute 'nope'"):
+        load_reward_function("posttrain.tasks:nope")
+    with pytest.raises(ValueError, match="posttrain.tasks:TASKS.*not a function"):
+        load_reward_function("posttrain.tasks:TASKS")
     with pytest.raises(ValueError, match="compares with a reference answer, but prompt 1 has none"):
         load_reward_function("exact_match")([[{"role": "user", "content": "q"}]] * 2, ["a", "b"], ["a", None])
 
@@ -211,7 +211,7 @@ def test_builtin_and_imported_reward_functions() -> None:
     assert load_reward_function("exact_match")(prompts, ["5", " 5 ", "6"], ["5"] * 3) == [1.0, 1.0, 0.0]
     toy = load_reward_function("toy")(prompts, ["5", "6", "x"], ["5"] * 3)
     assert toy[0] == 1.0 and 0.0 < toy[1] < 1.0 and toy[2] == 0.0
-    seen = load_reward_function("posttrain.demo.tasks:score_prompt")(prompts[:1], ["5"], ["5"])
+    seen = load_reward_function("posttrain.tasks:score_prompt")(prompts[:1], ["5"], ["5"])
     assert seen == [1.0]  # the function got the last user message as its prompt
     assert isinstance(build_reward(RewardSource(function="toy")), WeightedReward)
 

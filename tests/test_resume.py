@@ -186,7 +186,7 @@ FRESH_PROCESSES = [{"PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "1"}, {"PYTHONHASH
 
 def test_the_toy_kit_is_the_same_in_any_fresh_process(tmp_path) -> None:
     """Tokenizer training, task sampling and file writing: byte-identical under other hash seeds and threads."""
-    build = "import sys; from posttrain.demo.toy import build_toy; build_toy(sys.argv[1], size='tiny', seed=0, sft=100, prefs=20, prompts=20, eval=10, pretrain=50)"
+    build = "import sys; from posttrain.toy import build_toy; build_toy(sys.argv[1], size='tiny', seed=0, sft=100, prefs=20, prompts=20, eval=10, pretrain=50)"
     digests = []
     for i, env in enumerate(FRESH_PROCESSES):
         out = tmp_path / f"kit{i}"

@@ -26,7 +26,9 @@ from posttrain.config import DataConfig
 from posttrain.data.formats import read_records
 from posttrain.data.packing import collate
 from posttrain.data.pairs import pair_rows, tokenize_preferences
-from posttrain.models.scalar_head import RewardScorer, last_token_index, load_scorer_model
+from posttrain.eval.reward_model import RewardScorer
+from posttrain.models.loading import load_scorer_model
+from posttrain.models.scalar_head import last_token_index
 from posttrain.recipes import reward
 from posttrain.recipes.reward import pair_rewards
 

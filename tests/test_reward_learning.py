@@ -1,7 +1,7 @@
 """The reward model learns verifiable preferences: held-out pairwise accuracy ≥ 0.88.
 
 Pairs are the toy kit's: the chosen answer is the task's correct one, the rejected one a plausible corruption
-(`posttrain.demo.tasks.corrupt`: a number off by a few, a swapped pair, a forgotten upper-casing). Tasks whose
+(`posttrain.tasks.corrupt`: a number off by a few, a swapped pair, a forgotten upper-casing). Tasks whose
 mistakes a 2-layer, 64-wide model can learn to verify from ~1,700 training pairs: upper (case), count (a number checked
 against the words), sort (order and multiset). Reversal, copying and addition need more model or data than a unit
 test has (measured: 0.41–0.61 after the same budget on all six tasks), and are not claimed here.
@@ -32,7 +32,7 @@ import json
 import pytest
 
 from conftest import LEARNING_SEED, save_micro_model, sft_config
-from posttrain.demo.toy import build_toy
+from posttrain.toy import build_toy
 from posttrain.recipes import reward
 
 TASKS = ("upper", "count", "sort")

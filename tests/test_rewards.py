@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from conftest import sft_config
 from posttrain import rewards
 from posttrain.config import RewardSource
-from posttrain.demo.tasks import TASKS, format_reward, task_of
+from posttrain.tasks import TASKS, format_reward, task_of
 from posttrain.rewards import HttpReward, RewardError, WeightedReward, build_reward, load_reward_function
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LEARNING_SEED, save_micro_model, sft_config
-from posttrain.demo.toy import build_toy
+from posttrain.toy import build_toy
 from posttrain.eval.verifiable import evaluate_verifiable, read_prompts
 from posttrain.recipes import ppo, sft
 

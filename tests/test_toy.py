@@ -1,4 +1,4 @@
-"""Tests for the toy kit (posttrain.demo.toy) and its verifiable tasks (posttrain.demo.tasks).
+"""Tests for the toy kit (posttrain.toy) and its verifiable tasks (posttrain.tasks).
 
 Every later stage trains and tests on this kit, so these tests pin what they rely on: the model and tokenizer
 load with Auto* classes, the chat template's prompt is a prefix of the conversation, EOS is end of turn, the
@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.demo.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt, exact_match, gold_reward, task_of
-from posttrain.demo.toy import DEFAULT_COUNTS, SPECIAL_TOKENS, ToyPaths, build_toy
+from posttrain.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt, exact_match, gold_reward, task_of
+from posttrain.toy import DEFAULT_COUNTS, SPECIAL_TOKENS, ToyPaths, build_toy
 
 DATA_FILES = ("sft", "prefs", "prompts", "eval", "pretrain")
 

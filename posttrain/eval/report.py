@@ -21,7 +21,7 @@ import yaml
 
 from posttrain.runtime.metrics import read_metrics
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotations only: the pipeline calls this module, never the other way round
     from posttrain.pipeline import Pipeline, PipelineResult
 
 # (column title, key in a model's figures, format)
@@ -69,20 +69,10 @@ def _cell(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def reference_row_of(pipeline: Pipeline) -> str | None:
-    spec = pipeline.config.eval
-    if spec is None or not spec.reference:
-        return None
-    from posttrain.pipeline import stage_references
-
-    stages = {stage for stage, _ in stage_references(spec.reference)}
-    return next((row for row, stage in spec.models.items() if stage in stages), None)
-
-
 def write_pipeline_report(pipeline: Pipeline, result: PipelineResult) -> dict[str, Path]:
     """Write eval.json, report.md and report.html into the pipeline's out directory; returns their paths."""
     evaluation = result.evaluation or {}
-    reference_row = reference_row_of(pipeline)
+    reference_row = pipeline.reference_row()
     out = pipeline.out
     figures = eval_json(evaluation, reference_row)
     (out / "eval.json").write_text(json.dumps(figures, indent=1), encoding="utf-8")
@@ -191,7 +181,7 @@ td.answer { text-align: left; font-family: monospace; }
 
 def _html(pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any], table: str, plots: list[tuple[str, bytes]]) -> str:
     esc = html.escape
-    reference_row = reference_row_of(pipeline)
+    reference_row = pipeline.reference_row()
     models = evaluation.get("models", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>posttrain report: {esc(pipeline.source)}</title><style>{STYLE}</style></head><body>"]
     parts.append(f"<h1>Pipeline report</h1><p><code>{esc(pipeline.source)}</code> → <code>{esc(str(pipeline.out))}</code> · {esc(_machine())}</p>")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.demo.tasks import TASKS, exact_match, gold_reward, task_of
+from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
 from posttrain.eval.common import PromptRow, generate_answers, prompt_text, read_prompts
 
 __all__ = ["evaluate_verifiable", "read_prompts", "reference_reward", "verifiable_metrics"]
@@ -30,7 +30,7 @@ def toy_task(row: PromptRow) -> str | None:
 
 
 def reference_reward(row: PromptRow, answer: str) -> float:
-    """Gold reward of ``answer``: the toy task's graded reward (:func:`~posttrain.demo.tasks.gold_reward`) for
+    """Gold reward of ``answer``: the toy task's graded reward (:func:`~posttrain.tasks.gold_reward`) for
     a toy prompt, else exact match as 0/1. The row must have a reference."""
     reference = row.get("reference")
     if reference is None:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from posttrain.config import ModelConfig, PeftConfig
+from posttrain.models.adapters import attach_adapter
+from posttrain.models.scalar_head import ScalarHeadModel, wrap_for_scalar_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,6 +152,11 @@ def load_tokenizer(config: ModelConfig) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except OSError as error:
         raise ModelLoadError(f"cannot load the tokenizer from {str(source)!r}: {error}") from None
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """The tokenizer, given EOS as its pad token when it has none (batches need one)."""
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -228,8 +235,6 @@ def load_model(
     QLoRA is checked before anything is read from disk, so a machine without CUDA fails in a second. The model is
     returned in training mode, its dropout set by ``model.dropout``.
     """
-    from posttrain.models.adapters import attach_adapter
-
     peft_config = peft_config or PeftConfig()
     if peft_config.method == "qlora":
         _check_qlora_possible()
@@ -264,8 +269,6 @@ def load_model(
     set_dropout(model, bool(model_config.dropout))
     model.train()
     if scalar_head:
-        from posttrain.models.scalar_head import wrap_for_scalar_head
-
         model = wrap_for_scalar_head(model, tokenizer)
     return model, tokenizer
 
@@ -277,9 +280,22 @@ def load_for_inference(path: str | Path, dtype: str = "float32") -> tuple[Any, A
     from transformers import AutoTokenizer
 
     directory = model_dir_of(path)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
     model = load_weights(directory, keep_prompt_learning=True, dtype=DTYPES[dtype])
     model.eval()
     return model, tokenizer
+
+
+def load_scorer_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ScalarHeadModel, Any]:
+    """Load a trained reward model (full weights, or a LoRA/DoRA adapter (chain) over the base named in its
+    ``adapter_config.json``, merged for speed: :func:`load_weights`) with its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    directory = model_dir_of(path)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
+    model = load_weights(directory, "SEQ_CLS", dtype=dtype)
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise ValueError(f"{directory} has {model.config.num_labels} output labels; a reward model has 1")
+    scorer = wrap_for_scalar_head(model, tokenizer)
+    scorer.eval()
+    return scorer, tokenizer

@@ -607,7 +607,7 @@ def _append_samples(path: Any, step: int, rollout: Rollout) -> None:
 def evaluate_prompts(rows: list[PromptRow], engine: Any, reward: Any, gold: Any, config: PpoConfig, rt: Runtime) -> dict[str, float]:
     """Greedy answers to this process's share of the held-out prompts: mean reward, exact match against the
     reference (where there is one), gold reward, length and end-token rate, summed over processes."""
-    from posttrain.demo.tasks import exact_match
+    from posttrain.tasks import exact_match
 
     mine = rows[rt.accelerator.process_index :: rt.world_size]
     greedy = SamplingSettings(1, config.sampling.max_new_tokens, 0.0)

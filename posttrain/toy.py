@@ -11,7 +11,8 @@
     out_dir/data/pretrain.jsonl  {"text"}                                          continued pretraining
 
 Every stage's tests and the demo run on this, so it is deterministic (same seed, same bytes) and needs no
-network. The tasks come from `posttrain.demo.tasks`; their answers are scored by code.
+network. The tasks come from `posttrain.tasks`; their answers are scored by code. The kit is library code, not
+part of the demo: a pipeline's ``toy:`` stage, ``posttrain toy`` and the tests build it.
 
 Assumptions: the model is randomly initialised (a later pretraining/SFT stage teaches it); the chat format is
 our own (`<|role|>\\n content <|end|>\\n`), with `<|end|>` as both end of turn and EOS so that generation stops
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from posttrain.demo.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt
+from posttrain.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module must stay cheap
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast

@@ -1,6 +1,8 @@
-"""Verifiable toy tasks: prompts a tiny model can learn in a few hundred CPU steps, scored by code.
+"""Verifiable tasks and their checkers: prompts a tiny model can learn in a few hundred CPU steps, scored by code.
 
-Every later stage trains and tests on these. SFT learns them from demonstrations, the reward model and DPO
+Library code: the ``toy``/``toy_format``/``exact_match`` rewards (``rewards.py``), the evaluation's gold reward
+(``eval/verifiable.py``) and the toy kit's datasets (``toy.py``) all read them here. Every stage's tests and the
+demo train on these. SFT learns them from demonstrations, the reward model and DPO
 learn them from (correct, corrupted) pairs, PPO/GRPO improve `gold_reward` and evaluation reports
 `exact_match`. Because the score comes from code rather than a learned reward model, we can check that an RL
 stage improved real correctness and did not just exploit its reward model.
