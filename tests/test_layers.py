@@ -1,4 +1,5 @@
-"""The package's layers, read from its source: no import cycles, nothing in the library imports the demo, and the
+"""The package's layers, read from its source: no import cycles, nothing in the library imports the application
+layer (the CLI, and ``posttrain.demo`` should one return; the demo is now the shipped ``configs/demo.yaml``), and the
 math (``losses.py``, ``rl.py``) imports only torch and the standard library.
 
 Every module's AST is walked for its imports of posttrain modules, at module level and inside functions alike: a
@@ -19,7 +20,7 @@ from pathlib import Path
 import posttrain
 
 PACKAGE_DIR = Path(posttrain.__file__).resolve().parent
-# The application layer: the only modules allowed to import posttrain.demo.
+# The application layer: only it may import itself (and the demo).
 APPLICATION = {"posttrain.cli", "posttrain.__main__"}
 PURE_MATH = {"posttrain.losses", "posttrain.rl"}
 ALLOWED_IN_PURE_MATH = {"torch", "__future__"} | set(sys.stdlib_module_names)
@@ -146,6 +147,10 @@ def describe_cycle(component: list[str], graph: dict[str, dict[str, Import]]) ->
     return "cycle among " + ", ".join(component) + ":\n" + "\n".join(edges)
 
 
+def _is_application(module: str) -> bool:
+    return module in APPLICATION or module == "posttrain.demo" or module.startswith("posttrain.demo.")
+
+
 def layer_problems(root: Path = PACKAGE_DIR) -> list[str]:
     """Every broken layer rule in the package under ``root``, one readable line (or block) each."""
     modules = package_modules(root)
@@ -153,9 +158,8 @@ def layer_problems(root: Path = PACKAGE_DIR) -> list[str]:
     problems = [describe_cycle(component, import_graph(imports, set(modules))) for component in cycles(import_graph(imports, set(modules)))]
     for imp in imports:
         where = f"{modules[imp.importer].relative_to(root.parent)}:{imp.line}"
-        is_demo = imp.importer == "posttrain.demo" or imp.importer.startswith("posttrain.demo.")
-        if (imp.target == "posttrain.demo" or imp.target.startswith("posttrain.demo.")) and not is_demo and imp.importer not in APPLICATION:
-            problems.append(f"{where}: library module {imp.importer} imports {imp.target}; only the CLI may import the demo")
+        if _is_application(imp.target) and not _is_application(imp.importer):
+            problems.append(f"{where}: library module {imp.importer} imports {imp.target}; only the CLI may import the demo or the CLI")
         if imp.importer in PURE_MATH and imp.target.split(".")[0] not in ALLOWED_IN_PURE_MATH:
             problems.append(f"{where}: {imp.importer} imports {imp.target}; the math imports only torch and the standard library")
     return list(dict.fromkeys(problems))  # one line per statement, however many names it imports
@@ -178,6 +182,8 @@ def test_the_checker_sees_cycles_demo_imports_and_heavy_math(tmp_path: Path) -> 
         "eval/__init__.py": "",
         "eval/report.py": "def write():\n    from posttrain.pipeline import Pipeline\n",
         "rewards.py": "from .demo.tasks import score\n",
+        "recipes/__init__.py": "",
+        "recipes/sft.py": "import posttrain.cli\n",
         "demo/__init__.py": "",
         "demo/tasks.py": "from posttrain.rewards import thing\n",
         "cli.py": "def demo():\n    from posttrain.demo import tasks\n",
@@ -190,4 +196,5 @@ def test_the_checker_sees_cycles_demo_imports_and_heavy_math(tmp_path: Path) -> 
     assert any(p.startswith("cycle among posttrain.demo.tasks, posttrain.rewards") for p in problems), problems
     assert any("posttrain/rewards.py:1: library module posttrain.rewards imports posttrain.demo.tasks" in p for p in problems), problems
     assert any("posttrain/losses.py:2: posttrain.losses imports numpy" in p for p in problems), problems
-    assert len(problems) == 4, problems  # rl.py, cli.py and the demo's own imports are allowed
+    assert any("posttrain/recipes/sft.py:1: library module posttrain.recipes.sft imports posttrain.cli" in p for p in problems), problems
+    assert len(problems) == 5, problems  # rl.py, cli.py and the demo's own imports are allowed
