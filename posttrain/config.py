@@ -11,14 +11,36 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from posttrain import losses, rl
+from posttrain.data.formats import FORMATS
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says which key, what was expected and how to fix it."""
+
+
+def choices(*names: Iterable[str]) -> Any:
+    """``Literal[...]`` of the names in ``names`` (registries' keys, in their order): the allowed values of a field
+    come from the table that implements them, so adding an entry there is the whole change."""
+    return Literal[tuple(name for group in names for name in group)]
+
+
+# The allowed values of fields that name a registry entry. A type checker sees plain strings (it cannot read a
+# Literal built at run time); pydantic, --help-config and error messages see every name.
+if TYPE_CHECKING:
+    FormatName = AdvantageName = KlEstimatorName = LossAggregationName = DpoLossName = str
+else:
+    FormatName = choices(["auto"], FORMATS)
+    AdvantageName = choices(rl.ADVANTAGES)
+    KlEstimatorName = choices(rl.KL_ESTIMATORS)
+    LossAggregationName = choices(rl.LOSS_AGGREGATIONS)
+    DpoLossName = choices(losses.DPO_LOSSES)
 
 
 class Block(BaseModel):
@@ -124,8 +146,8 @@ class DataConfig(Block):
     each sequence whole."""
     train_on_prompt: bool = False
     """Also train on system/user tokens, not only assistant turns."""
-    format: Literal["auto", "sharegpt", "openai", "dolly", "alpaca", "flat", "preference", "prompt_completion", "prompt", "text"] = "auto"
-    """Row format; auto detects it per file (and reports it)."""
+    format: FormatName = "auto"
+    """Row format (``data.formats.FORMATS``); auto detects it per file (and reports it)."""
     max_truncated_share: float = Field(0.05, ge=0, le=1)
     """Preflight refuses to train when more than this share of sequences is cut at max_length."""
     on_invalid: Literal["error", "skip"] = "error"
@@ -313,23 +335,10 @@ class RewardConfig(StageConfig):
         return self
 
 
-# dpo.loss → the β it takes when dpo.beta is unset. β means different things per loss, so one default cannot suit
-# all: SimPO's β scales a *length-averaged* log-prob margin and its paper tunes it in 2–10 with γ/β 0.3–0.5 (Meng
-# et al. 2024, Table 7); DPO's 0.1 would leave it nearly flat. The others take the value their papers and TRL use.
-DPO_DEFAULT_BETA: dict[str, float] = {
-    "sigmoid": 0.1,
-    "ipo": 0.1,
-    "hinge": 0.1,
-    "robust": 0.1,
-    "simpo": 2.0,
-    "orpo": 0.1,
-}
-
-
 class DpoBlock(Block):
     """Direct preference optimisation: the loss and its strength."""
 
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    loss: DpoLossName = "sigmoid"
     """sigmoid (DPO), ipo, hinge (SLiC), robust (label-noise unbiased), simpo (reference-free, length-normalised),
     orpo (reference-free, odds ratio + SFT term)."""
     beta: float = Field(0.1, gt=0)
@@ -345,11 +354,12 @@ class DpoBlock(Block):
     @model_validator(mode="before")
     @classmethod
     def _beta_follows_the_loss(cls, data: Any) -> Any:
-        # Fills only an unset β (a β the user wrote is kept as written); an unknown loss is left for the Literal.
+        # β means different things per loss, so each entry of losses.DPO_LOSSES carries its own default. Fills only
+        # an unset β (a β the user wrote is kept as written); an unknown loss is left for the Literal.
         if isinstance(data, dict) and data.get("beta") is None:
             loss = data.get("loss", "sigmoid")
-            if loss in DPO_DEFAULT_BETA:
-                data = {**data, "beta": DPO_DEFAULT_BETA[loss]}
+            if loss in losses.DPO_LOSSES:
+                data = {**data, "beta": losses.DPO_LOSSES[loss].default_beta}
         return data
 
 
@@ -361,8 +371,9 @@ class DpoConfig(StageConfig):
 
     @model_validator(mode="after")
     def _smoothing_applies(self) -> "DpoConfig":
-        if self.dpo.label_smoothing and self.dpo.loss not in ("sigmoid", "robust"):
-            raise ValueError(f"dpo.label_smoothing applies to loss sigmoid or robust, not {self.dpo.loss}")
+        if self.dpo.label_smoothing and not losses.DPO_LOSSES[self.dpo.loss].takes_label_smoothing:
+            takers = " or ".join(name for name, loss in losses.DPO_LOSSES.items() if loss.takes_label_smoothing)
+            raise ValueError(f"dpo.label_smoothing applies to loss {takers}, not {self.dpo.loss}")
         return self
 
 
@@ -477,7 +488,7 @@ KL_ESTIMATOR_BY_MODE: dict[str, str] = {"reward": "k1", "loss": "k3"}
 class AlgorithmBlock(Block):
     """The online-RL algorithm: advantage estimator, PPO clipping, KL anchor, epochs over each rollout."""
 
-    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    advantage: AdvantageName = "gae"
     """gae: PPO with a critic (Schulman et al. 2017); grpo: group-normalised rewards (Shao et al. 2024); rloo:
     leave-one-out baseline (Ahmadian et al. 2024); reinforce++: batch-whitened returns (Hu 2025). The last three
     need no critic; grpo and rloo need sampling.num_samples >= 2."""
@@ -511,7 +522,7 @@ class AlgorithmBlock(Block):
     and no reference pass is run, and no KL is logged."""
     kl_mode: Literal["reward", "loss"] = "reward"
     """reward: per-token -beta*KL added to the reward (InstructGPT); loss: beta*KL added to the loss (GRPO)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: KlEstimatorName = "k1"
     """Per-token KL estimator (Schulman 2020): k1 = log ratio (unbiased, the usual in-reward choice), k2, k3
     (non-negative, low variance, GRPO's in-loss choice). Unset: k1 with kl_mode=reward, k3 with kl_mode=loss;
     k1 with kl_mode=loss is refused (its expected gradient is zero)."""
@@ -523,7 +534,7 @@ class AlgorithmBlock(Block):
     """Normalise rewards by running mean and std before advantages."""
     reward_clip: float | None = Field(None, gt=0)
     """Clip (normalised) rewards to ± this; null: no clipping."""
-    loss_aggregation: Literal["token_mean", "sequence_mean", "sum_over_max_tokens"] = "token_mean"
+    loss_aggregation: LossAggregationName = "token_mean"
     """token_mean: every response token weighs the same, the loss divided by the update's response tokens
     (DAPO); sequence_mean: every response weighs the same, each its token mean (the GRPO paper);
     sum_over_max_tokens: each response's token sum divided by the constant sampling.max_new_tokens, averaged over
@@ -640,7 +651,7 @@ class PpoConfig(StageConfig):
     @model_validator(mode="after")
     def _rl_is_consistent(self) -> "PpoConfig":
         advantage, samples = self.algorithm.advantage, self.sampling.num_samples
-        if advantage in ("grpo", "rloo") and samples < 2:
+        if rl.ADVANTAGES[advantage].needs_groups and samples < 2:
             raise ValueError(f"algorithm.advantage={advantage} compares responses to the same prompt: set sampling.num_samples >= 2")
         if self.sampling.temperature == 0:
             raise ValueError("sampling.temperature=0 samples the same response every time, so RL cannot explore; use > 0 (e.g. 1.0)")
@@ -649,16 +660,17 @@ class PpoConfig(StageConfig):
                 "model.dropout=true in stage ppo: the PPO ratio compares the update's log-probs with the rollout's, and "
                 "dropout noise makes them differ with no update (TRL and OpenRLHF turn it off); remove model.dropout"
             )
-        if self.peft.method in PROMPT_LEARNING_METHODS and advantage == "gae":
+        if self.peft.method in PROMPT_LEARNING_METHODS and rl.ADVANTAGES[advantage].needs_critic:
             # Shared: the value head reads hidden states that prompt learning does not expose. Separate: the
             # critic is a scalar-head model that calls its base model directly, so peft never inserts the
             # virtual tokens and only the head trains (a linear probe on a frozen backbone); RewardConfig
             # refuses prompt learning for scalar heads for the same reason.
+            critic_free = ", ".join(name for name, estimator in rl.ADVANTAGES.items() if not estimator.needs_critic)
             raise ValueError(
-                f"peft.method={self.peft.method} cannot train a critic (algorithm.advantage=gae): a shared critic "
-                "reads hidden states prompt learning does not expose, and a separate critic's scalar head never "
+                f"peft.method={self.peft.method} cannot train a critic (algorithm.advantage={advantage}): a shared "
+                "critic reads hidden states prompt learning does not expose, and a separate critic's scalar head never "
                 "sees the virtual tokens, so only its head would train; use a critic-free algorithm.advantage "
-                "(grpo, rloo, reinforce++) or peft.method lora"
+                f"({critic_free}) or peft.method lora"
             )
         return self
 

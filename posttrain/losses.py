@@ -14,6 +14,7 @@ Their rewards are detached and are for logging only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -200,19 +201,6 @@ def robust_dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-# The DPO family by name (TRL's ``loss_type`` names). Every entry takes
-# ``(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **options)``; an
-# option a loss does not take (e.g. ``label_smoothing`` for ``"hinge"``) is a TypeError rather than ignored.
-DPO_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
-    "sigmoid": dpo_sigmoid_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "robust": robust_dpo_loss,
-}
-
-# Losses whose log-probs must be length-averaged (``sequence_logps(..., average=True)``); the others use sums.
-LENGTH_AVERAGED_DPO_LOSSES: frozenset[str] = frozenset({"ipo"})
-
 
 def simpo_loss(
     policy_chosen_logps_avg: torch.Tensor,
@@ -224,7 +212,8 @@ def simpo_loss(
     ``-logσ(β·(avg_c − avg_r) − γ)`` with ``avg`` the mean token log-prob (``sequence_logps(..., average=True)``)
     and target margin ``γ = gamma_beta_ratio·β`` (the SimPO code's parameter; TRL's ``simpo_gamma`` is γ itself).
     The paper tunes β in 2–10 with γ/β 0.3–0.5: β scales a length-averaged margin, far smaller than DPO's summed
-    log-ratio, so DPO's β = 0.1 leaves the loss nearly flat (``config.DPO_DEFAULT_BETA`` gives simpo 2.0). Returns ``(losses (B,), chosen_rewards, rejected_rewards)``, rewards ``β·avg`` detached.
+    log-ratio, so DPO's β = 0.1 leaves the loss nearly flat (its ``DPO_LOSSES`` entry defaults β to 2.0).
+    Returns ``(losses (B,), chosen_rewards, rejected_rewards)``, rewards ``β·avg`` detached.
     """
     gamma = gamma_beta_ratio * beta
     losses = -F.logsigmoid(beta * (policy_chosen_logps_avg - policy_rejected_logps_avg) - gamma)
@@ -257,6 +246,72 @@ def orpo_loss(
     log_odds = (chosen_logps_avg - rejected_logps_avg) - (_log1mexp(chosen_logps_avg) - _log1mexp(rejected_logps_avg))
     losses = chosen_nll - beta * F.logsigmoid(log_odds)
     return losses, beta * chosen_logps_avg.detach(), beta * rejected_logps_avg.detach()
+
+
+PairLosses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-pair losses (B,), chosen and rejected rewards
+
+
+def _simpo_pair_loss(
+    chosen_logps_avg: torch.Tensor,
+    rejected_logps_avg: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float,
+    *,
+    gamma_beta_ratio: float,
+) -> PairLosses:
+    return simpo_loss(chosen_logps_avg, rejected_logps_avg, beta, gamma_beta_ratio)
+
+
+def _orpo_pair_loss(
+    chosen_logps_avg: torch.Tensor,
+    rejected_logps_avg: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float,
+) -> PairLosses:
+    # The SFT term is the chosen response's token-mean NLL per pair (the paper's form).
+    return orpo_loss(chosen_logps_avg, rejected_logps_avg, -chosen_logps_avg, beta)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One loss of the DPO family and what it needs from the recipe.
+
+    ``fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **options)`` returns per-pair
+    ``(losses (B,), chosen_rewards, rejected_rewards)``; the reference log-probs are None for a reference-free
+    loss. An option a loss does not take (``label_smoothing`` for ``hinge``) is a TypeError, not ignored."""
+
+    fn: Callable[..., PairLosses]
+    default_beta: float = 0.1
+    """β when ``dpo.beta`` is unset: β means different things per loss (SimPO's scales a length-averaged margin)."""
+    reference_free: bool = False
+    """Needs no reference model: no reference log-probs are computed."""
+    length_averaged: bool = False
+    """Takes log-probs divided by the response's token count (``sequence_logps(..., average=True)``), not sums."""
+    options: tuple[str, ...] = ()
+    """Keyword options ``fn`` takes besides β: ``label_smoothing`` (the assumed share of flipped labels),
+    ``gamma_beta_ratio`` (SimPO's target margin over β)."""
+
+    @property
+    def takes_label_smoothing(self) -> bool:
+        return "label_smoothing" in self.options
+
+
+DPO_LOSSES: dict[str, PreferenceLoss] = {
+    # TRL's ``loss_type`` names. β 0.1 as the papers and TRL use it.
+    "sigmoid": PreferenceLoss(dpo_sigmoid_loss, options=("label_smoothing",)),
+    # Length-averaged as TRL computes it (see ipo_loss).
+    "ipo": PreferenceLoss(ipo_loss, length_averaged=True),
+    "hinge": PreferenceLoss(hinge_loss),
+    "robust": PreferenceLoss(robust_dpo_loss, options=("label_smoothing",)),
+    # The SimPO paper tunes β in 2–10 with γ/β 0.3–0.5 (Meng et al. 2024, Table 7); DPO's 0.1 leaves it nearly flat.
+    "simpo": PreferenceLoss(
+        _simpo_pair_loss, default_beta=2.0, reference_free=True, length_averaged=True, options=("gamma_beta_ratio",)
+    ),
+    "orpo": PreferenceLoss(_orpo_pair_loss, reference_free=True, length_averaged=True),
+}
+"""The DPO family by ``dpo.loss`` name."""
 
 
 def kto_loss(

@@ -17,7 +17,9 @@ Where each piece is used
 * Advantages: ``gae`` (Schulman et al. 2016) with a learned value function (PPO); ``discounted_returns`` for
   critic-free REINFORCE and REINFORCE++ (Hu 2025, which then whitens them over the batch with ``masked_whiten``);
   ``group_advantages`` for GRPO (Shao et al. 2024, DeepSeekMath) and Dr.GRPO (Liu et al. 2025, no std scaling);
-  ``leave_one_out_advantages`` for RLOO (Ahmadian et al. 2024).
+  ``leave_one_out_advantages`` for RLOO (Ahmadian et al. 2024). ``ADVANTAGES`` names each estimator and says what
+  it needs (a critic, groups of samples) and whether it is whitened.
+* Reward normalisation: ``RunningMoments``, the mean and variance of every reward so far.
 * Losses: ``policy_loss``, the clipped surrogate of PPO (Schulman et al. 2017) with DAPO's asymmetric clip-higher
   (Yu et al. 2025) and dual clip (Ye et al. 2020); ``value_loss``, PPO's clipped value loss; ``entropy_from_logits``
   for an entropy bonus or for logging. The per-token losses are returned unreduced; ``LOSS_AGGREGATIONS`` reduces them
@@ -245,6 +247,118 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     grouped = _grouped("leave_one_out_advantages", scores, group_size)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - baseline).reshape(-1).to(scores.dtype)
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """What an estimator reads besides the rollout."""
+
+    kl_coef: float
+    """β of the per-token KL penalty taken from the reward (0 when the KL is in the loss, or off)."""
+    gamma: float = 1.0
+    """Discount over response tokens (gae, reinforce++)."""
+    lam: float = 0.95
+    """GAE's λ."""
+    group_size: int = 1
+    """Samples per prompt, laid out contiguously (grpo, rloo)."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's std (False: Dr. GRPO)."""
+
+
+Advantages = tuple[torch.Tensor, "torch.Tensor | None"]  # (advantages (B, R), returns (B, R) or None)
+
+
+def _gae_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+) -> Advantages:
+    if values is None:
+        raise ValueError("gae: needs the critic's values (B, R); the other estimators need no critic.")
+    token_rewards = token_level_rewards(scores, kl, mask, settings.kl_coef)
+    return gae(token_rewards, values, mask, settings.gamma, settings.lam)
+
+
+def _reinforce_pp_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+) -> Advantages:
+    return discounted_returns(token_level_rewards(scores, kl, mask, settings.kl_coef), mask, settings.gamma), None
+
+
+def _sequence_scores(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The score of each response minus ``kl_coef`` × its summed KL: the critic-free baselines compare these."""
+    return scores - kl_coef * masked_sum(kl, mask, dim=1)
+
+
+def _grpo_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+) -> Advantages:
+    sequence_scores = _sequence_scores(scores, kl, mask, settings.kl_coef)
+    per_response = group_advantages(sequence_scores, settings.group_size, scale_by_std=settings.scale_by_std)
+    return per_response[:, None] * mask, None
+
+
+def _rloo_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+) -> Advantages:
+    per_response = leave_one_out_advantages(_sequence_scores(scores, kl, mask, settings.kl_coef), settings.group_size)
+    return per_response[:, None] * mask, None
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """One way of turning a rollout's scores into per-token advantages.
+
+    ``estimate(scores (B,), kl (B, R), mask (B, R), values (B, R) or None, settings)`` returns ``(advantages (B, R),
+    returns (B, R) or None)``, the returns being the critic's regression target."""
+
+    estimate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", AdvantageSettings], Advantages]
+    needs_critic: bool = False
+    """Reads a learned value function's ``values`` and returns its targets (PPO's critic)."""
+    needs_groups: bool = False
+    """Compares the samples of one prompt: needs at least two per prompt."""
+    whitened: bool = False
+    """The advantages are whitened over the whole rollout when the recipe asks for it (the caller does it, since
+    the statistics may span processes)."""
+
+
+ADVANTAGES: dict[str, AdvantageEstimator] = {
+    # PPO (Schulman et al. 2017): the score at the last token minus the per-token KL, GAE over the critic's values.
+    "gae": AdvantageEstimator(_gae_advantages, needs_critic=True, whitened=True),
+    # GRPO (Shao et al. 2024): (score − group mean) / group std, the same on every token of a response.
+    "grpo": AdvantageEstimator(_grpo_advantages, needs_groups=True),
+    # RLOO (Ahmadian et al. 2024): the score minus the mean of the other samples of the prompt.
+    "rloo": AdvantageEstimator(_rloo_advantages, needs_groups=True),
+    # REINFORCE++ (Hu 2025): returns-to-go of the token rewards, whitened over the batch.
+    "reinforce++": AdvantageEstimator(_reinforce_pp_advantages, whitened=True),
+}
+"""Advantage estimators by ``algorithm.advantage`` name."""
+
+
+# --- Reward normalisation --------------------------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Mean and variance of every reward seen so far (Chan et al.'s parallel update), for reward normalisation.
+
+    ``update`` takes a batch's count, mean and sum of squared deviations; a caller whose batch spans processes sums
+    those over processes first."""
+
+    def __init__(self, state: dict[str, float] | None = None) -> None:
+        state = state or {}
+        self.count, self.mean, self.m2 = state.get("count", 0.0), state.get("mean", 0.0), state.get("m2", 0.0)
+
+    def update(self, count: float, mean: float, m2: float) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta**2 * self.count * count / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
 
 # --- Losses ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 from conftest import REPO, sft_config
 from posttrain.config import DpoBlock
+from posttrain.losses import DPO_LOSSES
 from posttrain.data.packing import collate, unit_rows
 from posttrain.data.pairs import load_pairs
 from posttrain.models.forward import batch_sequence_logps, reference_logps
@@ -95,7 +96,7 @@ def _accelerator():
     return Accelerator(cpu=True)
 
 
-@pytest.mark.parametrize("loss", sorted(dpo.PAIR_LOSSES))
+@pytest.mark.parametrize("loss", sorted(DPO_LOSSES))
 def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +105,7 @@ def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
     items, collate = _pairs_batch(toy, micro_model, 16)
     options = DpoBlock(loss=loss, beta=0.5, label_smoothing=0.1 if loss == "robust" else 0.0)
     ref_table = None
-    if loss not in dpo.REFERENCE_FREE:
+    if not DPO_LOSSES[loss].reference_free:
         ref_table = reference_logps(model, (collate(items[i : i + 4]) for i in range(0, len(items), 4)), num_sequences=32, accelerator=_accelerator())
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = collate(items)

@@ -25,7 +25,6 @@ from torch.testing import assert_close
 from posttrain.losses import (
     DPO_LOSSES,
     IGNORE_INDEX,
-    LENGTH_AVERAGED_DPO_LOSSES,
     dpo_sigmoid_loss,
     hinge_loss,
     ipo_loss,
@@ -141,14 +140,14 @@ def test_simpo_takes_its_papers_beta_when_beta_is_unset() -> None:
     log-probs chosen −1, rejected −1.5 (sums −2 over 2 tokens, −3 over 2): 2·(−1 + 1.5) − 1 = 0 → loss ln 2,
     chosen reward 2·(−1) = −2; with β 0.1 (γ 0.05) the margin would be 0.05 − 0.05 = 0 too, so a second pair,
     averages −1 and −2, tells them apart: 2·1 − 1 = 1 → −logσ(1), where β 0.1 gives −logσ(0.05)."""
-    from posttrain.config import DPO_DEFAULT_BETA, DpoBlock, build_config
-    from posttrain.recipes.dpo import PAIR_LOSSES, pair_losses
+    from posttrain.config import DpoBlock, build_config
+    from posttrain.recipes.dpo import pair_losses
 
     config = build_config({"stage": "dpo", "model": {"path": "m"}, "data": {"train": "d.jsonl"}, "dpo": {"loss": "simpo"}})
     assert config.dpo.beta == 2.0 and config.dpo.simpo_gamma_beta_ratio * config.dpo.beta == 1.0
     assert DpoBlock(loss="simpo", beta=0.5).beta == 0.5
     assert DpoBlock().beta == DpoBlock(loss="orpo").beta == 0.1
-    assert set(DPO_DEFAULT_BETA) == set(PAIR_LOSSES) == set(DpoBlock.model_fields["loss"].annotation.__args__)
+    assert DPO_LOSSES["simpo"].default_beta == 2.0
     logps = torch.tensor([[-2.0, -3.0], [-2.0, -4.0]])
     counts = torch.tensor([[2, 2], [2, 2]])
     per_pair, chosen_rewards, _ = pair_losses(config.dpo, logps, counts, None)
@@ -206,7 +205,7 @@ def test_dpo_loss_decreases_as_chosen_logratio_grows(name: str, options: dict[st
     """Raising log π(chosen) with everything else fixed lowers the loss (hinge: never raises it, flat past 1/β)."""
     chosen = torch.linspace(-5.0, 5.0, 41)
     zeros = torch.zeros_like(chosen)
-    losses, _, _ = DPO_LOSSES[name](chosen, zeros, zeros, zeros, 0.5, **options)
+    losses, _, _ = DPO_LOSSES[name].fn(chosen, zeros, zeros, zeros, 0.5, **options)
     steps = losses[1:] - losses[:-1]
     assert bool((steps < 0).all()) if strictly else bool((steps <= 0).all() and (steps < 0).any())
 
@@ -244,21 +243,21 @@ def test_ipo_is_zero_with_zero_gradient_at_its_target() -> None:
 
 
 def test_dpo_family_shares_one_signature_and_detached_rewards() -> None:
-    """Every table entry takes the same five positional arguments and returns β·(log π − log π_ref) rewards
-    without a graph; an option a loss does not take is an error, not silently ignored (TRL only warns)."""
+    """Every table entry takes the same five positional arguments and returns rewards without a graph:
+    β·(log π − log π_ref) with a reference, β·log π for the reference-free ones (given None for the reference);
+    an option a loss does not take is an error, not silently ignored (TRL only warns)."""
     policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
-    for name, loss_fn in DPO_LOSSES.items():
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            policy_chosen, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 1.0
-        )
+    for name, loss in DPO_LOSSES.items():
+        references = (None, None) if loss.reference_free else (REF_CHOSEN, REF_REJECTED)
+        options = {"gamma_beta_ratio": 0.5} if "gamma_beta_ratio" in loss.options else {}
+        losses, chosen_rewards, rejected_rewards = loss.fn(policy_chosen, POLICY_REJECTED, *references, 1.0, **options)
         assert losses.shape == (2,) and losses.requires_grad, name
         assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad, name
-        assert_close(chosen_rewards, _t(LN3, 0.0))
-    assert set(LENGTH_AVERAGED_DPO_LOSSES) <= set(DPO_LOSSES)
+        assert_close(chosen_rewards, POLICY_CHOSEN if loss.reference_free else _t(LN3, 0.0))
     with pytest.raises(TypeError):
-        DPO_LOSSES["hinge"](*PAIRS, 1.0, label_smoothing=0.1)
+        DPO_LOSSES["hinge"].fn(*PAIRS, 1.0, label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
-        DPO_LOSSES["robust"](*PAIRS, 1.0, label_smoothing=0.5)
+        DPO_LOSSES["robust"].fn(*PAIRS, 1.0, label_smoothing=0.5)
 
 
 def test_sequence_logps_computes_in_float32() -> None:
@@ -390,12 +389,12 @@ def test_dpo_family_matches_trl(trl: ModuleType, loss_type: str, beta: float, la
     trl_loss.backward()
 
     our_logits = logits.clone().requires_grad_()
-    average = loss_type in LENGTH_AVERAGED_DPO_LOSSES
+    average = DPO_LOSSES[loss_type].length_averaged
     policy = sequence_logps(our_logits[:, :-1], batch["labels"][:, 1:], average=average)
     if average:  # TRL divides the summed log-ratio by the completion's token count
         ref = ref / batch["completion_mask"].sum(dim=1)
     options = {"label_smoothing": label_smoothing} if loss_type == "robust" else {}
-    losses, chosen_rewards, rejected_rewards = DPO_LOSSES[loss_type](*policy.chunk(2), *ref.chunk(2), beta, **options)
+    losses, chosen_rewards, rejected_rewards = DPO_LOSSES[loss_type].fn(*policy.chunk(2), *ref.chunk(2), beta, **options)
     losses.mean().backward()
 
     assert_close(losses.mean(), trl_loss.detach(), **PARITY)

@@ -764,6 +764,7 @@ class _Format:
     fields: Mapping[str, tuple[str, ...]]  # field → the keys looked for by default, first found wins
     detect: Callable[[_Row, _Options], bool]
     parse: Callable[[_Row, _Options], _Parsed]
+    signature: str  # the keys that identify it, for the error when no format fits a row
 
 
 def _has(*names: str) -> Callable[[_Row, _Options], bool]:
@@ -773,25 +774,35 @@ def _has(*names: str) -> Callable[[_Row, _Options], bool]:
 FORMATS: dict[str, _Format] = {
     "sharegpt": _Format(
         {"messages": ("conversations", "messages"), "system": ("system",), "chosen": ("chosen",), "rejected": ("rejected",)},
-        _looks_sharegpt, _parse_sharegpt,
+        _looks_sharegpt, _parse_sharegpt, "conversations (sharegpt)",
     ),
-    "openai": _Format({"messages": ("messages", "conversations")}, _has("messages"), _parse_openai),
+    "openai": _Format({"messages": ("messages", "conversations")}, _has("messages"), _parse_openai, "messages (openai)"),
     # Before alpaca: a Dolly row also has an instruction, but its answer is `response` and its input `context`.
-    "dolly": _Format({name: (name,) for name in ("instruction", "context", "response")}, _has("instruction", "response"), _parse_dolly),
+    "dolly": _Format(
+        {name: (name,) for name in ("instruction", "context", "response")}, _has("instruction", "response"), _parse_dolly,
+        "instruction/context/response (dolly)",
+    ),
     "alpaca": _Format(
         {name: (name,) for name in ("instruction", "input", "output", "system", "history", "chosen", "rejected")},
-        _has("instruction"), _parse_alpaca,
+        _has("instruction"), _parse_alpaca, "instruction/input/output (alpaca)",
     ),
-    "flat": _Format({name: (name,) for name in ("role", "content", "user", "assistant")}, _has("role", "user", "assistant"), _parse_flat),
+    "flat": _Format(
+        {name: (name,) for name in ("role", "content", "user", "assistant")}, _has("role", "user", "assistant"), _parse_flat,
+        "role/content/user/assistant (flat)",
+    ),
     "preference": _Format(
         {"prompt": ("prompt",), "chosen": ("chosen", "chosen_messages"), "rejected": ("rejected", "rejected_messages")},
-        _has("chosen", "rejected"), _parse_preference,
+        _has("chosen", "rejected"), _parse_preference, "prompt?/chosen/rejected (preference)",
     ),
-    "prompt_completion": _Format({"prompt": ("prompt",), "completion": ("completion",)}, _has("prompt", "completion"), _parse_prompt_completion),
-    "prompt": _Format({"prompt": ("prompt",)}, _has("prompt"), _parse_prompt),
-    "text": _Format({"text": ("text",)}, _has("text"), _parse_text),
+    "prompt_completion": _Format(
+        {"prompt": ("prompt",), "completion": ("completion",)}, _has("prompt", "completion"), _parse_prompt_completion,
+        "prompt/completion",
+    ),
+    "prompt": _Format({"prompt": ("prompt",)}, _has("prompt"), _parse_prompt, "prompt with reference (prompt)"),
+    "text": _Format({"text": ("text",)}, _has("text"), _parse_text, "text"),
 }
-"""Formats in detection order: the first whose ``detect`` accepts the file's first row reads the file."""
+"""Formats in detection order: the first whose ``detect`` accepts the file's first row reads the file. Adding one
+is an entry here (and a row of the module docstring's table); ``data.format`` takes its name from this table."""
 
 COMMON_FIELDS: dict[str, tuple[str, ...]] = {
     "tools": ("tools",),
@@ -802,11 +813,7 @@ COMMON_FIELDS: dict[str, tuple[str, ...]] = {
     "score_rejected": ("score_rejected",),
 }
 
-FORMAT_SIGNATURES = (
-    "conversations (sharegpt), messages (openai), instruction/context/response (dolly), instruction/input/output (alpaca), "
-    "role/content/user/assistant (flat), prompt?/chosen/rejected (preference), prompt/completion, "
-    "prompt with reference (prompt), text"
-)
+FORMAT_SIGNATURES = ", ".join(spec.signature for spec in FORMATS.values())
 
 
 # ------------------------------------------------------------------------------------------------ record kinds

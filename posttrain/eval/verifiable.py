@@ -3,18 +3,30 @@
 
 Generation (:func:`~posttrain.eval.common.generate_answers`) and scoring (:func:`verifiable_metrics`) are
 separate, so the metrics can be checked on hand-made answers and the answers reused (reward-model score, KL,
-win-rate) without generating twice.
+win-rate) without generating twice. Both count through :func:`answer_sums`; :func:`held_out_sums` is the same
+evaluation for a training run, from a rollout engine and with the run's reward, on one process's share of the
+prompts: its totals are summed over processes, then :func:`held_out_means` divides them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
+from posttrain.data.records import Prompt
 from posttrain.eval.common import PromptRow, generate_answers, prompt_text, read_prompts
+from posttrain.rollout import Response, RolloutEngine, SamplingSettings
 
-__all__ = ["evaluate_verifiable", "read_prompts", "reference_reward", "verifiable_metrics"]
+if TYPE_CHECKING:  # rewards reaches eval's reward-model scorer: a type, not a layer below
+    from posttrain.rewards import Reward, WeightedReward
+
+__all__ = [
+    "answer_sums", "evaluate_verifiable", "held_out_means", "held_out_sums", "read_prompts", "reference_reward",
+    "verifiable_metrics",
+]
 
 
 def toy_task(row: PromptRow) -> str | None:
@@ -51,15 +63,15 @@ def verifiable_metrics(rows: Sequence[PromptRow], answers: Sequence[Any]) -> dic
         raise ValueError(f"{len(rows)} prompts but {len(answers)} answers")
     if not rows:
         raise ValueError("no prompts to score")
+    sums = answer_sums([row.get("reference") for row in rows], answers)
     scored = [(row, answer.text) for row, answer in zip(rows, answers) if row.get("reference") is not None]
-    matches = [float(exact_match(text, row["reference"])) for row, text in scored]
     rewards = [reference_reward(row, text) for row, text in scored]
     return {
         "prompts": len(rows),
-        "exact_match": sum(matches) / len(scored) if scored else None,
+        "exact_match": sums["exact_match"] / len(scored) if scored else None,
         "gold_reward": sum(rewards) / len(scored) if scored else None,
-        "length": sum(len(a.token_ids) for a in answers) / len(answers),
-        "eos_rate": sum(bool(a.finished) for a in answers) / len(answers),
+        "length": sums["length"] / len(answers),
+        "eos_rate": sums["finished"] / len(answers),
         "samples": [
             {"prompt": prompt_text(row), "reference": row.get("reference"), "answer": answer.text}
             for row, answer in zip(rows[:5], answers[:5])
@@ -76,3 +88,52 @@ def evaluate_verifiable(
     """Greedy answers to each prompt, scored by :func:`verifiable_metrics`."""
     answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return verifiable_metrics(rows, answers)
+
+
+def answer_sums(references: Sequence[str | None], answers: Sequence[Any]) -> dict[str, float]:
+    """The totals every evaluation of answers divides: ``prompts``, ``with_reference``, ``exact_match`` (among
+    those with a reference), ``length`` (answer tokens, the stop token included) and ``finished`` (answers that
+    ended with a stop token). ``answers`` are ``rollout.Response``-like."""
+    with_reference = [i for i, reference in enumerate(references) if reference is not None]
+    return {
+        "prompts": float(len(answers)),
+        "with_reference": float(len(with_reference)),
+        "exact_match": float(sum(exact_match(answers[i].text, references[i] or "") for i in with_reference)),
+        "length": float(sum(len(a.token_ids) for a in answers)),
+        "finished": float(sum(bool(a.finished) for a in answers)),
+    }
+
+
+@torch.no_grad()
+def held_out_sums(
+    engine: RolloutEngine, prompt_ids: Sequence[list[int]], prompts: Sequence[Prompt], reward: WeightedReward,
+    gold: Reward | None, max_new_tokens: int,
+) -> dict[str, float]:
+    """Greedy answers to ``prompts`` (rendered as ``prompt_ids``; one process's share), scored: the
+    :func:`answer_sums` plus the ``reward``'s total and, with a ``gold`` reward, its total over the prompts it can
+    score (those with a reference when it needs one) and their count. Sum them over processes, then
+    :func:`held_out_means`."""
+    greedy = SamplingSettings(1, max_new_tokens, 0.0)
+    answers: list[Response] = [group[0] for group in engine.generate(list(prompt_ids), greedy)] if prompts else []
+    messages, texts = [p.messages for p in prompts], [a.text for a in answers]
+    references = [p.reference for p in prompts]
+    scores = reward(messages, texts, references, finished=[a.finished for a in answers]) if prompts else []
+    sums = {**answer_sums(references, answers), "reward": float(sum(scores))}
+    if gold is not None:
+        known = [i for i, reference in enumerate(references) if reference is not None or not gold.needs_reference]
+        scored = gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]) if known else []
+        sums.update(gold_reward=float(sum(scored)), gold_count=float(len(known)))
+    return sums
+
+
+def held_out_means(sums: dict[str, float]) -> dict[str, float]:
+    """``eval_reward``, ``eval_exact_match`` (over the prompts with a reference), ``eval_length``, ``eval_eos_rate``
+    and, with a gold reward, ``eval_gold_reward`` from :func:`held_out_sums`' totals (summed over processes)."""
+    n, n_ref = max(sums["prompts"], 1.0), max(sums["with_reference"], 1.0)
+    means = {
+        "eval_reward": sums["reward"] / n, "eval_exact_match": sums["exact_match"] / n_ref,
+        "eval_length": sums["length"] / n, "eval_eos_rate": sums["finished"] / n,
+    }
+    if "gold_reward" in sums:
+        means["eval_gold_reward"] = sums["gold_reward"] / max(sums["gold_count"], 1.0)
+    return means

@@ -29,7 +29,7 @@ Choices this recipe makes:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,39 +41,21 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
 from posttrain.runtime import Runtime
 
-PairLosses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-pair losses, chosen rewards, rejected rewards
 
-
-def _reference_family(name: str, options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor) -> PairLosses:
-    if name in losses.LENGTH_AVERAGED_DPO_LOSSES:
-        logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
-    # Only sigmoid and robust take label smoothing (the config checks it); others would raise on the keyword.
-    extra = {"label_smoothing": options.label_smoothing} if options.label_smoothing else {}
-    return losses.DPO_LOSSES[name](logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], options.beta, **extra)
-
-
-def _simpo(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
-    average = logps / counts.clamp(min=1)
-    return losses.simpo_loss(average[:, 0], average[:, 1], options.beta, options.simpo_gamma_beta_ratio)
-
-
-def _orpo(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
-    average = logps / counts.clamp(min=1)
-    return losses.orpo_loss(average[:, 0], average[:, 1], -average[:, 0], options.beta)
-
-
-# dpo.loss → per-pair losses from (options, policy log-probs (P, 2), token counts (P, 2), reference log-probs (P, 2)).
-PAIR_LOSSES: dict[str, Callable[..., PairLosses]] = {
-    **{name: partial(_reference_family, name) for name in losses.DPO_LOSSES},
-    "simpo": _simpo,
-    "orpo": _orpo,
-}
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
-
-
-def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> PairLosses:
-    """Per-pair losses and rewards of ``dpo.loss`` (plus ``sft_weight`` × the chosen response's token-mean NLL)."""
-    per_pair, chosen_rewards, rejected_rewards = PAIR_LOSSES[options.loss](options, logps, counts, ref_logps)
+def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> losses.PairLosses:
+    """Per-pair losses and rewards of ``dpo.loss`` (``losses.DPO_LOSSES``) from the policy's log-probs ``(P, 2)``
+    summed over each response's ``counts`` tokens and the reference's (None for a reference-free loss), plus
+    ``sft_weight`` × the chosen response's token-mean NLL."""
+    loss = losses.DPO_LOSSES[options.loss]
+    policy, reference = logps, ref_logps
+    if loss.length_averaged:
+        policy = logps / counts.clamp(min=1)
+        reference = ref_logps / counts.clamp(min=1) if ref_logps is not None else None
+    ref_chosen, ref_rejected = (reference[:, 0], reference[:, 1]) if reference is not None else (None, None)
+    # The DpoBlock field behind each option a loss may take (PreferenceLoss.options).
+    available = {"label_smoothing": options.label_smoothing, "gamma_beta_ratio": options.simpo_gamma_beta_ratio}
+    keywords = {name: available[name] for name in loss.options}
+    per_pair, chosen_rewards, rejected_rewards = loss.fn(policy[:, 0], policy[:, 1], ref_chosen, ref_rejected, options.beta, **keywords)
     if options.sft_weight:
         per_pair = per_pair - options.sft_weight * logps[:, 0] / counts[:, 0].clamp(min=1)
     return per_pair, chosen_rewards, rejected_rewards
@@ -86,7 +68,7 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 def forward_pairs(
     model: Any, batch: dict[str, torch.Tensor], options: DpoBlock, ref_table: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, PairLosses]:
+) -> tuple[torch.Tensor, torch.Tensor, losses.PairLosses]:
     """One forward over a batch of whole pairs: policy log-probs ``(P, 2)``, and the per-pair losses and rewards."""
     logps, counts, ids = batch_sequence_logps(model, batch)
     logps, counts = logps.view(-1, 2), counts.view(-1, 2)
@@ -135,7 +117,8 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     ref_table = eval_ref_table = None
-    if options.loss not in REFERENCE_FREE:
+    reference_free = losses.DPO_LOSSES[options.loss].reference_free
+    if not reference_free:
         rt.log(f"reference log-probs: {2 * (len(pairs.train) + len(pairs.held_out))} sequences, computed once")
         reference = partial(reference_logps, model, accelerator=rt.accelerator)
         ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(pairs.train))
@@ -171,7 +154,7 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
             "eval_pairs": len(pairs.held_out),
             "truncated_pairs": truncated,
             "skipped_invalid_rows": pairs.skipped_rows,
-            "reference": "none" if options.loss in REFERENCE_FREE else "cached",
+            "reference": "none" if reference_free else "cached",
             "chat_template": pairs.template,
         },
     )

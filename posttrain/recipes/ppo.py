@@ -15,7 +15,7 @@ updates over the rollout. Choices this recipe makes:
   the unbiased choice) with a fixed or adaptive coefficient (Ziegler et al. 2019); for the critic-free
   estimators the per-response sum is subtracted from the score before the baseline. ``kl_mode: loss`` adds
   ``kl_coef * KL_t`` (k3 by default in ``configs/grpo.yaml``) to the loss instead (GRPO).
-- **Advantages** (``rl.py``): ``gae`` — the score at the last token, GAE(γ, λ) over the critic's values,
+- **Advantages** (``rl.ADVANTAGES``): ``gae`` — the score at the last token, GAE(γ, λ) over the critic's values,
   whitened over the rollout; ``grpo`` — (score − group mean) / group std, the same for every token;
   ``rloo`` — score minus the mean of the other samples of the prompt; ``reinforce++`` — returns-to-go of the
   token rewards, whitened over the rollout.
@@ -45,6 +45,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,24 +53,26 @@ import torch
 from posttrain import losses, rl
 from posttrain.config import AlgorithmBlock, ConfigError, DataConfig, PpoConfig, RewardSource
 from posttrain.data.dataset import end_of_turn_ids, load_sequences, read_prompts, require_references, use_chat_template
+from posttrain.data.packing import Row, collate, single_rows
 from posttrain.data.records import Prompt
-from posttrain.data.packing import Row, collate, pack_rows, single_rows
-from posttrain.data.tokenize import TokenizedSequence
+from posttrain.data.rollout_layout import ResponseLayout, action_mask, in_row_order, response_row, to_actions
 from posttrain.diagnostics import TrainingWatch
+from posttrain.eval.verifiable import held_out_means, held_out_sums
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
 from posttrain.models.forward import reference_model, shares_prefix, token_logits
 from posttrain.models.loading import model_dir_of
-from posttrain.rewards import build_reward, load_reward_function
-from posttrain.rollout import HFEngine, SamplingSettings, render_prompt_ids
+from posttrain.rewards import Reward, WeightedReward, build_reward, load_reward_function
+from posttrain.rl import RunningMoments
+from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings, render_prompt_ids
 from posttrain.runtime import ModelSelection, Runtime
 from posttrain.runtime.metrics import per_example_means
 
 SAMPLES_PER_STEP_LOGGED = 4
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
-# answers to the held-out prompts (evaluate_prompts), maximised.
+# answers to the held-out prompts (eval.verifiable.held_out_sums), maximised.
 MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
 
 
@@ -77,6 +80,19 @@ MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
 class PromptRow:
     prompt: Prompt
     prompt_ids: list[int]  # rendered with the chat template, generation prompt appended
+
+
+@dataclass
+class Roles:
+    """Who takes part in a step: the engine that samples from the policy, the trained policy (and critic), the
+    frozen reference (a copy of a fully fine-tuned policy; None for adapters, switched off instead, or without
+    KL), the reward optimised and the gold reward watched."""
+
+    engine: RolloutEngine
+    trained: ActorCritic
+    frozen_reference: Any
+    reward: WeightedReward
+    gold: Reward | None
 
 
 @dataclass
@@ -93,34 +109,128 @@ class Rollout:
     values: torch.Tensor | None
     scores: torch.Tensor  # (B,) the reward optimised (after penalty, normalisation, clipping)
     advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor | None  # (B, R), gae only
+    returns: torch.Tensor | None  # (B, R), from estimators with a critic
     metrics: dict[str, float]  # local sums for the step's record
 
 
-# ---------------------------------------------------------------------------------------------------- prompts
+def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
+    """Train one online-RL run end to end; returns the run summary."""
+    rt = Runtime(config, config_path)
+    algorithm, sampling = config.algorithm, config.sampling
+    estimator = rl.ADVANTAGES[algorithm.advantage]
+    tokenizer = load_tokenizer(config.model)
+    stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
+    train_prompts, eval_prompts = prompt_rows(config, tokenizer)
+    reward = build_reward(config.reward, device=str(rt.device))
+    every_prompt = [row.prompt for row in train_prompts + eval_prompts]
+    if reward.needs_reference:
+        require_references(every_prompt, "the reward")
+    gold = _gold_reward(config, rt)
+    if gold is not None and gold.needs_reference:
+        require_references(every_prompt, "watch.gold")
+    mini_batch = rt.train.batch_size * rt.train.grad_accum
+    updates_per_epoch = _updates_per_epoch(algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch)
+    # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
+    on_policy = (
+        algorithm.ppo_epochs == 1 and updates_per_epoch == 1 and not estimator.needs_critic
+        and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
+    )
+
+    policy, _ = load_model(config.model, config.peft, tokenizer)
+    frozen_reference = None
+    # kl_coef 0 needs no reference (kl_target, the only way it could grow, is refused with it): no frozen copy
+    # of a fully fine-tuned policy, and make_rollout skips the reference pass (TRL's GRPO does the same, beta 0).
+    if algorithm.kl_coef and not is_peft_model(policy):
+        frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
+    critic = None
+    if estimator.needs_critic and not config.critic.shared:
+        # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
+        critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
+        critic, _ = load_model(config.model.model_copy(update={"path": critic_path}), config.peft, tokenizer, scalar_head=True)
+    trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
+    layout = response_layout(config, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
+    ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
+    # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
+    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
+    roles = Roles(engine, trained, frozen_reference, reward, gold)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_prompts(eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt)
+
+    module = rt.setup(
+        trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
+        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
+        parameter_groups=_parameter_groups(trained, config.critic.lr, config.critic.max_grad_norm), selection=MODEL_SELECTION,
+    )
+    state = rt.recipe_state
+    kl_controller = kl_controller_for(algorithm, state)
+    moments = RunningMoments(state.get("reward_moments"))
+    watch = TrainingWatch(config.watch, sampling.max_new_tokens)
+    if "watch" in state:
+        watch.load_state_dict(state["watch"])
+    ptx_drawn: int = state.get("ptx_drawn", 0)
+    stopped_by: str | None = None
+    warnings: list[dict[str, Any]] = state.get("warnings", [])
+    settings = SamplingSettings(sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k)
+    rt.log(
+        f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
+        f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
+        f"{len(train_prompts)} training / {len(eval_prompts)} held-out prompts"
+    )
+
+    for step_prompts in rt.iterations(train_prompts):
+        rollout = make_rollout(step_prompts, roles, settings, kl_controller.value, moments, layout, config, rt, on_policy)
+        update_sums: dict[str, float] = {}  # what the step's record takes from the updates (_update_sums)
+        for epoch in range(algorithm.ppo_epochs):
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
+            order = torch.randperm(len(rollout.rows), generator=generator).tolist()
+            for update in range(updates_per_epoch):
+                members = order[update * mini_batch : (update + 1) * mini_batch]
+                normaliser = _normaliser(rollout, members, config, rt)
+                for micro in range(rt.train.grad_accum):
+                    chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
+                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, layout)
+                    if ptx_rows:
+                        ptx_loss, ptx_stats = _ptx_loss(module, _ptx_batch(ptx_rows, ptx_drawn, rt), tokenizer.pad_token_id, algorithm.ptx_coef, rt)
+                        loss, stats, ptx_drawn = loss + ptx_loss, {**stats, **ptx_stats}, ptx_drawn + rt.world_size * rt.train.batch_size
+                    _update_sums(update_sums, stats)
+                    rt.backward(loss, stats)
+                rt.update()
+        engine.sync_weights(trained.policy)
+
+        step_metrics = _step_metrics({**rollout.metrics, **update_sums}, rt)
+        kl_controller.update(step_metrics.get("kl", 0.0), algorithm.prompts_per_step * sampling.num_samples)
+        for warning in watch.observe(rt.global_step + 1, step_metrics):
+            rt.log(f"watch: {warning.message}")
+            warnings.append({"step": rt.global_step + 1, "kind": warning.kind})
+            if warning.stops and stopped_by is None:
+                stopped_by = warning.kind
+        if ptx_rows:
+            rt.recipe_state["ptx_drawn"] = ptx_drawn
+        rt.recipe_state.update(kl_coef=kl_controller.value, reward_moments=moments.state_dict(), watch=watch.state_dict(), warnings=warnings)
+        if rt.is_main:
+            _append_samples(rt.run_dir / "samples.jsonl", rt.global_step + 1, rollout)
+        rt.end_step({**step_metrics, "kl_coef": kl_controller.value})
+        if stopped_by:
+            rt.stopped_early = True
+            rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
+
+    summary: dict[str, Any] = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
+    return rt.finish(module, tokenizer, summary)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
 def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
     """Training and held-out prompts, rendered with the chat template (generation prompt appended). Prompts that
     leave no room for ``sampling.max_new_tokens`` within ``data.max_length`` are dropped and counted."""
-    rows: list[PromptRow] = []
-    too_long = 0
     budget = config.data.max_length - config.sampling.max_new_tokens
     if budget < 1:
         raise ConfigError(f"data.max_length ({config.data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({config.sampling.max_new_tokens})")
-    for prompt in read_prompts(config.data, config.sampling.max_prompts):
-        ids = render_prompt_ids(tokenizer, prompt.messages)
-        if len(ids) > budget:
-            too_long += 1
-            continue
-        rows.append(PromptRow(prompt, ids))
-    if too_long:
-        print(f"data: {too_long} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
+    rows = _rendered(read_prompts(config.data, config.sampling.max_prompts), tokenizer, budget)
     if config.data.eval:
         # The held-out file read like the training one (every prompt of it, whatever sampling.max_prompts).
-        held_out_config = config.model_copy(update={
-            "data": config.data.model_copy(update={"train": config.data.eval, "eval": None}),
-            "sampling": config.sampling.model_copy(update={"max_prompts": None}),
-        })
-        return rows, prompt_rows(held_out_config, tokenizer)[0]
+        held_out = config.data.model_copy(update={"train": config.data.eval, "eval": None})
+        return rows, _rendered(read_prompts(held_out), tokenizer, budget)
     if config.data.eval_fraction:
         generator = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
@@ -129,40 +239,33 @@ def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], lis
     return rows, []
 
 
-# ---------------------------------------------------------------------------------------------------- rollout
-def response_row(prompt_ids: list[int], response_ids: list[int], index: int) -> Row:
-    """Prompt + response as one training row whose targets are exactly the response tokens."""
-    input_ids = prompt_ids + response_ids
-    targets = [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids + [IGNORE_INDEX]
-    n = len(input_ids)
-    return Row(input_ids, targets, list(range(n)), [index] * n, len(response_ids), [0] * n)
+def _rendered(prompts: list[Prompt], tokenizer: Any, budget: int) -> list[PromptRow]:
+    rows = [PromptRow(prompt, render_prompt_ids(tokenizer, prompt.messages)) for prompt in prompts]
+    kept = [row for row in rows if len(row.prompt_ids) <= budget]
+    if len(kept) < len(rows):
+        print(f"data: {len(rows) - len(kept)} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
+    return kept
 
 
-@dataclass(frozen=True)
-class ResponseLayout:
-    """How rollout rows (prompt + response) become model inputs: padded, one row each; or, with
-    ``share_prompt``, the responses to one prompt as one unit that holds the prompt once (``data.packing``'s
-    shared prefixes: each response sees the prompt and itself), which spares the forward and backward of
-    ``num_samples - 1`` copies of every prompt."""
+def _gold_reward(config: PpoConfig, rt: Runtime) -> Reward | None:
+    if config.watch.gold:
+        return load_reward_function(config.watch.gold)
+    if config.watch.gold_model:
+        return build_reward(RewardSource(model=config.watch.gold_model), device=str(rt.device))
+    return None
 
-    pad_token_id: int
-    share_prompt: bool = False
 
-    def batch(self, rows: list[Row], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The collated batch, and the permutation that puts its response positions (row-major in the batch) in
-        the order of ``rows`` (what ``to_actions`` expects); None when they already are."""
-        if not self.share_prompt:
-            return {k: v.to(device) for k, v in collate(rows, self.pad_token_id, packed=False).items()}, None
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
-        for index, row in enumerate(rows):
-            by_prompt.setdefault(tuple(row.input_ids[: len(row.input_ids) - row.num_targets]), []).append(index)
-        sequences = [TokenizedSequence(row.input_ids, row.targets) for row in rows]
-        # Capacity 0: a row per unit, which collate then lays out in rows of a few units.
-        packed = pack_rows(sequences, 0, 0, list(by_prompt.values()), share_prefix=True)
-        batch = {k: v.to(device) for k, v in collate(packed, self.pad_token_id, packed=True).items()}
-        # Sequence ids are indices into rows; a response's positions are in order within its branch.
-        order = torch.argsort(batch["sequence_ids"][batch["targets"] != IGNORE_INDEX], stable=True)
-        return batch, order
+def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int, mini_batch: int) -> int:
+    """Optimizer updates per pass over a rollout: each process's responses over ``train.batch_size x grad_accum``."""
+    if prompts_per_step % world_size:
+        raise ConfigError(f"algorithm.prompts_per_step ({prompts_per_step}) must divide evenly over {world_size} processes")
+    responses_per_process = prompts_per_step // world_size * num_samples
+    if responses_per_process % mini_batch:
+        raise ConfigError(
+            f"each process samples {responses_per_process} responses per step (algorithm.prompts_per_step / processes x "
+            f"sampling.num_samples), which must be a multiple of train.batch_size x train.grad_accum ({mini_batch})"
+        )
+    return responses_per_process // mini_batch
 
 
 def response_layout(config: PpoConfig, models: list[Any], pad_token_id: int) -> ResponseLayout:
@@ -172,43 +275,113 @@ def response_layout(config: PpoConfig, models: list[Any], pad_token_id: int) -> 
     return ResponseLayout(pad_token_id, share)
 
 
-def in_row_order(flat: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    return flat if order is None else flat[order]
+def _ptx_rows(config: PpoConfig, tokenizer: Any) -> list[Row]:
+    assert config.algorithm.ptx_data is not None
+    data = DataConfig(**{**config.data.model_dump(), "train": config.algorithm.ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
+    sequences = load_sequences(data, tokenizer, "sft", config.seed)
+    return single_rows(sequences.train)
 
 
-def to_actions(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Values at the N response positions (row-major) → ``(B, R)`` action space, 0 where masked."""
-    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
-    out[mask.bool()] = flat
-    return out
+def _parameter_groups(module: ActorCritic, critic_lr: float | None, critic_max_grad_norm: float | None) -> list[dict[str, Any]]:
+    critic_names = ("critic.", "value_head.")
+    policy_params = [p for name, p in module.named_parameters() if not name.startswith(critic_names)]
+    critic_params = [p for name, p in module.named_parameters() if name.startswith(critic_names)]
+    # Named groups: the runtime clips each to its own max norm and logs grad_norm/policy and grad_norm/critic.
+    groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
+    if critic_params:
+        options = {"lr": critic_lr, "max_grad_norm": critic_max_grad_norm}
+        groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
+    return groups
 
 
-def action_mask(rows: list[Row], device: torch.device) -> torch.Tensor:
-    lengths = torch.tensor([row.num_targets for row in rows], device=device)
-    width = int(lengths.max()) if len(rows) else 0
-    return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
+    """The KL coefficient β: fixed, or steered to ``kl_target`` over ``kl_horizon`` responses (Ziegler et al.),
+    continuing from a resumed run's ``state``."""
+    if algorithm.kl_target:
+        return rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
+    return rl.FixedKLController(algorithm.kl_coef)
+
+
+# ---------------------------------------------------------------------------------------------------- rollout
+def make_rollout(
+    prompts: list[PromptRow], roles: Roles, settings: SamplingSettings, kl_coef: float, moments: RunningMoments,
+    layout: ResponseLayout, config: PpoConfig, rt: Runtime, on_policy: bool = False,
+) -> Rollout:
+    """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
+    gets exactly one update, so its log-probs before the update are the update's own (``ppo_micro_loss`` takes
+    them from its forward) and the separate old-policy pass is skipped."""
+    algorithm = config.algorithm
+    groups = roles.engine.generate([p.prompt_ids for p in prompts], settings)
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    responses = [r for group in groups for r in group]
+    texts = [r.text for r in responses]
+    finished = torch.tensor([r.finished for r in responses], device=rt.device)
+    rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
+    mask = action_mask(rows, rt.device)
+
+    messages = [p.prompt.messages for p in flat_prompts]
+    references = [p.prompt.reference for p in flat_prompts]
+    breakdown = roles.reward.breakdown(messages, texts, references, finished=finished.tolist())
+    raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
+    scores = optimised_scores(raw, algorithm, moments, rt)
+
+    policy, temperature = roles.trained.policy, settings.temperature
+    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, temperature, layout), mask)
+    ref_logps = None
+    if roles.frozen_reference is not None:
+        ref_logps = to_actions(score_logps(roles.frozen_reference, rows, rt, temperature, layout), mask)
+    elif algorithm.kl_coef:
+        with reference_model(policy) as reference:
+            ref_logps = to_actions(score_logps(reference, rows, rt, temperature, layout), mask)
+    values = to_actions(critic_values(roles.trained, rows, rt, layout), mask) if roles.trained.has_critic else None
+    # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
+    measured = old_logps is not None and ref_logps is not None
+    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
+    advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
+
+    metrics: dict[str, float] = {
+        "count": float(len(rows)),
+        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if measured else {}),
+        "sum/reward": float(raw.sum()),
+        "sum/reward_sq": float((raw**2).sum()),
+        "sum/response_length": float(mask.sum(1).sum()),
+        "sum/unfinished_share": float((~finished).sum()),
+        "sum/distinct_share": float(len(set(texts))),
+        "sum/advantage": float(rl.masked_sum(advantages, mask)),  # a token mean, like the loss
+        "count/advantage": float(mask.sum()),
+    }
+    for name, values_of_term in breakdown.items():
+        if name != "total" and len(breakdown) > 2:
+            metrics[f"sum/reward_{name}"] = float(sum(values_of_term))
+    if roles.gold is not None:
+        known = [i for i, ref in enumerate(references) if ref is not None or not roles.gold.needs_reference]
+        if known:
+            gold_scores = roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
+            metrics["sum/gold_reward"], metrics["count/gold_reward"] = float(sum(gold_scores)), float(len(known))
+    if returns is not None and values is not None:
+        metrics["sum/value_explained_variance"] = float(rl.explained_variance(values, returns, mask))
+        metrics["count/value_explained_variance"] = 1.0
+    return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
+
+
+def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, rt: Runtime) -> torch.Tensor:
+    """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
+    of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
+    first) and clipped to ± ``reward_clip``."""
+    scores = raw
+    if algorithm.reward_normalize:
+        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
+        count, mean = float(sums[2]), float(sums[0] / sums[2])
+        moments.update(count, mean, float(sums[1] - count * mean**2))
+        scores = (raw - moments.mean) / max(moments.std, 1e-8)
+    if algorithm.reward_clip:
+        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
+    return scores
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """log π(token) at the N response positions, float32, under the sampling temperature."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, layout: ResponseLayout, compute: Any) -> torch.Tensor:
-    """``compute(batch)`` over ``rows`` in batches of ``train.batch_size`` rows, in eval mode under the run's
-    autocast; the flat results concatenated in row order."""
-    out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with rt.accelerator.autocast():
-            for start in range(0, len(rows), rt.train.batch_size):
-                batch, order = layout.batch(rows[start : start + rt.train.batch_size], rt.device)
-                out.append(in_row_order(compute(batch).float(), order))
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
 
 
 def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, layout: ResponseLayout) -> torch.Tensor:
@@ -229,72 +402,35 @@ def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, layout: Res
     return _no_grad_pass(module, rows, rt, layout, compute)
 
 
-class RunningMoments:
-    """Mean and variance of every reward seen so far (Chan et al.'s parallel update), for reward normalisation."""
-
-    def __init__(self, state: dict[str, float] | None = None) -> None:
-        state = state or {}
-        self.count, self.mean, self.m2 = state.get("count", 0.0), state.get("mean", 0.0), state.get("m2", 0.0)
-
-    def update(self, count: float, mean: float, m2: float) -> None:
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean += delta * count / total
-        self.m2 += m2 + delta**2 * self.count * count / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / max(self.count - 1, 1))
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-
-def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, rt: Runtime) -> torch.Tensor:
-    """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
-    of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
-    first) and clipped to ± ``reward_clip``."""
-    scores = raw
-    if algorithm.reward_normalize:
-        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
-        count, mean = float(sums[2]), float(sums[0] / sums[2])
-        moments.update(count, mean, float(sums[1] - count * mean**2))
-        scores = (raw - moments.mean) / max(moments.std, 1e-8)
-    if algorithm.reward_clip:
-        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
-    return scores
-
-
-def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
-    """The KL coefficient β: fixed, or steered to ``kl_target`` over ``kl_horizon`` responses (Ziegler et al.),
-    continuing from a resumed run's ``state``."""
-    if algorithm.kl_target:
-        return rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
-    return rl.FixedKLController(algorithm.kl_coef)
+@torch.no_grad()
+def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, layout: ResponseLayout, compute: Any) -> torch.Tensor:
+    """``compute(batch)`` over ``rows`` in batches of ``train.batch_size`` rows, in eval mode under the run's
+    autocast; the flat results concatenated in row order."""
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with rt.accelerator.autocast():
+            for start in range(0, len(rows), rt.train.batch_size):
+                batch, order = layout.batch(rows[start : start + rt.train.batch_size], rt.device)
+                out.append(in_row_order(compute(batch).float(), order))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def advantages_for(config: PpoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(advantages (B, R), returns (B, R) or None)`` of ``algorithm.advantage``."""
+    """``(advantages (B, R), returns (B, R) or None)`` of ``rl.ADVANTAGES[algorithm.advantage]``, whitened over the
+    whole rollout when the estimator is and ``whiten_advantages`` asks for it."""
     algorithm = config.algorithm
-    in_reward = kl_coef if algorithm.kl_mode == "reward" else 0.0
-    group = config.sampling.num_samples
-    if algorithm.advantage == "gae":
-        assert values is not None
-        token_rewards = rl.token_level_rewards(scores, kl, mask, in_reward)
-        advantages, returns = rl.gae(token_rewards, values, mask, algorithm.gamma, algorithm.lam)
-        if algorithm.whiten_advantages:
-            advantages = whiten_over_processes(advantages, mask, rt)
-        return advantages, returns
-    if algorithm.advantage == "reinforce++":
-        returns = rl.discounted_returns(rl.token_level_rewards(scores, kl, mask, in_reward), mask, algorithm.gamma)
-        return (whiten_over_processes(returns, mask, rt) if algorithm.whiten_advantages else returns), None
-    sequence_scores = scores - in_reward * rl.masked_sum(kl, mask, dim=1)
-    if algorithm.advantage == "grpo":
-        per_response = rl.group_advantages(sequence_scores, group, scale_by_std=algorithm.scale_by_std)
-    else:
-        per_response = rl.leave_one_out_advantages(sequence_scores, group)
-    return per_response[:, None] * mask, None
+    estimator = rl.ADVANTAGES[algorithm.advantage]
+    options = rl.AdvantageSettings(
+        kl_coef if algorithm.kl_mode == "reward" else 0.0, algorithm.gamma, algorithm.lam, config.sampling.num_samples, algorithm.scale_by_std
+    )
+    advantages, returns = estimator.estimate(scores, kl, mask, values, options)
+    if estimator.whitened and algorithm.whiten_advantages:
+        advantages = whiten_over_processes(advantages, mask, rt)
+    return advantages, returns
 
 
 def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -307,202 +443,7 @@ def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime)
     return ((values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)).to(values.dtype) * mask
 
 
-# ---------------------------------------------------------------------------------------------------- the recipe
-def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
-    rt = Runtime(config, config_path)
-    algorithm, sampling = config.algorithm, config.sampling
-    tokenizer = load_tokenizer(config.model)
-    template = use_chat_template(tokenizer, config.data.template)
-    stop_ids = end_of_turn_ids(tokenizer, template)
-    train_prompts, eval_prompts = prompt_rows(config, tokenizer)
-    reward = build_reward(config.reward, device=str(rt.device))
-    every_prompt = [row.prompt for row in train_prompts + eval_prompts]
-    if reward.needs_reference:
-        require_references(every_prompt, "the reward")
-    gold = _gold_reward(config, rt)
-    if gold is not None and gold.needs_reference:
-        require_references(every_prompt, "watch.gold")
-
-    world = rt.world_size
-    if algorithm.prompts_per_step % world:
-        raise ConfigError(f"algorithm.prompts_per_step ({algorithm.prompts_per_step}) must divide evenly over {world} processes")
-    responses_per_process = algorithm.prompts_per_step // world * sampling.num_samples
-    mini_batch = rt.train.batch_size * rt.train.grad_accum
-    if responses_per_process % mini_batch:
-        raise ConfigError(
-            f"each process samples {responses_per_process} responses per step (algorithm.prompts_per_step / processes x "
-            f"sampling.num_samples), which must be a multiple of train.batch_size x train.grad_accum ({mini_batch})"
-        )
-    updates_per_epoch = responses_per_process // mini_batch
-
-    # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
-    on_policy = algorithm.ppo_epochs == 1 and updates_per_epoch == 1 and algorithm.advantage != "gae" and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
-    policy, _ = load_model(config.model, config.peft, tokenizer)
-    frozen_reference = None
-    # kl_coef 0 needs no reference (kl_target, the only way it could grow, is refused with it): no frozen copy
-    # of a fully fine-tuned policy, and make_rollout skips the reference pass (TRL's GRPO does the same, beta 0).
-    if algorithm.kl_coef and not is_peft_model(policy):
-        frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
-    critic = None
-    if algorithm.advantage == "gae" and not config.critic.shared:
-        # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
-        critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
-        critic_model = config.model.model_copy(update={"path": critic_path})
-        critic, _ = load_model(critic_model, config.peft, tokenizer, scalar_head=True)
-    trained = ActorCritic(policy, critic, shared_value_head=algorithm.advantage == "gae" and config.critic.shared)
-    layout = response_layout(config, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
-    ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
-    # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
-    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_prompts(eval_prompts, engine, reward, gold, config, rt)
-
-    module = rt.setup(
-        trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
-        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
-        parameter_groups=_parameter_groups(trained, config), selection=MODEL_SELECTION,
-    )
-    state = rt.recipe_state
-    kl_controller = kl_controller_for(algorithm, state)
-    moments = RunningMoments(state.get("reward_moments"))
-    watch = TrainingWatch(config.watch, sampling.max_new_tokens)
-    if "watch" in state:
-        watch.load_state_dict(state["watch"])
-    stopped_by: str | None = None
-    warnings: list[dict[str, Any]] = state.get("warnings", [])
-    settings = SamplingSettings(sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k)
-    samples_path = rt.run_dir / "samples.jsonl"
-    rt.log(
-        f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
-        f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
-        f"{len(train_prompts)} training / {len(eval_prompts)} held-out prompts"
-    )
-
-    for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(step_prompts, engine, trained, frozen_reference, reward, gold, settings, kl_controller.value, moments, config, rt, layout, on_policy)
-        for epoch in range(algorithm.ppo_epochs):
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
-            order = torch.randperm(len(rollout.rows), generator=generator).tolist()
-            for update in range(updates_per_epoch):
-                members = order[update * mini_batch : (update + 1) * mini_batch]
-                normaliser = _normaliser(rollout, members, config, rt)
-                for micro in range(rt.train.grad_accum):
-                    chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
-                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, layout)
-                    if ptx_rows:
-                        ptx_loss, ptx_stats = _ptx_loss(module, ptx_rows, rt, tokenizer.pad_token_id, config)
-                        loss, stats = loss + ptx_loss, {**stats, **ptx_stats}
-                    if "sum/rollout_kl" in stats:  # per response, like make_rollout's
-                        rollout.metrics["sum/kl"] = rollout.metrics.get("sum/kl", 0.0) + stats.pop("sum/rollout_kl")
-                    for key in ("sum/entropy", "count/entropy"):  # the watch's collapse check reads it
-                        rollout.metrics[key] = rollout.metrics.get(key, 0.0) + stats[key]
-                    rt.backward(loss, stats)
-                rt.update()
-        engine.sync_weights(trained.policy)
-
-        step_metrics = _global_rollout_metrics(rollout, rt)
-        kl_controller.update(step_metrics.get("kl", 0.0), algorithm.prompts_per_step * sampling.num_samples)
-        for warning in watch.observe(rt.global_step + 1, step_metrics):
-            rt.log(f"watch: {warning.message}")
-            warnings.append({"step": rt.global_step + 1, "kind": warning.kind})
-            if warning.stops and stopped_by is None:
-                stopped_by = warning.kind
-        rt.recipe_state.update(kl_coef=kl_controller.value, reward_moments=moments.state_dict(), watch=watch.state_dict(), warnings=warnings)
-        if rt.is_main:
-            _append_samples(samples_path, rt.global_step + 1, rollout)
-        rt.end_step({**step_metrics, "kl_coef": kl_controller.value})
-        if stopped_by:
-            rt.stopped_early = True
-            rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
-
-    summary: dict[str, Any] = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
-    return rt.finish(module, tokenizer, summary)
-
-
-def _gold_reward(config: PpoConfig, rt: Runtime) -> Any:
-    if config.watch.gold:
-        return load_reward_function(config.watch.gold)
-    if config.watch.gold_model:
-        return build_reward(RewardSource(model=config.watch.gold_model), device=str(rt.device))
-    return None
-
-
-def _parameter_groups(module: ActorCritic, config: PpoConfig) -> list[dict[str, Any]]:
-    critic_names = ("critic.", "value_head.")
-    policy_params = [p for name, p in module.named_parameters() if not name.startswith(critic_names)]
-    critic_params = [p for name, p in module.named_parameters() if name.startswith(critic_names)]
-    # Named groups: the runtime clips each to its own max norm and logs grad_norm/policy and grad_norm/critic.
-    groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
-    if critic_params:
-        options = {"lr": config.critic.lr, "max_grad_norm": config.critic.max_grad_norm}
-        groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
-    return groups
-
-
-def make_rollout(
-    prompts: list[PromptRow], engine: Any, module: ActorCritic, frozen_reference: Any, reward: Any, gold: Any,
-    settings: SamplingSettings, kl_coef: float, moments: RunningMoments, config: PpoConfig, rt: Runtime,
-    layout: ResponseLayout, on_policy: bool = False,
-) -> Rollout:
-    """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
-    gets exactly one update, so its log-probs before the update are the update's own (detached) and the separate
-    old-policy pass is skipped."""
-    algorithm = config.algorithm
-    groups = engine.generate([p.prompt_ids for p in prompts], settings)
-    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
-    responses = [r for group in groups for r in group]
-    texts = [r.text for r in responses]
-    finished = torch.tensor([r.finished for r in responses], device=rt.device)
-    rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
-    mask = action_mask(rows, rt.device)
-
-    messages = [p.prompt.messages for p in flat_prompts]
-    references = [p.prompt.reference for p in flat_prompts]
-    breakdown = reward.breakdown(messages, texts, references, finished=finished.tolist())
-    raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
-    scores = optimised_scores(raw, algorithm, moments, rt)
-
-    policy = module.policy
-    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, settings.temperature, layout), mask)
-    ref_logps = None
-    if frozen_reference is not None:
-        ref_logps = to_actions(score_logps(frozen_reference, rows, rt, settings.temperature, layout), mask)
-    elif algorithm.kl_coef:
-        with reference_model(policy) as reference:
-            ref_logps = to_actions(score_logps(reference, rows, rt, settings.temperature, layout), mask)
-    values = to_actions(critic_values(module, rows, rt, layout), mask) if module.has_critic else None
-    # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
-    measured = old_logps is not None and ref_logps is not None
-    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
-    advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
-
-    lengths = mask.sum(1)
-    metrics: dict[str, float] = {
-        "count": float(len(rows)),
-        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if measured else {}),
-        "sum/reward": float(raw.sum()),
-        "sum/reward_sq": float((raw**2).sum()),
-        "sum/response_length": float(lengths.sum()),
-        "sum/unfinished_share": float((~finished).sum()),
-        "sum/distinct_share": float(len(set(texts))),
-        "sum/advantage": float(rl.masked_sum(advantages, mask)),  # a token mean, like the loss
-        "count/advantage": float(mask.sum()),
-    }
-    for name, values_of_term in breakdown.items():
-        if name != "total" and len(breakdown) > 2:
-            metrics[f"sum/reward_{name}"] = float(sum(values_of_term))
-    if gold is not None:
-        known = [i for i, ref in enumerate(references) if ref is not None or not gold.needs_reference]
-        if known:
-            gold_scores = gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
-            metrics["sum/gold_reward"], metrics["count/gold_reward"] = float(sum(gold_scores)), float(len(known))
-    if returns is not None and values is not None:
-        metrics["sum/value_explained_variance"] = float(rl.explained_variance(values, returns, mask))
-        metrics["count/value_explained_variance"] = 1.0
-    return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
-
-
+# ---------------------------------------------------------------------------------------------------- updates
 def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Runtime) -> float:
     """The global denominator of one update's loss: its response tokens or its responses, as the aggregation's
     ``rl.LossAggregation.per`` says."""
@@ -514,7 +455,7 @@ def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Run
 
 def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, config: PpoConfig, rt: Runtime, layout: ResponseLayout) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (its share of the update's normalised sum) and its statistics."""
-    algorithm = config.algorithm
+    algorithm, temperature = config.algorithm, config.sampling.temperature
     batch, order = layout.batch([rollout.rows[i] for i in chosen], rt.device)
     mask = rollout.mask[chosen]
     mask = mask[:, : int(mask.sum(1).max())]
@@ -527,24 +468,28 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"], position_ids=batch.get("position_ids"))
     logits = in_row_order(logits, order)
     values_flat = in_row_order(values_flat, order) if values_flat is not None else None
-    temperature = config.sampling.temperature
     logps = to_actions(token_logps(logits, in_row_order(batch["targets"][batch["targets"] != IGNORE_INDEX], order), temperature), mask)
     entropy = to_actions(rl.entropy_from_logits(logits.float() / temperature), mask)
-    # On-policy (one update per rollout) the old log-probs are these very ones: ratio 1, the same gradient.
-    old_logps = take(rollout.old_logps) if rollout.old_logps is not None else logps.detach()
-    advantages = take(rollout.advantages)
-    policy_token_loss, clipped = rl.policy_loss(logps, old_logps, advantages, mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
+    stats: dict[str, float] = {}
+    if rollout.old_logps is None:
+        # On-policy (make_rollout's on_policy): the old log-probs are these very ones (ratio 1, the same gradient),
+        # and the rollout's KL, per response like make_rollout's, comes from this forward.
+        old_logps = logps.detach()
+        if rollout.ref_logps is not None:
+            stats["sum/rollout_kl"] = float(rl.masked_sum(rl.kl_estimate(old_logps, take(rollout.ref_logps), "k1"), mask))
+    else:
+        old_logps = take(rollout.old_logps)
+    policy_token_loss, clipped = rl.policy_loss(logps, old_logps, take(rollout.advantages), mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
     token_loss = policy_token_loss - algorithm.entropy_coef * entropy
     if algorithm.kl_mode == "loss" and kl_coef:
         token_loss = token_loss + kl_coef * rl.kl_estimate(logps, take(rollout.ref_logps), algorithm.kl_estimator)
     value_token_loss = None
     if values_flat is not None and rollout.returns is not None and rollout.values is not None:
-        values = to_actions(values_flat, mask)
-        value_token_loss, _ = rl.value_loss(values, take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
+        value_token_loss, _ = rl.value_loss(to_actions(values_flat, mask), take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
         token_loss = token_loss + algorithm.vf_coef * value_token_loss
     loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, config.sampling.max_new_tokens)
     tokens = float(mask.sum())
-    stats = {
+    stats.update({
         "loss_sum": float(rl.masked_sum(token_loss, mask).detach()),  # logged as "loss": the total per token
         "num_tokens": tokens,
         "sum/policy_loss": float(rl.masked_sum(policy_token_loss, mask).detach()),
@@ -553,81 +498,68 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
         "sum/entropy": float(rl.masked_sum(entropy.detach(), mask)),
         **{f"count/{name}": tokens for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy")},
         "num_real_tokens": float(batch["num_real_tokens"]),
-    }
-    if rollout.old_logps is None and rollout.ref_logps is not None:  # the rollout's KL, from this forward (make_rollout)
-        stats["sum/rollout_kl"] = float(rl.masked_sum(rl.kl_estimate(logps.detach(), take(rollout.ref_logps), "k1"), mask))
+    })
     if value_token_loss is not None:
         stats["sum/value_loss"], stats["count/value_loss"] = float(rl.masked_sum(value_token_loss, mask).detach()), tokens
     return loss, stats
 
 
-def _ptx_rows(config: PpoConfig, tokenizer: Any) -> list[Row]:
-    assert config.algorithm.ptx_data is not None
-    data = DataConfig(**{**config.data.model_dump(), "train": config.algorithm.ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
-    sequences = load_sequences(data, tokenizer, "sft", config.seed)
-    return single_rows(sequences.train)
+def _ptx_batch(ptx_rows: list[Row], drawn: int, rt: Runtime) -> list[Row]:
+    """This process's next ``train.batch_size`` ptx rows: a cycle in a seeded order whose position depends only on
+    the count ``drawn`` so far over every process (checkpointed in the recipe state, so a resume draws the same)."""
+    micro = rt.train.batch_size
+    return [ptx_rows[(drawn + rt.accelerator.process_index * micro + j) % len(ptx_rows)] for j in range(micro)]
 
 
-def _ptx_loss(module: Any, ptx_rows: list[Row], rt: Runtime, pad_token_id: int, config: PpoConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """ptx_coef × the token-mean SFT loss of the next ``train.batch_size`` ptx rows (cycling in a seeded order
-    that depends only on the count drawn so far, kept in the recipe state, so a resume draws the same rows)."""
-    drawn = rt.recipe_state.get("ptx_drawn", 0)
-    world, rank, micro = rt.world_size, rt.accelerator.process_index, rt.train.batch_size
-    indices = [(drawn + rank * micro + j) % len(ptx_rows) for j in range(micro)]
-    rt.recipe_state["ptx_drawn"] = drawn + world * micro
-    batch = {k: v.to(rt.device) for k, v in collate([ptx_rows[i] for i in indices], pad_token_id, packed=False).items()}
+def _ptx_loss(module: Any, rows: list[Row], pad_token_id: int, ptx_coef: float, rt: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
+    """``ptx_coef`` × the token-mean SFT loss of ``rows`` (PPO-ptx)."""
+    batch = {k: v.to(rt.device) for k, v in collate(rows, pad_token_id, packed=False).items()}
     trained = batch["targets"] != IGNORE_INDEX
     with rt.accelerator.autocast():
         logits = token_logits(rt.accelerator.unwrap_model(module).policy, batch)
     # Normalised by this micro-batch's tokens, averaged over the update's micro-batches and processes.
     per_token, stats = losses.sft_loss(logits, batch["targets"][trained], trained.sum().clamp(min=1))
-    loss = config.algorithm.ptx_coef * per_token / (rt.train.grad_accum * world)
+    loss = ptx_coef * per_token / (rt.train.grad_accum * rt.world_size)
     return loss, {"sum/ptx_loss": float(stats["loss_sum"]), "count/ptx_loss": float(stats["num_tokens"])}
 
 
-def _global_rollout_metrics(rollout: Rollout, rt: Runtime) -> dict[str, float]:
-    """The step's rollout means over every process: what the watch reads and the record logs."""
-    keys = sorted(rollout.metrics)
-    totals = dict(zip(keys, rt.sum_over_processes(torch.tensor([rollout.metrics[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()))
-    out = per_example_means(totals)
+def _update_sums(into: dict[str, float], stats: dict[str, float]) -> None:
+    """Adds to ``into`` what the step's record takes from one micro-batch: the entropy the watch's collapse check
+    reads, and (on-policy) the rollout's KL, which leaves ``stats`` so the runtime does not also log it."""
+    if "sum/rollout_kl" in stats:
+        into["sum/kl"] = into.get("sum/kl", 0.0) + stats.pop("sum/rollout_kl")
+    for key in ("sum/entropy", "count/entropy"):
+        into[key] = into.get(key, 0.0) + stats[key]
+
+
+# ---------------------------------------------------------------------------------------------------- records
+def evaluate_prompts(
+    rows: list[PromptRow], engine: RolloutEngine, reward: WeightedReward, gold: Reward | None, max_new_tokens: int, rt: Runtime
+) -> dict[str, float]:
+    """Greedy answers to this process's share of the held-out prompts (``eval.verifiable.held_out_sums``): mean
+    reward, exact match, gold reward, length and end-token rate over every process."""
+    mine = rows[rt.accelerator.process_index :: rt.world_size]
+    sums = held_out_sums(engine, [r.prompt_ids for r in mine], [r.prompt for r in mine], reward, gold, max_new_tokens)
+    return held_out_means(_sum_over_processes(sums, rt))
+
+
+def _sum_over_processes(values: dict[str, float], rt: Runtime) -> dict[str, float]:
+    keys = sorted(values)
+    totals = rt.sum_over_processes(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=rt.device))
+    return dict(zip(keys, totals.tolist()))
+
+
+def _step_metrics(sums: dict[str, float], rt: Runtime) -> dict[str, float]:
+    """The step's rollout and update means over every process: what the watch reads and the record logs."""
+    out = per_example_means(_sum_over_processes(sums, rt))
     out["reward_std"] = math.sqrt(max(out.pop("reward_sq") - out["reward"] ** 2, 0.0))
     return out
 
 
-def _append_samples(path: Any, step: int, rollout: Rollout) -> None:
+def _append_samples(path: Path, step: int, rollout: Rollout) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
             handle.write(json.dumps({
                 "step": step, "prompt": rollout.prompts[i].prompt.messages[-1]["content"], "reference": rollout.prompts[i].prompt.reference,
                 "response": rollout.texts[i], "reward": float(rollout.scores[i]), "finished": bool(rollout.finished[i]),
             }) + "\n")
-
-
-@torch.no_grad()
-def evaluate_prompts(rows: list[PromptRow], engine: Any, reward: Any, gold: Any, config: PpoConfig, rt: Runtime) -> dict[str, float]:
-    """Greedy answers to this process's share of the held-out prompts: mean reward, exact match against the
-    reference (where there is one), gold reward, length and end-token rate, summed over processes."""
-    from posttrain.tasks import exact_match
-
-    mine = rows[rt.accelerator.process_index :: rt.world_size]
-    greedy = SamplingSettings(1, config.sampling.max_new_tokens, 0.0)
-    responses = [group[0] for group in engine.generate([r.prompt_ids for r in mine], greedy)] if mine else []
-    messages, texts, references = [r.prompt.messages for r in mine], [r.text for r in responses], [r.prompt.reference for r in mine]
-    finished = [r.finished for r in responses]
-    scores = reward(messages, texts, references, finished=finished) if mine else []
-    with_reference = [i for i, ref in enumerate(references) if ref is not None]
-    sums = [
-        float(len(mine)), float(sum(scores)), float(len(with_reference)),
-        float(sum(exact_match(texts[i], references[i] or "") for i in with_reference)),
-        float(sum(r.num_tokens for r in responses)), float(sum(finished)),
-    ]
-    gold_sum = 0.0
-    if gold is not None and mine:
-        known = with_reference if gold.needs_reference else list(range(len(mine)))
-        gold_sum = float(sum(gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]))) if known else 0.0
-    total = rt.sum_over_processes(torch.tensor([*sums, gold_sum], dtype=torch.float64, device=rt.device)).tolist()
-    n, n_ref = max(total[0], 1.0), max(total[2], 1.0)
-    results = {"eval_reward": total[1] / n, "eval_exact_match": total[3] / n_ref, "eval_length": total[4] / n, "eval_eos_rate": total[5] / n}
-    if gold is not None:
-        results["eval_gold_reward"] = total[6] / (n_ref if gold.needs_reference else n)
-    return results
