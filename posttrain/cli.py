@@ -144,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from posttrain.eval import EvalError, evaluate_files, format_table
+    from posttrain.eval import EvalError, evaluate_files, format_report
 
     try:
         report = evaluate_files(
@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except EvalError as error:
         raise ConfigError(f"posttrain eval: {error}") from None
-    print(format_table(report))
+    print(format_report(report))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,14 @@ import yaml
 from pydantic import Field, ValidationError
 
 from posttrain.config import Block, ConfigError, StageConfig, build_config, deep_merge, parse_overrides
+from posttrain.data.records import Prompt
 from posttrain.eval import evaluate_model, reward_model_accuracy
+from posttrain.eval.common import load_prompts
 from posttrain.eval.evaluate import load_reference
 from posttrain.eval.report import write_pipeline_report
 from posttrain.eval.reward_model import as_scorer
-from posttrain.eval.verifiable import read_prompts
 from posttrain.recipes import RECIPES
+from posttrain.runtime.checkpoint import write_atomic
 from posttrain.toy import DEFAULT_TASKS, build_toy
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -260,11 +262,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    """Written whole or not at all (a crash mid-write leaves the previous file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    temporary.replace(path)
+    write_atomic(path, json.dumps(payload, indent=1))
 
 
 def _run_stage(pipeline: Pipeline, name: str) -> dict[str, Any]:
@@ -391,7 +389,7 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
     return table
 
 
-def _read_eval_prompts(path: str, limit: int | None) -> list[dict[str, Any]]:
-    return read_prompts(path)[:limit]
+def _read_eval_prompts(path: str, limit: int | None) -> list[Prompt]:
+    return load_prompts(path)[:limit]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import REPO, sft_config
+from helpers import REPO, sft_config
 from posttrain.cli import main
 from posttrain.config import ModelConfig, PeftConfig, build_config
 from posttrain.data.packing import collate, single_rows

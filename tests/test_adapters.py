@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.cli import main
 from posttrain.config import ModelConfig, PeftConfig
 from posttrain.data.packing import collate, single_rows

@@ -29,6 +29,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from helpers import generate_responses
 from posttrain.config import ModelConfig, PeftConfig, build_config
 from posttrain.data.packing import collate, pack_rows, single_rows
 from posttrain.data.reader import read_conversations
@@ -203,7 +204,7 @@ def test_sft_methods_chat_and_export(arch, toy, data, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     from posttrain.cli import main
-    from posttrain.rollout.hf import SamplingSettings, generate_responses
+    from posttrain.rollout.hf import SamplingSettings
     from posttrain.serve.chat import load_session
 
     name, path = arch

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import generate_responses
 from posttrain.cli import main
-from posttrain.rollout import SamplingSettings, generate_responses
+from posttrain.rollout import SamplingSettings
 from posttrain.serve.chat import ChatSession, chat_name, format_columns, load_session, run_chat, unique_names
 
 QUESTION = "Count the words: cat dog"

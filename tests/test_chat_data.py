@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.cli import main
 from posttrain.data.errors import DataError
 from posttrain.data.reader import read_conversations

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import need_peer_file
+from helpers import need_peer_file
 from posttrain.cli import main
 from posttrain.data.quality import approx_tokens, inspect_dataset, percentiles
 

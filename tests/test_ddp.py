@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.recipes import sft
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import REPO, sft_config
+from helpers import REPO, sft_config
 from posttrain.config import DpoBlock
 from posttrain.losses import DPO_LOSSES
 from posttrain.data.packing import collate, unit_rows

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import save_micro_model
+from helpers import save_micro_model
 from posttrain.cli import main
 from posttrain.data.errors import DataError
-from posttrain.eval import EvalError, evaluate_model, read_prompts
+from posttrain.eval import EvalError, evaluate_model, load_prompts
 from posttrain.eval.kl import answer_kls, check_same_vocabulary, kl_to_reference
 from posttrain.eval.multiple_choice import (
     cloze_prompt,
@@ -140,7 +140,7 @@ def test_heldout_loss_on_text_scores_every_token(micro, tmp_path) -> None:
 
 
 def test_verifiable_metrics_on_planted_answers() -> None:
-    rows = [
+    rows = load_prompts([
         {"messages": [{"role": "user", "content": "Add 49 and 97."}], "reference": "146", "task": "add"},
         # No task field: the toy task is read from the prompt; 2 of 4 positions right → gold reward 0.5.
         {"messages": [{"role": "user", "content": "Reverse: b i q p"}], "reference": "p q i b", "task": None},
@@ -148,7 +148,7 @@ def test_verifiable_metrics_on_planted_answers() -> None:
         {"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris", "task": None},
         # No reference: counted in length and EOS rate, not in exact match or gold reward.
         {"messages": [{"role": "user", "content": "Say hi."}], "reference": None, "task": None},
-    ]
+    ])
     answers = [
         Response("146", [11, 12, 5], True),
         Response("p q b i", [1, 2, 3, 4, 5, 6, 7, 8], False),
@@ -172,9 +172,9 @@ def test_kl_is_zero_against_itself_positive_against_another_and_exact_per_positi
     from posttrain.eval.common import generate_answers
 
     model, tokenizer = micro
-    rows = read_prompts(few_prompts)[:4]
+    rows = load_prompts(few_prompts)[:4]
     answers = generate_answers(model, tokenizer, rows, max_new_tokens=5)
-    messages = [row["messages"] for row in rows]
+    messages = [row.messages for row in rows]
     assert kl_to_reference(model, model, tokenizer, messages, answers) == 0.0
 
     perturbed = copy.deepcopy(model)
@@ -216,19 +216,20 @@ def test_win_rate_counts_ties_as_half() -> None:
 
 
 def test_win_rate_with_the_gold_reward_on_planted_answers() -> None:
-    rows = [
+    raw = [
         {"messages": [{"role": "user", "content": "Add 2 and 3."}], "reference": "5", "task": "add"},
         {"messages": [{"role": "user", "content": "Uppercase: dog cat"}], "reference": "DOG CAT", "task": "upper"},
         {"messages": [{"role": "user", "content": "Sort: 3 1 2"}], "reference": "1 2 3", "task": "sort"},
         {"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris", "task": None},
     ]
+    rows = load_prompts(raw)
     answers_a = ["5", "DOG cat", "1 2 3", "Lyon"]  # win (exact vs miss), loss (half vs exact), tie, tie (both 0)
     answers_b = ["9", "DOG CAT", "1 2 3", "Rome"]
     result = compare_answers(rows, answers_a, answers_b, judge="gold")
     assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
     assert result["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
     with pytest.raises(EvalError, match="reference"):
-        compare_answers([{**rows[0], "reference": None}], ["5"], ["9"], judge="gold")
+        compare_answers(load_prompts([{**raw[0], "reference": None}]), ["5"], ["9"], judge="gold")
 
 
 # ------------------------------------------------------------------------------------------------ multiple choice

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import REPO, assert_weights_close, sft_config
+from helpers import REPO, assert_weights_close, sft_config
 from posttrain import losses
 from posttrain.cli import main
 from posttrain.recipes import kto

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import need_peer_file
+from helpers import need_peer_file
 from posttrain.data.dataset import use_chat_template
 from posttrain.data.tokenize import TokenizedSequence, render, tokenize_conversation
 from posttrain.losses import IGNORE_INDEX

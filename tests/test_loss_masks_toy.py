@@ -19,7 +19,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import REPO
+from helpers import REPO
 from test_chat_data import DIALOGUE  # the same two-exchange dialogue the toy-tokenizer chat tests render
 from posttrain.config import DataConfig
 from posttrain.data.dataset import load_sequences
@@ -94,7 +94,7 @@ def test_the_data_layer_passes_both_settings_through(tokenizer, toy, tmp_path, l
 
 def test_missing_peer_data_fails_under_ci_and_skips_otherwise(tmp_path) -> None:
     """`.ci/run` sets POSTTRAIN_REQUIRE_PEER_DATA=1: a test that needs peer-data then fails when the folder is
-    missing, whether it asks through ``conftest.need_peer_file`` or through its own ``skipif``; `make test`
+    missing, whether it asks through ``helpers.need_peer_file`` or through its own ``skipif``; `make test`
     without the flag skips them."""
     selected = [
         "tests/test_loss_masks.py::test_last_turn_only_trains_the_last_reply",  # need_peer_file
@@ -117,7 +117,7 @@ def test_missing_peer_data_fails_under_ci_and_skips_otherwise(tmp_path) -> None:
 
 def test_a_file_missing_from_present_peer_data_still_skips_under_ci() -> None:
     """With the folder present, a skip for one file the snapshot lacks (the Dolly blob) stays a skip."""
-    from conftest import PEER_DATA
+    from helpers import PEER_DATA
 
     if not (PEER_DATA / "dolly" / "SOURCES.md").is_file() or (PEER_DATA / "dolly" / "databricks-dolly-15k.jsonl").is_file():
         pytest.skip("needs peer-data with its Dolly blob missing, as the shared snapshot is")

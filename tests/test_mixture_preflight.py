@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.config import DataSource
 from posttrain.data.dataset import load_sequences
 from posttrain.data.errors import DataError

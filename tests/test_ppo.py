@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.config import ConfigError
 from posttrain.losses import IGNORE_INDEX
 from posttrain.recipes import ppo

@@ -338,7 +338,7 @@ def test_peer_registry_dataset_tokenises(name: str) -> None:
 def test_sft_trains_from_a_registry_name(toy, micro_model, tmp_path) -> None:
     """`data.train: alpaca_en_demo` resolves through dataset_info.json and trains (the toy tokenizer spells
     English out in small pieces, so long rows are truncated: the preflight limit is raised on purpose)."""
-    from conftest import sft_config
+    from helpers import sft_config
 
     from posttrain.recipes import sft
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import sft_config
+from helpers import generate_responses, sft_config
 from posttrain.config import RewardSource
 from posttrain.data.errors import DataError
 from posttrain.recipes import rejection_sampling as rs
@@ -237,7 +237,7 @@ def test_temperature_zero_repeats_and_top_k_one_is_greedy(micro_model) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.rollout import generate_responses, sample_responses
+    from posttrain.rollout import sample_responses
 
     model = AutoModelForCausalLM.from_pretrained(micro_model)
     tokenizer = AutoTokenizer.from_pretrained(micro_model)

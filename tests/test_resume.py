@@ -1,6 +1,6 @@
 """Resume after ``kill -9`` == the uninterrupted run, for every trainer recipe, under one unchanged config.
 
-Each case trains a tiny run three times in fresh processes (``conftest.train_in_subprocess``): once
+Each case trains a tiny run three times in fresh processes (``helpers.train_in_subprocess``): once
 uninterrupted; once SIGKILLed right after a step that follows a checkpoint (so the work after the checkpoint is
 lost, its metrics line included); and once more with ``resume=auto``. The resumed run must log each step once, with
 the same learning rate and the same metrics as the uninterrupted one at every step, and end at bitwise the same
@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_weights_close, sft_config, train_in_subprocess
+from helpers import REPO, assert_weights_close, sft_config, train_in_subprocess
 
 SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
 MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import assert_weights_close, sft_config
+from helpers import assert_weights_close, sft_config
 from posttrain.config import DataConfig
 from posttrain.data.formats import read_records
 from posttrain.data.packing import collate

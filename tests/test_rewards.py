@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain import rewards
 from posttrain.config import RewardSource
 from posttrain.tasks import TASKS, format_reward, task_of

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import sft_config
+from helpers import sft_config
 from posttrain.config import ScheduleConfig, build_config
 from posttrain.recipes import sft
 from posttrain.runtime import ModelSelection, NonFiniteLossError, Runtime

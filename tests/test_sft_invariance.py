@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import sft_config, train_in_subprocess
+from helpers import sft_config, train_in_subprocess
 from posttrain.data.packing import collate, pack_rows, single_rows
 from posttrain.data.reader import read_conversations
 from posttrain.data.tokenize import tokenize_conversation
@@ -145,7 +145,7 @@ def _run_cli(config_path: Path, *overrides: str, **kwargs) -> subprocess.Popen:
 def test_resume_after_sigkill_is_bitwise_equal(toy, micro_model, tmp_path) -> None:
     """Cosine schedule with warm-up, so a resume that restarted the schedule would log another lr. The killed run
     SIGKILLs itself right after step 6 (step 5 checkpointed, step 6's work lost): an exact crash point however
-    loaded the machine is (conftest.train_in_subprocess); the kill -9 cases of the other recipes are in
+    loaded the machine is (helpers.train_in_subprocess); the kill -9 cases of the other recipes are in
     test_resume.py."""
     settings = dict(
         train__max_steps=10, train__batch_size=8, data__max_length=256, checkpoint__every=5, optim__lr=3e-3,

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 import pytest
 
-from conftest import need_peer_file
+from helpers import need_peer_file
 from posttrain.data.templates import BUILTIN_TEMPLATES, END_OF_TURN, render, resolve_template
 
 PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", Path(__file__).resolve().parents[2] / "shared" / "peer-data"))

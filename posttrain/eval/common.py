@@ -1,19 +1,16 @@
-"""What every evaluation shares: the error type, prompt rows in one shape, greedy answers, the device."""
+"""What every evaluation shares: the error type, prompts as the data layer's ``Prompt`` records, greedy answers, the
+device."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from posttrain.data.formats import read_records
 from posttrain.data.records import Prompt
-
-PromptRow = dict[str, Any]
-"""One evaluation prompt: ``{"messages": [...], "reference": str | None, "task": str | None}``."""
-
 
 class EvalError(ValueError):
     """An evaluation that cannot run as asked (wrong kind of model for the data, models that do not share a
@@ -25,17 +22,14 @@ def device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-@contextmanager
-def eval_mode(*models: Any) -> Iterator[None]:
-    """Dropout off while evaluating; each model's training flag is restored afterwards."""
-    flags = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, flag in zip(models, flags):
-            model.train(flag)
+def text_table(header: list[str], rows: list[list[str]], rule: bool = False) -> str:
+    """Cells laid out in fixed-width columns for a terminal: the first (the model's name) left-aligned, the
+    figures right-aligned so their digits line up; ``rule`` draws dashes under the header."""
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header, *rows]]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def inference_device() -> torch.device:
@@ -43,32 +37,19 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_prompts(path: str | Path) -> list[PromptRow]:
-    """Prompt rows (any prompt format the data layer reads) as ``{"messages", "reference", "task"}``.
+def load_prompts(prompts: str | Path | Iterable[Any]) -> list[Prompt]:
+    """A prompt file (any prompt format the data layer reads), or rows already in memory, as
+    :class:`~posttrain.data.records.Prompt` records; the row's ``task``, when it has one, is in ``meta["task"]``.
 
-    ``reference`` is ``None`` for a row without one (exact match then skips it)."""
-    from posttrain.data.formats import read_records
-
-    records = read_records(path, kind="prompt").records
-    return [_row_of_record(r) for r in records if isinstance(r, Prompt)]
-
-
-def _row_of_record(record: Prompt) -> PromptRow:
-    return {"messages": record.messages, "reference": record.reference, "task": record.meta.get("task")}
-
-
-def prompt_rows(prompts: str | Path | Iterable[Any]) -> list[PromptRow]:
-    """A prompt file, or rows already in memory, as :data:`PromptRow` s.
-
-    In-memory rows may be :class:`~posttrain.data.records.Prompt` records, rows from :func:`read_prompts`, or raw
-    file rows: ``messages`` (a message list) or ``prompt`` (a string, or a message list), with ``reference`` (or
-    ``answer``) and ``task`` optional."""
+    In-memory rows may be ``Prompt`` records or raw file rows: ``messages`` (a message list) or ``prompt`` (a
+    string, or a message list), with ``reference`` (or ``answer``) and ``task`` optional. ``reference`` is ``None``
+    for a row without one (exact match then skips it)."""
     if isinstance(prompts, (str, Path)):
-        return read_prompts(prompts)
-    rows: list[PromptRow] = []
+        return [r for r in read_records(prompts, kind="prompt").records if isinstance(r, Prompt)]
+    rows: list[Prompt] = []
     for index, item in enumerate(prompts):
         if isinstance(item, Prompt):
-            rows.append(_row_of_record(item))
+            rows.append(item)
             continue
         if not isinstance(item, Mapping):
             raise EvalError(f"prompt row {index}: expected a dict or a Prompt record, got {type(item).__name__}")
@@ -78,16 +59,17 @@ def prompt_rows(prompts: str | Path | Iterable[Any]) -> list[PromptRow]:
         if not isinstance(messages, list) or not messages:
             raise EvalError(f"prompt row {index}: expected 'messages' (a message list) or 'prompt' (a string or message list)")
         reference = item.get("reference", item.get("answer"))
-        rows.append({"messages": messages, "reference": None if reference is None else str(reference), "task": item.get("task")})
+        task = item.get("task")
+        rows.append(Prompt(messages, None if reference is None else str(reference), {} if task is None else {"task": task}))
     if not rows:
         raise EvalError("no prompts to evaluate")
     return rows
 
 
-def prompt_text(row: PromptRow) -> str:
+def prompt_text(prompt: Prompt) -> str:
     """The last user turn of a prompt (what a sample shows and what the toy tasks are recognised by)."""
-    users = [m for m in row["messages"] if m.get("role") == "user"]
-    return str((users or row["messages"])[-1].get("content", ""))
+    users = [m for m in prompt.messages if m.get("role") == "user"]
+    return str((users or prompt.messages)[-1].get("content", ""))
 
 
 def answer_stop_ids(tokenizer: Any) -> set[int]:
@@ -110,7 +92,7 @@ def answer_stop_ids(tokenizer: Any) -> set[int]:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, rows: list[PromptRow], max_new_tokens: int = 32, batch_size: int = 64
+    model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int = 32, batch_size: int = 64
 ) -> list[Any]:
     """One greedy answer per prompt (``rollout.hf.Response``: text, token ids with the stop token, finished),
     rendered with the tokenizer's chat template (the built-in ``default`` when it has none)."""
@@ -119,7 +101,7 @@ def generate_answers(
 
     use_chat_template(tokenizer, None)
     groups = sample_responses(
-        model, tokenizer, [row["messages"] for row in rows], num_samples=1, max_new_tokens=max_new_tokens,
+        model, tokenizer, [prompt.messages for prompt in prompts], num_samples=1, max_new_tokens=max_new_tokens,
         batch_size=batch_size, temperature=0.0, stop_token_ids=answer_stop_ids(tokenizer),
     )
     return [group[0] for group in groups]

@@ -1,6 +1,6 @@
 """Entry points: :func:`evaluate_model` (one model on prompts, what the pipeline calls after each stage) and
 :func:`evaluate_files` (``posttrain eval``: several models on one data file, the metrics chosen by what the file
-holds), with :func:`format_table` to print the result."""
+holds), with :func:`format_report` to print the result."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.eval.common import EvalError, generate_answers, inference_device, prompt_rows
+from posttrain.eval.common import EvalError, generate_answers, inference_device, load_prompts, text_table
 
 DATA_KINDS = {
     "prompts": "prompts: greedy answers, exact match, gold reward, length, EOS rate",
@@ -40,7 +40,7 @@ def evaluate_model(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a trained causal LM (run directory, model directory or adapter directory) on prompts (a prompt
-    file, or rows: see ``eval.common.prompt_rows``) from its greedy answers, generated once.
+    file, or rows: see ``eval.common.load_prompts``) from its greedy answers, generated once.
 
     Returns ``exact_match``, ``gold_reward`` (None when no prompt has a reference), ``length`` (mean answer
     tokens), ``eos_rate``, ``samples`` (the first 5 ``{prompt, reference, answer}``), ``answers`` (every answer
@@ -51,12 +51,12 @@ def evaluate_model(
     from posttrain.eval.verifiable import verifiable_metrics
     from posttrain.models.loading import load_for_inference
 
-    rows = prompt_rows(prompts)
+    rows = load_prompts(prompts)
     model, tokenizer = load_for_inference(model_path)
     model.to(inference_device())
     answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
     result = verifiable_metrics(rows, answers)
-    messages = [row["messages"] for row in rows]
+    messages = [row.messages for row in rows]
     if reward_model is not None:
         from posttrain.eval.reward_model import as_scorer, score_answers
 
@@ -154,7 +154,7 @@ def evaluate_files(
     if kind == "prompts":
         from posttrain.eval.reward_model import as_scorer
 
-        rows = prompt_rows(data)
+        rows = load_prompts(data)
         scorer = as_scorer(reward_model) if reward_model is not None else None
         reference_pair = load_reference(reference) if reference is not None else None
         for name in names:
@@ -200,7 +200,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any]) -> str:
     """One row per model, one column per scalar metric (lists such as answers are left to the JSON)."""
     results: dict[str, dict[str, Any]] = report["models"]
     columns: list[str] = []
@@ -210,9 +210,7 @@ def format_table(report: dict[str, Any]) -> str:
                 columns.append(key)
     header = ["model", *columns]
     rows = [[name, *(_cell(metrics.get(column)) for column in columns)] for name, metrics in results.items()]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = [f"{report['data']}: {DATA_KINDS[report['kind']]}"]
-    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header, *rows]]
+    lines = [f"{report['data']}: {DATA_KINDS[report['kind']]}", text_table(header, rows)]
     if "baseline" in report:
         lines.append(f"win_rate: share of prompts where the model's answer beats {report['baseline']}'s (ties count half), judged by {report['judge']}")
     return "\n".join(lines)

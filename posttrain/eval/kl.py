@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain.eval.common import EvalError, device_of, eval_mode
+from posttrain.eval.common import EvalError, device_of
+from posttrain.models.modes import eval_mode
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.data.errors import DataError
-from posttrain.eval.common import device_of, eval_mode
+from posttrain.eval.common import device_of
+from posttrain.models.modes import eval_mode
 
 LETTERS = string.ascii_uppercase
 

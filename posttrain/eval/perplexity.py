@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from posttrain.data.records import Conversation, Record, Text
 from posttrain.data.tokenize import TokenizedSequence, tokenize_conversation, tokenize_text
-from posttrain.eval.common import EvalError, device_of, eval_mode
+from posttrain.eval.common import EvalError, device_of
 from posttrain.losses import IGNORE_INDEX
+from posttrain.models.modes import eval_mode
 
 
 def loss_sequences(tokenizer: Any, records: Sequence[Record], max_length: int = 2048) -> list[TokenizedSequence]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from posttrain.eval.common import text_table
 from posttrain.runtime.metrics import read_metrics
 
 if TYPE_CHECKING:  # for the annotations only: the pipeline calls this module, never the other way round
@@ -53,12 +54,8 @@ def eval_json(evaluation: dict[str, Any], reference_row: str | None) -> dict[str
 def format_table(evaluation: dict[str, Any], reference_row: str | None = None) -> str:
     """The evaluation as a fixed-width text table (what the demo prints)."""
     titles = ["model"] + [title if key != "kl_to_reference" or not reference_row else f"KL to {reference_row}" for title, key, _ in COLUMNS]
-    rows = [titles]
-    for row, figures in evaluation.get("models", {}).items():
-        rows.append([row] + [_cell(figures.get(key), fmt) for _, key, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(titles))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [[row] + [_cell(figures.get(key), fmt) for _, key, fmt in COLUMNS] for row, figures in evaluation.get("models", {}).items()]
+    lines = [text_table(titles, rows, rule=True)]
     if "reward_model" in evaluation:
         rm = evaluation["reward_model"]
         lines.append(f"\nreward model on held-out pairs: accuracy {rm['accuracy']:.3f}, mean gap {rm.get('mean_gap', float('nan')):.3f}")

@@ -17,22 +17,19 @@ import torch
 
 from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
 from posttrain.data.records import Prompt
-from posttrain.eval.common import PromptRow, generate_answers, prompt_text, read_prompts
+from posttrain.eval.common import prompt_text
 from posttrain.rollout import Response, RolloutEngine, SamplingSettings
 
 if TYPE_CHECKING:  # rewards reaches eval's reward-model scorer: a type, not a layer below
     from posttrain.rewards import Reward, WeightedReward
 
-__all__ = [
-    "answer_sums", "evaluate_verifiable", "held_out_means", "held_out_sums", "read_prompts", "reference_reward",
-    "verifiable_metrics",
-]
+__all__ = ["answer_sums", "held_out_means", "held_out_sums", "reference_reward", "verifiable_metrics"]
 
 
-def toy_task(row: PromptRow) -> str | None:
+def toy_task(row: Prompt) -> str | None:
     """The toy task a row belongs to: its ``task`` field when that names a toy task, else the task whose
     phrasing its prompt uses, else None."""
-    task = row.get("task")
+    task = row.meta.get("task")
     if isinstance(task, str) and task in TASKS:
         return task
     try:
@@ -41,17 +38,17 @@ def toy_task(row: PromptRow) -> str | None:
         return None
 
 
-def reference_reward(row: PromptRow, answer: str) -> float:
+def reference_reward(row: Prompt, answer: str) -> float:
     """Gold reward of ``answer``: the toy task's graded reward (:func:`~posttrain.tasks.gold_reward`) for
     a toy prompt, else exact match as 0/1. The row must have a reference."""
-    reference = row.get("reference")
+    reference = row.reference
     if reference is None:
         raise ValueError(f"prompt {prompt_text(row)[:60]!r} has no reference answer to score against")
     task = toy_task(row)
     return gold_reward(task, answer, reference) if task else float(exact_match(answer, reference))
 
 
-def verifiable_metrics(rows: Sequence[PromptRow], answers: Sequence[Any]) -> dict[str, Any]:
+def verifiable_metrics(rows: Sequence[Prompt], answers: Sequence[Any]) -> dict[str, Any]:
     """Metrics of answers (``rollout.hf.Response``-like: ``text``, ``token_ids``, ``finished``) to ``rows``.
 
     - ``exact_match`` / ``gold_reward``: means over the rows that have a reference (None when none has);
@@ -63,8 +60,8 @@ def verifiable_metrics(rows: Sequence[PromptRow], answers: Sequence[Any]) -> dic
         raise ValueError(f"{len(rows)} prompts but {len(answers)} answers")
     if not rows:
         raise ValueError("no prompts to score")
-    sums = answer_sums([row.get("reference") for row in rows], answers)
-    scored = [(row, answer.text) for row, answer in zip(rows, answers) if row.get("reference") is not None]
+    sums = answer_sums([row.reference for row in rows], answers)
+    scored = [(row, answer.text) for row, answer in zip(rows, answers) if row.reference is not None]
     rewards = [reference_reward(row, text) for row, text in scored]
     return {
         "prompts": len(rows),
@@ -73,21 +70,13 @@ def verifiable_metrics(rows: Sequence[PromptRow], answers: Sequence[Any]) -> dic
         "length": sums["length"] / len(answers),
         "eos_rate": sums["finished"] / len(answers),
         "samples": [
-            {"prompt": prompt_text(row), "reference": row.get("reference"), "answer": answer.text}
+            {"prompt": prompt_text(row), "reference": row.reference, "answer": answer.text}
             for row, answer in zip(rows[:5], answers[:5])
         ],
         "answers": [a.text for a in answers],
         "answer_tokens": [len(a.token_ids) for a in answers],
         "finished": [bool(a.finished) for a in answers],
     }
-
-
-def evaluate_verifiable(
-    model: Any, tokenizer: Any, rows: list[PromptRow], max_new_tokens: int = 32, batch_size: int = 64
-) -> dict[str, Any]:
-    """Greedy answers to each prompt, scored by :func:`verifiable_metrics`."""
-    answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return verifiable_metrics(rows, answers)
 
 
 def answer_sums(references: Sequence[str | None], answers: Sequence[Any]) -> dict[str, float]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from posttrain.eval.common import EvalError, PromptRow
+from posttrain.data.records import Prompt
+from posttrain.eval.common import EvalError
 
-Judge = Callable[[Sequence[PromptRow], Sequence[str]], list[float]]
-"""Scores a list of answers, one per prompt row; higher is better."""
+Judge = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
+"""Scores a list of answers, one per prompt; higher is better."""
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance: float = 0.0) -> dict[str, Any]:
@@ -25,11 +26,11 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance
     return {"win_rate": (wins + 0.5 * ties) / len(scores_a), "wins": wins, "ties": ties, "losses": losses}
 
 
-def gold_judge(rows: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
+def gold_judge(rows: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
     """The gold reward of each answer (toy task reward, else exact match); every row needs a reference."""
     from posttrain.eval.verifiable import reference_reward
 
-    if any(row.get("reference") is None for row in rows):
+    if any(row.reference is None for row in rows):
         raise EvalError("the gold judge needs a reference answer on every prompt; judge with a reward model instead")
     return [reference_reward(row, answer) for row, answer in zip(rows, answers)]
 
@@ -40,8 +41,8 @@ def reward_model_judge(reward_model: Any, batch_size: int = 32) -> Judge:
 
     scorer = as_scorer(reward_model, batch_size)
 
-    def judge(rows: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
-        return score_answers(scorer, [row["messages"] for row in rows], list(answers))
+    def judge(rows: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
+        return score_answers(scorer, [row.messages for row in rows], list(answers))
 
     return judge
 
@@ -56,7 +57,7 @@ def make_judge(judge: str | Any) -> Judge:
 
 
 def compare_answers(
-    rows: Sequence[PromptRow], answers_a: Sequence[str], answers_b: Sequence[str], judge: str | Any = "gold"
+    rows: Sequence[Prompt], answers_a: Sequence[str], answers_b: Sequence[str], judge: str | Any = "gold"
 ) -> dict[str, Any]:
     """:func:`win_rate` of answers A over answers B to the same ``rows``, scored by ``judge``
     (:func:`make_judge`); also the judge's mean score of each side."""

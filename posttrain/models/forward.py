@@ -12,6 +12,7 @@ import torch
 from posttrain.data.packing import local_sequence_ids
 from posttrain.losses import IGNORE_INDEX, per_sequence_nll
 from posttrain.models.adapters import is_peft_model, is_prompt_learning, num_prepended_tokens
+from posttrain.models.modes import eval_mode
 
 
 def shares_prefix(data: Any, model: Any) -> bool:
@@ -92,15 +93,10 @@ def reference_logps(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_
     if not getattr(model, "is_quantized", False):  # bitsandbytes weights are already placed and cannot move
         model.to(accelerator.device)
     logps = torch.zeros(num_sequences, dtype=torch.float32, device=accelerator.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with reference_model(model) as reference, accelerator.autocast():
-            for batch in batches:
-                sums, _, ids = batch_sequence_logps(reference, batch)
-                logps[ids] = sums.float()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), reference_model(model) as reference, accelerator.autocast():
+        for batch in batches:
+            sums, _, ids = batch_sequence_logps(reference, batch)
+            logps[ids] = sums.float()
     if accelerator.num_processes > 1:
         logps = accelerator.reduce(logps, reduction="sum")
     return logps

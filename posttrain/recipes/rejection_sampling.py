@@ -54,6 +54,7 @@ from posttrain.data.records import Prompt
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import build_reward
 from posttrain.rollout import sample_responses
+from posttrain.runtime.checkpoint import write_atomic
 
 SAMPLES, SAMPLES_META, SELECTED, SUMMARY = "samples.jsonl", "samples.meta.json", "selected.jsonl", "summary.json"
 
@@ -118,14 +119,8 @@ def fingerprint(config: RejectionSamplingConfig, prompts: list[Prompt]) -> dict[
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def reusable_samples(run_dir: Path, config: RejectionSamplingConfig, expected: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -249,7 +244,7 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     else:
         (run_dir / SAMPLES).unlink(missing_ok=True)  # so a crash below cannot pair new meta with old samples
         rows = sample_and_score(config, prompts, reward)
-        _write_atomic(run_dir / SAMPLES_META, json.dumps(expected, indent=2))
+        write_atomic(run_dir / SAMPLES_META, json.dumps(expected, indent=2))
         _write_jsonl(run_dir / SAMPLES, rows)
 
     eligible = [
@@ -261,7 +256,7 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     _write_jsonl(run_dir / SELECTED, selected)
     summary: dict[str, Any] = {"stage": config.stage, **summarize(rows, chosen), "threshold": config.rejection.threshold}
     print(format_summary(summary), file=sys.stderr)
-    _write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
 
     if not config.rejection.train_after:
         return summary
@@ -275,5 +270,5 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     finally:
         save_config(sft_config, run_dir / "sft_config.yaml")
         save_config(config, run_dir / "config.yaml")
-    _write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary

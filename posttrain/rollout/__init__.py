@@ -3,7 +3,7 @@
 A :class:`RolloutEngine` turns tokenised prompts into sampled responses (their token ids, text, and whether a
 stop token ended them) and takes the trained weights after each update. The default, ``HFEngine``, decodes on
 the policy itself (a transformers model) with a KV cache, each group's prompt computed once and finished rows
-leaving the batch; ``VllmEngine`` (GPU, when vLLM is installed)
+leaving the batch; ``VllmEngine`` (GPU, when vLLM is installed; experimental, not yet selectable from a config)
 generates with vLLM and receives the weights after every update. Trainers recompute the log-probs of the sampled
 tokens themselves, so an engine only has to sample.
 """
@@ -15,7 +15,6 @@ from posttrain.rollout.hf import (
     Response,
     SamplingSettings,
     generate_from_ids,
-    generate_responses,
     render_prompt_ids,
     sample_responses,
 )
@@ -32,6 +31,6 @@ class RolloutEngine(Protocol):
 
 
 __all__ = [
-    "HFEngine", "Response", "RolloutEngine", "SamplingSettings", "generate_from_ids", "generate_responses",
+    "HFEngine", "Response", "RolloutEngine", "SamplingSettings", "generate_from_ids",
     "render_prompt_ids", "sample_responses",
 ]

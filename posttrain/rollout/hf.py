@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from posttrain.models.modes import eval_mode
+
 
 @dataclass
 class Response:
@@ -169,11 +171,9 @@ def generate_from_ids(
     stop_ids = {int(i) for i in stop_token_ids if i is not None}
     flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]
     through_generate = is_prompt_learning(model)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     grouped: list[list[Response]] = [[] for _ in prompt_ids]
-    try:
+    with eval_mode(model):
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             width = max(len(prompt_ids[i]) for i in chunk)
@@ -191,8 +191,6 @@ def generate_from_ids(
             for index, ids in zip(chunk, new_tokens):
                 kept, finished = _cut_at_stop(ids, stop_ids)
                 grouped[index].append(Response(decode_text(kept), kept, finished))
-    finally:
-        model.train(was_training)
     return grouped
 
 
@@ -257,20 +255,3 @@ class HFEngine:
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: generation runs on the trained module itself."""
 
-
-def generate_responses(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[dict[str, str]]],
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-) -> list[str]:
-    """The assistant's reply text to each prompt: one sample each from :func:`sample_responses`."""
-    groups = sample_responses(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        temperature=temperature, top_p=top_p, top_k=top_k,
-    )
-    return [group[0].text for group in groups]

@@ -2,6 +2,10 @@
 training process ("colocate", as TRL and OpenRLHF's hybrid engine do), with the policy's weights copied in after
 every update.
 
+**Experimental.** No config key selects this engine yet: the RL recipe always generates with ``HFEngine``, and the
+only caller is ``tests/test_rollout.py``, which runs (on a CUDA GPU with vLLM installed) a greedy comparison with
+``HFEngine`` before and after a weight sync. Wiring it to a config key waits for a GPU to measure it on.
+
 Choices, and why:
 
 - vLLM runs in this process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: only then is its model object reachable
@@ -58,7 +62,7 @@ def _plain_state_dict(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class VllmEngine:
-    """``RolloutEngine`` on vLLM. ``model_path`` is the directory the policy was loaded from (vLLM reads its
+    """``RolloutEngine`` on vLLM (experimental: no config selects it; see the module docstring). ``model_path`` is the directory the policy was loaded from (vLLM reads its
     config and initial weights there); ``sync_weights`` copies the current policy in."""
 
     def __init__(

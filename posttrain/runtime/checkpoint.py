@@ -24,6 +24,15 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: into ``NAME.tmp`` beside it, then renamed over it, so a crash
+    mid-write leaves the previous file (state that a resumed run or stage reads back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Exactly the parameters being trained (names as in ``model.named_parameters()``, which lists a tied
     tensor once). Frozen base weights are not copied into every checkpoint."""

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
+from posttrain.models.modes import eval_mode
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.metrics import MetricsWriter, Progress, per_example_means, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
@@ -458,10 +459,8 @@ class Runtime:
     def _run_evaluation(self) -> bool:
         """Evaluate, track the best, early-stop; returns whether a checkpoint was written for this step."""
         assert self.evaluate is not None
-        self.model.eval()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             results = self.evaluate()
-        self.model.train()
         self.last_eval = (self.global_step, results)
         self.metrics.log(self.global_step, results)
         metric = self.selection.metric
@@ -568,10 +567,8 @@ class Runtime:
             self.save_checkpoint()
         if self.evaluate is not None and final_eval is None:
             # The summary describes the model that is saved: evaluate it if no evaluation saw exactly it.
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 final_eval = self.evaluate()
-            model.train()
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
         if self.is_main:
