@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast lint format install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The quick loop: everything but the learning tests and other slow ones (wheel build, demo). Not a CI substitute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# What CI checks before the tests: lint, formatting, types (files and rules in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check posttrain tests benchmarks
+	$(BIN)/ruff format --check posttrain tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix posttrain tests benchmarks
+	$(BIN)/ruff format posttrain tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

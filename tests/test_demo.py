@@ -17,6 +17,7 @@ from posttrain.cli import main
 MODELS = ("base", "sft", "ppo", "grpo", "dpo", "rejection_sampling")
 FIGURES = ("exact_match", "gold_reward", "rm_score", "kl_to_sft", "length", "eos_rate")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.slow  # the whole pipeline: minutes on two CPU cores (`make test-fast` leaves it out)
 
 
 def test_quick_demo_runs_every_stage_and_sft_beats_base(quick_demo: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
