@@ -155,7 +155,7 @@ def record_results(out: dict[str, Any], argv: list[str], table: list[str] | None
     heading = f"## `{command}`"
     lines = [
         heading, "",
-        f"Commit {current_commit() or 'unknown'}, {time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
+        f"Commit {STARTED_AT_COMMIT}, {time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
         *([*table, ""] if table else []),
         "| figure | value |", "|---|---|",
         *(f"| {key} | {json.dumps(value)} |" for key, value in out.items()), "",
@@ -182,12 +182,22 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}"
 
 
-def current_commit() -> str | None:
+def current_commit() -> str:
+    """The checkout's commit, marked when the package or the benchmarks differ from it (figures of uncommitted
+    code are not reproducible from the commit alone)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "../posttrain", ".")
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return "unknown (not a git checkout)"
+    return f"{commit} with uncommitted changes" if dirty else commit
+
+
+# Taken when the script starts: a long run must not be attributed to a commit that landed while it ran.
+STARTED_AT_COMMIT = current_commit()
 
 
 def steps_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace, default_steps: dict[str, int]) -> tuple[int, int]:
