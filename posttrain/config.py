@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,7 +34,11 @@ def choices(*names: Iterable[str]) -> Any:
 # The allowed values of fields that name a registry entry. A type checker sees plain strings (it cannot read a
 # Literal built at run time); pydantic, --help-config and error messages see every name.
 if TYPE_CHECKING:
-    FormatName = AdvantageName = KlEstimatorName = LossAggregationName = DpoLossName = str
+    FormatName: TypeAlias = str
+    AdvantageName: TypeAlias = str
+    KlEstimatorName: TypeAlias = str
+    LossAggregationName: TypeAlias = str
+    DpoLossName: TypeAlias = str
 else:
     FormatName = choices(["auto"], FORMATS)
     AdvantageName = choices(rl.ADVANTAGES)
@@ -163,7 +167,7 @@ class DataConfig(Block):
         ratios = [s.ratio for s in sources if s.ratio is not None]
         if any(s.ratio is not None and s.epochs is not None for s in sources):
             raise ValueError("a data.train source takes ratio or epochs, not both")
-        if ratios and (len(ratios) != len(self.train) or abs(sum(ratios) - 1.0) > 1e-6):  # type: ignore[arg-type]
+        if ratios and (len(ratios) != len(self.train) or abs(sum(ratios) - 1.0) > 1e-6):
             raise ValueError(f"data.train ratios must be given for every source and sum to 1 (got {ratios})")
         return self
 
@@ -320,7 +324,7 @@ class RewardBlock(Block):
 
 
 class RewardConfig(StageConfig):
-    stage: Literal["reward"] = "reward"  # type: ignore[assignment]
+    stage: Literal["reward"] = "reward"
     """reward: a scalar-head reward model trained on preference pairs."""
     reward: RewardBlock = Field(default_factory=RewardBlock)
     """Loss options."""
@@ -364,7 +368,7 @@ class DpoBlock(Block):
 
 
 class DpoConfig(StageConfig):
-    stage: Literal["dpo"] = "dpo"  # type: ignore[assignment]
+    stage: Literal["dpo"] = "dpo"
     """dpo: the DPO family on preference pairs (reference log-probs cached up front)."""
     dpo: DpoBlock = Field(default_factory=DpoBlock)
     """Loss choice and options."""
@@ -389,7 +393,7 @@ class KtoBlock(Block):
 
 
 class KtoConfig(StageConfig):
-    stage: Literal["kto"] = "kto"  # type: ignore[assignment]
+    stage: Literal["kto"] = "kto"
     """kto: Kahneman–Tversky optimisation on unpaired examples (or preference pairs split in two)."""
     kto: KtoBlock = Field(default_factory=KtoBlock)
     """Loss options."""
@@ -471,7 +475,7 @@ class RejectionBlock(Block):
 
 
 class RejectionSamplingConfig(StageConfig):
-    stage: Literal["rejection_sampling"] = "rejection_sampling"  # type: ignore[assignment]
+    stage: Literal["rejection_sampling"] = "rejection_sampling"
     """rejection_sampling: sample n responses per prompt, keep the best by reward, fine-tune on them."""
     sampling: SamplingBlock = Field(default_factory=SamplingBlock)
     """Sampling from the policy (model.path)."""
@@ -635,7 +639,7 @@ class WatchBlock(Block):
 
 
 class PpoConfig(StageConfig):
-    stage: Literal["ppo"] = "ppo"  # type: ignore[assignment]
+    stage: Literal["ppo"] = "ppo"
     """ppo: online RL from prompts (PPO with a critic, or the critic-free grpo/rloo/reinforce++)."""
     sampling: SamplingBlock = Field(default_factory=lambda: SamplingBlock(num_samples=1, max_new_tokens=64))
     """Rollout sampling (num_samples is the group size of grpo/rloo)."""
