@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from helpers import sft_config
 from posttrain.config import ConfigError
 from posttrain.losses import IGNORE_INDEX
+from posttrain.data.rollout_layout import ResponseLayout
+from posttrain.models.scoring import RolloutBatches, response_layout
 from posttrain.recipes import ppo
 
 
@@ -348,10 +350,10 @@ def test_response_layout_shares_only_with_several_samples_and_a_dense_mask(toy, 
     config = ppo_config(micro_model, toy.prompts, Path("unused"))
     sdpa = AutoModelForCausalLM.from_pretrained(micro_model, attn_implementation="sdpa")
     eager = AutoModelForCausalLM.from_pretrained(micro_model, attn_implementation="eager")
-    assert ppo.response_layout(config, [sdpa], 0).share_prompt
-    assert not ppo.response_layout(config, [sdpa, eager], 0).share_prompt  # every model reading the rollout
-    one_sample = config.model_copy(update={"sampling": config.sampling.model_copy(update={"num_samples": 1})})
-    assert not ppo.response_layout(one_sample, [sdpa], 0).share_prompt
+    num_samples = config.sampling.num_samples
+    assert num_samples > 1 and response_layout(config.data, num_samples, [sdpa], 0).share_prompt
+    assert not response_layout(config.data, num_samples, [sdpa, eager], 0).share_prompt  # every model reading the rollout
+    assert not response_layout(config.data, 1, [sdpa], 0).share_prompt
 
 
 def test_critic_starts_from_a_reward_model_run(toy, micro_model, tmp_path) -> None:
@@ -388,12 +390,14 @@ def _unit_config(**overrides: Any) -> Any:
     return sft_config(Path("model"), Path("prompts.jsonl"), Path("out"), stage="ppo", **options)
 
 
-def _unit_runtime() -> Any:
-    """What the recipe functions read from the runtime, for one process on the CPU."""
-    return types.SimpleNamespace(
-        device=torch.device("cpu"), world_size=1, sum_over_processes=lambda tensor: tensor,
-        accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext),
-    )
+def _one_process(tensor: torch.Tensor) -> torch.Tensor:
+    """``Runtime.sum_over_processes`` for a run of one process."""
+    return tensor
+
+
+def _unit_batches() -> Any:
+    """How the recipe functions lay rollout rows out, for one process on the CPU without autocast."""
+    return RolloutBatches(ResponseLayout(0), torch.device("cpu"), 4, contextlib.nullcontext)
 
 
 # Four responses to two prompts (groups of 2), lengths 2, 1, 2, 2: scores, per-token KL (old vs reference),
@@ -408,7 +412,7 @@ PLANTED_VALUES = torch.tensor([[0.5, 1.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
 def _advantages(**overrides: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     config = _unit_config(**overrides)
     values = PLANTED_VALUES if config.algorithm.advantage == "gae" else None
-    return ppo.advantages_for(config, PLANTED_SCORES, PLANTED_KL, PLANTED_MASK, values, 0.1, _unit_runtime())
+    return ppo.advantages_for(config.algorithm, config.sampling.num_samples, PLANTED_SCORES, PLANTED_KL, PLANTED_MASK, values, 0.1, _one_process)
 
 
 def test_advantage_dispatch_hand_derived() -> None:
@@ -468,14 +472,14 @@ def test_reward_normalisation_and_clipping_hand_derived() -> None:
     raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
     std = (14 / 3) ** 0.5
     config = _unit_config(algorithm__reward_normalize=True)
-    normalised = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime())
+    normalised = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process)
     torch.testing.assert_close(normalised, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std)
     config = _unit_config(algorithm__reward_normalize=True, algorithm__reward_clip=1.0)
-    clipped = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime())
+    clipped = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process)
     torch.testing.assert_close(clipped, torch.tensor([-2.0 / std, -1.0 / std, 0.0, 1.0]))
     config = _unit_config(algorithm__reward_clip=2.5)
-    torch.testing.assert_close(ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _unit_runtime()), torch.tensor([1.0, 2.0, 2.5, 2.5]))
-    assert torch.equal(ppo.optimised_scores(raw, _unit_config().algorithm, ppo.RunningMoments(), _unit_runtime()), raw)
+    torch.testing.assert_close(ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process), torch.tensor([1.0, 2.0, 2.5, 2.5]))
+    assert torch.equal(ppo.optimised_scores(raw, _unit_config().algorithm, ppo.RunningMoments(), _one_process), raw)
 
 
 def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
@@ -487,7 +491,7 @@ def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
     config = _unit_config(algorithm__reward_normalize=True)
     moments, seen = ppo.RunningMoments(), []
     for batch in batches:
-        scores = ppo.optimised_scores(batch, config.algorithm, moments, _unit_runtime())
+        scores = ppo.optimised_scores(batch, config.algorithm, moments, _one_process)
         seen.extend(batch.tolist())
         everything = np.array(seen, dtype=np.float32).astype(np.float64)
         assert moments.count == len(seen)
@@ -528,7 +532,6 @@ def _micro_loss(**overrides: Any) -> float:
     planted responses of 2 and 1 tokens: ratios ρ = [1.5, 0.5 | 3.0], advantages [1, −1 | −1], new values
     [1, 0 | 2], old values 0, returns [2, 1 | 0], reference log-probs ln 2 below the policy's."""
     config = _unit_config(**{"algorithm__advantage": "gae", **overrides})
-    rt = _unit_runtime()
     rows = [ppo.response_row([5, 6], [1, 1], 0), ppo.response_row([5], [1], 1)]
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     logp = -math.log(2.0)
@@ -537,10 +540,10 @@ def _micro_loss(**overrides: Any) -> float:
         rows, [None, None], ["", ""], torch.tensor([True, True]), mask, old_logps, torch.full((2, 2), 2 * logp) * mask,
         torch.zeros(2, 2), torch.zeros(2), torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), torch.tensor([[2.0, 1.0], [0.0, 0.0]]), {},
     )
-    normaliser = ppo._normaliser(rollout, [0, 1], config, rt)
+    normaliser = ppo._normaliser(rollout.mask[[0, 1]], config.algorithm.loss_aggregation, 1, _one_process)
     kl_coef = ppo.kl_controller_for(config.algorithm, {}).value
     module = PlantedPolicyAndCritic(torch.tensor([1.0, 0.0, 2.0]))
-    loss, _ = ppo.ppo_micro_loss(module, rollout, [0, 1], normaliser, kl_coef, config, rt, ppo.ResponseLayout(0))
+    loss, _ = ppo.ppo_micro_loss(module, rollout, [0, 1], normaliser, kl_coef, config.algorithm, config.sampling, _unit_batches())
     return float(loss)
 
 

@@ -80,6 +80,19 @@ class ActorCritic(nn.Module):
             return self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids)[keep]
         return self(input_ids, attention_mask, targets, position_ids=position_ids)[1]  # type: ignore[return-value]
 
+    def parameter_groups(self, critic_lr: float | None = None, critic_max_grad_norm: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer groups named ``policy`` and (with a critic) ``critic``: the runtime clips each to its own max
+        norm and logs ``grad_norm/policy`` and ``grad_norm/critic``; the critic's may set its own learning rate and
+        max norm (None: the optimizer's)."""
+        critic_names = ("critic.", "value_head.")
+        policy_params = [p for name, p in self.named_parameters() if not name.startswith(critic_names)]
+        critic_params = [p for name, p in self.named_parameters() if name.startswith(critic_names)]
+        groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
+        if critic_params:
+            options = {"lr": critic_lr, "max_grad_norm": critic_max_grad_norm}
+            groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
+        return groups
+
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         """The policy into ``directory`` (a Hugging Face model, what later stages load); a separate critic into
         ``directory/../critic`` and a shared value head into ``directory/../value_head.safetensors``."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,22 +51,23 @@ from typing import Any
 import torch
 
 from posttrain import losses, rl
-from posttrain.config import AlgorithmBlock, ConfigError, DataConfig, PpoConfig, RewardSource
-from posttrain.data.dataset import end_of_turn_ids, load_sequences, read_prompts, require_references, use_chat_template
+from posttrain.config import AlgorithmBlock, ConfigError, DataConfig, PpoConfig, RewardSource, SamplingBlock
+from posttrain.data.dataset import end_of_turn_ids, load_sequences, require_references, use_chat_template
 from posttrain.data.packing import Row, collate, single_rows
-from posttrain.data.records import Prompt
-from posttrain.data.rollout_layout import ResponseLayout, action_mask, in_row_order, response_row, to_actions
+from posttrain.data.rollout_layout import action_mask, in_row_order, response_row, to_actions
 from posttrain.diagnostics import TrainingWatch
 from posttrain.eval.verifiable import held_out_means, held_out_sums
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
-from posttrain.models.forward import reference_model, shares_prefix, token_logits
+from posttrain.models.forward import reference_model, token_logits
 from posttrain.models.loading import model_dir_of
+from posttrain.models.scoring import RolloutBatches, critic_values, response_layout, score_logps, token_logps
 from posttrain.rewards import Reward, WeightedReward, build_reward, load_reward_function
 from posttrain.rl import RunningMoments
-from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings, render_prompt_ids
+from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
+from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import ModelSelection, Runtime
 from posttrain.runtime.metrics import per_example_means
 
@@ -74,12 +75,7 @@ SAMPLES_PER_STEP_LOGGED = 4
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
 # answers to the held-out prompts (eval.verifiable.held_out_sums), maximised.
 MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
-
-
-@dataclass
-class PromptRow:
-    prompt: Prompt
-    prompt_ids: list[int]  # rendered with the chat template, generation prompt appended
+SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]  # Runtime.sum_over_processes
 
 
 @dataclass
@@ -100,7 +96,7 @@ class Rollout:
     """One step's sampled responses on this process, in action space (``(B, R)``, right-padded)."""
 
     rows: list[Row]  # prompt + response as training rows (targets: the response tokens)
-    prompts: list[PromptRow]  # one per response
+    prompts: list[TokenizedPrompt]  # one per response
     texts: list[str]
     finished: torch.Tensor  # (B,) bool
     mask: torch.Tensor  # (B, R) float
@@ -120,7 +116,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     estimator = rl.ADVANTAGES[algorithm.advantage]
     tokenizer = load_tokenizer(config.model)
     stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
-    train_prompts, eval_prompts = prompt_rows(config, tokenizer)
+    train_prompts, eval_prompts = tokenized_prompts(config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed)
     reward = build_reward(config.reward, device=str(rt.device))
     every_prompt = [row.prompt for row in train_prompts + eval_prompts]
     if reward.needs_reference:
@@ -148,7 +144,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
         critic, _ = load_model(config.model.model_copy(update={"path": critic_path}), config.peft, tokenizer, scalar_head=True)
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
-    layout = response_layout(config, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
+    layout = response_layout(config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
+    batches = RolloutBatches(layout, rt.device, rt.train.batch_size, rt.accelerator.autocast)
     ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
@@ -160,7 +157,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     module = rt.setup(
         trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
         rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
-        parameter_groups=_parameter_groups(trained, config.critic.lr, config.critic.max_grad_norm), selection=MODEL_SELECTION,
+        parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm), selection=MODEL_SELECTION,
     )
     state = rt.recipe_state
     kl_controller = kl_controller_for(algorithm, state)
@@ -179,19 +176,23 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(step_prompts, roles, settings, kl_controller.value, moments, layout, config, rt, on_policy)
+        rollout = make_rollout(step_prompts, roles, settings, algorithm, kl_controller.value, moments, batches, rt.sum_over_processes, on_policy)
         update_sums: dict[str, float] = {}  # what the step's record takes from the updates (_update_sums)
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
             for update in range(updates_per_epoch):
                 members = order[update * mini_batch : (update + 1) * mini_batch]
-                normaliser = _normaliser(rollout, members, config, rt)
+                normaliser = _normaliser(rollout.mask[members], algorithm.loss_aggregation, rt.world_size, rt.sum_over_processes)
                 for micro in range(rt.train.grad_accum):
                     chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
-                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, config, rt, layout)
+                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, algorithm, sampling, batches)
                     if ptx_rows:
-                        ptx_loss, ptx_stats = _ptx_loss(module, _ptx_batch(ptx_rows, ptx_drawn, rt), tokenizer.pad_token_id, algorithm.ptx_coef, rt)
+                        ptx_batch = _ptx_batch(ptx_rows, ptx_drawn, rt.train.batch_size, rt.accelerator.process_index)
+                        ptx_loss, ptx_stats = _ptx_loss(
+                            rt.accelerator.unwrap_model(module).policy, ptx_batch, tokenizer.pad_token_id, algorithm.ptx_coef,
+                            rt.train.grad_accum * rt.world_size, batches,
+                        )
                         loss, stats, ptx_drawn = loss + ptx_loss, {**stats, **ptx_stats}, ptx_drawn + rt.world_size * rt.train.batch_size
                     _update_sums(update_sums, stats)
                     rt.backward(loss, stats)
@@ -220,33 +221,6 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def prompt_rows(config: PpoConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
-    """Training and held-out prompts, rendered with the chat template (generation prompt appended). Prompts that
-    leave no room for ``sampling.max_new_tokens`` within ``data.max_length`` are dropped and counted."""
-    budget = config.data.max_length - config.sampling.max_new_tokens
-    if budget < 1:
-        raise ConfigError(f"data.max_length ({config.data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({config.sampling.max_new_tokens})")
-    rows = _rendered(read_prompts(config.data, config.sampling.max_prompts), tokenizer, budget)
-    if config.data.eval:
-        # The held-out file read like the training one (every prompt of it, whatever sampling.max_prompts).
-        held_out = config.data.model_copy(update={"train": config.data.eval, "eval": None})
-        return rows, _rendered(read_prompts(held_out), tokenizer, budget)
-    if config.data.eval_fraction:
-        generator = torch.Generator().manual_seed(config.seed)
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        cut = max(1, int(round(config.data.eval_fraction * len(rows))))
-        return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
-    return rows, []
-
-
-def _rendered(prompts: list[Prompt], tokenizer: Any, budget: int) -> list[PromptRow]:
-    rows = [PromptRow(prompt, render_prompt_ids(tokenizer, prompt.messages)) for prompt in prompts]
-    kept = [row for row in rows if len(row.prompt_ids) <= budget]
-    if len(kept) < len(rows):
-        print(f"data: {len(rows) - len(kept)} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
-    return kept
-
-
 def _gold_reward(config: PpoConfig, rt: Runtime) -> Reward | None:
     if config.watch.gold:
         return load_reward_function(config.watch.gold)
@@ -268,30 +242,11 @@ def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int,
     return responses_per_process // mini_batch
 
 
-def response_layout(config: PpoConfig, models: list[Any], pad_token_id: int) -> ResponseLayout:
-    """Shared prompts when every model that reads the rollout takes the mask (``models.forward.shares_prefix``)
-    and there are several samples per prompt to share it."""
-    share = config.sampling.num_samples > 1 and all(shares_prefix(config.data, m) for m in models)
-    return ResponseLayout(pad_token_id, share)
-
-
 def _ptx_rows(config: PpoConfig, tokenizer: Any) -> list[Row]:
     assert config.algorithm.ptx_data is not None
     data = DataConfig(**{**config.data.model_dump(), "train": config.algorithm.ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
     sequences = load_sequences(data, tokenizer, "sft", config.seed)
     return single_rows(sequences.train)
-
-
-def _parameter_groups(module: ActorCritic, critic_lr: float | None, critic_max_grad_norm: float | None) -> list[dict[str, Any]]:
-    critic_names = ("critic.", "value_head.")
-    policy_params = [p for name, p in module.named_parameters() if not name.startswith(critic_names)]
-    critic_params = [p for name, p in module.named_parameters() if name.startswith(critic_names)]
-    # Named groups: the runtime clips each to its own max norm and logs grad_norm/policy and grad_norm/critic.
-    groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
-    if critic_params:
-        options = {"lr": critic_lr, "max_grad_norm": critic_max_grad_norm}
-        groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
-    return groups
 
 
 def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
@@ -304,40 +259,41 @@ def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.Fi
 
 # ---------------------------------------------------------------------------------------------------- rollout
 def make_rollout(
-    prompts: list[PromptRow], roles: Roles, settings: SamplingSettings, kl_coef: float, moments: RunningMoments,
-    layout: ResponseLayout, config: PpoConfig, rt: Runtime, on_policy: bool = False,
+    prompts: list[TokenizedPrompt], roles: Roles, settings: SamplingSettings, algorithm: AlgorithmBlock, kl_coef: float,
+    moments: RunningMoments, batches: RolloutBatches, sum_over_processes: SumOverProcesses, on_policy: bool = False,
 ) -> Rollout:
     """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
     gets exactly one update, so its log-probs before the update are the update's own (``ppo_micro_loss`` takes
-    them from its forward) and the separate old-policy pass is skipped."""
-    algorithm = config.algorithm
+    them from its forward) and the separate old-policy pass is skipped. ``sum_over_processes`` sums a tensor over
+    every process (``Runtime.sum_over_processes``): the reward statistics and the whitening span the whole rollout."""
+    device = batches.device
     groups = roles.engine.generate([p.prompt_ids for p in prompts], settings)
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     responses = [r for group in groups for r in group]
     texts = [r.text for r in responses]
-    finished = torch.tensor([r.finished for r in responses], device=rt.device)
+    finished = torch.tensor([r.finished for r in responses], device=device)
     rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
-    mask = action_mask(rows, rt.device)
+    mask = action_mask(rows, device)
 
     messages = [p.prompt.messages for p in flat_prompts]
     references = [p.prompt.reference for p in flat_prompts]
     breakdown = roles.reward.breakdown(messages, texts, references, finished=finished.tolist())
-    raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=rt.device)
-    scores = optimised_scores(raw, algorithm, moments, rt)
+    raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=device)
+    scores = optimised_scores(raw, algorithm, moments, sum_over_processes)
 
     policy, temperature = roles.trained.policy, settings.temperature
-    old_logps = None if on_policy else to_actions(score_logps(policy, rows, rt, temperature, layout), mask)
+    old_logps = None if on_policy else to_actions(score_logps(policy, rows, temperature, batches), mask)
     ref_logps = None
     if roles.frozen_reference is not None:
-        ref_logps = to_actions(score_logps(roles.frozen_reference, rows, rt, temperature, layout), mask)
+        ref_logps = to_actions(score_logps(roles.frozen_reference, rows, temperature, batches), mask)
     elif algorithm.kl_coef:
         with reference_model(policy) as reference:
-            ref_logps = to_actions(score_logps(reference, rows, rt, temperature, layout), mask)
-    values = to_actions(critic_values(roles.trained, rows, rt, layout), mask) if roles.trained.has_critic else None
+            ref_logps = to_actions(score_logps(reference, rows, temperature, batches), mask)
+    values = to_actions(critic_values(roles.trained, rows, batches), mask) if roles.trained.has_critic else None
     # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
     measured = old_logps is not None and ref_logps is not None
     kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
-    advantages, returns = advantages_for(config, scores, kl, mask, values, kl_coef, rt)
+    advantages, returns = advantages_for(algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes)
 
     metrics: dict[str, float] = {
         "count": float(len(rows)),
@@ -364,13 +320,13 @@ def make_rollout(
     return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
 
 
-def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, rt: Runtime) -> torch.Tensor:
+def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, sum_over_processes: SumOverProcesses) -> torch.Tensor:
     """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
     of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
     first) and clipped to ± ``reward_clip``."""
     scores = raw
     if algorithm.reward_normalize:
-        sums = rt.sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
+        sums = sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
         count, mean = float(sums[2]), float(sums[0] / sums[2])
         moments.update(count, mean, float(sums[1] - count * mean**2))
         scores = (raw - moments.mean) / max(moments.std, 1e-8)
@@ -379,64 +335,26 @@ def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: Runn
     return scores
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(token) at the N response positions, float32, under the sampling temperature."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def score_logps(model: Any, rows: list[Row], rt: Runtime, temperature: float, layout: ResponseLayout) -> torch.Tensor:
-    """Flat log-probs (N,) of the response tokens of ``rows`` under ``model``."""
-
-    def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_logps(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], temperature)
-
-    return _no_grad_pass(model, rows, rt, layout, compute)
-
-
-def critic_values(module: ActorCritic, rows: list[Row], rt: Runtime, layout: ResponseLayout) -> torch.Tensor:
-    """Flat values (N,) of the critic at the response positions of ``rows``."""
-
-    def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return module.values(batch["input_ids"], batch["attention_mask"], batch["targets"], batch.get("position_ids"))
-
-    return _no_grad_pass(module, rows, rt, layout, compute)
-
-
-@torch.no_grad()
-def _no_grad_pass(model: Any, rows: list[Row], rt: Runtime, layout: ResponseLayout, compute: Any) -> torch.Tensor:
-    """``compute(batch)`` over ``rows`` in batches of ``train.batch_size`` rows, in eval mode under the run's
-    autocast; the flat results concatenated in row order."""
-    out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with rt.accelerator.autocast():
-            for start in range(0, len(rows), rt.train.batch_size):
-                batch, order = layout.batch(rows[start : start + rt.train.batch_size], rt.device)
-                out.append(in_row_order(compute(batch).float(), order))
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def advantages_for(config: PpoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(advantages (B, R), returns (B, R) or None)`` of ``rl.ADVANTAGES[algorithm.advantage]``, whitened over the
-    whole rollout when the estimator is and ``whiten_advantages`` asks for it."""
-    algorithm = config.algorithm
+def advantages_for(
+    algorithm: AlgorithmBlock, num_samples: int, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+    kl_coef: float, sum_over_processes: SumOverProcesses,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(advantages (B, R), returns (B, R) or None)`` of ``rl.ADVANTAGES[algorithm.advantage]`` (groups of
+    ``num_samples``), whitened over the whole rollout when the estimator is and ``whiten_advantages`` asks for it."""
     estimator = rl.ADVANTAGES[algorithm.advantage]
     options = rl.AdvantageSettings(
-        kl_coef if algorithm.kl_mode == "reward" else 0.0, algorithm.gamma, algorithm.lam, config.sampling.num_samples, algorithm.scale_by_std
+        kl_coef if algorithm.kl_mode == "reward" else 0.0, algorithm.gamma, algorithm.lam, num_samples, algorithm.scale_by_std
     )
     advantages, returns = estimator.estimate(scores, kl, mask, values, options)
     if estimator.whitened and algorithm.whiten_advantages:
-        advantages = whiten_over_processes(advantages, mask, rt)
+        advantages = whiten_over_processes(advantages, mask, sum_over_processes)
     return advantages, returns
 
 
-def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
+def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, sum_over_processes: SumOverProcesses) -> torch.Tensor:
     """``rl.masked_whiten`` with the mean and unbiased variance of the whole rollout (every process's tokens), so
     the advantages do not depend on how many processes share the rollout."""
-    sums = rt.sum_over_processes(torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double())
+    sums = sum_over_processes(torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double())
     count = sums[2].clamp(min=2)
     mean = sums[0] / count
     var = (sums[1] - count * mean**2) / (count - 1)
@@ -444,19 +362,22 @@ def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, rt: Runtime)
 
 
 # ---------------------------------------------------------------------------------------------------- updates
-def _normaliser(rollout: Rollout, members: list[int], config: PpoConfig, rt: Runtime) -> float:
-    """The global denominator of one update's loss: its response tokens or its responses, as the aggregation's
-    ``rl.LossAggregation.per`` says."""
-    if rl.LOSS_AGGREGATIONS[config.algorithm.loss_aggregation].per == "response":
-        return float(len(members) * rt.world_size)
-    local = rollout.mask[members].sum()
-    return float(rt.sum_over_processes(local.clone()).clamp(min=1))
+def _normaliser(mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_over_processes: SumOverProcesses) -> float:
+    """The global denominator of one update's loss, whose responses on this process have the action ``mask``: its
+    response tokens or its responses over every process, as the aggregation's ``rl.LossAggregation.per`` says."""
+    if rl.LOSS_AGGREGATIONS[loss_aggregation].per == "response":
+        return float(len(mask) * world_size)
+    return float(sum_over_processes(mask.sum().clone()).clamp(min=1))
 
 
-def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, config: PpoConfig, rt: Runtime, layout: ResponseLayout) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one micro-batch (its share of the update's normalised sum) and its statistics."""
-    algorithm, temperature = config.algorithm, config.sampling.temperature
-    batch, order = layout.batch([rollout.rows[i] for i in chosen], rt.device)
+def ppo_micro_loss(
+    module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, algorithm: AlgorithmBlock,
+    sampling: SamplingBlock, batches: RolloutBatches,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the responses ``chosen`` from ``rollout`` (one micro-batch: its share of the update's normalised
+    sum) and its statistics."""
+    temperature = sampling.temperature
+    batch, order = batches.batch([rollout.rows[i] for i in chosen])
     mask = rollout.mask[chosen]
     mask = mask[:, : int(mask.sum(1).max())]
     width = mask.shape[1]
@@ -464,7 +385,7 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
     def take(tensor: torch.Tensor) -> torch.Tensor:
         return tensor[chosen][:, :width]
 
-    with rt.accelerator.autocast():
+    with batches.autocast():
         logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"], position_ids=batch.get("position_ids"))
     logits = in_row_order(logits, order)
     values_flat = in_row_order(values_flat, order) if values_flat is not None else None
@@ -487,7 +408,7 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
     if values_flat is not None and rollout.returns is not None and rollout.values is not None:
         value_token_loss, _ = rl.value_loss(to_actions(values_flat, mask), take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
         token_loss = token_loss + algorithm.vf_coef * value_token_loss
-    loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, config.sampling.max_new_tokens)
+    loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, sampling.max_new_tokens)
     tokens = float(mask.sum())
     stats.update({
         "loss_sum": float(rl.masked_sum(token_loss, mask).detach()),  # logged as "loss": the total per token
@@ -504,22 +425,24 @@ def ppo_micro_loss(module: Any, rollout: Rollout, chosen: list[int], normaliser:
     return loss, stats
 
 
-def _ptx_batch(ptx_rows: list[Row], drawn: int, rt: Runtime) -> list[Row]:
-    """This process's next ``train.batch_size`` ptx rows: a cycle in a seeded order whose position depends only on
-    the count ``drawn`` so far over every process (checkpointed in the recipe state, so a resume draws the same)."""
-    micro = rt.train.batch_size
-    return [ptx_rows[(drawn + rt.accelerator.process_index * micro + j) % len(ptx_rows)] for j in range(micro)]
+def _ptx_batch(ptx_rows: list[Row], drawn: int, batch_size: int, process_index: int) -> list[Row]:
+    """This process's next ``batch_size`` ptx rows: a cycle in a seeded order whose position depends only on the
+    count ``drawn`` so far over every process (checkpointed in the recipe state, so a resume draws the same)."""
+    return [ptx_rows[(drawn + process_index * batch_size + j) % len(ptx_rows)] for j in range(batch_size)]
 
 
-def _ptx_loss(module: Any, rows: list[Row], pad_token_id: int, ptx_coef: float, rt: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
-    """``ptx_coef`` × the token-mean SFT loss of ``rows`` (PPO-ptx)."""
-    batch = {k: v.to(rt.device) for k, v in collate(rows, pad_token_id, packed=False).items()}
+def _ptx_loss(
+    policy: Any, rows: list[Row], pad_token_id: int, ptx_coef: float, micro_batches: int, batches: RolloutBatches
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``ptx_coef`` × the token-mean SFT loss of ``rows`` under ``policy`` (PPO-ptx), over the ``micro_batches`` of
+    the update on every process."""
+    batch = {k: v.to(batches.device) for k, v in collate(rows, pad_token_id, packed=False).items()}
     trained = batch["targets"] != IGNORE_INDEX
-    with rt.accelerator.autocast():
-        logits = token_logits(rt.accelerator.unwrap_model(module).policy, batch)
+    with batches.autocast():
+        logits = token_logits(policy, batch)
     # Normalised by this micro-batch's tokens, averaged over the update's micro-batches and processes.
     per_token, stats = losses.sft_loss(logits, batch["targets"][trained], trained.sum().clamp(min=1))
-    loss = ptx_coef * per_token / (rt.train.grad_accum * rt.world_size)
+    loss = ptx_coef * per_token / micro_batches
     return loss, {"sum/ptx_loss": float(stats["loss_sum"]), "count/ptx_loss": float(stats["num_tokens"])}
 
 
@@ -534,7 +457,7 @@ def _update_sums(into: dict[str, float], stats: dict[str, float]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- records
 def evaluate_prompts(
-    rows: list[PromptRow], engine: RolloutEngine, reward: WeightedReward, gold: Reward | None, max_new_tokens: int, rt: Runtime
+    rows: list[TokenizedPrompt], engine: RolloutEngine, reward: WeightedReward, gold: Reward | None, max_new_tokens: int, rt: Runtime
 ) -> dict[str, float]:
     """Greedy answers to this process's share of the held-out prompts (``eval.verifiable.held_out_sums``): mean
     reward, exact match, gold reward, length and end-token rate over every process."""
