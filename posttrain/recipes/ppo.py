@@ -121,7 +121,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     every_prompt = [row.prompt for row in train_prompts + eval_prompts]
     if reward.needs_reference:
         require_references(every_prompt, "the reward")
-    gold = _gold_reward(config, rt)
+    gold = _gold_reward(config.watch.gold, config.watch.gold_model, rt.device)
     if gold is not None and gold.needs_reference:
         require_references(every_prompt, "watch.gold")
     mini_batch = rt.train.batch_size * rt.train.grad_accum
@@ -146,7 +146,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
     layout = response_layout(config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
     batches = RolloutBatches(layout, rt.device, rt.train.batch_size, rt.accelerator.autocast)
-    ptx_rows = _ptx_rows(config, tokenizer) if algorithm.ptx_coef else []
+    ptx_rows = _ptx_rows(config.data, algorithm.ptx_data, tokenizer, config.seed) if algorithm.ptx_coef else []
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
     roles = Roles(engine, trained, frozen_reference, reward, gold)
@@ -221,11 +221,13 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def _gold_reward(config: PpoConfig, rt: Runtime) -> Reward | None:
-    if config.watch.gold:
-        return load_reward_function(config.watch.gold)
-    if config.watch.gold_model:
-        return build_reward(RewardSource(model=config.watch.gold_model), device=str(rt.device))
+def _gold_reward(function: str | None, model: str | None, device: torch.device) -> Reward | None:
+    """The gold reward the watch compares the optimised one with (``watch.gold``: a function, or ``watch.gold_model``:
+    a second reward model), if any."""
+    if function:
+        return load_reward_function(function)
+    if model:
+        return build_reward(RewardSource(model=model), device=str(device))
     return None
 
 
@@ -242,11 +244,11 @@ def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int,
     return responses_per_process // mini_batch
 
 
-def _ptx_rows(config: PpoConfig, tokenizer: Any) -> list[Row]:
-    assert config.algorithm.ptx_data is not None
-    data = DataConfig(**{**config.data.model_dump(), "train": config.algorithm.ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
-    sequences = load_sequences(data, tokenizer, "sft", config.seed)
-    return single_rows(sequences.train)
+def _ptx_rows(data: DataConfig, ptx_data: str | None, tokenizer: Any, seed: int) -> list[Row]:
+    """The SFT rows of ``algorithm.ptx_data``, read with the run's data settings, unpacked and with none held out."""
+    assert ptx_data is not None
+    ptx = DataConfig(**{**data.model_dump(), "train": ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
+    return single_rows(load_sequences(ptx, tokenizer, "sft", seed).train)
 
 
 def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
