@@ -380,6 +380,29 @@ def test_held_out_prompts_from_data_eval_are_evaluated(toy, micro_model, tmp_pat
     assert evaluation["eval_length"] > 0 and summary["final_eval_reward"] == evaluation["eval_reward"]
 
 
+def test_data_eval_is_held_out_whole_and_eval_fraction_splits_only_data_train(toy, micro_model, tmp_path) -> None:
+    """As the config's help says (and as SFT's data does): ``data.eval`` is the held-out set, every prompt of it,
+    whatever ``eval_fraction`` and ``max_prompts`` (before cbbe567 a set eval_fraction also dropped a share of
+    data.eval); without data.eval, eval_fraction holds out a seeded share of the training prompts, disjoint from
+    the rest: 8 of 32 at 0.25."""
+    from transformers import AutoTokenizer
+
+    from posttrain.rollout.prompts import tokenized_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
+    data, held_out = prompts_file(toy, tmp_path / "p.jsonl"), prompts_file(toy, tmp_path / "eval.jsonl", rows=6)
+
+    def split(**overrides: Any) -> tuple[list[Any], list[Any]]:
+        config = ppo_config(micro_model, data, tmp_path / "run", **overrides)
+        return tokenized_prompts(config.data, tokenizer, config.sampling.max_new_tokens, config.sampling.max_prompts, config.seed)
+
+    train, evaluated = split(data__eval=str(held_out), data__eval_fraction=0.5, sampling__max_prompts=8)
+    assert len(train) == 8 and [p.prompt.messages for p in evaluated] == [json.loads(line)["messages"] for line in held_out.read_text().splitlines()]
+    train, evaluated = split(data__eval_fraction=0.25)
+    texts = [str(p.prompt.messages) for p in train + evaluated]
+    assert (len(train), len(evaluated)) == (24, 8) and len(set(texts)) == len(texts) == 32
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The recipe's wiring of every algorithm option, hand-derived, through its own functions (no model is loaded).
 
