@@ -126,9 +126,11 @@ def test_each_parameter_group_is_clipped_to_its_own_norm(tmp_path) -> None:
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path) -> None:
     rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2, keep=1)
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    model = rt.setup(model, num_rows=20, evaluate=lambda: {"eval_loss": next(scripted)})
+    model = rt.setup(model, num_rows=20)
     for batch in rt.batches([Item(1.0)] * 20, _collate):
         rt.step(model(batch["x"]).pow(2).mean())
+        if rt.should_evaluate():
+            rt.record_evaluation({"eval_loss": next(scripted)})
     assert rt.stopped_early and rt.global_step == 4 and rt.best_step == 2
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["step-000002"], "keep=1 prunes the rest but never the best"
@@ -140,19 +142,23 @@ def test_early_stopping_follows_the_named_metric_and_direction(tmp_path) -> None
     evaluation counted as no improvement and the run stopped at step 2 with no best step.)"""
     rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2, keep=1)
     scripted = iter([1.0, 2.0, 1.5, 1.9, 3.0, 3.0])
-    model = rt.setup(model, num_rows=20, evaluate=lambda: {"eval_reward": next(scripted)}, selection=ModelSelection("eval_reward", maximize=True))
+    model = rt.setup(model, num_rows=20, selection=ModelSelection("eval_reward", maximize=True))
     for batch in rt.batches([Item(1.0)] * 20, _collate):
         rt.step(model(batch["x"]).pow(2).mean())
+        if rt.should_evaluate():
+            rt.record_evaluation({"eval_reward": next(scripted)})
     assert rt.stopped_early and rt.global_step == 4 and rt.best_step == 2 and rt.best_eval == 2.0
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000002"]
 
 
 def test_an_evaluation_without_the_selection_metric_is_an_error(tmp_path) -> None:
     rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2)
-    model = rt.setup(model, num_rows=20, evaluate=lambda: {"eval_reward": 1.0})
+    model = rt.setup(model, num_rows=20)
     with pytest.raises(ValueError, match=r"selects models by eval_loss, which its evaluation did not return \(it returned eval_reward\)"):
         for batch in rt.batches([Item(1.0)] * 20, _collate):
             rt.step(model(batch["x"]).pow(2).mean())
+            if rt.should_evaluate():
+                rt.record_evaluation({"eval_reward": 1.0})
 
 
 def test_checkpoint_retention_and_leftovers(tmp_path) -> None:

@@ -39,7 +39,8 @@ from posttrain.data.packing import Example, collate_examples
 from posttrain.data.pairs import load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
-from posttrain.runtime import Runtime
+from posttrain.models.modes import eval_mode
+from posttrain.runtime import Metrics, Runtime
 
 
 def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> losses.PairLosses:
@@ -76,17 +77,19 @@ def forward_pairs(
     return logps, counts, pair_losses(options, logps, counts, ref_logps)
 
 
+@torch.no_grad()
 def evaluate_pairs(
     model: Any, items: list[Example], collate_rows: Any, options: DpoBlock, ref_table: torch.Tensor | None, rt: Runtime
 ) -> dict[str, float]:
     """Held-out mean loss, implicit-reward preference accuracy and margin (sharded over processes, summed)."""
     total = torch.zeros(4, device=rt.device)
-    for batch in rt.eval_batches(items, collate_rows):
-        _, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
-        total += torch.stack([
-            per_pair.sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
-            (chosen_rewards - rejected_rewards).sum(), torch.tensor(float(len(per_pair)), device=rt.device),
-        ])
+    with eval_mode(model):
+        for batch in rt.eval_batches(items, collate_rows):
+            _, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
+            total += torch.stack([
+                per_pair.sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
+                (chosen_rewards - rejected_rewards).sum(), torch.tensor(float(len(per_pair)), device=rt.device),
+            ])
     total = rt.sum_over_processes(total)
     count = total[3].clamp(min=1)
     return {"eval_loss": (total[0] / count).item(), "eval_accuracy": (total[1] / count).item(), "eval_margin": (total[2] / count).item()}
@@ -124,26 +127,23 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
         ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(pairs.train))
         eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(pairs.held_out)) if eval_items else None
 
-    evaluate = partial(evaluate_pairs, items=eval_items, collate_rows=collate_rows, options=options, ref_table=eval_ref_table, rt=rt)
-    model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)
+    model = rt.setup(model, num_rows=len(items))
 
     for batch in rt.batches(items, collate_rows, weight=lambda pair: 1):
         logps, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
-        num_pairs = batch["num_items_in_batch"]
-        loss = per_pair.sum() / num_pairs
-        # The runtime sums stats over micro-batches and processes: dividing by the whole group's pair count
-        # makes those sums the group means.
-        stats = {
-            "loss": loss.detach(),
-            "rewards/accuracy": reward_accuracy(chosen_rewards, rejected_rewards).sum() / num_pairs,
-            "rewards/margin": (chosen_rewards - rejected_rewards).sum() / num_pairs,
-            "rewards/chosen": chosen_rewards.sum() / num_pairs,
-            "rewards/rejected": rejected_rewards.sum() / num_pairs,
-            "logps/chosen": logps[:, 0].detach().sum() / num_pairs,
-            "logps/rejected": logps[:, 1].detach().sum() / num_pairs,
-            "num_real_tokens": batch["num_real_tokens"],
-        }
+        loss = per_pair.sum() / batch["num_items_in_batch"]  # the mean over every pair of the accumulated batch
+        num_pairs, stats = len(per_pair), Metrics()
+        stats.example_mean("loss", per_pair.detach().sum(), num_pairs)
+        stats.example_mean("rewards/accuracy", reward_accuracy(chosen_rewards, rejected_rewards).sum(), num_pairs)
+        stats.example_mean("rewards/margin", (chosen_rewards - rejected_rewards).sum(), num_pairs)
+        stats.example_mean("rewards/chosen", chosen_rewards.sum(), num_pairs)
+        stats.example_mean("rewards/rejected", rejected_rewards.sum(), num_pairs)
+        stats.example_mean("logps/chosen", logps[:, 0].detach().sum(), num_pairs)
+        stats.example_mean("logps/rejected", logps[:, 1].detach().sum(), num_pairs)
+        stats.per_second("tokens_per_s", batch["num_real_tokens"])
         rt.step(loss, stats)
+        if eval_items and rt.should_evaluate():
+            rt.record_evaluation(evaluate_pairs(model, eval_items, collate_rows, options, eval_ref_table, rt))
 
     return rt.finish(
         model,

@@ -35,7 +35,8 @@ from posttrain.data.pairs import load_unpaired
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
-from posttrain.runtime import Runtime
+from posttrain.models.modes import eval_mode
+from posttrain.runtime import Metrics, Runtime
 
 
 def example_units(examples: list[TokenizedSequence]) -> list[tuple[TokenizedSequence, TokenizedSequence]]:
@@ -52,6 +53,7 @@ def forward_examples(
     return logps[:, 0], ref_logps[:, 0], (logps[:, 1] - ref_logps[:, 1]).detach(), ids[:, 0] // 2
 
 
+@torch.no_grad()
 def evaluate_examples(
     model: Any, items: list[Example], collate_rows: Any, labels: torch.Tensor, ref_table: torch.Tensor, options: KtoBlock, rt: Runtime
 ) -> dict[str, float]:
@@ -59,9 +61,10 @@ def evaluate_examples(
     rewards (sharded over processes, summed)."""
     count = len(labels)
     policy, kl_ratios = torch.zeros(count, device=rt.device), torch.zeros(count, device=rt.device)
-    for batch in rt.eval_batches(items, collate_rows):
-        logps, _, kl, index = forward_examples(model, batch, ref_table)
-        policy[index], kl_ratios[index] = logps.float(), kl.float()
+    with eval_mode(model):
+        for batch in rt.eval_batches(items, collate_rows):
+            logps, _, kl, index = forward_examples(model, batch, ref_table)
+            policy[index], kl_ratios[index] = logps.float(), kl.float()
     policy, kl_ratios = rt.sum_over_processes(policy), rt.sum_over_processes(kl_ratios)
     ref_logps = ref_table.view(-1, 2)[:, 0]
     per_example, rewards = losses.kto_loss(
@@ -101,12 +104,8 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(examples.train))
     eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(examples.held_out)) if eval_items else None
 
-    evaluate = partial(
-        evaluate_examples, items=eval_items, collate_rows=collate_rows, labels=eval_labels, ref_table=eval_ref_table, options=options, rt=rt
-    )
-    model = rt.setup(model, num_rows=len(items), evaluate=(lambda: evaluate(model)) if eval_items else None)
+    model = rt.setup(model, num_rows=len(items))
 
-    micro_batches = rt.train.grad_accum * rt.world_size
     for batch in rt.batches(items, collate_rows, weight=lambda example: 1):
         logps, ref_logps, kl_ratios, index = forward_examples(model, batch, ref_table)
         kl_total = torch.stack([kl_ratios.sum(), torch.tensor(float(len(kl_ratios)), device=kl_ratios.device)])
@@ -117,22 +116,18 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
         per_example, rewards = losses.kto_loss(
             logps, ref_logps, example_labels, kl_estimate, options.beta, options.desirable_weight, options.undesirable_weight
         )
-        loss = per_example.sum() / batch["num_items_in_batch"]
-        stats = {
-            "loss": loss.detach(),  # the runtime sums over the group's micro-batches: the group mean
-            "kl": kl_estimate.clamp(min=0) / micro_batches,
-            # Per-example means over the group: the runtime divides "sum/NAME" by "count/NAME".
-            "sum/rewards/desirable": rewards[example_labels].sum(),
-            "count/rewards/desirable": example_labels.sum(),
-            "sum/rewards/undesirable": rewards[~example_labels].sum(),
-            "count/rewards/undesirable": (~example_labels).sum(),
-            "sum/logps/desirable": logps[example_labels].detach().sum(),
-            "count/logps/desirable": example_labels.sum(),
-            "sum/logps/undesirable": logps[~example_labels].detach().sum(),
-            "count/logps/undesirable": (~example_labels).sum(),
-            "num_real_tokens": batch["num_real_tokens"],
-        }
+        loss = per_example.sum() / batch["num_items_in_batch"]  # the mean over every example of the accumulated batch
+        num_desirable, num_undesirable, stats = example_labels.sum(), (~example_labels).sum(), Metrics()
+        stats.example_mean("loss", per_example.detach().sum(), len(per_example))
+        stats.example_mean("kl", kl_estimate.clamp(min=0), 1)  # z0, the same on every process: its mean over micro-batches
+        stats.example_mean("rewards/desirable", rewards[example_labels].sum(), num_desirable)
+        stats.example_mean("rewards/undesirable", rewards[~example_labels].sum(), num_undesirable)
+        stats.example_mean("logps/desirable", logps[example_labels].detach().sum(), num_desirable)
+        stats.example_mean("logps/undesirable", logps[~example_labels].detach().sum(), num_undesirable)
+        stats.per_second("tokens_per_s", batch["num_real_tokens"])
         rt.step(loss, stats)
+        if eval_items and rt.should_evaluate():
+            rt.record_evaluation(evaluate_examples(model, eval_items, collate_rows, eval_labels, eval_ref_table, options, rt))
 
     return rt.finish(
         model,

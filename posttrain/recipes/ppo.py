@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +67,7 @@ from posttrain.rewards import Reward, WeightedReward, build_reward, load_reward_
 from posttrain.rl import RunningMoments
 from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
-from posttrain.runtime import ModelSelection, Runtime
-from posttrain.runtime.metrics import per_example_means
+from posttrain.runtime import Metrics, ModelSelection, Runtime
 
 SAMPLES_PER_STEP_LOGGED = 4
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
@@ -106,7 +104,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) the reward optimised (after penalty, normalisation, clipping)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor | None  # (B, R), from estimators with a critic
-    metrics: dict[str, float]  # local sums for the step's record
+    metrics: Metrics  # this process's statistics of the rollout, for the step's record
 
 
 def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
@@ -151,12 +149,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
     roles = Roles(engine, trained, frozen_reference, reward, gold)
 
-    def evaluate() -> dict[str, float]:
-        return evaluate_prompts(eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt)
-
     module = rt.setup(
-        trained, num_rows=len(train_prompts), evaluate=evaluate if eval_prompts else None,
-        rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
+        trained, num_rows=len(train_prompts), rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
         parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm), selection=MODEL_SELECTION,
     )
     state = rt.recipe_state
@@ -177,7 +171,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
 
     for step_prompts in rt.iterations(train_prompts):
         rollout = make_rollout(step_prompts, roles, settings, algorithm, kl_controller.value, moments, batches, rt.sum_over_processes, on_policy)
-        update_sums: dict[str, float] = {}  # what the step's record takes from the updates (_update_sums)
+        step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
@@ -193,13 +187,15 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                             rt.accelerator.unwrap_model(module).policy, ptx_batch, tokenizer.pad_token_id, algorithm.ptx_coef,
                             rt.train.grad_accum * rt.world_size, batches,
                         )
-                        loss, stats, ptx_drawn = loss + ptx_loss, {**stats, **ptx_stats}, ptx_drawn + rt.world_size * rt.train.batch_size
-                    _update_sums(update_sums, stats)
-                    rt.backward(loss, stats)
+                        loss, ptx_drawn = loss + ptx_loss, ptx_drawn + rt.world_size * rt.train.batch_size
+                        step_stats.merge(ptx_stats)
+                    step_stats.merge(stats)
+                    rt.backward(loss)
                 rt.update()
         engine.sync_weights(trained.policy)
 
-        step_metrics = _step_metrics({**rollout.metrics, **update_sums}, rt)
+        step_stats = rt.all_reduce(step_stats)
+        step_metrics = step_stats.values()  # what the KL controller and the watch read, before the step is logged
         kl_controller.update(step_metrics.get("kl", 0.0), algorithm.prompts_per_step * sampling.num_samples)
         for warning in watch.observe(rt.global_step + 1, step_metrics):
             rt.log(f"watch: {warning.message}")
@@ -211,10 +207,13 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         rt.recipe_state.update(kl_coef=kl_controller.value, reward_moments=moments.state_dict(), watch=watch.state_dict(), warnings=warnings)
         if rt.is_main:
             _append_samples(rt.run_dir / "samples.jsonl", rt.global_step + 1, rollout)
-        rt.end_step({**step_metrics, "kl_coef": kl_controller.value})
+        step_stats.last("kl_coef", kl_controller.value)
+        rt.log_step(step_stats)
         if stopped_by:
             rt.stopped_early = True
             rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
+        if eval_prompts and rt.should_evaluate():
+            rt.record_evaluation(evaluate_prompts(eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt))
 
     summary: dict[str, Any] = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
     return rt.finish(module, tokenizer, summary)
@@ -297,28 +296,26 @@ def make_rollout(
     kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
     advantages, returns = advantages_for(algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes)
 
-    metrics: dict[str, float] = {
-        "count": float(len(rows)),
-        **({"sum/kl": float(rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum())} if measured else {}),
-        "sum/reward": float(raw.sum()),
-        "sum/reward_sq": float((raw**2).sum()),
-        "sum/response_length": float(mask.sum(1).sum()),
-        "sum/unfinished_share": float((~finished).sum()),
-        "sum/distinct_share": float(len(set(texts))),
-        "sum/advantage": float(rl.masked_sum(advantages, mask)),  # a token mean, like the loss
-        "count/advantage": float(mask.sum()),
-    }
+    # Means per response unless said otherwise, over every process once the step reduces them.
+    metrics, responses = Metrics(), len(rows)
+    if measured:
+        metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), responses)
+    metrics.example_mean("reward", raw.sum(), responses)
+    metrics.std("reward_std", raw)
+    metrics.example_mean("response_length", mask.sum(), responses)
+    metrics.example_mean("unfinished_share", (~finished).sum(), responses)
+    metrics.example_mean("distinct_share", len(set(texts)), responses)
+    metrics.token_mean("advantage", rl.masked_sum(advantages, mask), mask.sum())  # a token mean, like the loss
     for name, values_of_term in breakdown.items():
         if name != "total" and len(breakdown) > 2:
-            metrics[f"sum/reward_{name}"] = float(sum(values_of_term))
+            metrics.example_mean(f"reward_{name}", sum(values_of_term), responses)
     if roles.gold is not None:
+        # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
         known = [i for i, ref in enumerate(references) if ref is not None or not roles.gold.needs_reference]
-        if known:
-            gold_scores = roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
-            metrics["sum/gold_reward"], metrics["count/gold_reward"] = float(sum(gold_scores)), float(len(known))
+        gold_scores = roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]) if known else []
+        metrics.example_mean("gold_reward", sum(gold_scores), len(known))
     if returns is not None and values is not None:
-        metrics["sum/value_explained_variance"] = float(rl.explained_variance(values, returns, mask))
-        metrics["count/value_explained_variance"] = 1.0
+        metrics.example_mean("value_explained_variance", rl.explained_variance(values, returns, mask), 1)  # mean over processes
     return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
 
 
@@ -375,7 +372,7 @@ def _normaliser(mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_
 def ppo_micro_loss(
     module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, algorithm: AlgorithmBlock,
     sampling: SamplingBlock, batches: RolloutBatches,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, Metrics]:
     """The loss of the responses ``chosen`` from ``rollout`` (one micro-batch: its share of the update's normalised
     sum) and its statistics."""
     temperature = sampling.temperature
@@ -393,13 +390,14 @@ def ppo_micro_loss(
     values_flat = in_row_order(values_flat, order) if values_flat is not None else None
     logps = to_actions(token_logps(logits, in_row_order(batch["targets"][batch["targets"] != IGNORE_INDEX], order), temperature), mask)
     entropy = to_actions(rl.entropy_from_logits(logits.float() / temperature), mask)
-    stats: dict[str, float] = {}
+    stats = Metrics()
     if rollout.old_logps is None:
         # On-policy (make_rollout's on_policy): the old log-probs are these very ones (ratio 1, the same gradient),
-        # and the rollout's KL, per response like make_rollout's, comes from this forward.
+        # and the rollout's KL, per response like make_rollout's, comes from this forward (the one update takes
+        # every response once).
         old_logps = logps.detach()
         if rollout.ref_logps is not None:
-            stats["sum/rollout_kl"] = float(rl.masked_sum(rl.kl_estimate(old_logps, take(rollout.ref_logps), "k1"), mask))
+            stats.example_mean("kl", rl.masked_sum(rl.kl_estimate(old_logps, take(rollout.ref_logps), "k1"), mask), len(chosen))
     else:
         old_logps = take(rollout.old_logps)
     policy_token_loss, clipped = rl.policy_loss(logps, old_logps, take(rollout.advantages), mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
@@ -411,19 +409,16 @@ def ppo_micro_loss(
         value_token_loss, _ = rl.value_loss(to_actions(values_flat, mask), take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
         token_loss = token_loss + algorithm.vf_coef * value_token_loss
     loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, sampling.max_new_tokens)
-    tokens = float(mask.sum())
-    stats.update({
-        "loss_sum": float(rl.masked_sum(token_loss, mask).detach()),  # logged as "loss": the total per token
-        "num_tokens": tokens,
-        "sum/policy_loss": float(rl.masked_sum(policy_token_loss, mask).detach()),
-        "sum/clip_fraction": float(rl.masked_sum(clipped, mask)),
-        "sum/approx_kl": float(rl.masked_sum(rl.kl_estimate(old_logps, logps.detach(), "k2"), mask)),
-        "sum/entropy": float(rl.masked_sum(entropy.detach(), mask)),
-        **{f"count/{name}": tokens for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy")},
-        "num_real_tokens": float(batch["num_real_tokens"]),
-    })
+    tokens = mask.sum()
+    stats.token_mean("loss", rl.masked_sum(token_loss, mask).detach(), tokens)  # the whole loss per token
+    stats.count_trained_tokens(tokens)
+    stats.token_mean("policy_loss", rl.masked_sum(policy_token_loss, mask).detach(), tokens)
+    stats.token_mean("clip_fraction", rl.masked_sum(clipped, mask), tokens)
+    stats.token_mean("approx_kl", rl.masked_sum(rl.kl_estimate(old_logps, logps.detach(), "k2"), mask), tokens)
+    stats.token_mean("entropy", rl.masked_sum(entropy.detach(), mask), tokens)
     if value_token_loss is not None:
-        stats["sum/value_loss"], stats["count/value_loss"] = float(rl.masked_sum(value_token_loss, mask).detach()), tokens
+        stats.token_mean("value_loss", rl.masked_sum(value_token_loss, mask).detach(), tokens)
+    stats.per_second("tokens_per_s", batch["num_real_tokens"])
     return loss, stats
 
 
@@ -435,7 +430,7 @@ def _ptx_batch(ptx_rows: list[Row], drawn: int, batch_size: int, process_index: 
 
 def _ptx_loss(
     policy: Any, rows: list[Row], pad_token_id: int, ptx_coef: float, micro_batches: int, batches: RolloutBatches
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, Metrics]:
     """``ptx_coef`` × the token-mean SFT loss of ``rows`` under ``policy`` (PPO-ptx), over the ``micro_batches`` of
     the update on every process."""
     batch = {k: v.to(batches.device) for k, v in collate(rows, pad_token_id, packed=False).items()}
@@ -445,16 +440,9 @@ def _ptx_loss(
     # Normalised by this micro-batch's tokens, averaged over the update's micro-batches and processes.
     per_token, stats = losses.sft_loss(logits, batch["targets"][trained], trained.sum().clamp(min=1))
     loss = ptx_coef * per_token / micro_batches
-    return loss, {"sum/ptx_loss": float(stats["loss_sum"]), "count/ptx_loss": float(stats["num_tokens"])}
-
-
-def _update_sums(into: dict[str, float], stats: dict[str, float]) -> None:
-    """Adds to ``into`` what the step's record takes from one micro-batch: the entropy the watch's collapse check
-    reads, and (on-policy) the rollout's KL, which leaves ``stats`` so the runtime does not also log it."""
-    if "sum/rollout_kl" in stats:
-        into["sum/kl"] = into.get("sum/kl", 0.0) + stats.pop("sum/rollout_kl")
-    for key in ("sum/entropy", "count/entropy"):
-        into[key] = into.get(key, 0.0) + stats[key]
+    ptx_stats = Metrics()
+    ptx_stats.token_mean("ptx_loss", stats["loss_sum"], stats["num_tokens"])
+    return loss, ptx_stats
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -472,13 +460,6 @@ def _sum_over_processes(values: dict[str, float], rt: Runtime) -> dict[str, floa
     keys = sorted(values)
     totals = rt.sum_over_processes(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=rt.device))
     return dict(zip(keys, totals.tolist()))
-
-
-def _step_metrics(sums: dict[str, float], rt: Runtime) -> dict[str, float]:
-    """The step's rollout and update means over every process: what the watch reads and the record logs."""
-    out = per_example_means(_sum_over_processes(sums, rt))
-    out["reward_std"] = math.sqrt(max(out.pop("reward_sq") - out["reward"] ** 2, 0.0))
-    return out
 
 
 def _append_samples(path: Path, step: int, rollout: Rollout) -> None:

@@ -32,7 +32,8 @@ from posttrain.data.packing import Example, collate_examples, local_sequence_ids
 from posttrain.data.pairs import TokenizedPair, load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import shares_prefix
-from posttrain.runtime import Runtime
+from posttrain.models.modes import eval_mode
+from posttrain.runtime import Metrics, Runtime
 
 
 def pair_rewards(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +52,17 @@ def pair_margins(pairs: list[TokenizedPair], use_margin: bool) -> torch.Tensor |
     return torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
 
 
+@torch.no_grad()
 def evaluate_pairs(model: Any, rows: list[Example], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime) -> dict[str, float]:
     """Held-out pairwise loss, accuracy and mean reward gap (rows sharded over processes, sums reduced)."""
     totals = torch.zeros(4, device=rt.device)  # loss sum, correct, gap sum, pairs
-    for batch in rt.eval_batches(rows, collate_rows):
-        rewards, index = pair_rewards(model, batch)
-        margin = margins[index.cpu()].to(rt.device) if margins is not None else None
-        loss, stats = losses.pairwise_reward_loss(rewards[:, 0], rewards[:, 1], margin)
-        n = rewards.shape[0]
-        totals += torch.stack([loss * n, stats["accuracy"] * n, stats["reward_gap"] * n, torch.tensor(float(n), device=rt.device)])
+    with eval_mode(model):
+        for batch in rt.eval_batches(rows, collate_rows):
+            rewards, index = pair_rewards(model, batch)
+            margin = margins[index.cpu()].to(rt.device) if margins is not None else None
+            loss, stats = losses.pairwise_reward_loss(rewards[:, 0], rewards[:, 1], margin)
+            n = rewards.shape[0]
+            totals += torch.stack([loss * n, stats["accuracy"] * n, stats["reward_gap"] * n, torch.tensor(float(n), device=rt.device)])
     totals = rt.sum_over_processes(totals)
     pairs = totals[3].clamp(min=1)
     return {"eval_loss": (totals[0] / pairs).item(), "eval_accuracy": (totals[1] / pairs).item(), "eval_reward_gap": (totals[2] / pairs).item()}
@@ -86,8 +89,7 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
         f"{pairs.truncated} with a side truncated at {config.data.max_length} tokens; {len(pairs.held_out)} held out; "
         f"margins {'used' if margins is not None else 'none'}; chat template {pairs.template}"
     )
-    evaluate = partial(evaluate_pairs, rows=eval_rows, margins=eval_margins, collate_rows=collate_rows, rt=rt) if eval_rows else None
-    model = rt.setup(model, num_rows=len(rows), evaluate=(lambda: evaluate(model)) if evaluate else None)
+    model = rt.setup(model, num_rows=len(rows))
 
     for batch in rt.batches(rows, collate_rows, weight=lambda pair: 1):
         rewards, index = pair_rewards(model, batch)
@@ -96,18 +98,17 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
         num_pairs = rewards.shape[0]
         # The mean over this micro-batch, re-weighted to a mean over every pair of the accumulated batch.
         loss = mean_loss * num_pairs / batch["num_items_in_batch"]
-        rt.step(
-            loss,
-            {
-                "count": num_pairs,
-                "sum/loss": mean_loss.detach() * num_pairs,
-                "sum/accuracy": stats["accuracy"] * num_pairs,
-                "sum/reward_gap": stats["reward_gap"] * num_pairs,
-                "sum/chosen_reward": rewards[:, 0].detach().sum(),
-                "sum/rejected_reward": rewards[:, 1].detach().sum(),
-                "num_real_tokens": batch["num_real_tokens"],
-            },
-        )
+        metrics = Metrics()
+        metrics.sum("count", num_pairs)
+        metrics.example_mean("loss", mean_loss.detach() * num_pairs, num_pairs)
+        metrics.example_mean("accuracy", stats["accuracy"] * num_pairs, num_pairs)
+        metrics.example_mean("reward_gap", stats["reward_gap"] * num_pairs, num_pairs)
+        metrics.example_mean("chosen_reward", rewards[:, 0].detach().sum(), num_pairs)
+        metrics.example_mean("rejected_reward", rewards[:, 1].detach().sum(), num_pairs)
+        metrics.per_second("tokens_per_s", batch["num_real_tokens"])
+        rt.step(loss, metrics)
+        if eval_rows and rt.should_evaluate():
+            rt.record_evaluation(evaluate_pairs(model, eval_rows, eval_margins, collate_rows, rt))
 
     return rt.finish(
         model,

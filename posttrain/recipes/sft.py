@@ -33,15 +33,18 @@ from posttrain.data.dataset import load_sequences
 from posttrain.data.packing import Example, collate_examples, examples_of
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer, token_logits
-from posttrain.runtime import Runtime
+from posttrain.models.modes import eval_mode
+from posttrain.runtime import Metrics, Runtime
 
 
+@torch.no_grad()
 def evaluate_loss(model: Any, examples: list[Example], collate_rows: Any, rt: Runtime) -> dict[str, float]:
     """Token-mean validation loss and perplexity over ``examples`` (sharded over processes, summed)."""
     total = torch.zeros(2, device=rt.device)
-    for batch in rt.eval_batches(examples, collate_rows):
-        _, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1)
-        total += torch.stack([stats["loss_sum"].float(), stats["num_tokens"].float()])
+    with eval_mode(model):
+        for batch in rt.eval_batches(examples, collate_rows):
+            _, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1)
+            total += torch.stack([stats["loss_sum"].float(), stats["num_tokens"].float()])
     total = rt.sum_over_processes(total)
     eval_loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval_loss": eval_loss, "eval_ppl": float(torch.exp(torch.tensor(min(eval_loss, 50.0))))}
@@ -69,21 +72,26 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
         + (f"; chat template: {sequences.template}" if sequences.template else "")
     )
 
-    evaluate = partial(evaluate_loss, examples=eval_examples, collate_rows=collate_rows, rt=rt) if eval_examples else None
-    model = rt.setup(model, num_rows=len(examples), evaluate=(lambda: evaluate(model)) if evaluate else None)
+    model = rt.setup(model, num_rows=len(examples))
 
     sources = sequences.source_names
     for batch in rt.batches(examples, collate_rows):
         trained = batch["targets"] != IGNORE_INDEX
         logits = token_logits(model, batch)
-        loss, stats = losses.sft_loss(logits, batch["targets"][trained], batch["num_items_in_batch"])
-        stats["num_real_tokens"] = batch["num_real_tokens"]
+        loss, loss_stats = losses.sft_loss(logits, batch["targets"][trained], batch["num_items_in_batch"])
+        stats = Metrics()
+        stats.token_mean("loss", loss_stats["loss_sum"], loss_stats["num_tokens"])
+        stats.count_trained_tokens(loss_stats["num_tokens"])
         if len(sources) > 1:  # a mixture: loss per source too, so a domain set's progress is visible
             with torch.no_grad():
                 nll, counts = losses.per_sequence_nll(logits, batch["targets"][trained], batch["source_ids"][trained], len(sources))
             for index, name in enumerate(sources):
-                stats[f"loss_sum/{name}"], stats[f"num_tokens/{name}"] = nll[index], counts[index]
+                stats.sum(f"tokens/{name}", counts[index])
+                stats.token_mean(f"loss/{name}", nll[index], counts[index])
+        stats.per_second("tokens_per_s", batch["num_real_tokens"])
         rt.step(loss, stats)
+        if eval_examples and rt.should_evaluate():
+            rt.record_evaluation(evaluate_loss(model, examples=eval_examples, collate_rows=collate_rows, rt=rt))
 
     return rt.finish(
         model,

@@ -1,12 +1,135 @@
-"""Metrics to ``metrics.jsonl`` (one JSON object a line, always) and TensorBoard (optional), and the progress bar."""
+"""A step's statistics (:class:`Metrics`, each of a declared kind), written to ``metrics.jsonl`` (one JSON object a
+line, always) and TensorBoard (optional), and the progress bar."""
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+class Kind(enum.Enum):
+    """How a statistic combines over the micro-batches of a step and over processes, and what is logged."""
+
+    SUM = "sum"
+    """The total, summed."""
+    TOKEN_MEAN = "token mean"
+    """Σ total / Σ tokens: a mean per trained token (a loss normalised by tokens)."""
+    EXAMPLE_MEAN = "example mean"
+    """Σ total / Σ count: a mean per example (pair, response, prompt; a process, with count 1 each)."""
+    STD = "std"
+    """The standard deviation of values, from Σx, Σx² and their count (the population formula)."""
+    PER_SECOND = "per second"
+    """The total divided by the step's wall-clock seconds (throughput)."""
+    LAST = "last"
+    """The value as last given: not summed over micro-batches or processes, so it must already be the same on
+    every process (logged from the main one)."""
+
+
+MEAN_KINDS = (Kind.TOKEN_MEAN, Kind.EXAMPLE_MEAN)
+
+
+class Metrics:
+    """One step's statistics: each name has a kind (:class:`Kind`) and the numbers that kind sums (a total, a
+    total and its count, Σx/Σx²/count). Recipes fill one per micro-batch with the totals of that micro-batch, never
+    pre-divided; the runtime merges the micro-batches, sums every process's numbers with one all-reduce
+    (:meth:`reduce`) and logs :meth:`values`. A mean whose count is 0 over the whole step is left out.
+
+    Every process must record the same names and kinds (in any order): the all-reduce lines them up by name.
+    ``trained_tokens`` (:meth:`count_trained_tokens`) is summed alike and becomes the run's ``tokens_trained``."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Kind, list[float]]] = {}
+        self.trained_tokens = 0.0
+        self._counts_tokens = False  # whether trained tokens were counted (even 0): the same on every process
+
+    # -------------------------------------------------------------------------------------------- recording
+    def sum(self, name: str, value: Any) -> None:
+        self._add(name, Kind.SUM, [value])
+
+    def token_mean(self, name: str, total: Any, tokens: Any) -> None:
+        self._add(name, Kind.TOKEN_MEAN, [total, tokens])
+
+    def example_mean(self, name: str, total: Any, count: Any) -> None:
+        self._add(name, Kind.EXAMPLE_MEAN, [total, count])
+
+    def std(self, name: str, values: torch.Tensor) -> None:
+        values = values.detach().double()
+        self._add(name, Kind.STD, [values.sum(), (values**2).sum(), values.numel()])
+
+    def per_second(self, name: str, value: Any) -> None:
+        self._add(name, Kind.PER_SECOND, [value])
+
+    def last(self, name: str, value: Any) -> None:
+        self._add(name, Kind.LAST, [value])
+
+    def count_trained_tokens(self, tokens: Any) -> None:
+        """Tokens the loss trained on (summed into the run summary's ``tokens_trained``; not logged per step)."""
+        self.trained_tokens += float(tokens)
+        self._counts_tokens = True
+
+    def _add(self, name: str, kind: Kind, numbers: list[Any]) -> None:
+        plain = [float(number) for number in numbers]  # tensors: detached to Python floats once, here
+        if name not in self._entries:
+            self._entries[name] = (kind, plain)
+            return
+        known, sums = self._entries[name]
+        if known is not kind:
+            raise ValueError(f"metric {name!r} is recorded both as {kind.value} and as {known.value}; one name, one kind")
+        self._entries[name] = (kind, plain if kind is Kind.LAST else [a + b for a, b in zip(sums, plain)])
+
+    # -------------------------------------------------------------------------------------------- combining
+    def merge(self, other: Metrics) -> Metrics:
+        """Adds ``other``'s numbers to these (another micro-batch, or another process's share); returns self."""
+        for name, (kind, numbers) in other._entries.items():
+            self._add(name, kind, numbers)
+        self.trained_tokens += other.trained_tokens
+        self._counts_tokens |= other._counts_tokens
+        return self
+
+    def reduce(self, sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> Metrics:
+        """These statistics summed over every process: all summed numbers in one float64 tensor through
+        ``sum_over_processes`` (an all-reduce), ``LAST`` values kept as they are."""
+        summed = sorted(name for name, (kind, _) in self._entries.items() if kind is not Kind.LAST)
+        flat = [number for name in summed for number in self._entries[name][1]] + [self.trained_tokens]
+        totals = sum_over_processes(torch.tensor(flat, dtype=torch.float64, device=device)).tolist()
+        reduced = Metrics()
+        reduced._entries = dict(self._entries)
+        position = 0
+        for name in summed:
+            kind, numbers = self._entries[name]
+            reduced._entries[name] = (kind, totals[position : position + len(numbers)])
+            position += len(numbers)
+        reduced.trained_tokens, reduced._counts_tokens = totals[position], self._counts_tokens
+        return reduced
+
+    # -------------------------------------------------------------------------------------------- reading
+    def values(self, seconds: float | None = None) -> dict[str, float]:
+        """What is logged, by name, in recording order; ``PER_SECOND`` entries only when ``seconds`` is given."""
+        out: dict[str, float] = {}
+        for name, (kind, numbers) in self._entries.items():
+            if kind in (Kind.SUM, Kind.LAST):
+                out[name] = numbers[0]
+            elif kind in MEAN_KINDS:
+                if numbers[1]:
+                    out[name] = numbers[0] / numbers[1]
+            elif kind is Kind.STD:
+                total, total_sq, count = numbers
+                if count:
+                    out[name] = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+            elif seconds is not None:  # Kind.PER_SECOND
+                out[name] = numbers[0] / seconds
+        return out
+
+    def __bool__(self) -> bool:
+        """Whether anything was recorded (the same answer on every process, so all skip an empty reduce alike)."""
+        return bool(self._entries) or self._counts_tokens
 
 
 class MetricsWriter:
@@ -83,16 +206,3 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def per_example_means(sums: dict[str, float]) -> dict[str, float]:
-    """``sum/NAME`` divided by ``count/NAME`` (or by ``count``) as ``NAME``: per-example means (pairs, prompts,
-    responses) of statistics summed over micro-batches and processes. Names whose count is 0 are left out."""
-    means = {}
-    for key, value in sums.items():
-        if key.startswith("sum/"):
-            name = key.split("/", 1)[1]
-            count = sums.get(f"count/{name}", sums.get("count", 0.0))
-            if count:
-                means[name] = value / count
-    return means

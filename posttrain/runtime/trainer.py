@@ -9,9 +9,13 @@ A recipe reads like this (``recipes/sft.py``)::
     examples = ...                                    # items with a ``num_targets`` count
     model = rt.setup(model, num_rows=len(examples))   # optimizer, scheduler, resume
     for batch in rt.batches(examples, collate):       # the exact data position survives a resume
-        loss, stats = losses.sft_loss(token_logits(model, batch), ..., batch["num_items_in_batch"])
-        rt.step(loss, stats)                          # backward; on the last micro-batch: clip, step, log, save
-    rt.finish(model, tokenizer)
+        loss, loss_stats = losses.sft_loss(token_logits(model, batch), ..., batch["num_items_in_batch"])
+        stats = Metrics()                             # typed: a token mean, example means, sums (metrics.Kind)
+        stats.token_mean("loss", loss_stats["loss_sum"], loss_stats["num_tokens"])
+        rt.step(loss, stats)                          # backward; on the last micro-batch: clip, step, log
+        if held_out and rt.should_evaluate():         # every train.eval_every steps, and after the last
+            rt.record_evaluation(evaluate(model, held_out))   # best checkpoint, early stopping
+    rt.finish(model, tokenizer)                       # (the step's checkpoint: when the loop asks for more)
 
 Batch size counts examples. Every optimizer step consumes one *group* of ``batch_size x grad_accum x processes``
 examples (data rows: SFT or pretraining sequences, preference pairs, KTO examples) of a seeded per-epoch
@@ -22,6 +26,11 @@ function of the step count, which is what makes resume exact. ``num_items_in_bat
 (trained tokens, or examples) of the whole group, computed from the examples on every process without
 communication, so accumulated micro-batches normalise exactly as one large batch would. Every step logs its
 example count as ``examples``.
+
+A step ends in three moves: :meth:`log_step` (inside :meth:`step` on the last micro-batch) logs it; the recipe
+evaluates when :meth:`should_evaluate` says so and hands the results to :meth:`record_evaluation`; :meth:`end_step`
+(called by :meth:`batches` and :meth:`iterations` when the loop comes back for the next step) writes the periodic
+checkpoint and honours a pending signal. A checkpoint therefore always holds its own step's evaluation.
 """
 
 from __future__ import annotations
@@ -39,9 +48,8 @@ from typing import Any
 import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
-from posttrain.models.modes import eval_mode
 from posttrain.runtime import checkpoint as ckpt
-from posttrain.runtime.metrics import MetricsWriter, Progress, per_example_means, read_metrics
+from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
 from posttrain.runtime.report import write_plots, write_report
 
@@ -112,7 +120,6 @@ class Runtime:
         self.global_step = 0
         self.total_steps = 0
         self.steps_per_epoch = 0
-        self.evaluate: Callable[[], dict[str, float]] | None = None
         self.model: Any = None
         self.optimizer: Any = None
         self.scheduler: Any = None
@@ -122,18 +129,21 @@ class Runtime:
         self.selection = ModelSelection()
         self.best_eval = self.selection.worst  # the best value of selection.metric so far
         self.best_step: int | None = None
+        self.best_results: dict[str, float] | None = None  # the whole evaluation at best_step: the restored model's figures
         self.evals_without_improvement = 0
         self.stopped_early = False
         self.tokens_trained = 0
         self.started = time.time()
         self._signal: int | None = None
         self._micro = 0
-        self._group_stats: dict[str, float] = {}
+        self._step_stats = Metrics()  # the current step's statistics on this process (micro-batches merged)
         self._group_losses: list[torch.Tensor] = []
         self._step_started = 0.0
         self._progress: Progress | None = None
         self.resumed_from: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results) of the latest evaluation
+        self._step_open = False  # a step was logged and its end (end_step: checkpoint, signals) is still to come
+        self._saved_step: int | None = None  # the step whose best checkpoint its evaluation wrote
         self._rows_per_step: int | None = None
         self._step_examples: int | None = None  # examples of the current step (all processes), logged as "examples"
         self._update_norms: list[float] = []
@@ -190,7 +200,6 @@ class Runtime:
         self,
         model: Any,
         num_rows: int,
-        evaluate: Callable[[], dict[str, float]] | None = None,
         rows_per_step: int | None = None,
         updates_per_step: int = 1,
         parameter_groups: list[dict[str, Any]] | None = None,
@@ -203,7 +212,8 @@ class Runtime:
         and ``updates_per_step`` (optimizer updates per step, which the learning-rate
         schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``) set per-group options
         such as a critic's learning rate (and ``name``/``max_grad_norm``, see :meth:`update`); ``selection`` is the
-        held-out metric and direction that pick the best checkpoint and drive early stopping."""
+        held-out metric and direction that pick the best checkpoint and drive early stopping (the recipe evaluates:
+        :meth:`should_evaluate`)."""
         from posttrain.models.adapters import count_parameters
 
         self.selection = selection
@@ -220,7 +230,6 @@ class Runtime:
                 f"{num_rows} training examples are fewer than one optimizer step needs ({needs}); lower them or add data"
             )
         self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * self.steps_per_epoch))
-        self.evaluate = evaluate
         self.trainable = count_parameters(model)
         trainable, total = self.trainable
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
@@ -254,6 +263,7 @@ class Runtime:
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.best_eval = state.get("best_eval", self.selection.worst)
         self.best_step = state.get("best_step")
+        self.best_results = state.get("best_results")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.tokens_trained = state.get("tokens_trained", 0)
         self.recipe_state = state.get("recipe", {})
@@ -295,6 +305,7 @@ class Runtime:
                 # Gradients are all-reduced only on the last micro-batch of a group.
                 with nullcontext() if last else self.accelerator.no_sync(self.model):
                     yield batch
+            self.end_step()
 
     def _step_members(self, num_rows: int) -> Iterator[list[int]]:
         """Row indices of each step's group, from the current step to the last; the progress bar and the
@@ -317,34 +328,34 @@ class Runtime:
     def iterations(self, rows: Sequence[Any]) -> Iterator[list[Any]]:
         """For recipes whose step is more than one optimizer update (online RL: sample, score, then several
         updates): this process's share of each step's ``rows_per_step`` rows, from the current step to the last.
-        The body calls :meth:`backward` per micro-batch, :meth:`update` per optimizer update and
-        :meth:`end_step` once; the data position is a function of the step count, as in :meth:`batches`."""
+        The body calls :meth:`backward` per micro-batch, :meth:`update` per optimizer update, :meth:`log_step`
+        once and then evaluates if :meth:`should_evaluate`; the data position is a function of the step count, as
+        in :meth:`batches`."""
         rank, world = self.accelerator.process_index, self.world_size
         for members in self._step_members(len(rows)):
             self._step_started = time.time()
             yield [rows[i] for i in members[rank::world]]
+            self.end_step()
 
-    def step(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
-        """Backward for one micro-batch; after the last one of a group: clip, guard, step, log, evaluate, save.
+    def step(self, loss: torch.Tensor, stats: Metrics | None = None) -> None:
+        """Backward for one micro-batch; after the last one of a group: clip, guard, step, log (:meth:`log_step`).
 
-        ``stats`` are summed over the group's micro-batches and processes, then logged: ``loss_sum``/``num_tokens``
-        as the token-mean ``loss`` (``loss_sum/X``/``num_tokens/X`` as ``loss/X``); ``sum/NAME`` divided by
-        ``count/NAME`` or ``count`` as the per-example mean ``NAME``; ``num_real_tokens`` as throughput; any
-        other key as its sum."""
-        self.backward(loss, stats)
+        ``stats`` are the micro-batch's own totals (:class:`Metrics`), combined over the group's micro-batches and
+        processes as their kinds say."""
+        self.backward(loss)
+        if stats is not None:
+            self._step_stats.merge(stats)
         self._micro += 1
         if self._micro == self.train.grad_accum:
             self._micro = 0
             self.update()
-            self.end_step()
+            self.log_step()
 
-    def backward(self, loss: torch.Tensor, stats: dict[str, Any] | None = None) -> None:
-        """Backward for one micro-batch and its ``stats`` (summed into the step's, as :meth:`step` describes)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward for one micro-batch."""
         # DDP averages gradients over processes; the loss is already normalised by the global token count.
         self.accelerator.backward(loss * self.world_size)
         self._group_losses.append(loss.detach())
-        for key, value in (stats or {}).items():
-            self._group_stats[key] = self._group_stats.get(key, 0.0) + float(value)
 
     def update(self) -> float:
         """One optimizer update from the accumulated gradients: clip, refuse a non-finite loss or gradient (the
@@ -381,11 +392,12 @@ class Runtime:
             self._update_group_norms.append(group_norms)
         return grad_norm
 
-    def end_step(self, extra: dict[str, float] | None = None) -> dict[str, Any]:
-        """Close a step: log its statistics (and the mean gradient norm of its updates) plus ``extra`` (values
-        already combined over processes, logged as given), evaluate, checkpoint, honour signals. Returns the
-        metrics record logged for the step."""
-        stats = self._reduce(self._group_stats)
+    def log_step(self, combined: Metrics | None = None) -> dict[str, Any]:
+        """Log a finished step: its statistics (those given to :meth:`step`, all-reduced, plus ``combined``,
+        statistics the recipe already reduced with :meth:`all_reduce`), the mean gradient norm of its updates, the
+        learning rate; abort after too many non-finite steps. Returns the metrics record logged for the step."""
+        stats = self.all_reduce(self._step_stats) if self._step_stats else self._step_stats
+        stats.merge(combined or Metrics())
         norms = self._update_norms or [0.0]
         grad_norm, skipped = sum(norms) / len(norms), self._skipped_updates > 0
         # Each parameter group's norm before its clip, as grad_norm/NAME (mean over the step's updates).
@@ -395,37 +407,14 @@ class Runtime:
         }
         lr = self.scheduler.get_last_lr()[0]
         self.global_step += 1
-        self._group_stats, self._update_norms, self._update_group_norms, self._skipped_updates = {}, [], [], 0
-        return self._after_step(stats, grad_norm, lr, skipped, {**per_group, **(extra or {})})
-
-    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1 or not stats:
-            return stats
-        keys = sorted(stats)
-        summed = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.device), reduction="sum")
-        return dict(zip(keys, summed.tolist()))
-
-    def _after_step(self, stats: dict[str, float], grad_norm: float, lr: float, skipped: bool, extra: dict[str, float] | None = None) -> dict[str, Any]:
+        self._step_stats, self._update_norms, self._update_group_norms, self._skipped_updates = Metrics(), [], [], 0
         elapsed = max(time.time() - self._step_started, 1e-9)
         record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
-        if "loss_sum" in stats and stats.get("num_tokens"):
-            record["loss"] = stats["loss_sum"] / stats["num_tokens"]
-        self.tokens_trained += int(stats.get("num_tokens", 0))
-        for key, value in stats.items():
-            if key.startswith("loss_sum/"):  # per-group losses (e.g. mixture sources): token means, like "loss"
-                group = key.split("/", 1)[1]
-                tokens = stats.get(f"num_tokens/{group}", 0.0)
-                record[f"tokens/{group}"] = tokens
-                if tokens:
-                    record[f"loss/{group}"] = value / tokens
-            elif key not in ("loss_sum", "num_tokens", "num_real_tokens") and not key.startswith(("num_tokens/", "count/", "sum/")):
-                record[key] = value
-        record.update(per_example_means(stats))
-        record.update(extra or {})
+        record.update(stats.values(seconds=elapsed))
+        record.update(per_group)
+        self.tokens_trained += int(stats.trained_tokens)
         if self._step_examples is not None:
             record["examples"] = self._step_examples
-        if "num_real_tokens" in stats:
-            record["tokens_per_s"] = stats["num_real_tokens"] / elapsed
         record["step_time_s"] = elapsed
         if skipped:
             record["skipped_nonfinite"] = self.nonfinite_total
@@ -445,23 +434,44 @@ class Runtime:
                 "token, or corrupt weights. The last good checkpoint is in "
                 f"{self.checkpoint_dir} and was not overwritten."
             )
-        saved = False
-        if self.evaluate is not None and self.train.eval_every and self.global_step % self.train.eval_every == 0:
-            saved = self._run_evaluation()
+        self._step_open = True
+        return record
+
+    def all_reduce(self, stats: Metrics) -> Metrics:
+        """``stats`` summed over every process with one all-reduce, as their kinds say (as they are on one)."""
+        return stats.reduce(self.sum_over_processes, self.device) if self.world_size > 1 else stats
+
+    def end_step(self) -> None:
+        """The end of a logged step, after the recipe's evaluation: the periodic checkpoint (unless the
+        evaluation just wrote this step's, the best), then a pending signal. :meth:`batches` and
+        :meth:`iterations` call it when the loop comes back for the next step (or ends)."""
+        if not self._step_open:
+            return
+        self._step_open = False
         every = self.config.checkpoint.every
-        if not saved and every and self.global_step % every == 0:
+        if self._saved_step != self.global_step and every and self.global_step % every == 0:
             self.save_checkpoint()
         if self._signal is not None:
             self._interrupt()
-        return record
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def _run_evaluation(self) -> bool:
-        """Evaluate, track the best, early-stop; returns whether a checkpoint was written for this step."""
-        assert self.evaluate is not None
-        with eval_mode(self.model), torch.no_grad():
-            results = self.evaluate()
+    def should_evaluate(self) -> bool:
+        """Whether the recipe should evaluate now (then :meth:`record_evaluation`): right after a logged step,
+        every ``train.eval_every`` steps and after the run's last step (early stopping included); without
+        ``eval_every``, once after the last step, for the summary's figures of the final model."""
+        if not self._step_open or (self.last_eval is not None and self.last_eval[0] == self.global_step):
+            return False
+        every = self.train.eval_every
+        last = self.global_step >= self.total_steps or self.stopped_early
+        return last or bool(every and self.global_step % every == 0)
+
+    def record_evaluation(self, results: dict[str, float]) -> None:
+        """Take the recipe's held-out ``results`` for the current step: log them, track the best by the stage's
+        :class:`ModelSelection` (its checkpoint is written now, so it exists to be kept), early-stop. Without
+        ``train.eval_every`` they are only the final model's figures for the summary."""
         self.last_eval = (self.global_step, results)
+        if not self.train.eval_every:
+            return
         self.metrics.log(self.global_step, results)
         metric = self.selection.metric
         if metric not in results:
@@ -473,10 +483,11 @@ class Runtime:
         value = results[metric]
         self.log(f"step {self.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         if self.selection.better(value, self.best_eval):
-            self.best_eval, self.best_step = value, self.global_step
+            self.best_eval, self.best_step, self.best_results = value, self.global_step, results
             self.evals_without_improvement = 0
             self.save_checkpoint()  # the best checkpoint must exist to be kept
-            return True
+            self._saved_step = self.global_step
+            return
         self.evals_without_improvement += 1
         patience = self.train.early_stopping_patience
         if patience and self.evals_without_improvement >= patience:
@@ -485,7 +496,6 @@ class Runtime:
                 f"early stopping at step {self.global_step}: no validation improvement in {patience} evaluations; "
                 f"best {metric} {self.best_eval:.4f} at step {self.best_step}"
             )
-        return False
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -501,6 +511,7 @@ class Runtime:
             "tokens_trained": self.tokens_trained,
             **({"recipe": self.recipe_state} if self.recipe_state else {}),
             **({"best_eval": self.best_eval} if math.isfinite(self.best_eval) else {}),
+            **({"best_results": self.best_results} if self.best_results is not None else {}),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -554,21 +565,17 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------------ the end
     def finish(self, model: Any, tokenizer: Any = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Final evaluation, final checkpoint, the model in Hugging Face format, plots and report."""
-        if self.evaluate is not None and self.train.eval_every and self.global_step % self.train.eval_every != 0:
-            self._run_evaluation()
+        """The final model (the best checkpoint's after early stopping), final checkpoint, the model in Hugging
+        Face format, plots and report. The summary's ``final_*`` figures are those of the evaluation that saw the
+        saved model: the last step's (:meth:`should_evaluate`), or the best step's when its weights are restored."""
         final_eval = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.global_step else None
         if self.stopped_early and self.best_step is not None and self.best_step != self.global_step:
             best = self.checkpoint_dir / f"step-{self.best_step:06d}"
             self.log(f"restoring the best checkpoint ({best.name}) as the final model")
             ckpt.load_trainable_state_dict(self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors")))
-            final_eval = None
+            final_eval = self.best_results
         elif not ckpt.is_complete(self.checkpoint_dir / f"step-{self.global_step:06d}"):
             self.save_checkpoint()
-        if self.evaluate is not None and final_eval is None:
-            # The summary describes the model that is saved: evaluate it if no evaluation saw exactly it.
-            with eval_mode(model), torch.no_grad():
-                final_eval = self.evaluate()
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
         if self.is_main:
