@@ -158,12 +158,18 @@ def record_results(out: dict[str, Any], argv: list[str], table: list[str] | None
         f"Commit {STARTED_AT_COMMIT}, {time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
         *([*table, ""] if table else []),
         "| figure | value |", "|---|---|",
-        *(f"| {key} | {json.dumps(value)} |" for key, value in out.items()), "",
+        *(f"| {key} | {figure_cell(value, table)} |" for key, value in out.items()), "",
     ]
     text = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else RESULTS_HEADER
     sections = text.split("\n## ")
     kept = [sections[0].rstrip("\n") + "\n"] + ["## " + s.rstrip("\n") + "\n" for s in sections[1:] if not ("## " + s).startswith(heading + "\n")]
     RESULTS_FILE.write_text("\n".join([*kept, "\n".join(lines)]))
+
+
+def figure_cell(value: Any, table: list[str] | None) -> str:
+    """A figure as JSON; a long one (every run's record) only where the table above already shows it row by row."""
+    text = json.dumps(value)
+    return "(per row in the table above)" if table and len(text) > 300 else text
 
 
 def machine_description() -> str:
