@@ -126,7 +126,7 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
         stats.example_mean("logps/undesirable", logps[~example_labels].detach().sum(), num_undesirable)
         stats.per_second("tokens_per_s", batch["num_real_tokens"])
         rt.step(loss, stats)
-        if eval_items and rt.should_evaluate():
+        if eval_ref_table is not None and rt.should_evaluate():  # there is held-out data
             rt.record_evaluation(evaluate_examples(model, eval_items, collate_rows, eval_labels, eval_ref_table, options, rt))
 
     return rt.finish(

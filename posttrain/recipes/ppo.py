@@ -297,18 +297,18 @@ def make_rollout(
     advantages, returns = advantages_for(algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes)
 
     # Means per response unless said otherwise, over every process once the step reduces them.
-    metrics, responses = Metrics(), len(rows)
-    if measured:
-        metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), responses)
-    metrics.example_mean("reward", raw.sum(), responses)
+    metrics, num_responses = Metrics(), len(rows)
+    if old_logps is not None and ref_logps is not None:  # measured
+        metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), num_responses)
+    metrics.example_mean("reward", raw.sum(), num_responses)
     metrics.std("reward_std", raw)
-    metrics.example_mean("response_length", mask.sum(), responses)
-    metrics.example_mean("unfinished_share", (~finished).sum(), responses)
-    metrics.example_mean("distinct_share", len(set(texts)), responses)
+    metrics.example_mean("response_length", mask.sum(), num_responses)
+    metrics.example_mean("unfinished_share", (~finished).sum(), num_responses)
+    metrics.example_mean("distinct_share", len(set(texts)), num_responses)
     metrics.token_mean("advantage", rl.masked_sum(advantages, mask), mask.sum())  # a token mean, like the loss
     for name, values_of_term in breakdown.items():
         if name != "total" and len(breakdown) > 2:
-            metrics.example_mean(f"reward_{name}", sum(values_of_term), responses)
+            metrics.example_mean(f"reward_{name}", sum(values_of_term), num_responses)
     if roles.gold is not None:
         # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
         known = [i for i, ref in enumerate(references) if ref is not None or not roles.gold.needs_reference]
