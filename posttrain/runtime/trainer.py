@@ -15,7 +15,7 @@ A recipe reads like this (``recipes/sft.py``)::
         rt.step(loss, stats)                          # backward; on the last micro-batch: clip, step, log
         if held_out and rt.should_evaluate():         # every train.eval_every steps, and after the last
             rt.record_evaluation(evaluate(model, held_out))   # best checkpoint, early stopping
-    rt.finish(model, tokenizer)                       # (the step's checkpoint: when the loop asks for more)
+    rt.finish(model, tokenizer)                       # the final model, checkpoint, report
 
 Batch size counts examples. Every optimizer step consumes one *group* of ``batch_size x grad_accum x processes``
 examples (data rows: SFT or pretraining sequences, preference pairs, KTO examples) of a seeded per-epoch
