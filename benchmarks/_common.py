@@ -16,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 CONTENDED_CPU_SHARE = 0.8  # below this share of its cores a run is flagged as slowed by other processes
 RUSAGE_UNITS_PER_MIB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -89,7 +90,9 @@ def run_subprocess(
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"
     env.update(extra_env or {})
-    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise RuntimeError(f"{label} failed with exit code {proc.returncode}")
@@ -113,7 +116,9 @@ def warn_if_contended(shares: list[float], threads: int) -> None:
         )
 
 
-def benchmark_parser(description: str, default_warmup: int, default_rounds: int, steps_help: str, rounds_help: str) -> argparse.ArgumentParser:
+def benchmark_parser(
+    description: str, default_warmup: int, default_rounds: int, steps_help: str, rounds_help: str
+) -> argparse.ArgumentParser:
     """The options every benchmark takes: --size, --steps, --warmup, --rounds, --threads (and the hidden --worker
     that runs one contender in a fresh process)."""
     parser = argparse.ArgumentParser(description=description)
@@ -128,8 +133,11 @@ def benchmark_parser(description: str, default_warmup: int, default_rounds: int,
 
 
 def add_results_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--record", action="store_true",
-                        help=f"also record the summary in {RESULTS_FILE.name} (the README quotes the figures from there)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help=f"also record the summary in {RESULTS_FILE.name} (the README quotes the figures from there)",
+    )
 
 
 RESULTS_FILE = Path(__file__).parent / "RESULTS.md"
@@ -154,15 +162,21 @@ def record_results(out: dict[str, Any], argv: list[str], table: list[str] | None
     command = " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *arguments])
     heading = f"## `{command}`"
     lines = [
-        heading, "",
-        f"Commit {STARTED_AT_COMMIT}, {time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
+        heading,
+        "",
+        f"Commit {STARTED_AT_COMMIT}, {time.strftime('%Y-%m-%d')}, {machine_description()}.",
+        "",
         *([*table, ""] if table else []),
-        "| figure | value |", "|---|---|",
-        *(f"| {key} | {figure_cell(value, table)} |" for key, value in out.items()), "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {key} | {figure_cell(value, table)} |" for key, value in out.items()),
+        "",
     ]
     text = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else RESULTS_HEADER
     sections = text.split("\n## ")
-    kept = [sections[0].rstrip("\n") + "\n"] + ["## " + s.rstrip("\n") + "\n" for s in sections[1:] if not ("## " + s).startswith(heading + "\n")]
+    kept = [sections[0].rstrip("\n") + "\n"] + [
+        "## " + s.rstrip("\n") + "\n" for s in sections[1:] if not ("## " + s).startswith(heading + "\n")
+    ]
     RESULTS_FILE.write_text("\n".join([*kept, "\n".join(lines)]))
 
 
@@ -191,8 +205,11 @@ def machine_description() -> str:
 def current_commit() -> str:
     """The checkout's commit, marked when the package or the benchmarks differ from it (figures of uncommitted
     code are not reproducible from the commit alone)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
@@ -206,7 +223,9 @@ def current_commit() -> str:
 STARTED_AT_COMMIT = current_commit()
 
 
-def steps_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace, default_steps: dict[str, int]) -> tuple[int, int]:
+def steps_and_threads(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, default_steps: dict[str, int]
+) -> tuple[int, int]:
     """The run length (checked against --warmup) and the torch thread count."""
     import torch
 
@@ -223,7 +242,13 @@ def trl_quiet_args() -> dict[str, Any]:
     import torch
 
     return {
-        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "use_cpu": not torch.cuda.is_available(),
-        "gradient_checkpointing": False, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "use_cpu": not torch.cuda.is_available(),
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
         "disable_tqdm": True,
     }

@@ -47,7 +47,12 @@ def run_seed(seed: int, out: Path) -> dict:
     figures = json.loads((out / "eval.json").read_text())
     table = result.stdout.split("\n\n")[0] if "exact match" in result.stdout else result.stdout
     print(f"seed {seed}: {wall:.0f} s\n{table.strip()}\n", flush=True)
-    return {"seed": seed, "wall_s": round(wall, 1), "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, **figures}
+    return {
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
+        **figures,
+    }
 
 
 def claims(run: dict) -> dict[str, bool]:
@@ -75,20 +80,29 @@ def budgets(out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     build = "from posttrain.toy import build_toy; import sys; build_toy(sys.argv[1], size='tiny', seed=0)"
     seconds = {
-        "demo_quick": timed([sys.executable, "-m", "posttrain", "demo", "--quick", "--seed", "0", "--out", str(out / "quick")]),
+        "demo_quick": timed(
+            [sys.executable, "-m", "posttrain", "demo", "--quick", "--seed", "0", "--out", str(out / "quick")]
+        ),
         "toy_build_tiny": timed([sys.executable, "-c", build, str(out / "toy")]),
     }
     for name, value in seconds.items():
-        print(f"{name}: {value:.1f} s (budget {BUDGETS_S[name]:.0f} s){'' if value <= BUDGETS_S[name] else '  OVER BUDGET'}")
-    return {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "budget_s": BUDGETS_S,
-            "within_budget": {k: seconds[k] <= BUDGETS_S[k] for k in seconds}}
+        print(
+            f"{name}: {value:.1f} s (budget {BUDGETS_S[name]:.0f} s){'' if value <= BUDGETS_S[name] else '  OVER BUDGET'}"
+        )
+    return {
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "budget_s": BUDGETS_S,
+        "within_budget": {k: seconds[k] <= BUDGETS_S[k] for k in seconds},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo-seeds")
-    parser.add_argument("--budgets", action="store_true", help="measure the demo --quick and toy-build wall-clock budgets instead")
+    parser.add_argument(
+        "--budgets", action="store_true", help="measure the demo --quick and toy-build wall-clock budgets instead"
+    )
     add_results_option(parser)
     args = parser.parse_args()
     if args.budgets:
@@ -100,7 +114,11 @@ def main() -> None:
     for run, held in zip(runs, per_seed):
         failed = [name for name, ok in held.items() if not ok]
         print(f"seed {run['seed']}: {'all claims hold' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    emit_results({"claims_hold_on_every_seed": summary, "claims_per_seed": per_seed, "runs": runs}, args.record, seed_table(runs))
+    emit_results(
+        {"claims_hold_on_every_seed": summary, "claims_per_seed": per_seed, "runs": runs},
+        args.record,
+        seed_table(runs),
+    )
 
 
 def seed_table(runs: list[dict]) -> list[str]:
@@ -117,7 +135,8 @@ def seed_table(runs: list[dict]) -> list[str]:
         lines.append(
             f"| {run['seed']} | {minutes} min {seconds:02d} s | {peak} | {models['base']['exact_match']:.3f} | "
             f"{models['sft']['exact_match']:.3f} | {run['reward_model']['accuracy']:.3f} | {models['sft']['gold_reward']:.3f} | "
-            + " | ".join(f"{models[name]['gold_reward']:.3f}" for name in ALIGNED) + " |"
+            + " | ".join(f"{models[name]['gold_reward']:.3f}" for name in ALIGNED)
+            + " |"
         )
     return lines
 

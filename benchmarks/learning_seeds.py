@@ -38,16 +38,26 @@ def run_seed(test_file: str, seed: int) -> tuple[list[dict], bool, float]:
     """The figures the test file reported under ``seed``, whether it passed, and its wall time."""
     with tempfile.TemporaryDirectory() as scratch:
         figures_file = Path(scratch) / "figures.jsonl"
-        env = {**os.environ, "POSTTRAIN_LEARNING_SEED": str(seed), "OMP_NUM_THREADS": "1", FIGURES_ENV: str(figures_file)}
+        env = {
+            **os.environ,
+            "POSTTRAIN_LEARNING_SEED": str(seed),
+            "OMP_NUM_THREADS": "1",
+            FIGURES_ENV: str(figures_file),
+        }
         started = time.time()
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", test_file],
-            cwd=REPO, env=env, capture_output=True, text=True,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         wall = time.time() - started
         rows = [json.loads(line) for line in figures_file.read_text().splitlines()] if figures_file.exists() else []
     if not rows:
-        sys.exit(f"{test_file}, seed {seed}: no figures reported (exit {result.returncode})\n{result.stdout[-3000:]}{result.stderr[-2000:]}")
+        sys.exit(
+            f"{test_file}, seed {seed}: no figures reported (exit {result.returncode})\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+        )
     return rows, result.returncode == 0, wall
 
 
@@ -57,7 +67,9 @@ def seed_table(rows: list[dict]) -> list[str]:
     lines = ["| test | seed | " + " | ".join(names) + " | passed |", "|---" * (len(names) + 3) + "|"]
     for row in rows:
         cells = [f"{row[name]:.3f}" if isinstance(row.get(name), float) else str(row.get(name, "")) for name in names]
-        lines.append(f"| {row['test']} | {row['seed']} | " + " | ".join(cells) + f" | {'yes' if row['passed'] else 'no'} |")
+        lines.append(
+            f"| {row['test']} | {row['seed']} | " + " | ".join(cells) + f" | {'yes' if row['passed'] else 'no'} |"
+        )
     return lines
 
 
@@ -86,7 +98,11 @@ def main() -> None:
             figures = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
             print(f"{row['test']}, seed {seed}: {figures}{'' if passed else '  FAILED'} ({wall:.0f} s)", flush=True)
     failed = sorted({row["seed"] for row in rows if not row["passed"]})
-    emit_results({"test_file": args.test_file, "minima": minima(rows), "failed_seeds": failed, "runs": rows}, args.record, seed_table(rows))
+    emit_results(
+        {"test_file": args.test_file, "minima": minima(rows), "failed_seeds": failed, "runs": rows},
+        args.record,
+        seed_table(rows),
+    )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import (
+    StepRecorder,
+    benchmark_parser,
+    best_of_rounds,
+    emit_results,
+    process_stats,
+    run_subprocess,
+    steps_and_threads,
+    trl_quiet_args,
+    warn_if_contended,
+)
 
 CONTENDERS: tuple[str, ...] = ("dpo", "trl_dpo", "trl_dpo_precompute", "rm", "trl_rm")
 DEFAULT_MAX_LENGTH = 256
@@ -143,7 +153,10 @@ def posttrain_config(spec: dict[str, Any], stage: str) -> Any:
         "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": True},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch_pairs"], "grad_accum": 1, "precision": "fp32"},
         "optim": {
-            "name": "adamw", "lr": DPO_LR if stage == "dpo" else RM_LR, "weight_decay": 0.0, "max_grad_norm": 1.0
+            "name": "adamw",
+            "lr": DPO_LR if stage == "dpo" else RM_LR,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
         },
         "schedule": {"name": "cosine", "warmup_steps": 0},
         "checkpoint": {"every": None},
@@ -181,7 +194,9 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any
     records = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time_s" in r]
     return {
-        "reference": reference, "losses": [r["loss"] for r in steps], "step_time_s": [r["step_time_s"] for r in steps]
+        "reference": reference,
+        "losses": [r["loss"] for r in steps],
+        "step_time_s": [r["step_time_s"] for r in steps],
     }
 
 
@@ -234,7 +249,11 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any]:
 
         DPOTrainer._precompute_ref_logps = timed_reference  # runs inside __init__ when precompute is on
         args = trl_args(
-            DPOConfig, spec, learning_rate=DPO_LR, beta=DPO_BETA, loss_type=["sigmoid"],
+            DPOConfig,
+            spec,
+            learning_rate=DPO_LR,
+            beta=DPO_BETA,
+            loss_type=["sigmoid"],
             precompute_ref_log_probs=precompute,
         )
         trainer = DPOTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -312,8 +331,14 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
     from posttrain.losses import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = {"output_dir": "unused", "model": str(model_dir), "data": str(data_path), "steps": 1,
-            "batch_rows": batch_rows, "max_length": max_length}
+    spec = {
+        "output_dir": "unused",
+        "model": str(model_dir),
+        "data": str(data_path),
+        "steps": 1,
+        "batch_rows": batch_rows,
+        "max_length": max_length,
+    }
     config = posttrain_config(spec, "dpo")
     pairs = load_pairs(config.data, tokenizer, SEED)
     # The recipes' layout: packed, each pair's prompt held once (sdpa, data.share_prompt's default).
@@ -346,16 +371,25 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 2, "optimizer steps per run", "alternating rounds of the five contenders")
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0],
+        DEFAULT_WARMUP,
+        2,
+        "optimizer steps per run",
+        "alternating rounds of the five contenders",
+    )
     parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, help="posttrain packed rows a step")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                        help="tokens per sequence, both sides (posttrain packs pairs into rows of twice this)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help="tokens per sequence, both sides (posttrain packs pairs into rows of twice this)",
+    )
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset to run (profiling)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-
 
     from posttrain.toy import build_toy
 
@@ -364,9 +398,18 @@ def main() -> None:
     if not contenders or set(args.contenders.split(",")) - set(CONTENDERS):
         parser.error(f"--contenders takes a comma-separated subset of {','.join(CONTENDERS)}")
     began = time.perf_counter()
-    out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,
-                           "rounds": args.rounds, "max_length": args.max_length, "batch_rows": args.batch_rows,
-                           "dpo_beta": DPO_BETA, "dpo_lr": DPO_LR, "rm_lr": RM_LR}
+    out: dict[str, Any] = {
+        "size": args.size,
+        "steps": steps,
+        "warmup_steps": args.warmup,
+        "torch_threads": threads,
+        "rounds": args.rounds,
+        "max_length": args.max_length,
+        "batch_rows": args.batch_rows,
+        "dpo_beta": DPO_BETA,
+        "dpo_lr": DPO_LR,
+        "rm_lr": RM_LR,
+    }
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="preference_vs_trl_") as tmp:
         toy = build_toy(Path(tmp) / "toy", size=args.size, seed=SEED)
@@ -375,14 +418,31 @@ def main() -> None:
         if workload["trl_id_mismatches"]:
             mismatches = workload["trl_id_mismatches"]
             print(f"WARNING: TRL's input ids differ from posttrain's on {mismatches} sequences", file=sys.stderr)
-        out.update({k: workload[k] for k in ("pairs", "pairs_per_packed_row", "batch_pairs", "mean_sequence_tokens",
-                                             "longest_sequence_tokens", "truncated_pairs",
-                                             "trl_id_mismatches", "trl_extra_scored_tokens_per_sequence")})
+        out.update(
+            {
+                k: workload[k]
+                for k in (
+                    "pairs",
+                    "pairs_per_packed_row",
+                    "batch_pairs",
+                    "mean_sequence_tokens",
+                    "longest_sequence_tokens",
+                    "truncated_pairs",
+                    "trl_id_mismatches",
+                    "trl_extra_scored_tokens_per_sequence",
+                )
+            }
+        )
         for round_index in range(args.rounds):
             for contender in contenders:
                 spec = {
-                    "contender": contender, "steps": steps, "warmup": args.warmup, "threads": threads,
-                    "model": str(toy.model), "data": str(toy.prefs), "batch_rows": args.batch_rows,
+                    "contender": contender,
+                    "steps": steps,
+                    "warmup": args.warmup,
+                    "threads": threads,
+                    "model": str(toy.model),
+                    "data": str(toy.prefs),
+                    "batch_rows": args.batch_rows,
                     "max_length": args.max_length,
                     "batch_pairs": workload["batch_pairs"],
                     "output_dir": str(Path(tmp) / f"{contender}-{round_index}"),
@@ -391,7 +451,9 @@ def main() -> None:
                 results.append(result)
                 reference = ""
                 if result["reference_pairs"]:
-                    reference = f"  reference {result['reference_s']:.1f} s ({result['reference_share_s']:.1f} s charged)"
+                    reference = (
+                        f"  reference {result['reference_s']:.1f} s ({result['reference_share_s']:.1f} s charged)"
+                    )
                 print(
                     f"[round {round_index + 1}] {contender:18s} {result['pairs_s']:7.1f} pairs/s  "
                     f"{result['pairs_per_step']:5.1f} pairs/step  {result['real_tokens_per_step']:6.0f} tok/step "
@@ -424,7 +486,9 @@ def main() -> None:
             out[f"{contender}_metrics_step_s_runs"] = [round(r["metrics_step_s"], 2) for r in mine]
             out[f"{contender}_steps_s_runs"] = [round(r["steps_s"], 2) for r in mine]
     comparisons = (
-        ("dpo", "trl_dpo", "dpo_ratio"), ("dpo", "trl_dpo_precompute", "dpo_ratio_vs_precompute"), ("rm", "trl_rm", "rm_ratio")
+        ("dpo", "trl_dpo", "dpo_ratio"),
+        ("dpo", "trl_dpo_precompute", "dpo_ratio_vs_precompute"),
+        ("rm", "trl_rm", "rm_ratio"),
     )
     for ours, theirs, name in comparisons:
         if ours not in summary or theirs not in summary:

@@ -75,7 +75,7 @@ TRL ``TrainerCallback`` timing ``on_step_begin`` .. ``on_step_end``, summed over
 - posttrain: ``generate`` (``HFEngine.generate``), ``reward`` (``WeightedReward.breakdown``), ``logps`` (the
   old-policy and reference forwards, ``score_logps``), ``rollout_other`` (the rest of ``make_rollout``:
   advantages, KL, metrics), ``loss_forward`` (``ppo_micro_loss``), ``backward`` (``Runtime.backward``),
-  ``optimizer`` (``Runtime.update``: clip, step, zero), ``other`` (the rest of the step: ``end_step``, logging,
+  ``optimizer`` (``Runtime.update``: clip, step, zero), ``other`` (the rest of the step: ``log_step``, ``end_step``,
   the watch, ``samples.jsonl``).
 - TRL: ``generate`` (``_generate``: tokenise, generate, decode), ``reward`` (``_calculate_rewards``), ``logps``
   (``_get_per_token_logps_and_entropies`` without grad: the reference forward), ``rollout_other`` (the rest of
@@ -96,7 +96,7 @@ posttrain does less of that work (the per-phase seconds in the summary show wher
   distinct prompt is prefilled once and its KV cache copied to the group's rows
   (``rollout.hf.shared_prompt_cache``); in the reference, loss and (for PPO) critic forwards and the backward,
   the responses to one prompt form one packed unit that holds the prompt once, with a 4D mask that shows each
-  response the prompt and itself (``recipes.ppo.ResponseLayout``);
+  response the prompt and itself (``data.rollout_layout.ResponseLayout``);
 - a row leaves the decoding batch when it ends (``rollout.hf.decode_batch``), and training rows hold no padding.
 
 On the untrained policy only the first applies (every response runs to ``max_new_tokens``), so its ratio measures
@@ -125,10 +125,21 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import (
+    StepRecorder,
+    benchmark_parser,
+    best_of_rounds,
+    emit_results,
+    process_stats,
+    run_subprocess,
+    steps_and_threads,
+    trl_quiet_args,
+    warn_if_contended,
+)
 
 CONTENDERS: tuple[str, ...] = ("grpo", "trl_grpo")
 SEED = 0
@@ -216,17 +227,31 @@ def posttrain_config(spec: dict[str, Any]) -> Any:
             "peft": {"method": "full"},
             "data": {"train": spec["data"], "max_length": MAX_LENGTH, "shuffle": False},
             "sampling": {
-                "num_samples": spec["num_samples"], "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0,
-                "max_new_tokens": spec["max_new_tokens"], "batch_size": responses_per_step,
+                "num_samples": spec["num_samples"],
+                "temperature": TEMPERATURE,
+                "top_p": 1.0,
+                "top_k": 0,
+                "max_new_tokens": spec["max_new_tokens"],
+                "batch_size": responses_per_step,
             },
             "reward": {"function": "toy", "unfinished_penalty": 0.0},
             "algorithm": {
-                "advantage": "grpo", "prompts_per_step": spec["prompts_per_step"], "ppo_epochs": 1,
-                "scale_by_std": True, "clip_range": CLIP_RANGE, "kl_coef": KL_COEF, "kl_mode": "loss",
-                "kl_estimator": "k3", "loss_aggregation": "token_mean", "entropy_coef": 0.0,
+                "advantage": "grpo",
+                "prompts_per_step": spec["prompts_per_step"],
+                "ppo_epochs": 1,
+                "scale_by_std": True,
+                "clip_range": CLIP_RANGE,
+                "kl_coef": KL_COEF,
+                "kl_mode": "loss",
+                "kl_estimator": "k3",
+                "loss_aggregation": "token_mean",
+                "entropy_coef": 0.0,
             },
             "train": {
-                "max_steps": spec["steps"], "batch_size": responses_per_step, "grad_accum": 1, "precision": "fp32"
+                "max_steps": spec["steps"],
+                "batch_size": responses_per_step,
+                "grad_accum": 1,
+                "precision": "fp32",
             },
             "optim": {"name": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0, "max_grad_norm": 1.0},
             "schedule": {"name": "constant", "warmup_steps": 0},
@@ -300,10 +325,30 @@ def trl_args(spec: dict[str, Any]) -> Any:
 
 
 TRL_SETTINGS: tuple[str, ...] = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size", "steps_per_generation",
-    "num_iterations", "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon",
-    "loss_type", "scale_rewards", "mask_truncated_completions", "shuffle_dataset", "learning_rate",
-    "lr_scheduler_type", "max_grad_norm", "optim", "bf16", "gradient_checkpointing", "use_vllm", "logging_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "generation_batch_size",
+    "steps_per_generation",
+    "num_iterations",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "beta",
+    "epsilon",
+    "loss_type",
+    "scale_rewards",
+    "mask_truncated_completions",
+    "shuffle_dataset",
+    "learning_rate",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "gradient_checkpointing",
+    "use_vllm",
+    "logging_steps",
 )
 
 
@@ -313,8 +358,8 @@ def run_trl(spec: dict[str, Any], phases: Phases, generations: Generations) -> d
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from posttrain.tasks import score_prompt
     from posttrain.rewards import last_user_text
+    from posttrain.tasks import score_prompt
 
     rewards: list[float] = []
 
@@ -342,8 +387,12 @@ def run_trl(spec: dict[str, Any], phases: Phases, generations: Generations) -> d
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     args = trl_args(spec)
     trainer = GRPOTrainer(
-        model=spec["model"], reward_funcs=toy_gold_reward, args=args,
-        train_dataset=Dataset.from_list(prompt_records(spec["data"])), processing_class=tokenizer, callbacks=[timer],
+        model=spec["model"],
+        reward_funcs=toy_gold_reward,
+        args=args,
+        train_dataset=Dataset.from_list(prompt_records(spec["data"])),
+        processing_class=tokenizer,
+        callbacks=[timer],
     )
     eos_ids = set(trainer.eos_token_ids)
     original_generate = trainer._generate
@@ -544,11 +593,24 @@ def settings_line(out: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 1, "steps (= updates) per run", "alternating rounds of the two contenders")
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0],
+        DEFAULT_WARMUP,
+        1,
+        "steps (= updates) per run",
+        "alternating rounds of the two contenders",
+    )
     parser.add_argument("--prompts-per-step", type=int, default=DEFAULT_PROMPTS_PER_STEP)
-    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="group size (TRL num_generations)")
+    parser.add_argument(
+        "--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="group size (TRL num_generations)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--sft-steps", type=int, default=DEFAULT_SFT_STEPS, help="SFT the toy model this many steps first (0: none, the untrained model)")
+    parser.add_argument(
+        "--sft-steps",
+        type=int,
+        default=DEFAULT_SFT_STEPS,
+        help="SFT the toy model this many steps first (0: none, the untrained model)",
+    )
     parser.add_argument("--profile", choices=CONTENDERS, default=None, help="cProfile one run of this contender")
     args = parser.parse_args()
     if args.worker:
@@ -566,11 +628,23 @@ def main() -> None:
         parser.error("--num-samples must be at least 2 (GRPO compares the samples of a prompt)")
     began = time.perf_counter()
     out: dict[str, Any] = {
-        "size": args.size, "steps": steps, "warmup_steps": args.warmup, "rounds": args.rounds, "threads": threads,
-        "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
-        "responses_per_step": args.prompts_per_step * args.num_samples, "max_new_tokens": args.max_new_tokens,
-        "temperature": TEMPERATURE, "lr": LEARNING_RATE, "kl_coef": KL_COEF, "kl_estimator": "k3",
-        "clip_range": CLIP_RANGE, "trl_loss_type": TRL_LOSS_TYPE, "precision": "fp32", "device": "cpu",
+        "size": args.size,
+        "steps": steps,
+        "warmup_steps": args.warmup,
+        "rounds": args.rounds,
+        "threads": threads,
+        "prompts_per_step": args.prompts_per_step,
+        "num_samples": args.num_samples,
+        "responses_per_step": args.prompts_per_step * args.num_samples,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": TEMPERATURE,
+        "lr": LEARNING_RATE,
+        "kl_coef": KL_COEF,
+        "kl_estimator": "k3",
+        "clip_range": CLIP_RANGE,
+        "trl_loss_type": TRL_LOSS_TYPE,
+        "precision": "fp32",
+        "device": "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
     results: list[dict[str, Any]] = []
@@ -596,10 +670,17 @@ def main() -> None:
         for round_index in range(1 if args.profile else args.rounds):
             for contender in contenders:
                 spec = {
-                    "contender": contender, "steps": steps, "warmup": args.warmup, "threads": threads,
-                    "model": str(policy), "data": str(toy.prompts), "prompts_per_step": args.prompts_per_step,
-                    "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
-                    "output_dir": str(Path(tmp) / f"{contender}-{round_index}"), "profile": bool(args.profile),
+                    "contender": contender,
+                    "steps": steps,
+                    "warmup": args.warmup,
+                    "threads": threads,
+                    "model": str(policy),
+                    "data": str(toy.prompts),
+                    "prompts_per_step": args.prompts_per_step,
+                    "num_samples": args.num_samples,
+                    "max_new_tokens": args.max_new_tokens,
+                    "output_dir": str(Path(tmp) / f"{contender}-{round_index}"),
+                    "profile": bool(args.profile),
                 }
                 result = run_subprocess(__file__, spec, contender, extra_env={"TQDM_DISABLE": "1"})
                 results.append(result)
@@ -625,8 +706,10 @@ def main() -> None:
     for contender in contenders:
         mine = [r for r in results if r["contender"] == contender]
         prefix = prefixes[contender]
-        summary[contender] = {"samples_s": best_of_rounds(r["samples_s"] for r in mine),
-                              "gen_tok_s": best_of_rounds(r["gen_tok_s"] for r in mine)}
+        summary[contender] = {
+            "samples_s": best_of_rounds(r["samples_s"] for r in mine),
+            "gen_tok_s": best_of_rounds(r["gen_tok_s"] for r in mine),
+        }
         for metric in ("samples_s", "gen_tok_s"):
             rounds = summary[contender][metric]
             out[f"{prefix}{metric}"] = round(rounds["median"], 3)

@@ -89,7 +89,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import StepRecorder, benchmark_parser, emit_results, trl_quiet_args, best_of_rounds, process_stats, run_subprocess, steps_and_threads, warn_if_contended
+from _common import (
+    StepRecorder,
+    benchmark_parser,
+    best_of_rounds,
+    emit_results,
+    process_stats,
+    run_subprocess,
+    steps_and_threads,
+    trl_quiet_args,
+    warn_if_contended,
+)
 
 CONTENDERS: tuple[str, ...] = ("posttrain_packed", "posttrain_padded", "trl_padded", "trl_packed")
 # Conversations per optimizer step for every contender (grad accumulation 1): on the toy kit's short chats about
@@ -150,7 +160,10 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -
             "peft": {"method": "full"},
             "data": {"train": spec["data"], "max_length": MAX_LENGTH, "packing": packing},
             "train": {
-                "max_steps": spec["steps"], "batch_size": EXAMPLES_PER_STEP, "grad_accum": 1, "precision": spec["precision"]
+                "max_steps": spec["steps"],
+                "batch_size": EXAMPLES_PER_STEP,
+                "grad_accum": 1,
+                "precision": spec["precision"],
             },
             "optim": {"name": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0, "max_grad_norm": 1.0},
             "schedule": {"name": "cosine", "warmup_steps": 0},
@@ -162,7 +175,11 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -
     # real one.
     sft.collate_examples = recorder.wrap_collator(
         sft.collate_examples,
-        token_counters(spec["pad_token_id"], lambda batch: (batch["targets"] != IGNORE_INDEX).sum(), lambda batch: batch["num_examples"]),
+        token_counters(
+            spec["pad_token_id"],
+            lambda batch: (batch["targets"] != IGNORE_INDEX).sum(),
+            lambda batch: batch["num_examples"],
+        ),
     )
     sft.run(config)
 
@@ -194,7 +211,9 @@ def run_trl(spec: dict[str, Any], recorder: StepRecorder, packing: bool) -> None
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
     # Labels are unshifted here (the model shifts them), so the first position of every row trains nothing.
     # Padding-free packed batches are one row whose positions restart at 0 for every conversation.
-    conversations = (lambda batch: (batch["position_ids"] == 0).sum()) if packing else (lambda batch: batch["input_ids"].shape[0])
+    conversations = (
+        (lambda batch: (batch["position_ids"] == 0).sum()) if packing else (lambda batch: batch["input_ids"].shape[0])
+    )
     trainer.data_collator = recorder.wrap_collator(
         trainer.data_collator,
         token_counters(spec["pad_token_id"], lambda batch: (batch["labels"][:, 1:] != -100).sum(), conversations),
@@ -287,7 +306,10 @@ def describe_workload(model_dir: Path, data_path: Path) -> tuple[float, dict[str
         lengths.append(len(sequence.input_ids))
         trained += sequence.num_targets
         rendered = tokenizer.apply_chat_template(
-            messages, chat_template=TRL_TRAINING_TEMPLATE, tokenize=True, return_dict=True,
+            messages,
+            chat_template=TRL_TRAINING_TEMPLATE,
+            tokenize=True,
+            return_dict=True,
             return_assistant_tokens_mask=True,
         )
         # TRL truncates ids and labels to max_length; its labels are unshifted (the model shifts them), posttrain's
@@ -341,21 +363,33 @@ def summarise(results: list[dict[str, Any]], peak: float, flops_per_token: float
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_WARMUP, 2, "optimizer steps per run", "alternating rounds of the four contenders")
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0],
+        DEFAULT_WARMUP,
+        2,
+        "optimizer steps per run",
+        "alternating rounds of the four contenders",
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-
     from posttrain.toy import build_toy
 
     steps, threads = steps_and_threads(parser, args, DEFAULT_STEPS)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     began = time.perf_counter()
-    out: dict[str, Any] = {"size": args.size, "steps": steps, "warmup_steps": args.warmup, "torch_threads": threads,
-                           "rounds": args.rounds, "examples_per_step": EXAMPLES_PER_STEP, "max_length": MAX_LENGTH}
+    out: dict[str, Any] = {
+        "size": args.size,
+        "steps": steps,
+        "warmup_steps": args.warmup,
+        "torch_threads": threads,
+        "rounds": args.rounds,
+        "examples_per_step": EXAMPLES_PER_STEP,
+        "max_length": MAX_LENGTH,
+    }
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl_") as tmp:
         toy = build_toy(Path(tmp) / "toy", size=args.size, seed=SEED)
         flops_per_token, model_info = describe_workload(toy.model, toy.sft)
@@ -363,7 +397,12 @@ def main() -> None:
         if model_info["trl_mask_mismatches"]:
             mismatches = model_info["trl_mask_mismatches"]
             print(f"WARNING: TRL's tokens or loss mask differ from posttrain's on {mismatches} rows", file=sys.stderr)
-        out.update({k: model_info[k] for k in ("params_total", "params_nonembed", "trl_mask_mismatches", "conversations_per_packed_row")})
+        out.update(
+            {
+                k: model_info[k]
+                for k in ("params_total", "params_nonembed", "trl_mask_mismatches", "conversations_per_packed_row")
+            }
+        )
         trl_packed_rows = max(1, round(EXAMPLES_PER_STEP / model_info["conversations_per_packed_row"]))
         out["trl_packed_rows_per_step"] = trl_packed_rows
         loads: list[float] = []
@@ -375,9 +414,15 @@ def main() -> None:
                 peak = max(peak, matmul_peak_flops(precision, threads))
                 for contender in CONTENDERS:
                     spec = {
-                        "contender": contender, "precision": precision, "steps": steps, "warmup": args.warmup,
-                        "threads": threads, "model": str(toy.model), "data": str(toy.sft),
-                        "pad_token_id": model_info["pad_token_id"], "trl_packed_rows": trl_packed_rows,
+                        "contender": contender,
+                        "precision": precision,
+                        "steps": steps,
+                        "warmup": args.warmup,
+                        "threads": threads,
+                        "model": str(toy.model),
+                        "data": str(toy.sft),
+                        "pad_token_id": model_info["pad_token_id"],
+                        "trl_packed_rows": trl_packed_rows,
                         "output_dir": str(Path(tmp) / f"{contender}-{precision}-{round_index}"),
                     }
                     result = run_contender(spec)
@@ -405,12 +450,15 @@ def main() -> None:
                 out[f"{prefix}{contender}_tokens_per_step"] = round(mine["tokens_per_step"], 1)
                 out[f"{prefix}{contender}_examples_per_step"] = round(mine["examples_per_step"], 1)
             ratios = {
-                "ratio_padded": ("posttrain_padded", "trl_padded"), "ratio_packed": ("posttrain_packed", "trl_packed"),
+                "ratio_padded": ("posttrain_padded", "trl_padded"),
+                "ratio_packed": ("posttrain_packed", "trl_packed"),
                 "ratio_vs_padded": ("posttrain_packed", "trl_padded"),
             }
             for name, (ours, theirs) in ratios.items():
                 out[f"{prefix}{name}"] = round(summary[ours]["tok_s"] / summary[theirs]["tok_s"], 3)
-                out[f"{prefix}{name}_median"] = round(summary[ours]["tok_s_median"] / summary[theirs]["tok_s_median"], 3)
+                out[f"{prefix}{name}_median"] = round(
+                    summary[ours]["tok_s_median"] / summary[theirs]["tok_s_median"], 3
+                )
             out[f"{prefix}mfu"] = round(summary["posttrain_packed"]["mfu"], 4)
             out[f"{prefix}matmul_peak_gflops"] = round(peak / 1e9, 1)
     out["flops_per_token"] = round(flops_per_token)

@@ -44,7 +44,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{key}\n    {help_text}\n    type: {type_name}   default: {default}")
         return 0
     if not args.config:
-        raise ConfigError(f"posttrain train needs a stage ({', '.join(STAGE_CONFIGS)}) or a CONFIG.yaml (or --help-config STAGE)")
+        raise ConfigError(
+            f"posttrain train needs a stage ({', '.join(STAGE_CONFIGS)}) or a CONFIG.yaml (or --help-config STAGE)"
+        )
     config, config_file = stage_config(args.config, args.overrides)
     check_model_path(config.model.path)
     from posttrain.recipes import RECIPES
@@ -70,7 +72,9 @@ def check_model_path(path: str) -> None:
         try:  # the resolver every loader uses: the directory itself, or a run directory's model/ folder
             model_dir_of(local)
         except FileNotFoundError:
-            raise ModelLoadError(f"model.path={path}: the directory has no config.json or adapter_config.json; {expected}") from None
+            raise ModelLoadError(
+                f"model.path={path}: the directory has no config.json or adapter_config.json; {expected}"
+            ) from None
         return
     if local.exists():
         raise ModelLoadError(f"model.path={path}: a file, not a model directory; {expected}")
@@ -95,7 +99,9 @@ def _check_hub_id(repo_id: str, expected: str) -> None:
     try:  # one request, no retries: a machine without network answers in seconds, not after a minute of backoff
         HfApi().model_info(repo_id, timeout=10)
     except GatedRepoError:
-        raise ModelLoadError(f"model.path={repo_id}: a gated model on the hub; accept its terms and log in (hf auth login)") from None
+        raise ModelLoadError(
+            f"model.path={repo_id}: a gated model on the hub; accept its terms and log in (hf auth login)"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelLoadError(
             f"model.path={repo_id}: no such local directory, and no such model on the Hugging Face hub (or it is "
@@ -148,8 +154,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate_files(
-            args.models, args.data, reward_model=args.reward_model, reference=args.reference, judge=args.judge,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+            args.models,
+            args.data,
+            reward_model=args.reward_model,
+            reference=args.reference,
+            judge=args.judge,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
         )
     except EvalError as error:
         raise ConfigError(f"posttrain eval: {error}") from None
@@ -200,18 +212,30 @@ def _run_and_summarise(pipeline: Pipeline, from_stage: str | None = None) -> Non
     print(f"  ran: {', '.join(result.ran) or '-'}; reused: {', '.join(result.reused) or '-'}")
     if result.evaluation:
         out = pipeline.out
-        print(f"  report: {out / 'report.html'}\n  also:   {out / 'report.md'}, {out / 'eval.json'}, one run directory per stage in {out}/")
+        print(
+            f"  report: {out / 'report.html'}\n  also:   {out / 'report.md'}, {out / 'eval.json'}, one run directory per stage in {out}/"
+        )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from posttrain.serve.chat import run_chat
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 (got {args.temperature}) and --top-p in (0, 1] (got {args.top_p})")
+        raise ConfigError(
+            f"--temperature must be >= 0 (got {args.temperature}) and --top-p in (0, 1] (got {args.top_p})"
+        )
     return run_chat(
-        args.models, prompts=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, template=args.template,
-        dtype=args.dtype, columns=args.columns,
+        args.models,
+        prompts=args.prompt,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        template=args.template,
+        dtype=args.dtype,
+        columns=args.columns,
     )
 
 
@@ -220,7 +244,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     from posttrain.data.quality import format_report, inspect_dataset
 
-    report = inspect_dataset(args.source, registry=args.registry, kind=args.kind, tokenizer=args.tokenizer, max_length=args.max_length)
+    report = inspect_dataset(
+        args.source, registry=args.registry, kind=args.kind, tokenizer=args.tokenizer, max_length=args.max_length
+    )
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_report(report))
     return 0
 
@@ -253,10 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for large language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run one stage from its defaults or a YAML config, with key.sub=value overrides")
-    train.add_argument("config", nargs="?", metavar="STAGE|CONFIG", help=f"a stage ({', '.join(STAGE_CONFIGS)}) to start from its defaults, or a stage config YAML (configs/*.yaml)")
+    train = commands.add_parser(
+        "train", help="run one stage from its defaults or a YAML config, with key.sub=value overrides"
+    )
+    train.add_argument(
+        "config",
+        nargs="?",
+        metavar="STAGE|CONFIG",
+        help=f"a stage ({', '.join(STAGE_CONFIGS)}) to start from its defaults, or a stage config YAML (configs/*.yaml)",
+    )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 model.path=DIR")
-    train.add_argument("--help-config", metavar="STAGE", help="list every field of STAGE's config with help and default")
+    train.add_argument(
+        "--help-config", metavar="STAGE", help="list every field of STAGE's config with help and default"
+    )
     train.set_defaults(func=cmd_train)
 
     toy = commands.add_parser("toy", help="write a tiny model, tokenizer and synthetic datasets (offline, seconds)")
@@ -286,21 +321,53 @@ def build_parser() -> argparse.ArgumentParser:
         "conversations or text → held-out loss and perplexity; preference pairs → reward-model accuracy (MODEL "
         "must be a reward model); multiple-choice rows {question, choices, answer} → log-likelihood accuracy.",
     )
-    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="run directories, model directories or adapter directories")
-    evaluate.add_argument("--data", required=True, metavar="FILE", help="the evaluation file (jsonl, json, csv, parquet)")
-    evaluate.add_argument("--reward-model", metavar="RM", help="prompts: also report the mean reward-model score of the answers")
-    evaluate.add_argument("--reference", metavar="REF", help="prompts: also report the KL to this reference model along each model's answers")
-    evaluate.add_argument("--judge", metavar="RM_DIR|gold", help="prompts, 2+ models: win-rate of each model over the first, judged by a reward model or the gold reward")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="longest greedy answer (default 32)")
-    evaluate.add_argument("--max-length", type=_positive_int, default=2048, metavar="N", help="loss: truncate sequences to N tokens (default 2048)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="generation batch size (default 64; loss, KL and multiple-choice forwards use at most 8, 16, 16)")
-    evaluate.add_argument("--out", metavar="FILE.json", help='write {"models": {MODEL: {metric: value}}} (answers included)')
+    evaluate.add_argument(
+        "models", nargs="+", metavar="MODEL", help="run directories, model directories or adapter directories"
+    )
+    evaluate.add_argument(
+        "--data", required=True, metavar="FILE", help="the evaluation file (jsonl, json, csv, parquet)"
+    )
+    evaluate.add_argument(
+        "--reward-model", metavar="RM", help="prompts: also report the mean reward-model score of the answers"
+    )
+    evaluate.add_argument(
+        "--reference",
+        metavar="REF",
+        help="prompts: also report the KL to this reference model along each model's answers",
+    )
+    evaluate.add_argument(
+        "--judge",
+        metavar="RM_DIR|gold",
+        help="prompts, 2+ models: win-rate of each model over the first, judged by a reward model or the gold reward",
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, metavar="N", help="longest greedy answer (default 32)"
+    )
+    evaluate.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=2048,
+        metavar="N",
+        help="loss: truncate sequences to N tokens (default 2048)",
+    )
+    evaluate.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="generation batch size (default 64; loss, KL and multiple-choice forwards use at most 8, 16, 16)",
+    )
+    evaluate.add_argument(
+        "--out", metavar="FILE.json", help='write {"models": {MODEL: {metric: value}}} (answers included)'
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     pipeline = commands.add_parser("pipeline", help="run stages as a DAG; unchanged stages are reused, not rerun")
     pipeline.add_argument("config", metavar="PIPELINE", help="a pipeline YAML, or the name of a shipped one: demo")
     pipeline.add_argument("overrides", nargs="*", help="out=DIR, seed=N, or STAGE.key.sub=value")
-    pipeline.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream of it")
+    pipeline.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream of it"
+    )
     pipeline.add_argument("--quick", action="store_true", help="apply the file's quick: overrides")
     pipeline.add_argument("--dry-run", action="store_true", help="validate every stage config and print the order")
     pipeline.set_defaults(func=cmd_pipeline)
@@ -318,17 +385,35 @@ def build_parser() -> argparse.ArgumentParser:
         "own conversation rendered by its chat template; replies stream as they are generated. "
         "In the session: /reset, /system TEXT, /history, /quit (or Ctrl-D).",
     )
-    chat.add_argument("models", nargs="+", metavar="MODEL_OR_RUN", help="a run directory (with model/), a model or an adapter directory")
-    chat.add_argument("--prompt", action="append", metavar="TEXT", help="answer TEXT and exit instead of chatting; repeat for a scripted multi-turn conversation")
+    chat.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL_OR_RUN",
+        help="a run directory (with model/), a model or an adapter directory",
+    )
+    chat.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="answer TEXT and exit instead of chatting; repeat for a scripted multi-turn conversation",
+    )
     chat.add_argument("--system", metavar="TEXT", help="system prompt (kept by /reset)")
     chat.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--top-k", type=int, default=0, help="0 (default) is off")
     chat.add_argument("--seed", type=int, help="seed sampling, for reproducible replies at temperature > 0")
-    chat.add_argument("--template", metavar="NAME|FILE", help="render with this built-in template or .jinja file instead of the tokenizer's own")
+    chat.add_argument(
+        "--template",
+        metavar="NAME|FILE",
+        help="render with this built-in template or .jinja file instead of the tokenizer's own",
+    )
     chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    chat.add_argument("--columns", action="store_true", help="show all models' replies in columns once all have answered (no streaming)")
+    chat.add_argument(
+        "--columns",
+        action="store_true",
+        help="show all models' replies in columns once all have answered (no streaming)",
+    )
     chat.set_defaults(func=cmd_chat)
 
     data = commands.add_parser("data", help="look at a dataset before training on it")
@@ -339,12 +424,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a data file, folder or LLaMA-Factory dataset name (invalid rows are listed, not fatal) "
         "and report what a training run would see.",
     )
-    data_inspect.add_argument("source", metavar="PATH|NAME", help="a data file or folder, hf:org/name, or a dataset_info.json name")
+    data_inspect.add_argument(
+        "source", metavar="PATH|NAME", help="a data file or folder, hf:org/name, or a dataset_info.json name"
+    )
     data_inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    data_inspect.add_argument("--tokenizer", metavar="DIR", help="count tokens with this local tokenizer and its chat template (default: an offline approximation)")
-    data_inspect.add_argument("--max-length", type=_positive_int, default=1024, metavar="N", help="report the share of samples longer than N tokens (default 1024)")
-    data_inspect.add_argument("--registry", metavar="FILE", help="dataset_info.json (or its folder) to look NAME up in; default ./ or ./data")
-    data_inspect.add_argument("--kind", choices=KINDS, help="read the records as this kind (default: inferred from the first row)")
+    data_inspect.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="count tokens with this local tokenizer and its chat template (default: an offline approximation)",
+    )
+    data_inspect.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="report the share of samples longer than N tokens (default 1024)",
+    )
+    data_inspect.add_argument(
+        "--registry", metavar="FILE", help="dataset_info.json (or its folder) to look NAME up in; default ./ or ./data"
+    )
+    data_inspect.add_argument(
+        "--kind", choices=KINDS, help="read the records as this kind (default: inferred from the first row)"
+    )
     data_inspect.set_defaults(func=cmd_data_inspect)
 
     data_check = data_commands.add_parser("check", help="the preflight of a training config, without training")

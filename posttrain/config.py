@@ -10,8 +10,8 @@ A config file is YAML with a ``stage`` key; ``key.sub=value`` overrides from the
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, get_args, get_origin
 
 import yaml
@@ -106,7 +106,7 @@ class PeftConfig(Block):
     """QLoRA: quantise the quantisation constants too."""
 
     @model_validator(mode="after")
-    def _freeze_needs_a_target(self) -> "PeftConfig":
+    def _freeze_needs_a_target(self) -> PeftConfig:
         if self.method == "freeze" and not self.freeze_trainable and self.freeze_last_n_layers is None:
             raise ValueError(
                 "peft.method=freeze trains nothing: set peft.freeze_last_n_layers (e.g. 2) "
@@ -162,7 +162,7 @@ class DataConfig(Block):
     """Shuffle rows every epoch (seeded; resumable)."""
 
     @model_validator(mode="after")
-    def _mixture_is_consistent(self) -> "DataConfig":
+    def _mixture_is_consistent(self) -> DataConfig:
         sources = [s for s in (self.train if isinstance(self.train, list) else []) if isinstance(s, DataSource)]
         ratios = [s.ratio for s in sources if s.ratio is not None]
         if any(s.ratio is not None and s.epochs is not None for s in sources):
@@ -282,7 +282,7 @@ class StageConfig(Block):
         return value
 
     @model_validator(mode="after")
-    def _check_required_paths(self) -> "StageConfig":
+    def _check_required_paths(self) -> StageConfig:
         if self.model.dropout is None:
             self.model.dropout = self.dropout_by_default
         if not self.model.path:
@@ -330,7 +330,7 @@ class RewardConfig(StageConfig):
     """Loss options."""
 
     @model_validator(mode="after")
-    def _head_needs_weights(self) -> "RewardConfig":
+    def _head_needs_weights(self) -> RewardConfig:
         if self.peft.method not in ADAPTER_METHODS_FOR_HEADS:
             raise ValueError(
                 f"peft.method={self.peft.method} adds virtual tokens, which a reward model's scalar head cannot "
@@ -374,7 +374,7 @@ class DpoConfig(StageConfig):
     """Loss choice and options."""
 
     @model_validator(mode="after")
-    def _smoothing_applies(self) -> "DpoConfig":
+    def _smoothing_applies(self) -> DpoConfig:
         if self.dpo.label_smoothing and not losses.DPO_LOSSES[self.dpo.loss].takes_label_smoothing:
             takers = " or ".join(name for name, loss in losses.DPO_LOSSES.items() if loss.takes_label_smoothing)
             raise ValueError(f"dpo.label_smoothing applies to loss {takers}, not {self.dpo.loss}")
@@ -449,11 +449,13 @@ class RewardSource(Block):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"reward.http {value!r} is not an http:// or https:// URL (e.g. http://localhost:8000/score)")
+            raise ValueError(
+                f"reward.http {value!r} is not an http:// or https:// URL (e.g. http://localhost:8000/score)"
+            )
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RewardSource":
+    def _one_source(self) -> RewardSource:
         if not self.model and not self.function and not self.http:
             raise ValueError(
                 "give reward.model (a reward-model run), reward.function (module:name) or reward.http (a reward "
@@ -561,13 +563,13 @@ class AlgorithmBlock(Block):
         return data
 
     @model_validator(mode="after")
-    def _ptx_has_data(self) -> "AlgorithmBlock":
+    def _ptx_has_data(self) -> AlgorithmBlock:
         if self.ptx_coef and not self.ptx_data:
             raise ValueError("algorithm.ptx_coef > 0 needs algorithm.ptx_data (an SFT file)")
         return self
 
     @model_validator(mode="after")
-    def _kl_loss_has_a_gradient(self) -> "AlgorithmBlock":
+    def _kl_loss_has_a_gradient(self) -> AlgorithmBlock:
         if self.kl_mode == "loss" and self.kl_estimator == "k1":
             raise ValueError(
                 "algorithm.kl_mode=loss with kl_estimator=k1 adds a KL term whose expected gradient is zero "
@@ -577,7 +579,7 @@ class AlgorithmBlock(Block):
         return self
 
     @model_validator(mode="after")
-    def _kl_target_needs_a_coefficient(self) -> "AlgorithmBlock":
+    def _kl_target_needs_a_coefficient(self) -> AlgorithmBlock:
         if self.kl_target is not None and self.kl_coef == 0:
             raise ValueError(
                 "algorithm.kl_target steers kl_coef multiplicatively, so from kl_coef=0 it stays 0 and does "
@@ -602,9 +604,11 @@ class CriticBlock(Block):
     logged, as grad_norm/policy and grad_norm/critic."""
 
     @model_validator(mode="after")
-    def _shared_has_no_path(self) -> "CriticBlock":
+    def _shared_has_no_path(self) -> CriticBlock:
         if self.shared and self.path:
-            raise ValueError("critic.shared=true puts the value head on the policy; critic.path is then unused, remove it")
+            raise ValueError(
+                "critic.shared=true puts the value head on the policy; critic.path is then unused, remove it"
+            )
         return self
 
 
@@ -632,7 +636,7 @@ class WatchBlock(Block):
     """Stop training (checkpoint, then exit non-zero) at a reward-hacking, KL or length warning."""
 
     @model_validator(mode="after")
-    def _one_gold(self) -> "WatchBlock":
+    def _one_gold(self) -> WatchBlock:
         if self.gold and self.gold_model:
             raise ValueError("give watch.gold (a function) or watch.gold_model (a reward model), not both")
         return self
@@ -653,12 +657,16 @@ class PpoConfig(StageConfig):
     """Diagnostics and the reward-hacking watch."""
 
     @model_validator(mode="after")
-    def _rl_is_consistent(self) -> "PpoConfig":
+    def _rl_is_consistent(self) -> PpoConfig:
         advantage, samples = self.algorithm.advantage, self.sampling.num_samples
         if rl.ADVANTAGES[advantage].needs_groups and samples < 2:
-            raise ValueError(f"algorithm.advantage={advantage} compares responses to the same prompt: set sampling.num_samples >= 2")
+            raise ValueError(
+                f"algorithm.advantage={advantage} compares responses to the same prompt: set sampling.num_samples >= 2"
+            )
         if self.sampling.temperature == 0:
-            raise ValueError("sampling.temperature=0 samples the same response every time, so RL cannot explore; use > 0 (e.g. 1.0)")
+            raise ValueError(
+                "sampling.temperature=0 samples the same response every time, so RL cannot explore; use > 0 (e.g. 1.0)"
+            )
         if self.model.dropout:
             raise ValueError(
                 "model.dropout=true in stage ppo: the PPO ratio compares the update's log-probs with the rollout's, and "

@@ -99,7 +99,9 @@ def _trend(values: Sequence[float]) -> int:
     if not first:
         return 0
     change = statistics.fmean(second) - statistics.fmean(first)
-    threshold = max(TREND_Z * _noise(values) * math.sqrt(2 / len(first)), TREND_FLOOR * max(1.0, abs(statistics.fmean(first))))
+    threshold = max(
+        TREND_Z * _noise(values) * math.sqrt(2 / len(first)), TREND_FLOOR * max(1.0, abs(statistics.fmean(first)))
+    )
     if change > threshold:
         return 1
     if change < -threshold:
@@ -116,7 +118,9 @@ def _noise(values: Sequence[float]) -> float:
     if count <= 2:
         return 0.0
     center_x, center_y = (count - 1) / 2, statistics.fmean(values)
-    slope = sum((x - center_x) * (y - center_y) for x, y in enumerate(values)) / sum((x - center_x) ** 2 for x in range(count))
+    slope = sum((x - center_x) * (y - center_y) for x, y in enumerate(values)) / sum(
+        (x - center_x) ** 2 for x in range(count)
+    )
     residuals = [y - center_y - slope * (x - center_x) for x, y in enumerate(values)]
     return math.sqrt(sum(r * r for r in residuals) / (count - 2))
 
@@ -287,8 +291,10 @@ class TrainingWatch:
             return None
         seen = []
         if distinct is not None and distinct < self.config.min_distinct_share:
-            seen.append(f"only {distinct:.0%} of responses distinct, below watch.min_distinct_share="
-                        f"{self.config.min_distinct_share:.0%}")
+            seen.append(
+                f"only {distinct:.0%} of responses distinct, below watch.min_distinct_share="
+                f"{self.config.min_distinct_share:.0%}"
+            )
         if entropy is not None and entropy < COLLAPSE_ENTROPY:
             seen.append(f"entropy {entropy:.3g} nats per token, below {COLLAPSE_ENTROPY}")
         if not seen:
@@ -331,10 +337,14 @@ class TrainingWatch:
             active = {str(kind) for kind in state["active"]}
             last_step = state["last_step"]
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"training-watch state is malformed ({error!r}); expected the dict of state_dict()") from error
+            raise ValueError(
+                f"training-watch state is malformed ({error!r}); expected the dict of state_dict()"
+            ) from error
         unknown = active - set(KINDS)
         if unknown:
-            raise ValueError(f"training-watch state names unknown warning kinds {sorted(unknown)}; expected some of {KINDS}")
+            raise ValueError(
+                f"training-watch state names unknown warning kinds {sorted(unknown)}; expected some of {KINDS}"
+            )
         self._pairs, self._lengths = pairs, lengths
         self._baseline_lengths, self._baseline_unfinished = baseline_lengths, baseline_unfinished
         self._active = active

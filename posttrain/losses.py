@@ -201,7 +201,6 @@ def robust_dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-
 def simpo_loss(
     policy_chosen_logps_avg: torch.Tensor,
     policy_rejected_logps_avg: torch.Tensor,

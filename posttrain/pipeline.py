@@ -64,7 +64,9 @@ class ToyBlock(Block):
 
     size: str = "tiny"
     tasks: list[str] | None = Field(None, description="task subset (default: all toy tasks)")
-    counts: dict[str, int] = Field(default_factory=dict, description="rows per file: sft, prefs, prompts, eval, pretrain")
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="rows per file: sft, prefs, prompts, eval, pretrain"
+    )
 
 
 class PipelineStage(Block):
@@ -137,22 +139,30 @@ class Pipeline:
             stage.inputs = sorted({ref_stage for ref_stage, _ in refs} | set(stage.spec.after))
             for name in stage.spec.after:
                 if name not in self.stages:
-                    raise ConfigError(f"{source}: stage {stage.name!r}: after: {name!r} is not a stage ({', '.join(self.stages)})")
+                    raise ConfigError(
+                        f"{source}: stage {stage.name!r}: after: {name!r} is not a stage ({', '.join(self.stages)})"
+                    )
         if config.eval is not None:
             for ref_stage, output in stage_references(config.eval.model_dump()):
                 self._check_reference("eval", ref_stage, output)
             for row, stage_name in config.eval.models.items():
                 if stage_name not in self.stages:
-                    raise ConfigError(f"{source}: eval.models.{row}: {stage_name!r} is not a stage ({', '.join(self.stages)})")
+                    raise ConfigError(
+                        f"{source}: eval.models.{row}: {stage_name!r} is not a stage ({', '.join(self.stages)})"
+                    )
         self.order = self._topological_order()
         self.resolved = {name: self._resolve(name) for name in self.order}
 
     def _check_reference(self, where: str, stage: str, output: str) -> None:
         if stage not in self.stages:
-            raise ConfigError(f"{self.source}: {where}: ${{{stage}.{output}}} names no stage (stages: {', '.join(self.stages)})")
+            raise ConfigError(
+                f"{self.source}: {where}: ${{{stage}.{output}}} names no stage (stages: {', '.join(self.stages)})"
+            )
         valid = TOY_OUTPUTS + ("dir",) if self.stages[stage].spec.toy is not None else ("model", "dir")
         if output not in valid:
-            raise ConfigError(f"{self.source}: {where}: ${{{stage}.{output}}}: stage {stage!r} has outputs {', '.join(valid)}")
+            raise ConfigError(
+                f"{self.source}: {where}: ${{{stage}.{output}}}: stage {stage!r} has outputs {', '.join(valid)}"
+            )
 
     def _topological_order(self) -> list[str]:
         order: list[str] = []
@@ -162,7 +172,9 @@ class Pipeline:
             if state.get(name) == "done":
                 return
             if state.get(name) == "visiting":
-                raise ConfigError(f"{self.source}: stages depend on each other in a cycle: {' -> '.join(path + [name])}")
+                raise ConfigError(
+                    f"{self.source}: stages depend on each other in a cycle: {' -> '.join(path + [name])}"
+                )
             state[name] = "visiting"
             for dependency in self.stages[name].inputs:
                 visit(dependency, path + [name])
@@ -176,7 +188,11 @@ class Pipeline:
     def outputs(self, name: str) -> dict[str, str]:
         directory = self.out / name
         if self.stages[name].spec.toy is not None:
-            return {"dir": str(directory), "model": str(directory / "model"), **{k: str(directory / "data" / f"{k}.jsonl") for k in TOY_OUTPUTS[1:]}}
+            return {
+                "dir": str(directory),
+                "model": str(directory / "model"),
+                **{k: str(directory / "data" / f"{k}.jsonl") for k in TOY_OUTPUTS[1:]},
+            }
         return {"dir": str(directory), "model": str(directory / "model")}
 
     def reference_row(self) -> str | None:
@@ -239,7 +255,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, quick: b
             continue
         stage, _, rest = key.partition(".")
         if stage not in (raw.get("stages") or {}) or not rest:
-            raise ConfigError(f"override {item!r}: expected out=, seed= or STAGE.key=value with STAGE one of {', '.join(raw.get('stages') or {})}")
+            raise ConfigError(
+                f"override {item!r}: expected out=, seed= or STAGE.key=value with STAGE one of {', '.join(raw.get('stages') or {})}"
+            )
         spec = raw["stages"][stage]
         if "toy" in spec:
             spec["toy"] = deep_merge(spec["toy"] or {}, parse_overrides([f"{rest}={value}"]))
@@ -320,7 +338,16 @@ def run_pipeline(pipeline: Pipeline, from_stage: str | None = None, log: Any = N
             raise PipelineError(f"stage {name!r} failed ({type(error).__name__}): {error}") from error
         seconds[name] = round(time.time() - started, 1)
         summaries[name] = _plain(summary)
-        _write_json(directory / STATE_FILE, {"hash": hashes[name], "status": "done", "started": started, "seconds": seconds[name], "summary": summaries[name]})
+        _write_json(
+            directory / STATE_FILE,
+            {
+                "hash": hashes[name],
+                "status": "done",
+                "started": started,
+                "seconds": seconds[name],
+                "summary": summaries[name],
+            },
+        )
         ran.append(name)
         if pipeline.config.eval is not None:
             _evaluate_ready(pipeline, hashes, log)
@@ -371,7 +398,10 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
             shared["reward_model"] = as_scorer(resolved["reward_model"]) if resolved["reward_model"] else None
             shared["reference"] = load_reference(resolved["reference"]) if resolved["reference"] else None
         figures = evaluate_model(
-            outputs[stage]["model"], prompts, reward_model=shared["reward_model"], reference=shared["reference"],
+            outputs[stage]["model"],
+            prompts,
+            reward_model=shared["reward_model"],
+            reference=shared["reference"],
             max_new_tokens=spec.max_new_tokens,
         )
         _write_json(directory / "eval.json", {"hash": cache_key, "figures": figures})
@@ -391,5 +421,3 @@ def _evaluate_ready(pipeline: Pipeline, hashes: dict[str, str], log: Any) -> dic
 
 def _read_eval_prompts(path: str, limit: int | None) -> list[Prompt]:
     return load_prompts(path)[:limit]
-
-

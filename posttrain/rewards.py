@@ -64,10 +64,16 @@ class RewardError(ValueError):
 class Reward(Protocol):
     """``reward(prompts, responses, references) -> [float]``, one score per response."""
 
-    name: str
-    needs_reference: bool
+    # Read-only: a plain attribute satisfies them, and so does a property (WeightedReward derives its own).
+    @property
+    def name(self) -> str: ...
 
-    def __call__(self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]) -> list[float]: ...
+    @property
+    def needs_reference(self) -> bool: ...
+
+    def __call__(
+        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]
+    ) -> list[float]: ...
 
 
 def last_user_text(messages: Messages) -> str:
@@ -105,7 +111,9 @@ class FunctionReward:
     name: str
     needs_reference: bool = False
 
-    def __call__(self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]
+    ) -> list[float]:
         scores = []
         for index, (messages, response, reference) in enumerate(zip(prompts, responses, references, strict=True)):
             if self.needs_reference and reference is None:
@@ -114,9 +122,13 @@ class FunctionReward:
             try:
                 value = float(self.function(prompt, response, reference))
             except Exception as error:
-                raise ValueError(f"reward function {self.name} failed on prompt {prompt[:80]!r}, response {response[:80]!r}: {error}") from error
+                raise ValueError(
+                    f"reward function {self.name} failed on prompt {prompt[:80]!r}, response {response[:80]!r}: {error}"
+                ) from error
             if not math.isfinite(value):
-                raise ValueError(f"reward function {self.name} returned {value} for prompt {prompt[:80]!r}; rewards must be finite")
+                raise ValueError(
+                    f"reward function {self.name} returned {value} for prompt {prompt[:80]!r}; rewards must be finite"
+                )
             scores.append(value)
         return scores
 
@@ -162,12 +174,17 @@ class ModelReward:
         self.name = f"model:{path}"
         self._scorer: Any = None
 
-    def __call__(self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]
+    ) -> list[float]:
         from posttrain.eval.reward_model import RewardScorer
 
         if self._scorer is None:
             self._scorer = RewardScorer(self.path, device=self.device, batch_size=self.batch_size)
-        conversations = [[*messages, {"role": "assistant", "content": response}] for messages, response in zip(prompts, responses, strict=True)]
+        conversations = [
+            [*messages, {"role": "assistant", "content": response}]
+            for messages, response in zip(prompts, responses, strict=True)
+        ]
         return self._scorer.score(conversations)
 
     def release(self) -> None:
@@ -185,24 +202,42 @@ class HttpReward:
 
     needs_reference = False
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, batch_size: int = 64, backoff: float | None = None) -> None:
+    def __init__(
+        self, url: str, timeout: float = 30.0, retries: int = 3, batch_size: int = 64, backoff: float | None = None
+    ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"reward URL {url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/score)")
+            raise ValueError(
+                f"reward URL {url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/score)"
+            )
         if not (timeout > 0 and retries >= 0 and batch_size >= 1 and (backoff is None or backoff >= 0)):
             raise ValueError(
                 f"HttpReward({url!r}): expected timeout > 0, retries >= 0, batch_size >= 1 and backoff >= 0; got "
                 f"timeout={timeout}, retries={retries}, batch_size={batch_size}, backoff={backoff}"
             )
-        self.url, self.timeout, self.retries, self.batch_size, self.backoff = url, timeout, retries, batch_size, backoff
+        self.url, self.timeout, self.retries, self.batch_size, self.backoff = (
+            url,
+            timeout,
+            retries,
+            batch_size,
+            backoff,
+        )
         self.name = f"http:{url}"
 
-    def __call__(self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]
+    ) -> list[float]:
         if not len(prompts) == len(responses) == len(references):
-            raise ValueError(f"{self.name}: {len(prompts)} prompts, {len(responses)} responses and {len(references)} references; expected one of each per response")
+            raise ValueError(
+                f"{self.name}: {len(prompts)} prompts, {len(responses)} responses and {len(references)} references; expected one of each per response"
+            )
         scores: list[float] = []
         for start in range(0, len(responses), self.batch_size):
             end = start + self.batch_size
-            batch = {"prompts": list(prompts[start:end]), "responses": list(responses[start:end]), "references": list(references[start:end])}
+            batch = {
+                "prompts": list(prompts[start:end]),
+                "responses": list(responses[start:end]),
+                "references": list(references[start:end]),
+            }
             scores += self._score_batch(batch, start)
         return scores
 
@@ -212,16 +247,22 @@ class HttpReward:
         try:
             payload = json.dumps(batch, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as error:
-            raise RewardError(f"{where}: the batch cannot be sent as JSON ({error}); prompts must be JSON message lists") from None
+            raise RewardError(
+                f"{where}: the batch cannot be sent as JSON ({error}); prompts must be JSON message lists"
+            ) from None
         body, attempt = self._post(payload, where)
         expected = f'expected {{"scores": [number, ...]}} with {count} finite numbers, one per response'
         context = f"{where} answered on attempt {attempt}"
         try:
             answer = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RewardError(f"{context} with a body that is not JSON ({error}): {_excerpt(body)!r}; {expected}") from None
+            raise RewardError(
+                f"{context} with a body that is not JSON ({error}): {_excerpt(body)!r}; {expected}"
+            ) from None
         if not isinstance(answer, dict):
-            raise RewardError(f"{context} with a JSON {type(answer).__name__}, not an object: {_excerpt(body)!r}; {expected}")
+            raise RewardError(
+                f"{context} with a JSON {type(answer).__name__}, not an object: {_excerpt(body)!r}; {expected}"
+            )
         if "scores" not in answer:
             raise RewardError(f'{context} with an object without "scores" (keys: {sorted(answer)[:10]}); {expected}')
         raw = answer["scores"]
@@ -232,14 +273,19 @@ class HttpReward:
         for index, value in enumerate(raw):
             # bool is an int in Python, but true/false is not a score a server meant to send.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RewardError(f"{context} with score {value!r} at index {index} (response {start + index}); {expected}")
+                raise RewardError(
+                    f"{context} with score {value!r} at index {index} (response {start + index}); {expected}"
+                )
         return [float(value) for value in raw]
 
     def _post(self, payload: bytes, where: str) -> tuple[bytes, int]:
         """The body of the first successful answer and its attempt number; retries what may be transient."""
         attempts = self.retries + 1
         request = urllib.request.Request(
-            self.url, data=payload, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json"}
+            self.url,
+            data=payload,
+            method="POST",
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
         failure = ""
         for attempt in range(1, attempts + 1):
@@ -254,7 +300,10 @@ class HttpReward:
                         "429 means the request is wrong: check the URL and that the server speaks this protocol)"
                     ) from None
                 failure = status
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, DNS, timeouts (URLError, TimeoutError)
+            except (
+                OSError,
+                http.client.HTTPException,
+            ) as error:  # refused, reset, DNS, timeouts (URLError, TimeoutError)
                 reason = error.reason if isinstance(error, urllib.error.URLError) else error
                 failure = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
                 if isinstance(reason, TimeoutError) or "timed out" in failure:
@@ -262,7 +311,9 @@ class HttpReward:
             if attempt < attempts:
                 base = HTTP_BACKOFF_S if self.backoff is None else self.backoff
                 time.sleep(min(base * 2 ** (attempt - 1), HTTP_BACKOFF_MAX_S))
-        raise RewardError(f"{where} failed {attempts} attempt(s) (1 + reward.http_retries={self.retries}); last: {failure}")
+        raise RewardError(
+            f"{where} failed {attempts} attempt(s) (1 + reward.http_retries={self.retries}); last: {failure}"
+        )
 
 
 def _read_quietly(error: urllib.error.HTTPError) -> bytes:
@@ -288,14 +339,20 @@ class WeightedReward:
 
     def __post_init__(self) -> None:
         if not self.unfinished_penalty >= 0:
-            raise ValueError(f"unfinished_penalty is {self.unfinished_penalty}; expected a number >= 0 (it is subtracted)")
+            raise ValueError(
+                f"unfinished_penalty is {self.unfinished_penalty}; expected a number >= 0 (it is subtracted)"
+            )
 
     @property
     def needs_reference(self) -> bool:
         return any(reward.needs_reference for _, reward, _ in self.terms)
 
     def breakdown(
-        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None], finished: Sequence[bool] | None = None
+        self,
+        prompts: Sequence[Messages],
+        responses: Sequence[str],
+        references: Sequence[str | None],
+        finished: Sequence[bool] | None = None,
     ) -> dict[str, list[float]]:
         """Each term's unweighted scores by its name, ``"unfinished"`` (``-unfinished_penalty`` where
         ``finished`` is false, else 0) when the penalty is on, and the weighted sum of them all under ``"total"``.
@@ -304,13 +361,17 @@ class WeightedReward:
         when ``unfinished_penalty`` > 0 (ValueError otherwise)."""
         count = len(responses)
         if finished is not None and len(finished) != count:
-            raise ValueError(f"{self.name}: {len(finished)} finished flags for {count} responses; expected one per response")
+            raise ValueError(
+                f"{self.name}: {len(finished)} finished flags for {count} responses; expected one per response"
+            )
         parts: dict[str, list[float]] = {}
         weights: dict[str, float] = {}
         for name, reward, weight in self.terms:
             scores = list(reward(prompts, responses, references))
             if len(scores) != count:
-                raise RewardError(f"reward term {name!r} ({reward.name}) returned {len(scores)} scores for {count} responses; expected one per response")
+                raise RewardError(
+                    f"reward term {name!r} ({reward.name}) returned {len(scores)} scores for {count} responses; expected one per response"
+                )
             parts[name], weights[name] = scores, weight
         if self.unfinished_penalty > 0:
             if finished is None:
@@ -324,7 +385,11 @@ class WeightedReward:
         return {**parts, "total": totals}
 
     def __call__(
-        self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None], finished: Sequence[bool] | None = None
+        self,
+        prompts: Sequence[Messages],
+        responses: Sequence[str],
+        references: Sequence[str | None],
+        finished: Sequence[bool] | None = None,
     ) -> list[float]:
         return self.breakdown(prompts, responses, references, finished)["total"]
 
@@ -341,7 +406,9 @@ def build_reward(source: RewardSource, batch_size: int = 32, device: str | None 
     weighted = sum(bool(s) for s in (source.model, source.function, source.http)) >= 2
     terms: list[tuple[str, Reward, float]] = []
     if source.model:
-        terms.append(("model", ModelReward(source.model, batch_size, device), source.model_weight if weighted else 1.0))
+        terms.append(
+            ("model", ModelReward(source.model, batch_size, device), source.model_weight if weighted else 1.0)
+        )
     if source.function:
         terms.append(("function", load_reward_function(source.function), source.function_weight if weighted else 1.0))
     if source.http:

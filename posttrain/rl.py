@@ -37,8 +37,8 @@ Where each piece is used
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -269,7 +269,11 @@ Advantages = tuple[torch.Tensor, "torch.Tensor | None"]  # (advantages (B, R), r
 
 
 def _gae_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    settings: AdvantageSettings,
 ) -> Advantages:
     if values is None:
         raise ValueError("gae: needs the critic's values (B, R); the other estimators need no critic.")
@@ -278,7 +282,11 @@ def _gae_advantages(
 
 
 def _reinforce_pp_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    settings: AdvantageSettings,
 ) -> Advantages:
     return discounted_returns(token_level_rewards(scores, kl, mask, settings.kl_coef), mask, settings.gamma), None
 
@@ -289,7 +297,11 @@ def _sequence_scores(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
 
 
 def _grpo_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    settings: AdvantageSettings,
 ) -> Advantages:
     sequence_scores = _sequence_scores(scores, kl, mask, settings.kl_coef)
     per_response = group_advantages(sequence_scores, settings.group_size, scale_by_std=settings.scale_by_std)
@@ -297,7 +309,11 @@ def _grpo_advantages(
 
 
 def _rloo_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    settings: AdvantageSettings,
 ) -> Advantages:
     per_response = leave_one_out_advantages(_sequence_scores(scores, kl, mask, settings.kl_coef), settings.group_size)
     return per_response[:, None] * mask, None
@@ -310,7 +326,7 @@ class AdvantageEstimator:
     ``estimate(scores (B,), kl (B, R), mask (B, R), values (B, R) or None, settings)`` returns ``(advantages (B, R),
     returns (B, R) or None)``, the returns being the critic's regression target."""
 
-    estimate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", AdvantageSettings], Advantages]
+    estimate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, AdvantageSettings], Advantages]
     needs_critic: bool = False
     """Reads a learned value function's ``values`` and returns its targets (PPO's critic)."""
     needs_groups: bool = False

@@ -26,16 +26,60 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # Short, common words. Each word and its upper-case form become single BPE tokens, so copy/upper/count
 # are token-level skills. 48 words in 1-3 word phrases give ~113k distinct prompts.
 WORDS: tuple[str, ...] = (
-    "red", "blue", "green", "cat", "dog", "fox", "owl", "bee", "sun", "moon", "star", "sky",
-    "sea", "tree", "leaf", "rock", "fire", "ice", "rain", "snow", "wind", "bird", "fish", "frog",
-    "cake", "milk", "tea", "egg", "rice", "salt", "book", "pen", "door", "key", "cup", "box",
-    "ship", "car", "road", "hill", "lake", "gold", "iron", "wood", "rose", "lion", "bear", "wolf",
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "bee",
+    "sun",
+    "moon",
+    "star",
+    "sky",
+    "sea",
+    "tree",
+    "leaf",
+    "rock",
+    "fire",
+    "ice",
+    "rain",
+    "snow",
+    "wind",
+    "bird",
+    "fish",
+    "frog",
+    "cake",
+    "milk",
+    "tea",
+    "egg",
+    "rice",
+    "salt",
+    "book",
+    "pen",
+    "door",
+    "key",
+    "cup",
+    "box",
+    "ship",
+    "car",
+    "road",
+    "hill",
+    "lake",
+    "gold",
+    "iron",
+    "wood",
+    "rose",
+    "lion",
+    "bear",
+    "wolf",
 )
 LETTERS: str = "abcdefghijklmnopqrstuvwxyz"
 _INT_RE = re.compile(r"-?\d+")

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from posttrain.tasks import DEFAULT_TASKS, TASK_NAMES, TASKS, corrupt
 
@@ -190,7 +191,12 @@ def _multiple_choice_row(row: dict[str, Any], rng: random.Random) -> dict[str, A
         if len(choices) == 4:
             break
     rng.shuffle(choices)
-    return {"question": row["messages"][-1]["content"], "choices": choices, "answer": "ABCD"[choices.index(row["reference"])], "task": row["task"]}
+    return {
+        "question": row["messages"][-1]["content"],
+        "choices": choices,
+        "answer": "ABCD"[choices.index(row["reference"])],
+        "task": row["task"],
+    }
 
 
 def _prompt_rows(sampler: _PromptSampler, n: int) -> list[dict[str, Any]]:
@@ -303,7 +309,7 @@ def corpus_texts(paths: dict[str, Path]) -> list[str]:
 # ---- tokenizer and model ---------------------------------------------------------------------------------------
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 2048) -> "PreTrainedTokenizerFast":
+def build_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and wrap it as a Hugging Face fast tokenizer with our chat template.
 
     Byte-level pre-tokenizer and decoder: any unicode text round-trips, so no unk token is needed. Digits are
@@ -349,7 +355,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048) -> "PreTrainedToke
     return tokenizer
 
 
-def build_model(tokenizer: "PreTrainedTokenizerFast", size: str, seed: int) -> "LlamaForCausalLM":
+def build_model(tokenizer: PreTrainedTokenizerFast, size: str, seed: int) -> LlamaForCausalLM:
     """A randomly initialised Llama model for `tokenizer`, the same weights for the same seed."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -375,7 +381,9 @@ def build_model(tokenizer: "PreTrainedTokenizerFast", size: str, seed: int) -> "
     return model
 
 
-def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, **counts: int) -> ToyPaths:
+def build_toy(
+    out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, **counts: int
+) -> ToyPaths:
     """Build the toy kit into `out_dir`: data/*.jsonl, then a tokenizer trained on that data, then the model.
 
     `counts` overrides row counts by file name (sft, prefs, prompts, eval, pretrain; defaults in
@@ -390,7 +398,9 @@ def build_toy(out_dir: str | Path, size: str = "tiny", seed: int = 0, tasks: tup
     data_paths = build_datasets(random.Random(seed), root / "data", tasks=tuple(tasks), **counts)
 
     # The held-out pairs and questions stay out of the tokenizer's corpus, so adding them changed no tokenizer or model.
-    tokenizer = build_tokenizer(corpus_texts({k: v for k, v in data_paths.items() if k not in ("eval_prefs", "eval_mc")}))
+    tokenizer = build_tokenizer(
+        corpus_texts({k: v for k, v in data_paths.items() if k not in ("eval_prefs", "eval_mc")})
+    )
     model = build_model(tokenizer, size, seed)
     model_dir = root / "model"
     model.save_pretrained(model_dir)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import PEER_DATA, PEER_DATA_REQUIRED, REQUIRE_PEER_DATA, save_micro_model
 
 
@@ -16,7 +15,9 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The real toy kit (tiny size), smaller row counts."""
     from posttrain.toy import build_toy
 
-    return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=400, prefs=50, prompts=50, eval=40, pretrain=200)
+    return build_toy(
+        tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=400, prefs=50, prompts=50, eval=40, pretrain=200
+    )
 
 
 @pytest.fixture(scope="session")

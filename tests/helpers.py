@@ -29,7 +29,9 @@ LEARNING_FIGURES_ENV = "POSTTRAIN_LEARNING_FIGURES"
 """When set, a file that :func:`report_learning_figures` appends one JSON line to (``benchmarks/learning_seeds.py``)."""
 
 
-def assert_weights_close(actual: dict[str, Any], expected: dict[str, Any], initial: dict[str, Any], ulps: int = 1024) -> None:
+def assert_weights_close(
+    actual: dict[str, Any], expected: dict[str, Any], initial: dict[str, Any], ulps: int = 1024
+) -> None:
     """float32 weights after the same updates summed in another order (grad accumulation, packing): they differ by
     the rounding of the updates, so the tolerance scales with each tensor's update ``max|expected − initial|``
     (lr · gradient, over the steps), not with a fixed 1e-6 nor with the weight (a 1e-6 absolute bound failed at
@@ -43,7 +45,9 @@ def assert_weights_close(actual: dict[str, Any], expected: dict[str, Any], initi
     for name, want in expected.items():
         before = initial.get(name, torch.zeros_like(want))
         update = (want.float() - before.float()).abs().max().item()
-        assert_close(actual[name], want, rtol=64 * eps, atol=ulps * eps * update, msg=lambda m: f"{name}: {m}")
+        assert_close(
+            actual[name], want, rtol=64 * eps, atol=ulps * eps * update, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
@@ -53,9 +57,17 @@ def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -88,7 +100,7 @@ def sft_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
 
 
 # Runs `posttrain train CONFIG [overrides]` and, with a kill step, SIGKILLs itself right after that optimizer
-# step has been logged (and checkpointed, when due): a crash at an exact point, whatever the machine's load. The
+# step has ended (logged, evaluated when due, checkpointed when due: Runtime.end_step): a crash at an exact point, whatever the machine's load. The
 # parent never has to catch a fast run in the act (polling a checkpoint file and killing from outside is a race
 # the run can win by finishing first).
 _TRAIN_AND_KILL = """
@@ -100,10 +112,9 @@ kill_after_step = int(sys.argv[1])
 end_step = Runtime.end_step
 
 def end_step_then_kill(self, *args, **kwargs):
-    record = end_step(self, *args, **kwargs)
+    end_step(self, *args, **kwargs)
     if self.global_step == kill_after_step:
         os.kill(os.getpid(), signal.SIGKILL)
-    return record
 
 if kill_after_step > 0:
     Runtime.end_step = end_step_then_kill
@@ -120,7 +131,11 @@ def write_config(config: Any, path: Path) -> Path:
 
 
 def train_in_subprocess(
-    config: Any, *overrides: str, kill_after_step: int | None = None, env: dict[str, str] | None = None, timeout: float = 600
+    config: Any,
+    *overrides: str,
+    kill_after_step: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """`posttrain train` on ``config`` in a fresh process (its YAML written beside ``output_dir``); with
     ``kill_after_step`` the process SIGKILLs itself once that step is logged. ``tests/`` is importable there (for
@@ -128,10 +143,18 @@ def train_in_subprocess(
     out = Path(config.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path = write_config(config, out.parent / f"{out.name}.yaml")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])), **(env or {})}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-c", _TRAIN_AND_KILL, str(kill_after_step or 0), str(config_path), *overrides],
-        cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -162,7 +185,9 @@ def report_learning_figures(test: str, **figures: float) -> None:
             handle.write(json.dumps({"test": test, "seed": LEARNING_SEED, **figures}) + "\n")
 
 
-def generate_responses(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32) -> list[str]:
+def generate_responses(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32
+) -> list[str]:
     """The greedy reply text to each prompt (a message list): one sample each from ``rollout.sample_responses``."""
     from posttrain.rollout import sample_responses
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, sft_config
 from torch.testing import assert_close
 
-from helpers import REPO, sft_config
 from posttrain.cli import main
 from posttrain.config import ModelConfig, PeftConfig, build_config
 from posttrain.data.packing import collate, single_rows
@@ -86,13 +86,17 @@ def test_next_stage_starts_from_the_adapter_and_references_it(toy, micro_model, 
 
 
 def test_reward_model_from_an_adapter_run_reads_the_adapted_backbone(toy, micro_model, sft_adapter) -> None:
-    scorer, tokenizer = load_model(ModelConfig(path=str(sft_adapter)), PeftConfig(method="lora", r=4), scalar_head=True)
+    scorer, tokenizer = load_model(
+        ModelConfig(path=str(sft_adapter)), PeftConfig(method="lora", r=4), scalar_head=True
+    )
     sft_model = _merged_sft(micro_model, sft_adapter)
     batch = _batch(toy, tokenizer)
     inner = scorer.model.get_base_model()
     with torch.no_grad(), scorer.model.disable_adapter():
         hidden = inner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        expected = sft_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        expected = sft_model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
     assert_close(hidden, expected, rtol=0, atol=1e-5)
 
 
@@ -113,7 +117,9 @@ def test_an_adapter_chain_loads_back_to_the_base(toy, micro_model, tmp_path) -> 
         loaded, _ = load_for_inference(tmp_path / "b")
         assert_close(token_logits(loaded, batch), expected, rtol=0, atol=1e-5)
         with reference_model(policy) as reference:
-            assert not torch.allclose(token_logits(reference, batch), expected, atol=1e-2), "the second adapter must matter"
+            assert not torch.allclose(token_logits(reference, batch), expected, atol=1e-2), (
+                "the second adapter must matter"
+            )
     assert main(["export", str(tmp_path / "b"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +129,9 @@ def test_an_adapter_chain_loads_back_to_the_base(toy, micro_model, tmp_path) -> 
 
 
 def test_a_prompt_learning_adapter_is_refused_as_input(toy, micro_model, tmp_path, capsys) -> None:
-    config = sft_config(micro_model, toy.sft, tmp_path / "pt", peft__method="prompt_tuning", data__packing=False, train__max_steps=1)
+    config = sft_config(
+        micro_model, toy.sft, tmp_path / "pt", peft__method="prompt_tuning", data__packing=False, train__max_steps=1
+    )
     from posttrain.recipes import sft
 
     sft.run(config)
@@ -132,7 +140,16 @@ def test_a_prompt_learning_adapter_is_refused_as_input(toy, micro_model, tmp_pat
     # Inference keeps it attached.
     model, _ = load_for_inference(tmp_path / "pt")
     assert model.active_peft_config.is_prompt_learning
-    code = main(["train", str(REPO / "configs" / "dpo.yaml"), f"model.path={tmp_path / 'pt'}", f"data.train={toy.prefs}", f"output_dir={tmp_path / 'dpo'}", "peft.method=lora"])
+    code = main(
+        [
+            "train",
+            str(REPO / "configs" / "dpo.yaml"),
+            f"model.path={tmp_path / 'pt'}",
+            f"data.train={toy.prefs}",
+            f"output_dir={tmp_path / 'dpo'}",
+            "peft.method=lora",
+        ]
+    )
     assert code == 2
     assert "cannot be merged" in capsys.readouterr().err
 
@@ -167,9 +184,14 @@ def test_every_stage_on_an_adapter_run_keeps_it_through_export(toy, micro_model,
     from posttrain.recipes import RECIPES
 
     raw = {
-        "stage": stage, "output_dir": str(tmp_path / stage), "model": {"path": str(sft_adapter)},
-        "peft": {"method": "lora", "r": 4}, "train": {"max_steps": 1, "batch_size": 2},
-        "optim": {"lr": 1e-12, "name": "sgd"}, "schedule": {"name": "constant"}, "checkpoint": {"every": None},
+        "stage": stage,
+        "output_dir": str(tmp_path / stage),
+        "model": {"path": str(sft_adapter)},
+        "peft": {"method": "lora", "r": 4},
+        "train": {"max_steps": 1, "batch_size": 2},
+        "optim": {"lr": 1e-12, "name": "sgd"},
+        "schedule": {"name": "constant"},
+        "checkpoint": {"every": None},
         "logging": {"progress": False, "tensorboard": False, "report": False},
     } | STAGES[stage](toy)
     RECIPES[stage](build_config(raw))
@@ -184,7 +206,9 @@ def test_every_stage_on_an_adapter_run_keeps_it_through_export(toy, micro_model,
             assert exported.config.num_labels == 1
             hidden = exported.model(input_ids=batch["input_ids"]).last_hidden_state
             assert_close(hidden, sft_model.model(input_ids=batch["input_ids"]).last_hidden_state, rtol=0, atol=1e-4)
-            assert not torch.allclose(hidden, base_model.model(input_ids=batch["input_ids"]).last_hidden_state, atol=1e-2)
+            assert not torch.allclose(
+                hidden, base_model.model(input_ids=batch["input_ids"]).last_hidden_state, atol=1e-2
+            )
             return
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
         logits = token_logits(exported, batch)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import sft_config
 from torch.testing import assert_close
 
-from helpers import sft_config
 from posttrain.cli import main
 from posttrain.config import ModelConfig, PeftConfig
 from posttrain.data.packing import collate, single_rows
@@ -28,10 +28,26 @@ METHODS = {
     "prefix": {"num_virtual_tokens": 4},
     "freeze": {"freeze_last_n_layers": 1},
 }
-LEARNING_RATES = {"full": 3e-3, "freeze": 3e-3, "lora": 1e-2, "dora": 1e-2, "prompt_tuning": 0.3, "p_tuning": 0.1, "prefix": 0.3}
+LEARNING_RATES = {
+    "full": 3e-3,
+    "freeze": 3e-3,
+    "lora": 1e-2,
+    "dora": 1e-2,
+    "prompt_tuning": 0.3,
+    "p_tuning": 0.1,
+    "prefix": 0.3,
+}
 # Required drop of the memorisation loss after 20 steps (nats). A 2-layer random model leaves a soft prompt
 # little to steer, so prompt methods move it less; without training the loss does not move at all.
-REQUIRED_DROP = {"full": 0.6, "freeze": 0.6, "lora": 0.6, "dora": 0.6, "prompt_tuning": 0.05, "p_tuning": 0.05, "prefix": 0.2}
+REQUIRED_DROP = {
+    "full": 0.6,
+    "freeze": 0.6,
+    "lora": 0.6,
+    "dora": 0.6,
+    "prompt_tuning": 0.05,
+    "p_tuning": 0.05,
+    "prefix": 0.2,
+}
 
 
 def _memorisation_batch(toy, tokenizer, n: int = 4) -> dict[str, torch.Tensor]:
@@ -75,7 +91,9 @@ def test_each_method_learns_and_changes_only_its_parameters(toy, micro_model, me
         assert trainable == total == sum(p.numel() for p in model.parameters())
 
     batch = _memorisation_batch(toy, tokenizer)
-    optimizer = build_optimizer(model.parameters(), sft_config(micro_model, toy.sft, "x", optim__lr=LEARNING_RATES[method]).optim)
+    optimizer = build_optimizer(
+        model.parameters(), sft_config(micro_model, toy.sft, "x", optim__lr=LEARNING_RATES[method]).optim
+    )
     first = _loss(model, batch).item()
     for _ in range(20):
         optimizer.zero_grad()
@@ -97,7 +115,9 @@ def test_export_merged_equals_adapter_model(toy, micro_model, tmp_path, method) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = sft_config(micro_model, toy.sft, tmp_path / "run", peft__method=method, peft__r=4, optim__lr=1e-2, train__max_steps=3)
+    config = sft_config(
+        micro_model, toy.sft, tmp_path / "run", peft__method=method, peft__r=4, optim__lr=1e-2, train__max_steps=3
+    )
     sft.run(config)
     assert main(["export", str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
@@ -115,7 +135,9 @@ def test_export_merged_equals_adapter_model(toy, micro_model, tmp_path, method) 
 
 
 def test_prompt_learning_export_is_refused(toy, micro_model, tmp_path, capsys) -> None:
-    config = sft_config(micro_model, toy.sft, tmp_path / "run", peft__method="prompt_tuning", data__packing=False, train__max_steps=1)
+    config = sft_config(
+        micro_model, toy.sft, tmp_path / "run", peft__method="prompt_tuning", data__packing=False, train__max_steps=1
+    )
     sft.run(config)
     with pytest.raises(ValueError, match="cannot be merged"):
         from posttrain.models.export import export_run

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import generate_responses
 from torch.testing import assert_close
 
-from helpers import generate_responses
 from posttrain.config import ModelConfig, PeftConfig, build_config
 from posttrain.data.packing import collate, pack_rows, single_rows
 from posttrain.data.reader import read_conversations
@@ -37,15 +37,33 @@ from posttrain.data.tokenize import tokenize_conversation
 from posttrain.models import load_model, token_logits
 from posttrain.models.actor_critic import ActorCritic
 
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+}
 # name: (transformers config class, what differs from SMALL)
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 8}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": 8}),
-    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 20.0}),
-    "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8, "final_logit_softcapping": 2.0}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "sliding_window": 8,
+            "final_logit_softcapping": 2.0,
+            "attn_logit_softcapping": 20.0,
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8, "final_logit_softcapping": 2.0},
+    ),
     "phi3": ("Phi3Config", {"num_key_value_heads": 4}),
     "phi2": ("PhiConfig", {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attention_dropout": 0.1}),
     "gpt2": ("GPT2Config", {}),
@@ -75,8 +93,11 @@ def model_dir(name: str, tokenizer_dir: Path) -> Path:
     class_name, extra = ARCHITECTURES[name]
     sizes = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256} if name == "gpt2" else {**SMALL, **extra}
     config = getattr(transformers, class_name)(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **sizes,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
@@ -96,7 +117,9 @@ def data(toy, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("arch-data")
     files = {"sft": toy.sft, "dpo": toy.prefs, "kto": toy.prefs, "reward": toy.prefs, "ppo": toy.prompts}
     for stage, source in files.items():
-        (out / f"{stage}.jsonl").write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+        (out / f"{stage}.jsonl").write_text(
+            "".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8"
+        )
     return {stage: out / f"{stage}.jsonl" for stage in files}
 
 
@@ -134,12 +157,16 @@ def test_lora_wraps_every_projection_of_every_layer(arch) -> None:
     for module_name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             wrapped.add(module_name)
-        elif isinstance(module, (torch.nn.Linear, Conv1D)) and (".layers." in module_name or ".h." in module_name):  # decoder layers (GPT-2: h)
+        elif isinstance(module, (torch.nn.Linear, Conv1D)) and (
+            ".layers." in module_name or ".h." in module_name
+        ):  # decoder layers (GPT-2: h)
             if not any(module_name.startswith(w + ".") for w in wrapped) and "lora_" not in module_name:
                 bare.append(module_name)
     assert wrapped, f"{name}: LoRA found no target module"
     assert not bare, f"{name}: projections without LoRA: {bare}"
-    per_layer = {w.split(".layers.")[-1].split(".h.")[-1].split(".", 1)[1] for w in wrapped if ".layers." in w or ".h." in w}
+    per_layer = {
+        w.split(".layers.")[-1].split(".h.")[-1].split(".", 1)[1] for w in wrapped if ".layers." in w or ".h." in w
+    }
     assert len(per_layer) >= 3, f"{name}: attention and MLP projections expected, got {sorted(per_layer)}"
 
 
@@ -158,9 +185,14 @@ def _run(stage: str, path: Path, out: Path, files: dict[str, Path], **blocks: di
     from posttrain.recipes import RECIPES
 
     raw: dict[str, Any] = {
-        "stage": stage, "output_dir": str(out), "model": {"path": str(path)},
-        "data": {"train": str(files[stage]), "max_length": 96}, "train": {"max_steps": 2, "batch_size": 2},
-        "optim": {"lr": 1e-2}, "schedule": {"name": "constant"}, "checkpoint": {"every": None},
+        "stage": stage,
+        "output_dir": str(out),
+        "model": {"path": str(path)},
+        "data": {"train": str(files[stage]), "max_length": 96},
+        "train": {"max_steps": 2, "batch_size": 2},
+        "optim": {"lr": 1e-2},
+        "schedule": {"name": "constant"},
+        "checkpoint": {"every": None},
         "logging": {"progress": False, "tensorboard": False, "report": False},
     }
     for block, values in blocks.items():
@@ -191,9 +223,16 @@ def test_online_rl_ratio_is_one_before_the_first_update(arch, data, tmp_path, va
     name, path = arch
     algorithm = {"advantage": "grpo" if variant == "grpo" else "gae", "prompts_per_step": 2}
     first = _run(
-        "ppo", path, tmp_path / variant, data, peft={"method": "lora", "r": 2}, algorithm=algorithm,
-        sampling={"num_samples": 2, "max_new_tokens": 4}, reward={"function": "toy"},
-        critic={"shared": variant == "gae_shared"}, train={"max_steps": 1, "batch_size": 4},
+        "ppo",
+        path,
+        tmp_path / variant,
+        data,
+        peft={"method": "lora", "r": 2},
+        algorithm=algorithm,
+        sampling={"num_samples": 2, "max_new_tokens": 4},
+        reward={"function": "toy"},
+        critic={"shared": variant == "gae_shared"},
+        train={"max_steps": 1, "batch_size": 4},
     )[0]
     assert first["kl"] == 0.0, f"{name}: old and reference log-probs differ before any update"
     assert first["approx_kl"] == 0.0 and first["clip_fraction"] == 0.0, f"{name}: ratio != 1 before an update: {first}"
@@ -210,12 +249,21 @@ def test_sft_methods_chat_and_export(arch, toy, data, tmp_path) -> None:
     name, path = arch
     full = _run("sft", path, tmp_path / "full", data, optim={"lr": 3e-3}, train={"max_steps": 4, "batch_size": 4})
     assert full[-1]["loss"] < full[0]["loss"], f"{name}: full SFT did not lower the loss"
-    prompt = _run("sft", path, tmp_path / "prompt", data, peft={"method": "prompt_tuning", "num_virtual_tokens": 2}, data={"packing": False})
+    prompt = _run(
+        "sft",
+        path,
+        tmp_path / "prompt",
+        data,
+        peft={"method": "prompt_tuning", "num_virtual_tokens": 2},
+        data={"packing": False},
+    )
     assert all(r["loss"] == r["loss"] for r in prompt)
-    lora = _run("sft", path, tmp_path / "lora", data, peft={"method": "lora", "r": 2}, train={"max_steps": 3})
+    _run("sft", path, tmp_path / "lora", data, peft={"method": "lora", "r": 2}, train={"max_steps": 3})
 
     assert main(["export", str(tmp_path / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
-    tokenizer_batch = collate(single_rows(_sequences(toy, load_session(tmp_path / "lora").tokenizer, 3)), 0, packed=False)
+    tokenizer_batch = collate(
+        single_rows(_sequences(toy, load_session(tmp_path / "lora").tokenizer, 3)), 0, packed=False
+    )
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, tmp_path / "lora" / "model").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -223,20 +271,27 @@ def test_sft_methods_chat_and_export(arch, toy, data, tmp_path) -> None:
         expected = token_logits(adapted, tokenizer_batch)
         assert_close(token_logits(merged, tokenizer_batch), expected, rtol=1e-4, atol=1e-4)
         with adapted.disable_adapter():
-            assert not torch.allclose(token_logits(adapted, tokenizer_batch), expected, atol=1e-3), "the adapter learned nothing"
+            assert not torch.allclose(token_logits(adapted, tokenizer_batch), expected, atol=1e-3), (
+                "the adapter learned nothing"
+            )
 
     # chat answers with transformers' generate; online RL and rejection sampling with posttrain's own decoding
     # loop (rows leave the batch, shared prompt cache): greedy, both must give the same reply on every architecture.
     session = load_session(tmp_path / "lora", settings=SamplingSettings(max_new_tokens=8))
     question = read_conversations(toy.sft)[0][0]["content"]
     reply = session.generate_reply(question)
-    assert reply == generate_responses(session.model, session.tokenizer, [[{"role": "user", "content": question}]], max_new_tokens=8)[0]
+    assert (
+        reply
+        == generate_responses(
+            session.model, session.tokenizer, [[{"role": "user", "content": question}]], max_new_tokens=8
+        )[0]
+    )
 
 
 def test_reward_model_trains_and_exports_as_a_scorer(arch, toy, data, tmp_path) -> None:
     from posttrain.cli import main
-    from posttrain.models.loading import load_weights
     from posttrain.eval.reward_model import RewardScorer
+    from posttrain.models.loading import load_weights
 
     name, path = arch
     rows = _run("reward", path, tmp_path / "rm", data, peft={"method": "lora", "r": 2})

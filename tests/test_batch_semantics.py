@@ -17,11 +17,20 @@ from posttrain.runtime import Runtime
 
 
 def _runtime(tmp_path, **train) -> Runtime:
-    return Runtime(build_config({
-        "stage": "sft", "output_dir": str(tmp_path), "model": {"path": "unused"}, "data": {"train": "unused"},
-        "train": train, "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0}, "checkpoint": {"every": None},
-        "logging": {"progress": False, "tensorboard": False, "report": False},
-    }))
+    return Runtime(
+        build_config(
+            {
+                "stage": "sft",
+                "output_dir": str(tmp_path),
+                "model": {"path": "unused"},
+                "data": {"train": "unused"},
+                "train": train,
+                "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
+                "checkpoint": {"every": None},
+                "logging": {"progress": False, "tensorboard": False, "report": False},
+            }
+        )
+    )
 
 
 def _steps(tmp_path, sequences, packed: bool) -> tuple[list[list[set[int]]], list[int]]:
@@ -50,7 +59,9 @@ def test_packing_changes_the_layout_never_the_examples_of_a_step(toy, micro_mode
     packed_steps, packed_rows = _steps(tmp_path, sequences, packed=True)
     padded_steps, padded_rows = _steps(tmp_path, sequences, packed=False)
     assert packed_steps == padded_steps
-    assert len(packed_steps) == 4 and all(len(step) == 2 and all(len(micro) == 5 for micro in step) for step in packed_steps)
+    assert len(packed_steps) == 4 and all(
+        len(step) == 2 and all(len(micro) == 5 for micro in step) for step in packed_steps
+    )
     # 40 examples, 10 a step: one epoch covers each once.
     assert sorted(i for step in packed_steps for micro in step for i in micro) == list(range(40))
     assert padded_rows == [5] * 8 and max(packed_rows) < 5, "packing must change the layout for this test to bite"
@@ -58,6 +69,9 @@ def test_packing_changes_the_layout_never_the_examples_of_a_step(toy, micro_mode
 
 def test_too_few_examples_for_one_step_names_the_factors(tmp_path) -> None:
     rt = _runtime(tmp_path, batch_size=2, grad_accum=2, max_steps=1)
-    with pytest.raises(ConfigError, match=r"^3 training examples are fewer than one optimizer step needs \(train.batch_size x "
-                       r"train.grad_accum x processes = 2 x 2 x 1 = 4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^3 training examples are fewer than one optimizer step needs \(train.batch_size x "
+        r"train.grad_accum x processes = 2 x 2 x 1 = 4\)",
+    ):
         rt.setup(torch.nn.Linear(1, 1), num_rows=3)

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import generate_responses
+
 from posttrain.cli import main
 from posttrain.rollout import SamplingSettings
 from posttrain.serve.chat import ChatSession, chat_name, format_columns, load_session, run_chat, unique_names
@@ -75,7 +75,9 @@ def sft(models: dict[str, Path]) -> ChatSession:
 
 def fresh(session: ChatSession, system: str | None = None) -> ChatSession:
     """A new conversation with an already loaded model."""
-    return ChatSession(session.model, session.tokenizer, session.name, session.stop_token_ids, system, session.settings)
+    return ChatSession(
+        session.model, session.tokenizer, session.name, session.stop_token_ids, system, session.settings
+    )
 
 
 def user(text: str) -> dict[str, str]:
@@ -90,7 +92,11 @@ def test_streamed_reply_equals_the_greedy_rollout_turn_after_turn(sft: ChatSessi
     session = fresh(sft)
     pieces: list[str] = []
     reply = session.generate_reply(QUESTION, pieces.append)
-    assert reply == REPLIES["sft"] == generate_responses(session.model, session.tokenizer, [[user(QUESTION)]], max_new_tokens=40)[0]
+    assert (
+        reply
+        == REPLIES["sft"]
+        == generate_responses(session.model, session.tokenizer, [[user(QUESTION)]], max_new_tokens=40)[0]
+    )
     assert "".join(pieces) == reply
     assert len(pieces) >= 3  # word by word (TextStreamer holds back the word being formed), not one block at the end
 
@@ -129,18 +135,37 @@ def test_the_prompt_renders_system_and_history_and_reset_keeps_only_the_system(s
     session.generate_reply(QUESTION)
     session.set_system("Answer with the result only.")
     assert session.history == []
-    assert session.render("hi") == "<|bos|><|system|>\nAnswer with the result only.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    assert (
+        session.render("hi")
+        == "<|bos|><|system|>\nAnswer with the result only.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    )
 
 
-def test_two_models_answer_each_scripted_turn_under_their_names(models: dict[str, Path], sft: ChatSession, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_models_answer_each_scripted_turn_under_their_names(
+    models: dict[str, Path], sft: ChatSession, capsys: pytest.CaptureFixture[str]
+) -> None:
     from posttrain.models.loading import load_for_inference
 
-    code = main(["chat", str(models["sft"]), str(models["dpo"]), "--prompt", QUESTION, "--prompt", "again", "--max-new-tokens", "40"])
+    code = main(
+        [
+            "chat",
+            str(models["sft"]),
+            str(models["dpo"]),
+            "--prompt",
+            QUESTION,
+            "--prompt",
+            "again",
+            "--max-new-tokens",
+            "40",
+        ]
+    )
     assert code == 0
     expected = []
     for name in ("sft", "dpo"):
         model, tokenizer = (sft.model, sft.tokenizer) if name == "sft" else load_for_inference(models["dpo"])
-        second = generate_responses(model, tokenizer, [[user(QUESTION), assistant(REPLIES[name]), user("again")]], max_new_tokens=40)[0]
+        second = generate_responses(
+            model, tokenizer, [[user(QUESTION), assistant(REPLIES[name]), user("again")]], max_new_tokens=40
+        )[0]
         expected.append((REPLIES[name], second))
     (sft_first, sft_second), (dpo_first, dpo_second) = expected
     assert sft_first != dpo_first
@@ -164,7 +189,9 @@ class Script:
 
 
 def test_interactive_commands(models: dict[str, Path], sft: ChatSession) -> None:
-    script = Script("hello", "", "/reset", "/history", "/bogus", "/system Be brief.", "/history", "/quit", "never read")
+    script = Script(
+        "hello", "", "/reset", "/history", "/bogus", "/system Be brief.", "/history", "/quit", "never read"
+    )
     out = io.StringIO()
     assert run_chat([models["sft"]], max_new_tokens=40, input_fn=script, out=out) == 0
     hello = generate_responses(sft.model, sft.tokenizer, [[user("hello")]], max_new_tokens=40)[0]
@@ -188,7 +215,9 @@ def test_interactive_commands(models: dict[str, Path], sft: ChatSession) -> None
     assert out.getvalue().endswith(f"[sft]\nuser: {QUESTION}\nassistant: {REPLIES['sft']}\n\n")
 
 
-def test_bad_paths_fail_with_exit_code_2_naming_them(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_paths_fail_with_exit_code_2_naming_them(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     assert main(["chat", str(empty), "--prompt", "hi"]) == 2
@@ -210,12 +239,14 @@ def test_names_and_columns(tmp_path: Path) -> None:
     assert unique_names(["a/sft", "b/sft/model", "c/dpo"]) == ["a/sft", "b/sft", "dpo"]
     assert unique_names(["a/sft", "a/sft"]) == ["a/sft", "a/sft#2"]
     # width 50, gap 3: two columns of (50 - 3) // 2 = 23 characters
-    assert format_columns([("sft", "one two three"), ("dpo", "x\ny")], width=50) == "\n".join([
-        f"{'sft':23}   dpo",
-        f"{'---':23}   ---",
-        f"{'one two three':23}   x",
-        f"{'':23}   y",
-    ])
+    assert format_columns([("sft", "one two three"), ("dpo", "x\ny")], width=50) == "\n".join(
+        [
+            f"{'sft':23}   dpo",
+            f"{'---':23}   ---",
+            f"{'one two three':23}   x",
+            f"{'':23}   y",
+        ]
+    )
     assert format_columns([("sft", "a b c d e f")], width=20) == "sft\n---\na b c d e f"
     assert format_columns([("sft", "a"), ("dpo", "b"), ("ppo", "c")], width=40) is None  # 11-wide columns: too narrow
 

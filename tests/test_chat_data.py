@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import sft_config
 from transformers import AutoTokenizer
 
-from helpers import sft_config
 from posttrain.cli import main
 from posttrain.data.errors import DataError
 from posttrain.data.reader import read_conversations
@@ -61,8 +61,16 @@ def test_truncation_is_flagged(toy) -> None:
 @pytest.mark.parametrize(
     "line, field, problem",
     [
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}', "messages[1].role", "unknown role 'robot'"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "messages[1].content", "empty assistant turn"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}',
+            "messages[1].role",
+            "unknown role 'robot'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}',
+            "messages[1].content",
+            "empty assistant turn",
+        ),
         ('{"messages": "hello"}', "messages", "expected a non-empty list"),
         ('{"prompt": "x"}', "messages", "missing"),
         ("[1, 2]", None, "expected a JSON object"),
@@ -92,7 +100,15 @@ def test_non_utf8_bytes(tmp_path) -> None:
 def test_cli_bad_data_exits_2_without_traceback(toy, micro_model, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": DIALOGUE}) + "\n" + '{"messages": [{"role": "user", "content": 3}]}\n')
-    code = main(["train", "configs/sft_lora.yaml", f"model.path={micro_model}", f"data.train={bad}", f"output_dir={tmp_path / 'o'}"])
+    code = main(
+        [
+            "train",
+            "configs/sft_lora.yaml",
+            f"model.path={micro_model}",
+            f"data.train={bad}",
+            f"output_dir={tmp_path / 'o'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{bad}:2: field 'messages[0].content': expected a string" in err
@@ -100,8 +116,10 @@ def test_cli_bad_data_exits_2_without_traceback(toy, micro_model, tmp_path, caps
 
 def test_a_template_that_never_emits_eos_is_refused(toy, micro_model, tmp_path) -> None:
     template = tmp_path / "no_eos.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     config = sft_config(micro_model, toy.sft, tmp_path / "o", data__template=str(template))
     with pytest.raises(DataError, match="never learn to stop"):
         sft.run(config)

@@ -51,24 +51,46 @@ def test_every_shipped_config_trains_a_50_example_file(toy, micro_model, tmp_pat
         import torch
 
         if not torch.cuda.is_available():
-            code = main(["train", str(config), f"model.path={micro_model}", f"data.train={toy.sft}", f"output_dir={tmp_path}"])
+            code = main(
+                ["train", str(config), f"model.path={micro_model}", f"data.train={toy.sft}", f"output_dir={tmp_path}"]
+            )
             assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
             return
-    source = {"pretrain": toy.pretrain, "reward": toy.prefs, "dpo": toy.prefs, "kto": toy.prefs, "rejection_sampling": toy.prompts, "ppo": toy.prompts}
+    source = {
+        "pretrain": toy.pretrain,
+        "reward": toy.prefs,
+        "dpo": toy.prefs,
+        "kto": toy.prefs,
+        "rejection_sampling": toy.prompts,
+        "ppo": toy.prompts,
+    }
     data = _first_rows(source.get(raw["stage"], toy.sft), 50, tmp_path / "data.jsonl")
     # The micro model is untrained: its 8-token replies seldom end, and rejection sampling keeps only finished ones.
     stage_overrides = {
-        "rejection_sampling": ["sampling.num_samples=2", "sampling.max_new_tokens=8", "rejection.require_finished=false"],
+        "rejection_sampling": [
+            "sampling.num_samples=2",
+            "sampling.max_new_tokens=8",
+            "rejection.require_finished=false",
+        ],
         "ppo": ["sampling.max_new_tokens=8"],
     }
     out = tmp_path / "run"
-    code = main([
-        "train", str(config), f"model.path={micro_model}", f"data.train={data}", f"output_dir={out}",
-        "train.max_steps=3", "train.eval_every=3", "data.max_length=128", "logging.progress=false",
-        *stage_overrides.get(raw["stage"], []),
-    ])
+    code = main(
+        [
+            "train",
+            str(config),
+            f"model.path={micro_model}",
+            f"data.train={data}",
+            f"output_dir={out}",
+            "train.max_steps=3",
+            "train.eval_every=3",
+            "data.max_length=128",
+            "logging.progress=false",
+            *stage_overrides.get(raw["stage"], []),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     if raw["stage"] != "ppo":  # ppo's batch_size counts responses; its step is algorithm.prompts_per_step prompts
         per_step = raw["train"]["batch_size"] * raw["train"].get("grad_accum", 1)
@@ -87,7 +109,10 @@ def test_every_shipped_config_trains_a_50_example_file(toy, micro_model, tmp_pat
         ("/nonexistent", "model.path=/nonexistent: no such directory"),
         ("./typo/model", "model.path=./typo/model: no such directory"),
         # Looks like a hub id; offline it cannot be fetched and must not become a hub traceback.
-        ("not-a-real/model-id", "model.path=not-a-real/model-id: no such local directory, and this hub id is not in the Hugging Face cache"),
+        (
+            "not-a-real/model-id",
+            "model.path=not-a-real/model-id: no such local directory, and this hub id is not in the Hugging Face cache",
+        ),
         ("EMPTY_DIR", "the directory has no config.json or adapter_config.json"),
     ],
 )
@@ -100,9 +125,22 @@ def test_a_missing_or_mistyped_model_path_is_one_line_and_exit_2(toy, tmp_path, 
         (tmp_path / "empty").mkdir()
         path, expected = str(tmp_path / "empty"), f"model.path={tmp_path / 'empty'}: {expected}"
     result = subprocess.run(
-        [sys.executable, "-m", "posttrain", "train", str(SHIPPED_CONFIGS / "sft_lora.yaml"), f"model.path={path}",
-         f"data.train={toy.sft}", f"output_dir={tmp_path / 'run'}", "logging.progress=false"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "posttrain",
+            "train",
+            str(SHIPPED_CONFIGS / "sft_lora.yaml"),
+            f"model.path={path}",
+            f"data.train={toy.sft}",
+            f"output_dir={tmp_path / 'run'}",
+            "logging.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -115,11 +153,19 @@ def test_a_file_whose_rows_all_go_to_the_held_out_split_says_so(micro_model, tmp
     """One row and data.eval_fraction 0.02 (sft_full.yaml's): the split holds out at least one row per file, so
     every row is held out. The error says that, not "no training sequences"."""
     data = tmp_path / "one.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
-    code = main([
-        "train", str(SHIPPED_CONFIGS / "sft_full.yaml"), f"model.path={micro_model}", f"data.train={data}",
-        f"output_dir={tmp_path / 'run'}", "logging.progress=false",
-    ])
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n"
+    )
+    code = main(
+        [
+            "train",
+            str(SHIPPED_CONFIGS / "sft_full.yaml"),
+            f"model.path={micro_model}",
+            f"data.train={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "logging.progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"all 1 rows of {data} went to the held-out split (data.eval_fraction=0.02" in err
@@ -131,21 +177,33 @@ def test_a_dolly_file_trains_as_it_is(micro_model, tmp_path, capsys) -> None:
     config and no format or column options: the response is what is trained."""
     categories = ["closed_qa", "open_qa", "brainstorming", "classification"]
     rows = [
-        {"instruction": f"What is {i} plus {i}?", "context": f"We are adding {i} and {i}." if i % 2 else "",
-         "response": str(2 * i), "category": categories[i % 4]}
+        {
+            "instruction": f"What is {i} plus {i}?",
+            "context": f"We are adding {i} and {i}." if i % 2 else "",
+            "response": str(2 * i),
+            "category": categories[i % 4],
+        }
         for i in range(20)
     ]
     data = tmp_path / "dolly.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "run"
-    code = main([
-        "train", str(SHIPPED_CONFIGS / "sft_lora.yaml"), f"model.path={micro_model}", f"data.train={data}",
-        f"output_dir={out}", "train.max_steps=2", "data.max_length=128", "logging.progress=false",
-    ])
+    code = main(
+        [
+            "train",
+            str(SHIPPED_CONFIGS / "sft_lora.yaml"),
+            f"model.path={micro_model}",
+            f"data.train={data}",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "data.max_length=128",
+            "logging.progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert f"{data}: format dolly, 20 rows → 20 conversation records, 0 skipped" in err
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples"] for r in records if "loss" in r] == [8, 8]
     assert (out / "model" / "adapter_config.json").exists()
 
@@ -154,10 +212,18 @@ def test_a_stage_name_trains_from_the_stage_defaults_without_a_yaml(toy, micro_m
     """``posttrain train dpo model.path=… data.train=…``: the stage's defaults (as ``trl dpo``), no file; the saved
     config is the DpoConfig defaults plus the overrides."""
     out = tmp_path / "run"
-    code = main([
-        "train", "dpo", f"model.path={micro_model}", f"data.train={toy.prefs}", f"output_dir={out}",
-        "train.max_steps=2", "data.max_length=64", "logging.progress=false",
-    ])
+    code = main(
+        [
+            "train",
+            "dpo",
+            f"model.path={micro_model}",
+            f"data.train={toy.prefs}",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "data.max_length=64",
+            "logging.progress=false",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["stage"] == "dpo" and saved["dpo"]["beta"] == 0.1 and saved["train"]["max_steps"] == 2

@@ -66,8 +66,13 @@ def test_kl_in_the_loss_never_uses_k1() -> None:
         load_config(None, [*PPO, "algorithm.kl_mode=loss", "algorithm.kl_estimator=k1"])
     assert load_config(None, [*PPO, "algorithm.kl_mode=loss"]).algorithm.kl_estimator == "k3"
     assert load_config(None, PPO).algorithm.kl_estimator == "k1"
-    assert load_config(None, [*PPO, "algorithm.kl_mode=loss", "algorithm.kl_estimator=k2"]).algorithm.kl_estimator == "k2"
-    assert load_config(None, [*PPO, "algorithm.kl_mode=reward", "algorithm.kl_estimator=k3"]).algorithm.kl_estimator == "k3"
+    assert (
+        load_config(None, [*PPO, "algorithm.kl_mode=loss", "algorithm.kl_estimator=k2"]).algorithm.kl_estimator == "k2"
+    )
+    assert (
+        load_config(None, [*PPO, "algorithm.kl_mode=reward", "algorithm.kl_estimator=k3"]).algorithm.kl_estimator
+        == "k3"
+    )
 
 
 def test_kl_target_needs_a_nonzero_starting_coefficient() -> None:
@@ -83,16 +88,29 @@ def test_a_critic_with_prompt_learning_is_refused(method: str, shared: bool) -> 
     """A separate critic's scalar head never sees the virtual tokens (only its head would train, a linear probe);
     a shared one reads hidden states prompt learning does not expose. Critic-free estimators still accept it."""
     with pytest.raises(ConfigError, match=rf"peft.method={method} cannot train a critic"):
-        load_config(None, [*PPO, f"peft.method={method}", "data.packing=false", f"critic.shared={str(shared).lower()}"])
-    grpo = load_config(None, [*PPO, f"peft.method={method}", "data.packing=false", "algorithm.advantage=grpo", "sampling.num_samples=2"])
+        load_config(
+            None, [*PPO, f"peft.method={method}", "data.packing=false", f"critic.shared={str(shared).lower()}"]
+        )
+    grpo = load_config(
+        None,
+        [*PPO, f"peft.method={method}", "data.packing=false", "algorithm.advantage=grpo", "sampling.num_samples=2"],
+    )
     assert grpo.peft.method == method
 
 
 def test_overrides_are_parsed_as_yaml_values() -> None:
-    assert parse_overrides(["a.b=3", "a.c=[x, y]", "d=false", "e=/p/q"]) == {"a": {"b": 3, "c": ["x", "y"]}, "d": False, "e": "/p/q"}
-    config = load_config(None, ["stage=sft", *REQUIRED, "train.max_steps=20", "peft.target_modules=[q_proj,v_proj]", "resume=false"])
+    assert parse_overrides(["a.b=3", "a.c=[x, y]", "d=false", "e=/p/q"]) == {
+        "a": {"b": 3, "c": ["x", "y"]},
+        "d": False,
+        "e": "/p/q",
+    }
+    config = load_config(
+        None, ["stage=sft", *REQUIRED, "train.max_steps=20", "peft.target_modules=[q_proj,v_proj]", "resume=false"]
+    )
     assert isinstance(config, SftConfig)
-    assert config.train.max_steps == 20 and config.peft.target_modules == ["q_proj", "v_proj"] and config.resume is False
+    assert (
+        config.train.max_steps == 20 and config.peft.target_modules == ["q_proj", "v_proj"] and config.resume is False
+    )
     with pytest.raises(ConfigError, match="not key=value"):
         parse_overrides(["train.max_steps"])
 
@@ -121,8 +139,18 @@ def test_shipped_configs_cover_every_sft_method() -> None:
 def test_help_config_lists_every_field_with_help(capsys) -> None:
     rows = describe_fields(SftConfig)
     keys = {row[0] for row in rows}
-    for fixed in ("model.path", "data.train", "data.eval", "output_dir", "train.max_steps", "train.epochs",
-                  "checkpoint.every", "checkpoint.keep", "resume", "seed"):
+    for fixed in (
+        "model.path",
+        "data.train",
+        "data.eval",
+        "output_dir",
+        "train.max_steps",
+        "train.epochs",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "resume",
+        "seed",
+    ):
         assert fixed in keys
     assert all(help_text for _, _, _, help_text in rows), [r[0] for r in rows if not r[3]]
     assert main(["train", "--help-config", "sft"]) == 0

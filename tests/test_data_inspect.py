@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import need_peer_file
+
 from posttrain.cli import main
 from posttrain.data.quality import approx_tokens, inspect_dataset, percentiles
 
@@ -18,7 +18,10 @@ ALPACA_ZH = PEER_DATA / "llama-factory" / "data" / "alpaca_zh_demo.json"
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n" for row in rows), encoding="utf-8")
+    path.write_text(
+        "".join((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n" for row in rows),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -30,7 +33,9 @@ def alpaca(instruction: str, output: str) -> dict[str, str]:
 def toy_kit(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from posttrain.toy import build_toy
 
-    return build_toy(tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=50, prefs=10, prompts=10, eval=10, pretrain=10)
+    return build_toy(
+        tmp_path_factory.mktemp("toy"), size="tiny", seed=0, sft=50, prefs=10, prompts=10, eval=10, pretrain=10
+    )
 
 
 def test_approx_tokens_count_words_cjk_characters_and_punctuation() -> None:
@@ -66,7 +71,9 @@ def test_near_duplicates_catch_a_one_character_edit_and_not_unrelated_rows(tmp_p
         "The stock market closed higher today after the central bank held interest rates steady again.",
         "To bake bread, mix flour, water, yeast and salt, then knead the dough and let it rise twice.",
     ]
-    rows = [alpaca("Write a sentence.", text), alpaca("Write a sentence.", edited)] + [alpaca("Write a sentence.", u) for u in unrelated]
+    rows = [alpaca("Write a sentence.", text), alpaca("Write a sentence.", edited)] + [
+        alpaca("Write a sentence.", u) for u in unrelated
+    ]
     path = write_jsonl(tmp_path / "near.jsonl", rows)
 
     duplicates = inspect_dataset(path)["duplicates"]
@@ -81,7 +88,9 @@ def test_near_duplicates_catch_a_one_character_edit_and_not_unrelated_rows(tmp_p
 
 
 def test_near_duplicate_count_includes_exact_duplicates(tmp_path: Path) -> None:
-    row = alpaca("Summarise the plot of a long novel in one line.", "A detective solves a murder on a snowbound train.")
+    row = alpaca(
+        "Summarise the plot of a long novel in one line.", "A detective solves a murder on a snowbound train."
+    )
     path = write_jsonl(tmp_path / "same.jsonl", [row, row, alpaca("Add 2 and 2.", "4")])
 
     duplicates = inspect_dataset(path)["duplicates"]
@@ -107,7 +116,10 @@ def test_token_percentiles_with_the_toy_tokenizer(toy_kit: Any, tmp_path: Path) 
     # The hand count's premises: the question's and the answers' token counts, and the rendered layout.
     assert tokens(question) == 10 and tokens("7" * 10) == 10
     assert tokens(f"<|bos|><|user|>\n{question}<|end|>\n<|assistant|>\n777<|end|>\n") == 10 + 3 + 9
-    rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "7" * k}]} for k in range(10, 0, -1)]
+    rows = [
+        {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "7" * k}]}
+        for k in range(10, 0, -1)
+    ]
     path = write_jsonl(tmp_path / "lengths.jsonl", rows)
 
     lengths = inspect_dataset(path, tokenizer=toy_kit.model, max_length=26)["lengths"]
@@ -126,16 +138,29 @@ def test_preference_and_prompt_lengths_with_the_toy_tokenizer(toy_kit: Any, tmp_
     (the prompt's own assistant turn is context, not trained). Rejected "13": 40 tokens, trained 3.
     An RL prompt [user q] renders with the generation header <|assistant|> \\n: 1 + 14 + 2 = 17."""
     question = "Add 70 and 61."
-    prompt = [{"role": "user", "content": question}, {"role": "assistant", "content": "7"}, {"role": "user", "content": question}]
-    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "131"}], "rejected": [{"role": "assistant", "content": "13"}]}
+    prompt = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": question},
+    ]
+    pair = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "131"}],
+        "rejected": [{"role": "assistant", "content": "13"}],
+    }
     pairs = write_jsonl(tmp_path / "pair.jsonl", [pair])
-    prompts = write_jsonl(tmp_path / "prompt.jsonl", [{"messages": [{"role": "user", "content": question}], "reference": "131"}])
+    prompts = write_jsonl(
+        tmp_path / "prompt.jsonl", [{"messages": [{"role": "user", "content": question}], "reference": "131"}]
+    )
 
     pair_lengths = inspect_dataset(pairs, tokenizer=toy_kit.model, max_length=40)["lengths"]
     prompt_lengths = inspect_dataset(prompts, tokenizer=toy_kit.model)["lengths"]
 
     assert {name: stats["max"] for name, stats in pair_lengths["percentiles"].items()} == {
-        "chosen_sample": 41, "rejected_sample": 40, "chosen": 4, "rejected": 3,
+        "chosen_sample": 41,
+        "rejected_sample": 40,
+        "chosen": 4,
+        "rejected": 3,
     }
     assert pair_lengths["over_max_length"]["count"] == 1  # the chosen side is over 40
     assert prompt_lengths["percentiles"] == {"sample": {"p50": 17, "p90": 17, "p99": 17, "max": 17}}
@@ -165,7 +190,11 @@ def test_invalid_rows_are_listed_with_file_and_line(tmp_path: Path) -> None:
     assert report["rows_read"] == 29 and report["records"] == 2
     invalid = report["invalid"]
     assert invalid["count"] == 27 and len(invalid["shown"]) == 20
-    assert [(row["path"], row["line"]) for row in invalid["shown"][:3]] == [(str(path), 2), (str(path), 4), (str(path), 5)]
+    assert [(row["path"], row["line"]) for row in invalid["shown"][:3]] == [
+        (str(path), 2),
+        (str(path), 4),
+        (str(path), 5),
+    ]
     assert invalid["shown"][0]["message"].startswith(f"{path}:2: not valid JSON")
     assert "expected a JSON object" in invalid["shown"][1]["message"]
     assert invalid["shown"][2]["field"] == "output"
@@ -201,7 +230,12 @@ def dolly(instruction: str, context: str, response: str, category: str) -> dict[
 
 def test_dolly_categories_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [
-        dolly("When did Virgin Australia start operating?", "Virgin Australia commenced services on 31 August 2000.", "On 31 August 2000.", "closed_qa"),
+        dolly(
+            "When did Virgin Australia start operating?",
+            "Virgin Australia commenced services on 31 August 2000.",
+            "On 31 August 2000.",
+            "closed_qa",
+        ),
         dolly("Name three primary colours.", "", "Red, yellow and blue.", "open_qa"),
         dolly("Which is a fish: tope or rope?", "", "Tope.", "classification"),
         dolly("Give me ideas for a picnic.", "", "Sandwiches, fruit, lemonade.", "open_qa"),
@@ -230,19 +264,48 @@ def test_the_real_dolly_15k_file_reads_as_dolly_with_its_eight_categories() -> N
     assert (report["format"], report["kind"]) == ("dolly", "conversation")
     assert report["invalid"]["count"] == 0 and report["records"] == report["rows_read"] > 15_000
     assert set(report["balance"]["category"]["values"]) == {
-        "brainstorming", "classification", "closed_qa", "creative_writing", "general_qa", "information_extraction", "open_qa", "summarization",
+        "brainstorming",
+        "classification",
+        "closed_qa",
+        "creative_writing",
+        "general_qa",
+        "information_extraction",
+        "open_qa",
+        "summarization",
     }
 
 
 def test_turn_and_tool_statistics(tmp_path: Path) -> None:
-    call = {"type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-        {"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "3"}, {"role": "assistant", "content": "4"}]},
-        {"messages": [{"role": "user", "content": "add 1"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                      {"role": "tool", "content": "1"}, {"role": "assistant", "content": "It is 1."}],
-         "tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]},
-        {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}], "label": "greeting"},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "1"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "3"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "add 1"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "1"},
+                {"role": "assistant", "content": "It is 1."},
+            ],
+            "tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}],
+        },
+        {
+            "messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}],
+            "label": "greeting",
+        },
     ]
     path = write_jsonl(tmp_path / "turns.jsonl", rows)
 
@@ -281,13 +344,19 @@ def test_preference_statistics(tmp_path: Path) -> None:
 
 
 def test_kto_labels_are_balanced(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "label": i < 3} for i in range(4)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "label": i < 3}
+        for i in range(4)
+    ]
     path = write_jsonl(tmp_path / "kto.jsonl", rows)
 
     report = inspect_dataset(path)
 
     assert report["kind"] == "unpaired"
-    assert report["balance"]["kto_label"]["values"] == {"desirable": {"count": 3, "rate": 0.75}, "undesirable": {"count": 1, "rate": 0.25}}
+    assert report["balance"]["kto_label"]["values"] == {
+        "desirable": {"count": 3, "rate": 0.75},
+        "undesirable": {"count": 1, "rate": 0.25},
+    }
 
 
 def test_json_output_parses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -296,8 +365,25 @@ def test_json_output_parses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["data", "inspect", str(path), "--json", "--max-length", "2"]) == 0
 
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"source", "format", "kind", "rows_read", "records", "invalid", "lengths", "duplicates", "turns", "preference", "balance"}
-    assert (report["format"], report["kind"], report["rows_read"], report["records"]) == ("alpaca", "conversation", 2, 2)
+    assert set(report) == {
+        "source",
+        "format",
+        "kind",
+        "rows_read",
+        "records",
+        "invalid",
+        "lengths",
+        "duplicates",
+        "turns",
+        "preference",
+        "balance",
+    }
+    assert (report["format"], report["kind"], report["rows_read"], report["records"]) == (
+        "alpaca",
+        "conversation",
+        2,
+        2,
+    )
     assert report["lengths"]["max_length"] == 2 and report["lengths"]["over_max_length"]["count"] == 2
     assert report["duplicates"]["exact"]["count"] == 1
 

@@ -20,7 +20,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.slow  # the whole pipeline: minutes on two CPU cores (`make test-fast` leaves it out)
 
 
-def test_quick_demo_runs_every_stage_and_sft_beats_base(quick_demo: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_demo_runs_every_stage_and_sft_beats_base(
+    quick_demo: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert quick_demo["code"] == 0
     out: Path = quick_demo["out"]
     figures = json.loads((out / "eval.json").read_text())
@@ -55,7 +57,13 @@ def test_the_report_opens_in_a_browser_and_shows_the_plots(quick_demo: dict[str,
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
         )
         page = browser.new_page()
         page.goto((out / "report.html").as_uri())
@@ -65,17 +73,31 @@ def test_the_report_opens_in_a_browser_and_shows_the_plots(quick_demo: dict[str,
         assert images.count() >= 3  # bars per model, supervised losses, RL curves
         for i in range(images.count()):
             # Decoded and laid out: a broken data URI has naturalWidth 0.
-            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 300"), images.nth(i).get_attribute("alt")
+            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 300"), images.nth(
+                i
+            ).get_attribute("alt")
         assert page.locator("#samples tbody tr").count() >= 3
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
-def test_chat_compares_two_demo_models_on_one_prompt(quick_demo: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_chat_compares_two_demo_models_on_one_prompt(
+    quick_demo: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     out: Path = quick_demo["out"]
     capsys.readouterr()
-    code = main(["chat", str(out / "sft"), str(out / "ppo"), "--prompt", "Count the words: cat dog fox", "--max-new-tokens", "12"])
+    code = main(
+        [
+            "chat",
+            str(out / "sft"),
+            str(out / "ppo"),
+            "--prompt",
+            "Count the words: cat dog fox",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "[sft]" in printed and "[ppo]" in printed

@@ -74,7 +74,9 @@ def test_reward_hacking_warns_once_at_the_hand_computed_step(stop_on_warning: bo
     reflected, so sigma is the same and 0.125 > 0.0934: the gold falls while the reward rises -> warn at step 15.
     The fall goes on to step 39, but the episode warns once.
     """
-    watch = TrainingWatch(WatchBlock(window=WINDOW, gold="exact_match", stop_on_warning=stop_on_warning), MAX_NEW_TOKENS)
+    watch = TrainingWatch(
+        WatchBlock(window=WINDOW, gold="exact_match", stop_on_warning=stop_on_warning), MAX_NEW_TOKENS
+    )
     found = drive(watch, range(40), hacking)
     assert kinds(found) == [(15, "reward_hacking")]
     warning = found[0][1]
@@ -93,10 +95,16 @@ def test_flat_noisy_series_gives_no_hacking_warning() -> None:
     def run(slope: float) -> list[tuple[int, str]]:
         rng = random.Random(0)
         watch = TrainingWatch(WatchBlock(window=WINDOW, gold="exact_match"), MAX_NEW_TOKENS)
-        return kinds(drive(watch, range(500), lambda step: {
-            "reward": 0.5 + slope * step + rng.gauss(0, 0.05),
-            "gold_reward": 0.5 - slope * step + rng.gauss(0, 0.05),
-        }))
+        return kinds(
+            drive(
+                watch,
+                range(500),
+                lambda step: {
+                    "reward": 0.5 + slope * step + rng.gauss(0, 0.05),
+                    "gold_reward": 0.5 - slope * step + rng.gauss(0, 0.05),
+                },
+            )
+        )
 
     assert run(0.0) == []
     trending = run(0.03)
@@ -181,8 +189,10 @@ def test_no_eos_warns_when_most_responses_are_cut() -> None:
 @pytest.mark.parametrize(
     ("metrics", "seen"),
     [
-        ([{"distinct_share": 0.9}, {"distinct_share": 0.5}, {"distinct_share": 0.05}, {"distinct_share": 0.02}],
-         "only 5% of responses distinct"),
+        (
+            [{"distinct_share": 0.9}, {"distinct_share": 0.5}, {"distinct_share": 0.05}, {"distinct_share": 0.02}],
+            "only 5% of responses distinct",
+        ),
         ([{"entropy": 1.0}, {"entropy": 0.3}, {"entropy": 0.04}, {"entropy": 0.01}], "entropy 0.04 nats per token"),
     ],
 )

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, sft_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from helpers import REPO, sft_config
 from posttrain.config import DpoBlock
-from posttrain.losses import DPO_LOSSES
 from posttrain.data.packing import collate, unit_rows
 from posttrain.data.pairs import load_pairs
+from posttrain.losses import DPO_LOSSES
 from posttrain.models.forward import batch_sequence_logps, reference_logps
 from posttrain.recipes import dpo
 
@@ -67,8 +67,17 @@ def test_every_method_trains_padded_with_evaluation(toy, micro_model, tmp_path, 
     if loss == "robust":
         extra["dpo__label_smoothing"] = 0.1
     config = _config(
-        micro_model, toy.prefs, tmp_path, train__max_steps=2, peft__method=method, peft__num_virtual_tokens=4,
-        data__packing=False, data__eval_fraction=0.1, train__eval_every=2, dpo__loss=loss, **extra,
+        micro_model,
+        toy.prefs,
+        tmp_path,
+        train__max_steps=2,
+        peft__method=method,
+        peft__num_virtual_tokens=4,
+        data__packing=False,
+        data__eval_fraction=0.1,
+        train__eval_every=2,
+        dpo__loss=loss,
+        **extra,
     )
     summary = dpo.run(config)
     records = _records(tmp_path)
@@ -82,6 +91,7 @@ def test_every_method_trains_padded_with_evaluation(toy, micro_model, tmp_path, 
 
 def _pairs_batch(toy, micro_model, count: int, packed: bool = True):
     from transformers import AutoTokenizer
+
     from posttrain.config import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(micro_model)
@@ -106,7 +116,12 @@ def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
     options = DpoBlock(loss=loss, beta=0.5, label_smoothing=0.1 if loss == "robust" else 0.0)
     ref_table = None
     if not DPO_LOSSES[loss].reference_free:
-        ref_table = reference_logps(model, (collate(items[i : i + 4]) for i in range(0, len(items), 4)), num_sequences=32, accelerator=_accelerator())
+        ref_table = reference_logps(
+            model,
+            (collate(items[i : i + 4]) for i in range(0, len(items), 4)),
+            num_sequences=32,
+            accelerator=_accelerator(),
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = collate(items)
     history = []
@@ -122,6 +137,7 @@ def test_every_loss_lowers_itself_in_3_steps(toy, micro_model, loss) -> None:
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_packed_equals_padded_per_pair_losses_and_gradients(toy, micro_model, share_prefix) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from posttrain.config import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(micro_model)
@@ -158,7 +174,12 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -
     # SGD, as in test_sft_invariance: its update is linear in the gradient. A high β makes the loss move.
     # max_length 64: packed rows of 128 tokens, enough of them for 8 per step with the prompts shared.
     common = dict(
-        train__max_steps=3, data__packing=packing, data__max_length=64, optim__name="sgd", optim__lr=0.5, dpo__beta=2.0,
+        train__max_steps=3,
+        data__packing=packing,
+        data__max_length=64,
+        optim__name="sgd",
+        optim__lr=0.5,
+        dpo__beta=2.0,
         dpo__sft_weight=0.5,
     )
     dpo.run(_config(micro_model, toy.prefs, tmp_path / "a", train__batch_size=8, train__grad_accum=1, **common))
@@ -171,29 +192,49 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -
     # At step 1 every pair is a tie that float noise breaks either way; afterwards the accuracy is a real count.
     assert [r["rewards/accuracy"] for r in a[1:]] == pytest.approx([r["rewards/accuracy"] for r in b[1:]], abs=1e-6)
     assert a[-1]["loss"] != a[0]["loss"]
-    weights_a, weights_b = load_file(str(tmp_path / "a" / "model" / "model.safetensors")), load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    weights_a, weights_b = (
+        load_file(str(tmp_path / "a" / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model" / "model.safetensors")),
+    )
     for name in weights_a:
         # atol: float32 rounding of near-zero weights (a different summation order), amplified by lr 0.5.
         assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
-def test_packed_and_padded_runs_train_the_same_pairs_to_the_same_weights(toy, micro_model, tmp_path, share_prompt) -> None:
+def test_packed_and_padded_runs_train_the_same_pairs_to_the_same_weights(
+    toy, micro_model, tmp_path, share_prompt
+) -> None:
     """Through the recipe: ``train.batch_size`` counts pairs whatever ``data.packing``, so packed (each pair's
     prompt held once, or twice) and padded runs take the same 2 x 6 pairs in every step (logged as ``examples``),
     log the same losses and end at the same weights. SGD, high β so the loss moves; tolerances from float32's
     epsilon (the layouts differ only in summation order, amplified by lr 0.5)."""
     eps = torch.finfo(torch.float32).eps
     common = dict(
-        train__max_steps=3, train__batch_size=6, train__grad_accum=2, data__max_length=64, optim__name="sgd",
-        optim__lr=0.5, dpo__beta=2.0, dpo__sft_weight=0.5,
+        train__max_steps=3,
+        train__batch_size=6,
+        train__grad_accum=2,
+        data__max_length=64,
+        optim__name="sgd",
+        optim__lr=0.5,
+        dpo__beta=2.0,
+        dpo__sft_weight=0.5,
     )
-    dpo.run(_config(micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt, **common))
+    dpo.run(
+        _config(
+            micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt, **common
+        )
+    )
     dpo.run(_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common))
     packed, padded = _train_records(tmp_path / "packed"), _train_records(tmp_path / "padded")
     assert [r["examples"] for r in packed] == [r["examples"] for r in padded] == [12, 12, 12]
     for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected"):
-        assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]), rtol=256 * eps, atol=256 * eps)
+        assert_close(
+            torch.tensor([r[key] for r in packed]),
+            torch.tensor([r[key] for r in padded]),
+            rtol=256 * eps,
+            atol=256 * eps,
+        )
     assert packed[-1]["loss"] != packed[0]["loss"]
     weights_packed = load_file(str(tmp_path / "packed" / "model" / "model.safetensors"))
     weights_padded = load_file(str(tmp_path / "padded" / "model" / "model.safetensors"))
@@ -204,6 +245,7 @@ def test_packed_and_padded_runs_train_the_same_pairs_to_the_same_weights(toy, mi
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 def test_cached_reference_is_the_base_model_whatever_the_adapter_learnt(toy, micro_model, method) -> None:
     from transformers import AutoModelForCausalLM
+
     from posttrain.config import PeftConfig
     from posttrain.models.adapters import attach_adapter
 
@@ -212,7 +254,9 @@ def test_cached_reference_is_the_base_model_whatever_the_adapter_learnt(toy, mic
     with torch.no_grad():
         base_logps, _, ids = batch_sequence_logps(base, collate(items))
     adapted = attach_adapter(
-        AutoModelForCausalLM.from_pretrained(micro_model, dtype=torch.float32), PeftConfig(method=method, num_virtual_tokens=4), task="CAUSAL_LM"
+        AutoModelForCausalLM.from_pretrained(micro_model, dtype=torch.float32),
+        PeftConfig(method=method, num_virtual_tokens=4),
+        task="CAUSAL_LM",
     )
     with torch.no_grad():  # what training or a restored checkpoint does: the adapter is no longer the identity
         for name, parameter in adapted.named_parameters():
@@ -220,7 +264,12 @@ def test_cached_reference_is_the_base_model_whatever_the_adapter_learnt(toy, mic
                 parameter.normal_(generator=torch.Generator().manual_seed(len(name)))
         policy_logps, _, _ = batch_sequence_logps(adapted, collate(items))
     assert (policy_logps - base_logps).abs().max() > 1e-2, "the adapter must change the policy for this test to bite"
-    cached = reference_logps(adapted, (collate(items[i : i + 3]) for i in range(0, len(items), 3)), num_sequences=16, accelerator=_accelerator())
+    cached = reference_logps(
+        adapted,
+        (collate(items[i : i + 3]) for i in range(0, len(items), 3)),
+        num_sequences=16,
+        accelerator=_accelerator(),
+    )
     assert_close(cached[ids], base_logps, rtol=1e-5, atol=1e-5)
 
 
@@ -238,7 +287,10 @@ def test_resume_equals_uninterrupted(toy, micro_model, tmp_path, method) -> None
     assert [r["loss"] for r in once] == [r["loss"] for r in twice]
     assert once[-1]["loss"] != once[0]["loss"]
     name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
-    expected, got = load_file(str(tmp_path / "once" / "model" / name)), load_file(str(tmp_path / "twice" / "model" / name))
+    expected, got = (
+        load_file(str(tmp_path / "once" / "model" / name)),
+        load_file(str(tmp_path / "twice" / "model" / name)),
+    )
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
 
@@ -247,11 +299,23 @@ def test_shipped_config_trains_from_the_command_line(toy, micro_model, tmp_path)
     out = tmp_path / "run"
     result = subprocess.run(
         [
-            sys.executable, "-m", "posttrain", "train", str(REPO / "configs" / "dpo.yaml"), f"model.path={micro_model}",
-            f"data.train={toy.prefs}", f"output_dir={out}", "train.max_steps=3", "train.eval_every=3",
-            "train.batch_size=2", "data.max_length=128", "logging.progress=false",
+            sys.executable,
+            "-m",
+            "posttrain",
+            "train",
+            str(REPO / "configs" / "dpo.yaml"),
+            f"model.path={micro_model}",
+            f"data.train={toy.prefs}",
+            f"output_dir={out}",
+            "train.max_steps=3",
+            "train.eval_every=3",
+            "train.batch_size=2",
+            "data.max_length=128",
+            "logging.progress=false",
         ],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     records = _records(out)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import LEARNING_SEED, evaluate_verifiable, report_learning_figures, save_micro_model, sft_config
-from posttrain.toy import build_toy
+
 from posttrain.eval.common import load_prompts
 from posttrain.recipes import dpo, sft
+from posttrain.toy import build_toy
 
 # The five seeds' minima less a stated margin (module docstring).
 MIN_ACCURACY, MIN_GOLD_GAIN = 0.57, 0.05
@@ -36,14 +36,38 @@ MIN_ACCURACY, MIN_GOLD_GAIN = 0.57, 0.05
 def test_dpo_raises_held_out_preference_accuracy_and_gold_score(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kit = build_toy(tmp_path / "kit", size="tiny", seed=LEARNING_SEED, sft=400, prefs=800, prompts=10, eval=160, pretrain=10)
+    kit = build_toy(
+        tmp_path / "kit", size="tiny", seed=LEARNING_SEED, sft=400, prefs=800, prompts=10, eval=160, pretrain=10
+    )
     # The kit's tokenizer is trained on this kit's text: a micro model (helpers.save_micro_model) of its vocabulary.
     save_micro_model(kit.model, tmp_path / "init", seed=LEARNING_SEED)
-    sft.run(sft_config(tmp_path / "init", kit.sft, tmp_path / "sft", train__max_steps=60, train__batch_size=75, optim__lr=3e-3, seed=LEARNING_SEED))
-    dpo.run(sft_config(
-        tmp_path / "sft" / "model", kit.prefs, tmp_path / "dpo", stage="dpo", train__max_steps=60, train__batch_size=135,
-        data__eval_fraction=0.1, train__eval_every=60, optim__lr=3e-3, dpo__beta=0.1, dpo__sft_weight=1.0, seed=LEARNING_SEED,
-    ))
+    sft.run(
+        sft_config(
+            tmp_path / "init",
+            kit.sft,
+            tmp_path / "sft",
+            train__max_steps=60,
+            train__batch_size=75,
+            optim__lr=3e-3,
+            seed=LEARNING_SEED,
+        )
+    )
+    dpo.run(
+        sft_config(
+            tmp_path / "sft" / "model",
+            kit.prefs,
+            tmp_path / "dpo",
+            stage="dpo",
+            train__max_steps=60,
+            train__batch_size=135,
+            data__eval_fraction=0.1,
+            train__eval_every=60,
+            optim__lr=3e-3,
+            dpo__beta=0.1,
+            dpo__sft_weight=1.0,
+            seed=LEARNING_SEED,
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     first = [r for r in records if "loss" in r][0]
     (evaluation,) = [r for r in records if "eval_accuracy" in r]
@@ -53,9 +77,14 @@ def test_dpo_raises_held_out_preference_accuracy_and_gold_score(tmp_path) -> Non
     gold = {}
     for name in ("sft", "dpo"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").eval()
-        gold[name] = evaluate_verifiable(model, AutoTokenizer.from_pretrained(tmp_path / "init"), prompts, max_new_tokens=16)["gold_reward"]
+        gold[name] = evaluate_verifiable(
+            model, AutoTokenizer.from_pretrained(tmp_path / "init"), prompts, max_new_tokens=16
+        )["gold_reward"]
     report_learning_figures(
-        "dpo", accuracy=evaluation["eval_accuracy"], sft_gold_reward=gold["sft"], dpo_gold_reward=gold["dpo"],
+        "dpo",
+        accuracy=evaluation["eval_accuracy"],
+        sft_gold_reward=gold["sft"],
+        dpo_gold_reward=gold["dpo"],
         gain=gold["dpo"] - gold["sft"],
     )
     assert evaluation["eval_accuracy"] >= MIN_ACCURACY

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import save_micro_model
+
 from posttrain.cli import main
 from posttrain.data.errors import DataError
 from posttrain.eval import EvalError, evaluate_model, load_prompts
@@ -86,10 +86,14 @@ def test_heldout_loss_is_the_token_mean_nll_of_the_assistant_tokens(micro, tmp_p
     model, tokenizer = micro
     rows = [
         {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]},
-        {"messages": [
-            {"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "c b a"},
-            {"role": "user", "content": "Sort: 3 1 2"}, {"role": "assistant", "content": "1 2 3"},
-        ]},
+        {
+            "messages": [
+                {"role": "user", "content": "Reverse: a b c"},
+                {"role": "assistant", "content": "c b a"},
+                {"role": "user", "content": "Sort: 3 1 2"},
+                {"role": "assistant", "content": "1 2 3"},
+            ]
+        },
     ]
     total, count = 0.0, 0
     for row in rows:
@@ -110,7 +114,9 @@ def test_heldout_loss_is_the_token_mean_nll_of_the_assistant_tokens(micro, tmp_p
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
         positions = [t for t in range(1, len(ids)) if trained[t]]
-        total += F.cross_entropy(logits[[t - 1 for t in positions]], torch.tensor([ids[t] for t in positions]), reduction="sum").item()
+        total += F.cross_entropy(
+            logits[[t - 1 for t in positions]], torch.tensor([ids[t] for t in positions]), reduction="sum"
+        ).item()
         count += len(positions)
 
     result = heldout_loss(model, tokenizer, _write_jsonl(tmp_path / "heldout.jsonl", rows))
@@ -140,15 +146,17 @@ def test_heldout_loss_on_text_scores_every_token(micro, tmp_path) -> None:
 
 
 def test_verifiable_metrics_on_planted_answers() -> None:
-    rows = load_prompts([
-        {"messages": [{"role": "user", "content": "Add 49 and 97."}], "reference": "146", "task": "add"},
-        # No task field: the toy task is read from the prompt; 2 of 4 positions right → gold reward 0.5.
-        {"messages": [{"role": "user", "content": "Reverse: b i q p"}], "reference": "p q i b", "task": None},
-        # Not a toy prompt: gold reward is exact match (case-sensitive) as 0/1.
-        {"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris", "task": None},
-        # No reference: counted in length and EOS rate, not in exact match or gold reward.
-        {"messages": [{"role": "user", "content": "Say hi."}], "reference": None, "task": None},
-    ])
+    rows = load_prompts(
+        [
+            {"messages": [{"role": "user", "content": "Add 49 and 97."}], "reference": "146", "task": "add"},
+            # No task field: the toy task is read from the prompt; 2 of 4 positions right → gold reward 0.5.
+            {"messages": [{"role": "user", "content": "Reverse: b i q p"}], "reference": "p q i b", "task": None},
+            # Not a toy prompt: gold reward is exact match (case-sensitive) as 0/1.
+            {"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris", "task": None},
+            # No reference: counted in length and EOS rate, not in exact match or gold reward.
+            {"messages": [{"role": "user", "content": "Say hi."}], "reference": None, "task": None},
+        ]
+    )
     answers = [
         Response("146", [11, 12, 5], True),
         Response("p q b i", [1, 2, 3, 4, 5, 6, 7, 8], False),
@@ -203,7 +211,9 @@ def test_kl_refuses_models_with_different_vocabularies(micro) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model, _tokenizer = micro
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=17, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=17, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(EvalError, match="share a tokenizer"):
         check_same_vocabulary(model, other)
 
@@ -212,7 +222,12 @@ def test_kl_refuses_models_with_different_vocabularies(micro) -> None:
 
 
 def test_win_rate_counts_ties_as_half() -> None:
-    assert win_rate([1.0, 0.5, 0.2, 0.9], [0.0, 0.5, 0.7, 0.1]) == {"win_rate": (2 + 0.5) / 4, "wins": 2, "ties": 1, "losses": 1}
+    assert win_rate([1.0, 0.5, 0.2, 0.9], [0.0, 0.5, 0.7, 0.1]) == {
+        "win_rate": (2 + 0.5) / 4,
+        "wins": 2,
+        "ties": 1,
+        "losses": 1,
+    }
 
 
 def test_win_rate_with_the_gold_reward_on_planted_answers() -> None:
@@ -261,8 +276,12 @@ def test_multiple_choice_picks_the_most_likely_letter_and_choice(micro, tmp_path
     expected, expected_norm = [], []
     for question, choices in QUESTIONS:
         q = Question(question, tuple(choices), 0)
-        letters = [_continuation_logp(model, tokenizer, letter_prompt(q), f" {'ABCD'[i]}") for i in range(len(choices))]
-        normed = [_continuation_logp(model, tokenizer, cloze_prompt(q), f" {c}") / len(f" {c}".encode()) for c in choices]
+        letters = [
+            _continuation_logp(model, tokenizer, letter_prompt(q), f" {'ABCD'[i]}") for i in range(len(choices))
+        ]
+        normed = [
+            _continuation_logp(model, tokenizer, cloze_prompt(q), f" {c}") / len(f" {c}".encode()) for c in choices
+        ]
         expected.append(max(range(len(choices)), key=letters.__getitem__))
         expected_norm.append(max(range(len(choices)), key=normed.__getitem__))
     wrong = (expected[2] + 1) % len(QUESTIONS[2][1])
@@ -311,25 +330,53 @@ def test_evaluate_model_reports_every_metric_and_zero_kl_to_itself(micro_model, 
     from posttrain.eval.reward_model import RewardScorer
 
     rows = [json.loads(line) for line in few_prompts.read_text().splitlines()][:6]
-    result = evaluate_model(micro_model, rows, reward_model=reward_dir, reference=micro_model, max_new_tokens=4, batch_size=4)
-    assert {"exact_match", "gold_reward", "length", "eos_rate", "samples", "answers", "rm_score", "kl_to_reference"} <= set(result)
+    result = evaluate_model(
+        micro_model, rows, reward_model=reward_dir, reference=micro_model, max_new_tokens=4, batch_size=4
+    )
+    assert {
+        "exact_match",
+        "gold_reward",
+        "length",
+        "eos_rate",
+        "samples",
+        "answers",
+        "rm_score",
+        "kl_to_reference",
+    } <= set(result)
     assert len(result["answers"]) == 6 and len(result["samples"]) == 5
     assert 0 < result["length"] <= 4 and 0 <= result["eos_rate"] <= 1
     assert result["kl_to_reference"] == 0.0
     # The reward-model score is the scorer's mean over (prompt + answer) conversations.
-    scores = RewardScorer(reward_dir).score([r["messages"] + [{"role": "assistant", "content": a}] for r, a in zip(rows, result["answers"])])
+    scores = RewardScorer(reward_dir).score(
+        [r["messages"] + [{"role": "assistant", "content": a}] for r, a in zip(rows, result["answers"])]
+    )
     assert result["rm_score"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_eval_prompts_prints_a_table_and_writes_json(micro_model, other_micro_model, few_prompts, tmp_path, capsys) -> None:
+def test_cli_eval_prompts_prints_a_table_and_writes_json(
+    micro_model, other_micro_model, few_prompts, tmp_path, capsys
+) -> None:
     out = tmp_path / "eval.json"
-    code = main([
-        "eval", str(micro_model), str(other_micro_model), "--data", str(few_prompts), "--max-new-tokens", "4",
-        "--reference", str(micro_model), "--judge", "gold", "--out", str(out),
-    ])
+    code = main(
+        [
+            "eval",
+            str(micro_model),
+            str(other_micro_model),
+            "--data",
+            str(few_prompts),
+            "--max-new-tokens",
+            "4",
+            "--reference",
+            str(micro_model),
+            "--judge",
+            "gold",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     header = next(line for line in printed.out.splitlines() if line.startswith("model"))

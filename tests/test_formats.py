@@ -47,7 +47,13 @@ def test_openai_messages_keep_tools_and_tool_calls(tmp_path: Path) -> None:
         "messages": [
             {"role": "system", "content": "Be brief."},
             U,
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+                ],
+            },
             {"role": "tool", "content": "4", "tool_call_id": "c1"},
             {"role": "assistant", "content": "4", "weight": 1},
         ],
@@ -60,7 +66,13 @@ def test_openai_messages_keep_tools_and_tool_calls(tmp_path: Path) -> None:
         messages=[
             {"role": "system", "content": "Be brief."},
             U,
-            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}, "id": "c1"}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}, "id": "c1"}
+                ],
+            },
             {"role": "tool", "content": "4", "tool_call_id": "c1"},
             {"role": "assistant", "content": "4", "train": True},
         ],
@@ -73,7 +85,13 @@ def test_llamafactory_v1_content_parts(tmp_path: Path) -> None:
     row = {
         "messages": [
             {"role": "user", "content": [{"type": "text", "value": "Weather?"}], "loss_weight": 0.0},
-            {"role": "assistant", "content": [{"type": "reasoning", "value": "Need the tool."}, {"type": "tool_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", "value": "Need the tool."},
+                    {"type": "tool_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+                ],
+            },
             {"role": "tool", "content": [{"type": "text", "value": "rain"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "It rains."}], "loss_weight": 1.0},
         ],
@@ -82,7 +100,12 @@ def test_llamafactory_v1_content_parts(tmp_path: Path) -> None:
     record, _ = read_one(tmp_path, row)
     assert record.messages == [
         {"role": "user", "content": "Weather?", "train": False},
-        {"role": "assistant", "content": "", "reasoning_content": "Need the tool.", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Need the tool.",
+            "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}],
+        },
         {"role": "tool", "content": "rain"},
         {"role": "assistant", "content": "It rains.", "train": True},
     ]
@@ -106,7 +129,11 @@ def test_sharegpt_default_tags_system_function_call_observation(tmp_path: Path) 
         messages=[
             {"role": "system", "content": "You are helpful."},
             {"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}],
+            },
             {"role": "tool", "content": "rain"},
             {"role": "assistant", "content": "It rains."},
         ],
@@ -116,19 +143,46 @@ def test_sharegpt_default_tags_system_function_call_observation(tmp_path: Path) 
 
 
 def test_sharegpt_leading_system_turn_overrides_system_column(tmp_path: Path) -> None:
-    row = {"conversations": [{"from": "system", "value": "turn"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "system": "column"}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "turn"},
+            {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "yo"},
+        ],
+        "system": "column",
+    }
     record, _ = read_one(tmp_path, row)
     assert [m["content"] for m in record.messages] == ["turn", "hi", "yo"]
 
 
 def test_sharegpt_role_tags_are_configurable(tmp_path: Path) -> None:
-    tags = {"role_tag": "speaker", "content_tag": "text", "user_tag": "U", "assistant_tag": "A", "system_tag": "S", "observation_tag": "OBS", "function_tag": "CALL"}
-    row = {"dialog": [{"speaker": "S", "text": "sys"}, {"speaker": "U", "text": "hi"}, {"speaker": "CALL", "text": '[{"name": "f", "arguments": {}}]'}, {"speaker": "OBS", "text": "ok"}, {"speaker": "A", "text": "done"}]}
+    tags = {
+        "role_tag": "speaker",
+        "content_tag": "text",
+        "user_tag": "U",
+        "assistant_tag": "A",
+        "system_tag": "S",
+        "observation_tag": "OBS",
+        "function_tag": "CALL",
+    }
+    row = {
+        "dialog": [
+            {"speaker": "S", "text": "sys"},
+            {"speaker": "U", "text": "hi"},
+            {"speaker": "CALL", "text": '[{"name": "f", "arguments": {}}]'},
+            {"speaker": "OBS", "text": "ok"},
+            {"speaker": "A", "text": "done"},
+        ]
+    }
     record, result = read_one(tmp_path, row, format="sharegpt", columns={"messages": "dialog"}, tags=tags)
     assert record.messages == [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+        },
         {"role": "tool", "content": "ok"},
         {"role": "assistant", "content": "done"},
     ]
@@ -136,8 +190,18 @@ def test_sharegpt_role_tags_are_configurable(tmp_path: Path) -> None:
     lf_tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
     record, result = read_one(tmp_path, {"messages": [U, A]}, tags=lf_tags)
     assert result.format == "sharegpt" and record.messages == [U, A]
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'dialog\[1\].speaker': unknown role 'human'; expected one of U, A, OBS, CALL, S \(set tags"):
-        read_records(write_jsonl(tmp_path / "d.jsonl", [{"dialog": [{"speaker": "U", "text": "x"}, {"speaker": "human", "text": "y"}]}]), format="sharegpt", columns={"messages": "dialog"}, tags=tags)
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: field 'dialog\[1\].speaker': unknown role 'human'; expected one of U, A, OBS, CALL, S \(set tags",
+    ):
+        read_records(
+            write_jsonl(
+                tmp_path / "d.jsonl", [{"dialog": [{"speaker": "U", "text": "x"}, {"speaker": "human", "text": "y"}]}]
+            ),
+            format="sharegpt",
+            columns={"messages": "dialog"},
+            tags=tags,
+        )
 
 
 def test_dolly_context_is_the_input_and_category_stays_in_meta(tmp_path: Path) -> None:
@@ -145,20 +209,35 @@ def test_dolly_context_is_the_input_and_category_stays_in_meta(tmp_path: Path) -
     follows the instruction in the user turn (alpaca's input, LLaMA-Factory's mapping), an empty context is left
     out, and category is kept in the record's meta for balance reports."""
     rows = [
-        {"instruction": "When did Virgin Australia start operating?", "context": "Virgin Australia commenced services on 31 August 2000.",
-         "response": "On 31 August 2000.", "category": "closed_qa"},
-        {"instruction": "Name three primary colours.", "context": "", "response": "Red, yellow and blue.", "category": "open_qa"},
+        {
+            "instruction": "When did Virgin Australia start operating?",
+            "context": "Virgin Australia commenced services on 31 August 2000.",
+            "response": "On 31 August 2000.",
+            "category": "closed_qa",
+        },
+        {
+            "instruction": "Name three primary colours.",
+            "context": "",
+            "response": "Red, yellow and blue.",
+            "category": "open_qa",
+        },
     ]
     result = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
     assert (result.format, result.kind, result.rows_read) == ("dolly", "conversation", 2)
     assert result.records[0] == Conversation(
         messages=[
-            {"role": "user", "content": "When did Virgin Australia start operating?\nVirgin Australia commenced services on 31 August 2000."},
+            {
+                "role": "user",
+                "content": "When did Virgin Australia start operating?\nVirgin Australia commenced services on 31 August 2000.",
+            },
             {"role": "assistant", "content": "On 31 August 2000."},
         ],
         meta=meta(tmp_path, category="closed_qa"),
     )
-    assert result.records[1].messages == [{"role": "user", "content": "Name three primary colours."}, {"role": "assistant", "content": "Red, yellow and blue."}]
+    assert result.records[1].messages == [
+        {"role": "user", "content": "Name three primary colours."},
+        {"role": "assistant", "content": "Red, yellow and blue."},
+    ]
     assert result.records[1].meta["category"] == "open_qa"
     assert detect_file(tmp_path / "d.jsonl") == ("dolly", "conversation")
     # The same rows as RL prompts: the instruction and context, without the response.
@@ -204,20 +283,35 @@ def test_alpaca_ranking_rows_become_preferences(tmp_path: Path) -> None:
         meta=meta(tmp_path),
     )
     record, _ = read_one(tmp_path, {"instruction": "Q", "chosen": "good", "rejected": "bad"})
-    assert (record.chosen, record.rejected, record.margin) == ([{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}], None)
+    assert (record.chosen, record.rejected, record.margin) == (
+        [{"role": "assistant", "content": "good"}],
+        [{"role": "assistant", "content": "bad"}],
+        None,
+    )
 
 
 def test_alpaca_kto_tag_becomes_unpaired(tmp_path: Path) -> None:
     record, result = read_one(tmp_path, {"instruction": "Q", "output": "A", "kto_tag": False})
     assert (result.format, result.kind) == ("alpaca", "unpaired")
-    assert record == Unpaired(prompt=[{"role": "user", "content": "Q"}], completion=[{"role": "assistant", "content": "A"}], label=False, meta=meta(tmp_path))
+    assert record == Unpaired(
+        prompt=[{"role": "user", "content": "Q"}],
+        completion=[{"role": "assistant", "content": "A"}],
+        label=False,
+        meta=meta(tmp_path),
+    )
 
 
 def test_flat_system_user_assistant_row(tmp_path: Path) -> None:
-    record, result = read_one(tmp_path, {"role": "system", "content": "Be kind.", "user": "Hi", "assistant": "Hello!", "task": "greet"})
+    record, result = read_one(
+        tmp_path, {"role": "system", "content": "Be kind.", "user": "Hi", "assistant": "Hello!", "task": "greet"}
+    )
     assert result.format == "flat"
     assert record == Conversation(
-        messages=[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        messages=[
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
         meta=meta(tmp_path, task="greet"),
     )
 
@@ -233,7 +327,9 @@ def test_prompt_completion_strings_and_conversational(tmp_path: Path) -> None:
 def test_trl_unpaired_rows(tmp_path: Path) -> None:
     record, result = read_one(tmp_path, {"prompt": "2+2=", "completion": "5", "label": False})
     assert (result.format, result.kind) == ("prompt_completion", "unpaired")
-    assert record == Unpaired([{"role": "user", "content": "2+2="}], [{"role": "assistant", "content": "5"}], False, meta(tmp_path))
+    assert record == Unpaired(
+        [{"role": "user", "content": "2+2="}], [{"role": "assistant", "content": "5"}], False, meta(tmp_path)
+    )
     record, result = read_one(tmp_path, {"messages": [U, A], "label": True})
     assert (result.format, result.kind) == ("openai", "unpaired")
     assert (record.prompt, record.completion, record.label) == ([U], [A], True)
@@ -256,16 +352,26 @@ def test_preference_strings_conversational_and_implicit_prompt(tmp_path: Path) -
     assert (record.prompt, record.chosen, record.rejected) == ([U], [A], [{"role": "assistant", "content": "5"}])
     # TRL's implicit prompt: chosen and rejected are whole conversations sharing their first turns.
     system = {"role": "system", "content": "s"}
-    record, _ = read_one(tmp_path, {"chosen": [system, U, A], "rejected": [system, U, {"role": "assistant", "content": "5"}]})
-    assert (record.prompt, record.chosen, record.rejected) == ([system, U], [A], [{"role": "assistant", "content": "5"}])
-    record, _ = read_one(tmp_path, {"chosen_messages": [U, A], "rejected_messages": [U, {"role": "assistant", "content": "5"}]})
+    record, _ = read_one(
+        tmp_path, {"chosen": [system, U, A], "rejected": [system, U, {"role": "assistant", "content": "5"}]}
+    )
+    assert (record.prompt, record.chosen, record.rejected) == (
+        [system, U],
+        [A],
+        [{"role": "assistant", "content": "5"}],
+    )
+    record, _ = read_one(
+        tmp_path, {"chosen_messages": [U, A], "rejected_messages": [U, {"role": "assistant", "content": "5"}]}
+    )
     assert record.prompt == [U]
 
 
 def test_margin_from_margin_or_scores(tmp_path: Path) -> None:
     record, _ = read_one(tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.5})
     assert record.margin == 1.5
-    record, _ = read_one(tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8, "score_rejected": 5.5})
+    record, _ = read_one(
+        tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8, "score_rejected": 5.5}
+    )
     assert record.margin == 2.5
     with pytest.raises(DataError, match=r"field 'score_rejected': missing"):
         read_one(tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8})
@@ -274,10 +380,18 @@ def test_margin_from_margin_or_scores(tmp_path: Path) -> None:
 
 
 def test_sharegpt_ranking_rows(tmp_path: Path) -> None:
-    row = {"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+    row = {
+        "conversations": [{"from": "human", "value": "Q"}],
+        "chosen": {"from": "gpt", "value": "good"},
+        "rejected": {"from": "gpt", "value": "bad"},
+    }
     record, result = read_one(tmp_path, row)
     assert (result.format, result.kind) == ("sharegpt", "preference")
-    assert (record.prompt, record.chosen, record.rejected) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}])
+    assert (record.prompt, record.chosen, record.rejected) == (
+        [{"role": "user", "content": "Q"}],
+        [{"role": "assistant", "content": "good"}],
+        [{"role": "assistant", "content": "bad"}],
+    )
 
 
 def test_prompts_for_rl(tmp_path: Path) -> None:
@@ -288,7 +402,9 @@ def test_prompts_for_rl(tmp_path: Path) -> None:
     assert (result.format, result.kind) == ("prompt", "prompt")
     assert (record.messages, record.reference) == ([{"role": "user", "content": "2+2?"}], "4")
     # Any conversation reads as a prompt: the turns before the final answer; the answer can be the reference.
-    record, _ = read_one(tmp_path, {"instruction": "2+2?", "output": "4"}, kind="prompt", columns={"reference": "output"})
+    record, _ = read_one(
+        tmp_path, {"instruction": "2+2?", "output": "4"}, kind="prompt", columns={"reference": "output"}
+    )
     assert (record.messages, record.reference) == ([{"role": "user", "content": "2+2?"}], "4")
 
 
@@ -304,8 +420,13 @@ def test_text_jsonl_and_txt(tmp_path: Path) -> None:
 
 
 def test_columns_rename_fields(tmp_path: Path) -> None:
-    record, result = read_one(tmp_path, {"question": "Q", "answer": "A"}, columns={"instruction": "question", "output": "answer"})
-    assert result.format == "alpaca" and record.messages == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    record, result = read_one(
+        tmp_path, {"question": "Q", "answer": "A"}, columns={"instruction": "question", "output": "answer"}
+    )
+    assert result.format == "alpaca" and record.messages == [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
     with pytest.raises(DataError, match=r"field 'columns.instrution': unknown field \(did you mean 'instruction'\?\)"):
         read_one(tmp_path, {"question": "Q"}, columns={"instrution": "question"})
 
@@ -329,7 +450,12 @@ ROWS = [
     {"instruction": "Sub.", "input": "", "output": "0", "history": []},
 ]
 EXPECTED = [
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Add.\n1 1"}, {"role": "assistant", "content": "2"}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Add.\n1 1"},
+        {"role": "assistant", "content": "2"},
+    ],
     [{"role": "user", "content": "Sub."}, {"role": "assistant", "content": "0"}],
 ]
 
@@ -375,18 +501,46 @@ GOOD = {"messages": [U, A]}
 @pytest.mark.parametrize(
     "row, field, problem",
     [
-        ({"messages": [U, {"role": "robot", "content": "x"}]}, "messages[1].role", "unknown role 'robot'; expected one of system, developer, user, assistant, tool, function"),
+        (
+            {"messages": [U, {"role": "robot", "content": "x"}]},
+            "messages[1].role",
+            "unknown role 'robot'; expected one of system, developer, user, assistant, tool, function",
+        ),
         ({"messages": [U, {"role": "assistant", "content": "  "}]}, "messages[1].content", "empty assistant turn"),
-        ({"messages": [U, {"role": "assistant", "content": 3}]}, "messages[1].content", "expected a string or a list of content parts, got int"),
+        (
+            {"messages": [U, {"role": "assistant", "content": 3}]},
+            "messages[1].content",
+            "expected a string or a list of content parts, got int",
+        ),
         ({"messages": "hello"}, "messages", "expected a non-empty list of {role, content} objects, got str"),
         ({"messages": [U]}, "messages", "no assistant turn"),
         ({"prompt": "x"}, "messages", "missing; row has keys ['prompt']"),
-        ({"messages": [U, {"role": "user", "content": "x", "tool_calls": [{"name": "f"}]}, A]}, "messages[1].content", "a user turn cannot call tools"),
-        ({"messages": [U, {"role": "assistant", "content": "", "tool_calls": [{"name": ""}]}]}, "messages[1].tool_calls[0].name", "expected the tool's name"),
-        ({"messages": [U, {"role": "assistant", "content": [{"type": "image_url", "value": "x.jpg"}]}]}, "messages[1].content[0].type", "content part type 'image_url' is not supported"),
-        ({"messages": [U, {"role": "assistant", "content": "ok", "train": "yes"}]}, "messages[1].train", "expected true or false, got str"),
+        (
+            {"messages": [U, {"role": "user", "content": "x", "tool_calls": [{"name": "f"}]}, A]},
+            "messages[1].content",
+            "a user turn cannot call tools",
+        ),
+        (
+            {"messages": [U, {"role": "assistant", "content": "", "tool_calls": [{"name": ""}]}]},
+            "messages[1].tool_calls[0].name",
+            "expected the tool's name",
+        ),
+        (
+            {"messages": [U, {"role": "assistant", "content": [{"type": "image_url", "value": "x.jpg"}]}]},
+            "messages[1].content[0].type",
+            "content part type 'image_url' is not supported",
+        ),
+        (
+            {"messages": [U, {"role": "assistant", "content": "ok", "train": "yes"}]},
+            "messages[1].train",
+            "expected true or false, got str",
+        ),
         ({"messages": [U, {"role": "assistant", "content": "\ud800"}]}, "messages[1].content", "lone surrogate"),
-        ({"chosen": "a", "rejected": "b", "prompt": "p"}, "messages", "missing; row has keys ['chosen', 'prompt', 'rejected']"),
+        (
+            {"chosen": "a", "rejected": "b", "prompt": "p"},
+            "messages",
+            "missing; row has keys ['chosen', 'prompt', 'rejected']",
+        ),
         ([1, 2], None, "expected a JSON object, got list"),
     ],
 )
@@ -403,9 +557,21 @@ def test_bad_rows_name_file_line_and_field(tmp_path: Path, row: Any, field: str 
     "row, field, problem",
     [
         ({"instruction": "Q", "output": ""}, "output", "empty assistant turn"),
-        ({"instruction": "Q", "output": 4}, "output", "expected a string (or [better, worse] for a ranking row), got int"),
-        ({"instruction": "Q", "output": ["a", "b", "c"]}, "output", "a ranking row lists [better, worse]; got 3 outputs"),
-        ({"instruction": "Q", "output": "A", "history": [["u"]]}, "history[0]", "expected a [user, assistant] pair, got 1 items"),
+        (
+            {"instruction": "Q", "output": 4},
+            "output",
+            "expected a string (or [better, worse] for a ranking row), got int",
+        ),
+        (
+            {"instruction": "Q", "output": ["a", "b", "c"]},
+            "output",
+            "a ranking row lists [better, worse]; got 3 outputs",
+        ),
+        (
+            {"instruction": "Q", "output": "A", "history": [["u"]]},
+            "history[0]",
+            "expected a [user, assistant] pair, got 1 items",
+        ),
         ({"instruction": "Q", "output": "A", "history": [["u", ""]]}, "history[0][1]", "empty assistant turn"),
         ({"instruction": 5, "output": "A"}, "instruction", "expected a string, got int"),
         ({"instruction": "Q"}, "output", "no assistant turn"),
@@ -423,7 +589,10 @@ def test_json_list_errors_say_which_row(tmp_path: Path, row: dict[str, Any], fie
 
 def test_sharegpt_errors_use_the_tag_names(tmp_path: Path) -> None:
     row = {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'conversations\[1\].from': unknown role 'bot'; expected one of human, gpt, observation, function_call, system \(set tags"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: field 'conversations\[1\].from': unknown role 'bot'; expected one of human, gpt, observation, function_call, system \(set tags",
+    ):
         read_one(tmp_path, row)
     row = {"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "not json"}]}
     with pytest.raises(DataError, match=r"field 'conversations\[1\].value': tool call is not valid JSON"):
@@ -459,10 +628,15 @@ def test_whole_file_problems(tmp_path: Path) -> None:
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"e.jsonl: no rows \(the file is empty\)"):
         read_records(tmp_path / "e.jsonl")
-    with pytest.raises(DataError, match=r"d.jsonl:1: cannot tell the format from keys \['foo'\]; expected one of: conversations \(sharegpt\)"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: cannot tell the format from keys \['foo'\]; expected one of: conversations \(sharegpt\)",
+    ):
         read_one(tmp_path, {"foo": 1})
     (tmp_path / "d.csv").write_text("instruction,output\nQ,A,extra\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"d.csv:1: row has 3 cells, the header has 2 \(data row 1 of the CSV, after the header\)"):
+    with pytest.raises(
+        DataError, match=r"d.csv:1: row has 3 cells, the header has 2 \(data row 1 of the CSV, after the header\)"
+    ):
         read_records(tmp_path / "d.csv")
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"d.parquet: not a readable Parquet file"):
@@ -470,9 +644,15 @@ def test_whole_file_problems(tmp_path: Path) -> None:
 
 
 def test_kind_must_fit_the_rows(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt': this row is a preference pair, which cannot be read as a conversation record"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: field 'prompt': this row is a preference pair, which cannot be read as a conversation record",
+    ):
         read_one(tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b"}, kind="conversation")
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'text': this row is a text document, which cannot be read as a prompt record"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: field 'text': this row is a text document, which cannot be read as a prompt record",
+    ):
         read_one(tmp_path, {"text": "doc"}, kind="prompt")
     record, _ = read_one(tmp_path, {"prompt": "p", "chosen": "a", "rejected": "b"}, kind="prompt")
     assert record.messages == [{"role": "user", "content": "p"}]
@@ -488,18 +668,29 @@ def test_rows_must_keep_the_first_rows_kind(tmp_path: Path) -> None:
 
 def test_skip_mode_counts_and_reports(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    lines = [json.dumps(GOOD), "{bad", json.dumps({"messages": [U, {"role": "robot", "content": "x"}]}), "", json.dumps(GOOD), "[]"]
+    lines = [
+        json.dumps(GOOD),
+        "{bad",
+        json.dumps({"messages": [U, {"role": "robot", "content": "x"}]}),
+        "",
+        json.dumps(GOOD),
+        "[]",
+    ]
     path.write_bytes("\n".join(lines).encode() + b"\n\xff\n")
     result = read_records(path, on_invalid="skip")
     assert (len(result.records), result.rows_read, len(result.invalid)) == (2, 6, 4)
     assert [r.meta["line"] for r in result.records] == [1, 5]
     assert [(e.line, e.field) for e in result.invalid] == [(2, None), (3, "messages[1].role"), (6, None), (7, None)]
-    assert result.summary().startswith(f"{path}: format openai, 6 rows → 2 conversation records, 4 skipped (first: {path}:2: not valid JSON")
+    assert result.summary().startswith(
+        f"{path}: format openai, 6 rows → 2 conversation records, 4 skipped (first: {path}:2: not valid JSON"
+    )
     # Detection waits for the first good row; a file with no good row is an error even when skipping.
     path.write_text("{bad\n" + json.dumps({"instruction": "Q", "output": "A"}) + "\n")
     assert read_records(path, on_invalid="skip").format == "alpaca"
     path.write_text("{bad\n[1]\n")
-    with pytest.raises(DataError, match=r"no usable rows: all 2 rows are invalid; the first: .*d.jsonl:1: not valid JSON"):
+    with pytest.raises(
+        DataError, match=r"no usable rows: all 2 rows are invalid; the first: .*d.jsonl:1: not valid JSON"
+    ):
         read_records(path, on_invalid="skip")
 
 
@@ -519,20 +710,87 @@ def test_records_from_rows_in_memory() -> None:
 
 KNOWN_KEYS = sorted(
     {key for spec in FORMATS.values() for keys in spec.fields.values() for key in keys}
-    | {"tools", "label", "kto_tag", "reference", "answer", "margin", "score_chosen", "score_rejected", "from", "value", "role", "content"}
+    | {
+        "tools",
+        "label",
+        "kto_tag",
+        "reference",
+        "answer",
+        "margin",
+        "score_chosen",
+        "score_rejected",
+        "from",
+        "value",
+        "role",
+        "content",
+    }
 )
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=4), inner, max_size=4), max_leaves=12)
-message = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "system", "tool", "robot"]) | scalars, "content": json_values, "from": st.sampled_from(["human", "gpt", "function_call", "observation"]) | scalars, "value": json_values, "tool_calls": json_values, "loss_weight": scalars, "train": scalars})
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["user", "assistant", "system", "tool", "robot"]) | scalars,
+        "content": json_values,
+        "from": st.sampled_from(["human", "gpt", "function_call", "observation"]) | scalars,
+        "value": json_values,
+        "tool_calls": json_values,
+        "loss_weight": scalars,
+        "train": scalars,
+    },
+)
 field_values = json_values | st.lists(message, max_size=3) | st.lists(st.lists(scalars, max_size=3), max_size=2)
 rows = st.dictionaries(st.sampled_from(KNOWN_KEYS), field_values, max_size=6)
 
 
 VALID_ROWS: list[dict[str, Any]] = [
-    {"messages": [{"role": "system", "content": "s"}, U, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "r"}, A], "tools": []},
-    {"messages": [U, {"role": "assistant", "content": [{"type": "reasoning", "value": "r"}, {"type": "text", "value": "4"}], "loss_weight": 1.0}], "label": True},
-    {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}'}, {"from": "observation", "value": "o"}, {"from": "gpt", "value": "a"}], "system": "s", "tools": "[]"},
-    {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+    {
+        "messages": [
+            {"role": "system", "content": "s"},
+            U,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "r"},
+            A,
+        ],
+        "tools": [],
+    },
+    {
+        "messages": [
+            U,
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "value": "r"}, {"type": "text", "value": "4"}],
+                "loss_weight": 1.0,
+            },
+        ],
+        "label": True,
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+            {"from": "observation", "value": "o"},
+            {"from": "gpt", "value": "a"},
+        ],
+        "system": "s",
+        "tools": "[]",
+    },
+    {
+        "conversations": [{"from": "human", "value": "q"}],
+        "chosen": {"from": "gpt", "value": "a"},
+        "rejected": {"from": "gpt", "value": "b"},
+    },
     {"instruction": "q", "input": "i", "output": "a", "system": "s", "history": [["u", "a"]]},
     {"instruction": "q", "output": ["a", "b"], "margin": 1},
     {"instruction": "q", "output": "a", "kto_tag": False},
@@ -602,7 +860,11 @@ def test_fuzz_random_json_values(values: list[Any], as_list: bool) -> None:
 
 
 @FUZZ
-@given(batch=st.lists(rows, min_size=1, max_size=3), kind=st.sampled_from([None, *KINDS]), format=st.sampled_from(["auto", *FORMATS]))
+@given(
+    batch=st.lists(rows, min_size=1, max_size=3),
+    kind=st.sampled_from([None, *KINDS]),
+    format=st.sampled_from(["auto", *FORMATS]),
+)
 def test_fuzz_known_keys_with_wrong_types(batch: list[dict[str, Any]], kind: Any, format: str) -> None:
     items = [(Where("fuzz", n), row) for n, row in enumerate(batch, start=1)]
     only_data_errors(lambda: records_from_rows(items, "fuzz", kind=kind, format=format, on_invalid="skip"))
@@ -610,7 +872,18 @@ def test_fuzz_known_keys_with_wrong_types(batch: list[dict[str, Any]], kind: Any
 
 
 @FUZZ
-@given(batch=st.lists(st.dictionaries(st.sampled_from(KNOWN_KEYS), st.text(max_size=12) | st.sampled_from(['[["a", "b"]]', '[{"from": "human", "value": "x"}]', "true", "1.5", "{"]), max_size=5), min_size=1, max_size=3))
+@given(
+    batch=st.lists(
+        st.dictionaries(
+            st.sampled_from(KNOWN_KEYS),
+            st.text(max_size=12)
+            | st.sampled_from(['[["a", "b"]]', '[{"from": "human", "value": "x"}]', "true", "1.5", "{"]),
+            max_size=5,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_fuzz_csv_cells(batch: list[dict[str, str]]) -> None:
     import csv
 
@@ -625,7 +898,19 @@ def test_fuzz_csv_cells(batch: list[dict[str, str]]) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=st.lists(st.fixed_dictionaries({}, optional={key: st.text(max_size=6) for key in ("instruction", "output", "text", "prompt", "chosen", "rejected", "messages")}), min_size=1, max_size=3))
+@given(
+    batch=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                key: st.text(max_size=6)
+                for key in ("instruction", "output", "text", "prompt", "chosen", "rejected", "messages")
+            },
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_fuzz_parquet_tables(batch: list[dict[str, str]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -646,4 +931,8 @@ def test_csv_message_lists_are_json_cells(tmp_path: Path) -> None:
         writer.writerow([json.dumps([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]), "s"])
     result = read_records(path)
     assert result.format == "sharegpt"
-    assert result.records[0].messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert result.records[0].messages == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, assert_weights_close, sft_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from helpers import REPO, assert_weights_close, sft_config
 from posttrain import losses
 from posttrain.cli import main
 from posttrain.recipes import kto
@@ -27,9 +27,19 @@ def test_first_loss_is_half_the_mean_weight_then_desirable_rises_above_undesirab
     # 50 pairs → 50 desirable + 50 undesirable examples, all in one padded micro-batch. At step 0 the policy is the
     # reference: r = 0 and z0 = 0, so every example costs λ·(1 − σ(0)) = λ/2 and the mean is (2·50 + 1·50)/2/100.
     config = sft_config(
-        micro_model, toy.prefs, tmp_path, stage="kto", data__packing=False, train__batch_size=100, train__max_steps=6,
-        kto__beta=0.5, kto__desirable_weight=2.0, kto__undesirable_weight=1.0, data__eval=str(toy.eval_prefs),
-        train__eval_every=6, optim__lr=3e-3,
+        micro_model,
+        toy.prefs,
+        tmp_path,
+        stage="kto",
+        data__packing=False,
+        train__batch_size=100,
+        train__max_steps=6,
+        kto__beta=0.5,
+        kto__desirable_weight=2.0,
+        kto__undesirable_weight=1.0,
+        data__eval=str(toy.eval_prefs),
+        train__eval_every=6,
+        optim__lr=3e-3,
     )
     summary = kto.run(config)
     records = _records(tmp_path)
@@ -81,12 +91,16 @@ def test_packed_equals_padded_per_example_losses_and_gradients(toy, micro_model,
     # A reference below the policy by 0-2 nats per sequence: log-ratios in (0, 2), so z0 > 0 (not clamped) and
     # β·(r − z0) stays where the sigmoid is not flat.
     with torch.no_grad():
-        policy_logps, _, ids = batch_sequence_logps(model, collate_examples(items, tokenizer.pad_token_id, False, 128, 0))
+        policy_logps, _, ids = batch_sequence_logps(
+            model, collate_examples(items, tokenizer.pad_token_id, False, 128, 0)
+        )
     ref_table = torch.empty(2 * len(examples))
     ref_table[ids] = policy_logps - 2 * torch.rand(len(ids), generator=torch.Generator().manual_seed(0))
 
     def losses_and_grads(packed: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        batch = collate_examples(items, tokenizer.pad_token_id, packed, max_length=128, seed=0, share_prefix=share_prefix and packed)
+        batch = collate_examples(
+            items, tokenizer.pad_token_id, packed, max_length=128, seed=0, share_prefix=share_prefix and packed
+        )
         if packed:
             assert batch["input_ids"].shape[0] < len(items), "packing must put several examples in a row"
         model.zero_grad()
@@ -109,13 +123,23 @@ def test_packed_and_padded_runs_end_at_the_same_weights(toy, micro_model, tmp_pa
     """train.batch_size counts examples whatever the layout: three SGD steps packed (prompts shared) and padded
     take the same examples and end at the same weights, up to float32 summation order."""
     # SGD without clipping (a clipped update has a fixed norm, blind to a wrongly scaled gradient).
-    common = dict(stage="kto", train__max_steps=3, train__batch_size=8, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None, kto__beta=2.0)
+    common = dict(
+        stage="kto",
+        train__max_steps=3,
+        train__batch_size=8,
+        optim__name="sgd",
+        optim__lr=0.5,
+        optim__max_grad_norm=None,
+        kto__beta=2.0,
+    )
     kto.run(sft_config(micro_model, toy.prefs, tmp_path / "padded", data__packing=False, **common))
     kto.run(sft_config(micro_model, toy.prefs, tmp_path / "packed", data__packing=True, **common))
     padded, packed = _records(tmp_path / "padded"), _records(tmp_path / "packed")
     atol = _logp_atol(padded)
     for key in ("loss", "kl", "rewards/desirable", "logps/undesirable"):
-        assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]), rtol=1e-4, atol=atol)
+        assert_close(
+            torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]), rtol=1e-4, atol=atol
+        )
     weights_padded, weights_packed = _weights(tmp_path / "padded"), _weights(tmp_path / "packed")
     initial = load_file(str(micro_model / "model.safetensors"))
     assert any(not torch.equal(weights_padded[k], v) for k, v in initial.items())
@@ -129,14 +153,32 @@ def test_grad_accumulation_is_exact_when_z0_is_fixed_and_only_then(toy, micro_mo
     estimates, clamped at 0 each, where 1×8 takes one. At step 1 the policy is the reference (every log-ratio 0,
     z0 = 0 in both), so that step agrees; once the policy moves, each example's z0, and so the loss, differs
     between the layouts."""
-    common = dict(stage="kto", data__packing=False, train__max_steps=2, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None, kto__beta=2.0)
+    common = dict(
+        stage="kto",
+        data__packing=False,
+        train__max_steps=2,
+        optim__name="sgd",
+        optim__lr=0.5,
+        optim__max_grad_norm=None,
+        kto__beta=2.0,
+    )
 
     def run_pair(tag: str) -> tuple[list[dict], list[dict], dict, dict]:
-        kto.run(sft_config(micro_model, toy.prefs, tmp_path / f"{tag}1x8", train__batch_size=8, train__grad_accum=1, **common))
-        kto.run(sft_config(micro_model, toy.prefs, tmp_path / f"{tag}8x1", train__batch_size=1, train__grad_accum=8, **common))
+        kto.run(
+            sft_config(
+                micro_model, toy.prefs, tmp_path / f"{tag}1x8", train__batch_size=8, train__grad_accum=1, **common
+            )
+        )
+        kto.run(
+            sft_config(
+                micro_model, toy.prefs, tmp_path / f"{tag}8x1", train__batch_size=1, train__grad_accum=8, **common
+            )
+        )
         return (
-            _records(tmp_path / f"{tag}1x8"), _records(tmp_path / f"{tag}8x1"),
-            _weights(tmp_path / f"{tag}1x8"), _weights(tmp_path / f"{tag}8x1"),
+            _records(tmp_path / f"{tag}1x8"),
+            _records(tmp_path / f"{tag}8x1"),
+            _weights(tmp_path / f"{tag}1x8"),
+            _weights(tmp_path / f"{tag}8x1"),
         )
 
     a, b, weights_a, weights_b = run_pair("own_z0_")
@@ -148,19 +190,31 @@ def test_grad_accumulation_is_exact_when_z0_is_fixed_and_only_then(toy, micro_mo
 
     fixed_z0 = 0.3
     kto_loss = losses.kto_loss
-    monkeypatch.setattr(losses, "kto_loss", lambda logps, ref, labels, kl_estimate, *args: kto_loss(logps, ref, labels, fixed_z0, *args))
+    monkeypatch.setattr(
+        losses,
+        "kto_loss",
+        lambda logps, ref, labels, kl_estimate, *args: kto_loss(logps, ref, labels, fixed_z0, *args),
+    )
     a, b, weights_a, weights_b = run_pair("fixed_z0_")
     assert a[-1]["loss"] != a[0]["loss"]
     for key in ("loss", "rewards/desirable", "rewards/undesirable", "logps/desirable"):
         # rtol: eight micro-batches sum in another order than one batch; float32 noise, amplified by lr 0.5.
-        assert_close(torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b]), rtol=1e-4, atol=_logp_atol(a))
+        assert_close(
+            torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b]), rtol=1e-4, atol=_logp_atol(a)
+        )
     assert_weights_close(weights_b, weights_a, load_file(str(micro_model / "model.safetensors")))
 
 
 def test_prompt_tuning_trains_padded(toy, micro_model, tmp_path) -> None:
     config = sft_config(
-        micro_model, toy.prefs, tmp_path, stage="kto", data__packing=False, train__max_steps=2,
-        peft__method="prompt_tuning", peft__num_virtual_tokens=4,
+        micro_model,
+        toy.prefs,
+        tmp_path,
+        stage="kto",
+        data__packing=False,
+        train__max_steps=2,
+        peft__method="prompt_tuning",
+        peft__num_virtual_tokens=4,
     )
     assert kto.run(config)["steps"] == 2
     assert (tmp_path / "model" / "adapter_config.json").exists()
@@ -168,11 +222,20 @@ def test_prompt_tuning_trains_padded(toy, micro_model, tmp_path) -> None:
 
 def test_shipped_config_trains_from_the_command_line(toy, micro_model, tmp_path) -> None:
     out = tmp_path / "run"
-    code = main([
-        "train", str(REPO / "configs" / "kto.yaml"), f"model.path={micro_model}", f"data.train={toy.prefs}",
-        f"output_dir={out}", "train.max_steps=3", "train.eval_every=3", "train.batch_size=2", "data.max_length=128",
-        "logging.progress=false",
-    ])
+    code = main(
+        [
+            "train",
+            str(REPO / "configs" / "kto.yaml"),
+            f"model.path={micro_model}",
+            f"data.train={toy.prefs}",
+            f"output_dir={out}",
+            "train.max_steps=3",
+            "train.eval_every=3",
+            "train.batch_size=2",
+            "data.max_length=128",
+            "logging.progress=false",
+        ]
+    )
     assert code == 0
     records = _records(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

@@ -74,7 +74,9 @@ def imports_of(name: str, path: Path, modules: set[str]) -> list[Import]:
                 found.append(Import(name, target, node.lineno, function_local, type_checking))
         for child in ast.iter_child_nodes(node):
             inside_function = function_local or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            guarded = type_checking or (isinstance(node, ast.If) and _is_type_checking(node.test) and child in node.body)
+            guarded = type_checking or (
+                isinstance(node, ast.If) and _is_type_checking(node.test) and child in node.body
+            )
             visit(child, inside_function, guarded)
 
     visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), False, False)
@@ -92,7 +94,9 @@ def import_graph(imports: list[Import], modules: set[str]) -> dict[str, dict[str
     for imp in imports:
         if imp.type_checking_only or not imp.target.startswith("posttrain."):
             continue
-        own_packages = {imp.importer.rsplit(".", depth)[0] for depth in range(imp.importer.count("."))} | {imp.importer}
+        own_packages = {imp.importer.rsplit(".", depth)[0] for depth in range(imp.importer.count("."))} | {
+            imp.importer
+        }
         parts = imp.target.split(".")
         for end in range(2, len(parts) + 1):  # posttrain.a, posttrain.a.b, ...: each package runs before its module
             loaded = ".".join(parts[:end])
@@ -155,13 +159,20 @@ def layer_problems(root: Path = PACKAGE_DIR) -> list[str]:
     """Every broken layer rule in the package under ``root``, one readable line (or block) each."""
     modules = package_modules(root)
     imports = all_imports(root)
-    problems = [describe_cycle(component, import_graph(imports, set(modules))) for component in cycles(import_graph(imports, set(modules)))]
+    problems = [
+        describe_cycle(component, import_graph(imports, set(modules)))
+        for component in cycles(import_graph(imports, set(modules)))
+    ]
     for imp in imports:
         where = f"{modules[imp.importer].relative_to(root.parent)}:{imp.line}"
         if _is_application(imp.target) and not _is_application(imp.importer):
-            problems.append(f"{where}: library module {imp.importer} imports {imp.target}; only the CLI may import the demo or the CLI")
+            problems.append(
+                f"{where}: library module {imp.importer} imports {imp.target}; only the CLI may import the demo or the CLI"
+            )
         if imp.importer in PURE_MATH and imp.target.split(".")[0] not in ALLOWED_IN_PURE_MATH:
-            problems.append(f"{where}: {imp.importer} imports {imp.target}; the math imports only torch and the standard library")
+            problems.append(
+                f"{where}: {imp.importer} imports {imp.target}; the math imports only torch and the standard library"
+            )
     return list(dict.fromkeys(problems))  # one line per statement, however many names it imports
 
 
@@ -192,9 +203,16 @@ def test_the_checker_sees_cycles_demo_imports_and_heavy_math(tmp_path: Path) -> 
         (package / name).parent.mkdir(parents=True, exist_ok=True)
         (package / name).write_text(text)
     problems = layer_problems(package)
-    assert any(p.startswith("cycle among posttrain.eval.report, posttrain.pipeline") and "in a function" in p for p in problems), problems
+    assert any(
+        p.startswith("cycle among posttrain.eval.report, posttrain.pipeline") and "in a function" in p
+        for p in problems
+    ), problems
     assert any(p.startswith("cycle among posttrain.demo.tasks, posttrain.rewards") for p in problems), problems
-    assert any("posttrain/rewards.py:1: library module posttrain.rewards imports posttrain.demo.tasks" in p for p in problems), problems
+    assert any(
+        "posttrain/rewards.py:1: library module posttrain.rewards imports posttrain.demo.tasks" in p for p in problems
+    ), problems
     assert any("posttrain/losses.py:2: posttrain.losses imports numpy" in p for p in problems), problems
-    assert any("posttrain/recipes/sft.py:1: library module posttrain.recipes.sft imports posttrain.cli" in p for p in problems), problems
+    assert any(
+        "posttrain/recipes/sft.py:1: library module posttrain.recipes.sft imports posttrain.cli" in p for p in problems
+    ), problems
     assert len(problems) == 5, problems  # rl.py, cli.py and the demo's own imports are allowed

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import need_peer_file
+
 from posttrain.data.dataset import use_chat_template
 from posttrain.data.tokenize import TokenizedSequence, render, tokenize_conversation
 from posttrain.losses import IGNORE_INDEX
@@ -90,7 +90,9 @@ TEMPLATES: dict[str, Template] = {
     # " [/INST]" closes the prompt; the reply is " {content} {eos}" (Llama-2's own template, trailing space included).
     "llama2": Template(_builtin("llama2"), lambda content, eos: f" {content} {eos}"),
     "llama3": Template(
-        _builtin("llama3"), lambda content, eos: content + "<|eot_id|>", "<|eot_id|>",
+        _builtin("llama3"),
+        lambda content, eos: content + "<|eot_id|>",
+        "<|eot_id|>",
         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     ),
     "chatml": Template(
@@ -109,7 +111,9 @@ TEMPLATES: dict[str, Template] = {
     # The generation prompt is "Assistant:" and the turn "Assistant: {content}{eos}": the reply starts with a space.
     "deepseek-llm-chat": Template(_jinja("deepseek-llm-chat"), lambda content, eos: f" {content}{eos}"),
     "qwen2.5-instruct": Template(
-        _jinja("qwen2.5-instruct"), lambda content, eos: content + "<|im_end|>", "<|im_end|>",
+        _jinja("qwen2.5-instruct"),
+        lambda content, eos: content + "<|im_end|>",
+        "<|im_end|>",
         ("<|im_start|>", "<|im_end|>"),
     ),
 }
@@ -121,13 +125,29 @@ PREPENDS_AFTER_SPECIAL_TOKENS = {"phi-3-mini"}
 PAIRS = [
     *[
         ("phi-2", name)
-        for name in ("default", "llama2", "llama3", "chatml", "mistral", "zephyr-7b-beta", "qwen2.5-instruct",
-                     "deepseek-llm-chat")
+        for name in (
+            "default",
+            "llama2",
+            "llama3",
+            "chatml",
+            "mistral",
+            "zephyr-7b-beta",
+            "qwen2.5-instruct",
+            "deepseek-llm-chat",
+        )
     ],
     *[
         ("phi-3-mini", name)
-        for name in ("phi-3-mini-instruct", "llama2", "mistral", "default", "chatml", "baichuan2", "zephyr-7b-beta",
-                     "deepseek-llm-chat")
+        for name in (
+            "phi-3-mini-instruct",
+            "llama2",
+            "mistral",
+            "default",
+            "chatml",
+            "baichuan2",
+            "zephyr-7b-beta",
+            "deepseek-llm-chat",
+        )
     ],
     *[("phi-3-mini/auto", name) for name in ("phi-3-mini-instruct", "mistral", "default")],
     # ChatGLM3 has no bos token, which the llama2/llama3/mistral templates write.
@@ -169,7 +189,9 @@ def _tokenizer(tokenizer_name: str, template_name: str) -> Any:
         # No override: training resolves the tokenizer's own template, which is this file.
         assert tokenizer.chat_template.strip() == Path(choice).read_text(encoding="utf-8").strip()
         choice = None
-    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False) for m in template.markers], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(m, special=True, normalized=False) for m in template.markers], special_tokens=True
+    )
     use_chat_template(tokenizer, choice)
     return tokenizer
 
@@ -221,8 +243,14 @@ def assert_same_reply(tokenizer_name: str, decoded: str, expected: str) -> None:
 
 
 def assert_exact_mask(
-    tokenizer_name: str, template_name: str, messages: list[dict[str, Any]], sequence: TokenizedSequence,
-    trained: list[int], tools: Any = None, tokenizer: Any = None, template: Template | None = None,
+    tokenizer_name: str,
+    template_name: str,
+    messages: list[dict[str, Any]],
+    sequence: TokenizedSequence,
+    trained: list[int],
+    tools: Any = None,
+    tokenizer: Any = None,
+    template: Template | None = None,
 ) -> None:
     """Exactly the assistant messages at indices ``trained`` (with their end-of-turn token) are trained."""
     tokenizer = tokenizer or _tokenizer(tokenizer_name, template_name)
@@ -383,8 +411,20 @@ def test_phi3_own_template_trains_every_turn_of_a_multi_turn_conversation() -> N
 def test_qwen25_with_tools_trains_only_the_replies() -> None:
     """Qwen2.5's template puts the tools in its system turn: prompt, untrained."""
     tokenizer = _tokenizer("phi-2", "qwen2.5-instruct")
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two integers.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"],
+                },
+            },
+        }
+    ]
     messages = CONVERSATIONS["with_system"]
     sequence = tokenize_conversation(tokenizer, messages, max_length=4096, tools=tools)
     assert_exact_mask("phi-2", "qwen2.5-instruct", messages, sequence, _assistant_indices(messages), tools)

@@ -17,21 +17,69 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer
-
 from helpers import REPO
 from test_chat_data import DIALOGUE  # the same two-exchange dialogue the toy-tokenizer chat tests render
+from transformers import AutoTokenizer
+
 from posttrain.config import DataConfig
 from posttrain.data.dataset import load_sequences
 from posttrain.data.tokenize import tokenize_conversation
 from posttrain.losses import IGNORE_INDEX
 
 TOKENS = [
-    "<|bos|>", "<|system|>", "Ċ", "Answer", "Ġ", "with", "Ġ", "the", "Ġ", "result", "Ġ", "only", ".", "<|end|>", "Ċ",
-    "<|user|>", "Ċ", "Add", "Ġ", "2", "Ġ", "and", "Ġ", "3", ".", "<|end|>", "Ċ",
-    "<|assistant|>", "Ċ", "5", "<|end|>", "Ċ",  # reply 1: positions 29, 30
-    "<|user|>", "Ċ", "Reverse", ":", "Ġ", "a", "Ġ", "b", "Ġ", "c", "<|end|>", "Ċ",
-    "<|assistant|>", "Ċ", "c", "Ġ", "b", "Ġ", "a", "<|end|>", "Ċ",  # reply 2: positions 46-51
+    "<|bos|>",
+    "<|system|>",
+    "Ċ",
+    "Answer",
+    "Ġ",
+    "with",
+    "Ġ",
+    "the",
+    "Ġ",
+    "result",
+    "Ġ",
+    "only",
+    ".",
+    "<|end|>",
+    "Ċ",
+    "<|user|>",
+    "Ċ",
+    "Add",
+    "Ġ",
+    "2",
+    "Ġ",
+    "and",
+    "Ġ",
+    "3",
+    ".",
+    "<|end|>",
+    "Ċ",
+    "<|assistant|>",
+    "Ċ",
+    "5",
+    "<|end|>",
+    "Ċ",  # reply 1: positions 29, 30
+    "<|user|>",
+    "Ċ",
+    "Reverse",
+    ":",
+    "Ġ",
+    "a",
+    "Ġ",
+    "b",
+    "Ġ",
+    "c",
+    "<|end|>",
+    "Ċ",
+    "<|assistant|>",
+    "Ċ",
+    "c",
+    "Ġ",
+    "b",
+    "Ġ",
+    "a",
+    "<|end|>",
+    "Ċ",  # reply 2: positions 46-51
 ]
 REPLY_1 = [29, 30]
 REPLY_2 = [46, 47, 48, 49, 50, 51]
@@ -103,10 +151,22 @@ def test_missing_peer_data_fails_under_ci_and_skips_otherwise(tmp_path) -> None:
     ]
     env = {**os.environ, "POSTTRAIN_PEER_DATA": str(tmp_path / "no-peer-data")}
     env.pop("POSTTRAIN_REQUIRE_PEER_DATA", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "phi-2-default or covered or e2e", *selected]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "phi-2-default or covered or e2e",
+        *selected,
+    ]
     skipped = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0 and "3 skipped" in skipped.stdout, skipped.stdout[-3000:]
-    required = subprocess.run(command, cwd=REPO, env={**env, "POSTTRAIN_REQUIRE_PEER_DATA": "1"}, capture_output=True, text=True, timeout=300)
+    required = subprocess.run(
+        command, cwd=REPO, env={**env, "POSTTRAIN_REQUIRE_PEER_DATA": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert required.returncode == 1, required.stdout[-3000:]
     # A skipif mark is evaluated in set-up, so that test reports an error; either way it is not a skip.
     not_passed = [line for line in required.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
@@ -119,9 +179,19 @@ def test_a_file_missing_from_present_peer_data_still_skips_under_ci() -> None:
     """With the folder present, a skip for one file the snapshot lacks (the Dolly blob) stays a skip."""
     from helpers import PEER_DATA
 
-    if not (PEER_DATA / "dolly" / "SOURCES.md").is_file() or (PEER_DATA / "dolly" / "databricks-dolly-15k.jsonl").is_file():
+    if (
+        not (PEER_DATA / "dolly" / "SOURCES.md").is_file()
+        or (PEER_DATA / "dolly" / "databricks-dolly-15k.jsonl").is_file()
+    ):
         pytest.skip("needs peer-data with its Dolly blob missing, as the shared snapshot is")
     test = "tests/test_data_inspect.py::test_the_real_dolly_15k_file_reads_as_dolly_with_its_eight_categories"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "POSTTRAIN_REQUIRE_PEER_DATA": "1"}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "POSTTRAIN_REQUIRE_PEER_DATA": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "1 skipped" in result.stdout, result.stdout[-3000:]

@@ -27,7 +27,9 @@ def test_micro_batches_combine_as_one_large_batch() -> None:
     the mean of the micro-batch means (3 + 0.75)/2 = 1.875. Accuracy: 1 of 2 pairs, then 3 of 3: 4/5 = 0.8.
     Throughput: (10 + 20) real tokens in 2 s = 15 per second."""
     step = micro_batch(6.0, 2, 1.0, 2, 10).merge(micro_batch(3.0, 4, 3.0, 3, 20))
-    assert step.values(seconds=2.0) == pytest.approx({"loss": 1.5, "accuracy": 0.8, "count": 5.0, "tokens_per_s": 15.0})
+    assert step.values(seconds=2.0) == pytest.approx(
+        {"loss": 1.5, "accuracy": 0.8, "count": 5.0, "tokens_per_s": 15.0}
+    )
     assert step.trained_tokens == 6.0
 
 
@@ -50,7 +52,9 @@ def test_two_processes_merge_to_the_whole_batch_and_the_all_reduce_agrees() -> N
     reduced = a.reduce(all_reduce)
     assert reduced.values(seconds=1.0) == pytest.approx({**merged.values(), "tokens_per_s": 30.0})
     assert reduced.trained_tokens == 6.0
-    assert a.values() == pytest.approx({"loss": 3.0, "accuracy": 0.5, "count": 2.0}), "reduce leaves the local stats as they were"
+    assert a.values() == pytest.approx({"loss": 3.0, "accuracy": 0.5, "count": 2.0}), (
+        "reduce leaves the local stats as they were"
+    )
 
 
 def test_example_mean_of_a_per_process_value() -> None:

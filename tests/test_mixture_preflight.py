@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import sft_config
 from transformers import AutoTokenizer
 
-from helpers import sft_config
 from posttrain.config import DataSource
 from posttrain.data.dataset import load_sequences
 from posttrain.data.errors import DataError
@@ -55,7 +55,9 @@ def test_mixture_logs_per_source_loss(toy, micro_model, tmp_path, two_sources) -
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         tokens = record["tokens/domain"] + record["tokens/general"]
-        mixed = (record["loss/domain"] * record["tokens/domain"] + record["loss/general"] * record["tokens/general"]) / tokens
+        mixed = (
+            record["loss/domain"] * record["tokens/domain"] + record["loss/general"] * record["tokens/general"]
+        ) / tokens
         assert record["loss"] == pytest.approx(mixed, rel=1e-5)
         assert record["tokens/domain"] > 0 and record["tokens/general"] > 0
 

@@ -13,7 +13,10 @@ import yaml
 from posttrain.config import ConfigError
 from posttrain.pipeline import PipelineError, load_pipeline, run_pipeline
 
-COMMON = {"checkpoint": {"every": 1000, "keep": 1}, "logging": {"tensorboard": False, "progress": False, "report": False}}
+COMMON = {
+    "checkpoint": {"every": 1000, "keep": 1},
+    "logging": {"tensorboard": False, "progress": False, "report": False},
+}
 
 
 def write_pipeline(tmp_path: Path, **changes: Any) -> Path:
@@ -22,13 +25,42 @@ def write_pipeline(tmp_path: Path, **changes: Any) -> Path:
         "out": str(tmp_path / "out"),
         "seed": 3,
         "stages": {
-            "toy": {"toy": {"size": "mini", "tasks": ["count", "upper"], "counts": {"sft": 64, "prefs": 32, "prompts": 16, "eval": 8, "pretrain": 16}}},
-            "sft": {"config": {"stage": "sft", "model": {"path": "${toy.model}"}, "data": {"train": "${toy.sft}", "max_length": 64},
-                               "train": {"max_steps": 2, "batch_size": 4}, "optim": {"lr": 1e-3}, **COMMON}},
-            "reward": {"config": {"stage": "reward", "model": {"path": "${sft.model}"}, "data": {"train": "${toy.prefs}", "max_length": 64},
-                                  "train": {"max_steps": 2, "batch_size": 4}, **COMMON}},
-            "dpo": {"config": {"stage": "dpo", "model": {"path": "${sft.model}"}, "peft": {"method": "full"},
-                               "data": {"train": "${toy.prefs}", "max_length": 64}, "train": {"max_steps": 2, "batch_size": 4}, **COMMON}},
+            "toy": {
+                "toy": {
+                    "size": "mini",
+                    "tasks": ["count", "upper"],
+                    "counts": {"sft": 64, "prefs": 32, "prompts": 16, "eval": 8, "pretrain": 16},
+                }
+            },
+            "sft": {
+                "config": {
+                    "stage": "sft",
+                    "model": {"path": "${toy.model}"},
+                    "data": {"train": "${toy.sft}", "max_length": 64},
+                    "train": {"max_steps": 2, "batch_size": 4},
+                    "optim": {"lr": 1e-3},
+                    **COMMON,
+                }
+            },
+            "reward": {
+                "config": {
+                    "stage": "reward",
+                    "model": {"path": "${sft.model}"},
+                    "data": {"train": "${toy.prefs}", "max_length": 64},
+                    "train": {"max_steps": 2, "batch_size": 4},
+                    **COMMON,
+                }
+            },
+            "dpo": {
+                "config": {
+                    "stage": "dpo",
+                    "model": {"path": "${sft.model}"},
+                    "peft": {"method": "full"},
+                    "data": {"train": "${toy.prefs}", "max_length": 64},
+                    "train": {"max_steps": 2, "batch_size": 4},
+                    **COMMON,
+                }
+            },
         },
     }
     for dotted, value in changes.items():
@@ -136,7 +168,10 @@ def test_an_unrelated_directory_is_never_deleted(tmp_path: Path) -> None:
         ({"stages__reward__config__model__path": "${rm.model}"}, r"stage 'reward': \$\{rm.model\} names no stage"),
         ({"stages__reward__config__model__path": "${sft.weights}"}, r"stage 'sft' has outputs model, dir"),
         ({"stages__sft__config__model__path": "${dpo.model}"}, "cycle: sft -> dpo -> sft"),
-        ({"stages__sft__config__optim__learning_rate": 0.1}, r"stage 'sft'.*unknown key optim.learning_rate; did you mean optim.lr"),
+        (
+            {"stages__sft__config__optim__learning_rate": 0.1},
+            r"stage 'sft'.*unknown key optim.learning_rate; did you mean optim.lr",
+        ),
         ({"stages__dpo__after": ["nope"]}, "after: 'nope' is not a stage"),
         ({"stages__toy__toy__colour": "red"}, r"invalid pipeline.*stages.toy.toy.colour"),
     ],
@@ -156,7 +191,11 @@ def test_overrides_name_the_stages(tmp_path: Path) -> None:
     assert pipeline.resolved["sft"].seed == 11 and pipeline.resolved["toy"]["counts"]["sft"] == 70
 
 
-PIPELINE_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if "stages" in yaml.safe_load(p.read_text()))
+PIPELINE_CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+    if "stages" in yaml.safe_load(p.read_text())
+)
 
 
 @pytest.mark.parametrize("config", PIPELINE_CONFIGS, ids=lambda p: p.stem)

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import sft_config
 from safetensors.torch import load_file
 
-from helpers import sft_config
 from posttrain.config import ConfigError
-from posttrain.losses import IGNORE_INDEX
 from posttrain.data.rollout_layout import ResponseLayout
+from posttrain.losses import IGNORE_INDEX
 from posttrain.models.scoring import RolloutBatches, response_layout
 from posttrain.recipes import ppo
 
@@ -44,11 +44,17 @@ def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
 
 def ppo_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
     defaults = {
-        "stage": "ppo", "sampling__num_samples": 2, "sampling__max_new_tokens": 6, "algorithm__prompts_per_step": 4,
-        "train__batch_size": 4, "train__grad_accum": 2, "train__max_steps": 2,
+        "stage": "ppo",
+        "sampling__num_samples": 2,
+        "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4,
+        "train__batch_size": 4,
+        "train__grad_accum": 2,
+        "train__max_steps": 2,
         # The untrained micro model never scores on the toy tasks; a length reward differs between its samples.
         "reward__function": LENGTH_REWARD,
-        "watch__gold": "toy", "optim__lr": 1e-3,
+        "watch__gold": "toy",
+        "optim__lr": 1e-3,
     }
     return sft_config(model, data, out, **{**defaults, **overrides})
 
@@ -76,7 +82,21 @@ def test_every_estimator_trains_and_logs_its_diagnostics(name, toy, micro_model,
     summary = ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, **ESTIMATORS[name]))
     steps = [r for r in records(out) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    expected = {"reward", "reward_std", "gold_reward", "kl", "kl_coef", "clip_fraction", "approx_kl", "entropy", "response_length", "unfinished_share", "distinct_share", "policy_loss", "grad_norm"}
+    expected = {
+        "reward",
+        "reward_std",
+        "gold_reward",
+        "kl",
+        "kl_coef",
+        "clip_fraction",
+        "approx_kl",
+        "entropy",
+        "response_length",
+        "unfinished_share",
+        "distinct_share",
+        "policy_loss",
+        "grad_norm",
+    }
     if name.startswith("gae"):
         expected |= {"value_loss", "value_explained_variance"}
     for record in steps:
@@ -99,7 +119,16 @@ def test_first_step_kl_to_the_reference_is_exactly_zero(method, toy, micro_model
     """Before any update the policy is its reference (a frozen copy for full tuning; the adapter switched off for
     LoRA, whose B = 0 start makes it the base), so the step-1 rollout's KL is 0 exactly, not approximately."""
     out = tmp_path / "run"
-    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, peft__method=method, algorithm__advantage="grpo", sampling__num_samples=2))
+    ppo.run(
+        ppo_config(
+            micro_model,
+            prompts_file(toy, tmp_path / "p.jsonl"),
+            out,
+            peft__method=method,
+            algorithm__advantage="grpo",
+            sampling__num_samples=2,
+        )
+    )
     first, second = [r for r in records(out) if "reward" in r]
     assert first["kl"] == 0.0
     assert second["kl"] != 0.0  # and the first update moved the policy away from it
@@ -114,10 +143,21 @@ def test_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path) -> None:
         out = tmp_path / f"run{batch_size}x{accum}"
         # SGD, as in test_sft_invariance: the two layouts sum in another order (prompts shared within a
         # micro-batch of 8, not in micro-batches of 1), and Adam's first step would amplify that noise.
-        ppo.run(ppo_config(
-            micro_model, data, out, algorithm__advantage="gae", train__batch_size=batch_size, train__grad_accum=accum,
-            train__max_steps=1, sampling__num_samples=2, algorithm__prompts_per_step=4, optim__name="sgd", optim__lr=0.5,
-        ))
+        ppo.run(
+            ppo_config(
+                micro_model,
+                data,
+                out,
+                algorithm__advantage="gae",
+                train__batch_size=batch_size,
+                train__grad_accum=accum,
+                train__max_steps=1,
+                sampling__num_samples=2,
+                algorithm__prompts_per_step=4,
+                optim__name="sgd",
+                optim__lr=0.5,
+            )
+        )
         results[(batch_size, accum)] = weights(out / "model")
     a, b = results[(8, 1)], results[(1, 8)]
     for key in a:
@@ -159,12 +199,25 @@ def test_planted_length_reward_trips_the_watch(toy, answering_model, tmp_path) -
     (The micro model's answers are too poor for the gold reward to fall measurably; the reward-hacking rule itself
     is tested on planted metric series in test_diagnostics.py.)"""
     out = tmp_path / "run"
-    summary = ppo.run(ppo_config(
-        answering_model, prompts_file(toy, tmp_path / "p.jsonl", rows=50), out,
-        algorithm__advantage="grpo", sampling__num_samples=4, sampling__max_new_tokens=16, algorithm__prompts_per_step=8,
-        train__batch_size=16, train__grad_accum=2, train__max_steps=60, optim__lr=5e-4, algorithm__kl_coef=0.0,
-        watch__window=8, watch__kl_limit=1e6, watch__stop_on_warning=True,
-    ))
+    summary = ppo.run(
+        ppo_config(
+            answering_model,
+            prompts_file(toy, tmp_path / "p.jsonl", rows=50),
+            out,
+            algorithm__advantage="grpo",
+            sampling__num_samples=4,
+            sampling__max_new_tokens=16,
+            algorithm__prompts_per_step=8,
+            train__batch_size=16,
+            train__grad_accum=2,
+            train__max_steps=60,
+            optim__lr=5e-4,
+            algorithm__kl_coef=0.0,
+            watch__window=8,
+            watch__kl_limit=1e6,
+            watch__stop_on_warning=True,
+        )
+    )
     kinds = {w["kind"] for w in summary["watch_warnings"]}
     assert kinds & {"reward_hacking", "length_runaway"}, summary["watch_warnings"]
     assert summary["stopped_by_watch"] in ("reward_hacking", "length_runaway")
@@ -211,7 +264,9 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
         monkeypatch.setattr(ppo, "reference_model", switching_off)
         monkeypatch.setattr(ppo, "score_logps", scoring)
         out = tmp_path / f"kl{kl_coef}"
-        ppo.run(ppo_config(micro_model, data, out, peft__method=method, algorithm__kl_coef=kl_coef, train__max_steps=1))
+        ppo.run(
+            ppo_config(micro_model, data, out, peft__method=method, algorithm__kl_coef=kl_coef, train__max_steps=1)
+        )
         calls["logged_kl"] = ["kl" in r for r in records(out) if "reward" in r]
         return calls
 
@@ -227,7 +282,13 @@ def test_separate_critic_gradients_never_scale_the_policy_step(toy, micro_model,
     the same whatever vf_coef (0.1 or 10), since the policy and the critic are clipped apart (one global clip let
     the value loss, scaled by vf_coef, shrink the policy's step). Both norms are logged; only the critic's moves."""
     data = prompts_file(toy, tmp_path / "p.jsonl")
-    common = {"algorithm__advantage": "gae", "train__max_steps": 1, "optim__name": "sgd", "optim__lr": 1.0, "optim__max_grad_norm": 1e-4}
+    common = {
+        "algorithm__advantage": "gae",
+        "train__max_steps": 1,
+        "optim__name": "sgd",
+        "optim__lr": 1.0,
+        "optim__max_grad_norm": 1e-4,
+    }
     runs = {}
     for vf_coef in (0.1, 10.0):
         out = tmp_path / f"vf{vf_coef}"
@@ -258,10 +319,19 @@ def test_early_stopping_follows_the_held_out_reward(toy, micro_model, tmp_path, 
 
     monkeypatch.setattr(ppo, "evaluate_prompts", scripted_evaluation)
     out = tmp_path / "run"
-    summary = ppo.run(ppo_config(
-        micro_model, data, out, algorithm__advantage="grpo", data__eval_fraction=0.25, train__max_steps=6,
-        train__eval_every=1, train__early_stopping_patience=2, checkpoint__every=None,
-    ))
+    summary = ppo.run(
+        ppo_config(
+            micro_model,
+            data,
+            out,
+            algorithm__advantage="grpo",
+            data__eval_fraction=0.25,
+            train__max_steps=6,
+            train__eval_every=1,
+            train__early_stopping_patience=2,
+            checkpoint__every=None,
+        )
+    )
     assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2
     assert summary["best_eval_reward"] == 0.5
     final, at_step_2, at_step_4 = weights(out / "model"), evaluated[1], evaluated[3]
@@ -286,14 +356,28 @@ def test_a_prompt_without_reference_is_named(toy, micro_model, tmp_path) -> None
     from posttrain.data.errors import DataError
 
     data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Repeat: cat"}], "reference": "cat"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Repeat: dog"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Repeat: cat"}], "reference": "cat"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Repeat: dog"}]})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"p.jsonl:2"):
         ppo.run(ppo_config(micro_model, data, tmp_path / "run"))
 
 
 def test_ptx_mixes_the_sft_loss_in(toy, micro_model, tmp_path) -> None:
     out = tmp_path / "run"
-    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, algorithm__advantage="grpo", algorithm__ptx_coef=0.5, algorithm__ptx_data=str(toy.sft)))
+    ppo.run(
+        ppo_config(
+            micro_model,
+            prompts_file(toy, tmp_path / "p.jsonl"),
+            out,
+            algorithm__advantage="grpo",
+            algorithm__ptx_coef=0.5,
+            algorithm__ptx_data=str(toy.sft),
+        )
+    )
     steps = [r for r in records(out) if "reward" in r]
     # An untrained model's SFT loss is about ln(vocabulary size).
     assert all(4.0 < r["ptx_loss"] < 10.0 for r in steps)
@@ -305,8 +389,12 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
     data = prompts_file(toy, tmp_path / "p.jsonl")
     # SGD, as in the shared-layout test below: Adam's first step would blow float noise up to a full step.
     grpo = {
-        "algorithm__advantage": "grpo", "algorithm__kl_mode": "loss", "algorithm__kl_estimator": "k3", "train__max_steps": 3,
-        "optim__name": "sgd", "optim__lr": 0.5,
+        "algorithm__advantage": "grpo",
+        "algorithm__kl_mode": "loss",
+        "algorithm__kl_estimator": "k3",
+        "train__max_steps": 3,
+        "optim__name": "sgd",
+        "optim__lr": 0.5,
     }
     ppo.run(ppo_config(micro_model, data, tmp_path / "shortcut", **grpo))
     full_pass = ppo.make_rollout
@@ -327,8 +415,13 @@ def test_shared_prompt_layout_trains_like_padded_rows(name, toy, micro_model, tm
     # SGD: its update is linear in the gradient, so float summation-order noise stays noise (Adam's first step
     # is about lr x sign(gradient), which turns the noise of a near-zero gradient into a full step).
     settings = {
-        **ESTIMATORS[name], "sampling__num_samples": 4, "train__batch_size": 8, "train__grad_accum": 2, "train__max_steps": 2,
-        "optim__name": "sgd", "optim__lr": 0.5,
+        **ESTIMATORS[name],
+        "sampling__num_samples": 4,
+        "train__batch_size": 8,
+        "train__grad_accum": 2,
+        "train__max_steps": 2,
+        "optim__name": "sgd",
+        "optim__lr": 0.5,
     }
     for share in (True, False):
         ppo.run(ppo_config(micro_model, data, tmp_path / str(share), data__share_prompt=share, **settings))
@@ -352,7 +445,9 @@ def test_response_layout_shares_only_with_several_samples_and_a_dense_mask(toy, 
     eager = AutoModelForCausalLM.from_pretrained(micro_model, attn_implementation="eager")
     num_samples = config.sampling.num_samples
     assert num_samples > 1 and response_layout(config.data, num_samples, [sdpa], 0).share_prompt
-    assert not response_layout(config.data, num_samples, [sdpa, eager], 0).share_prompt  # every model reading the rollout
+    assert not response_layout(
+        config.data, num_samples, [sdpa, eager], 0
+    ).share_prompt  # every model reading the rollout
     assert not response_layout(config.data, 1, [sdpa], 0).share_prompt
 
 
@@ -364,8 +459,21 @@ def test_critic_starts_from_a_reward_model_run(toy, micro_model, tmp_path) -> No
     reward.run(sft_config(micro_model, toy.prefs, tmp_path / "rm", stage="reward", train__max_steps=2))
     out = tmp_path / "ppo"
     # A critic learning rate of 1e-30 leaves its weights as loaded, so the saved critic shows where it started.
-    ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, algorithm__advantage="gae", critic__path=str(tmp_path / "rm"), critic__lr=1e-30, train__max_steps=1))
-    rm_head, critic_head = (load_file(str(path / "model.safetensors"))["score.weight"] for path in (tmp_path / "rm" / "model", out / "critic"))
+    ppo.run(
+        ppo_config(
+            micro_model,
+            prompts_file(toy, tmp_path / "p.jsonl"),
+            out,
+            algorithm__advantage="gae",
+            critic__path=str(tmp_path / "rm"),
+            critic__lr=1e-30,
+            train__max_steps=1,
+        )
+    )
+    rm_head, critic_head = (
+        load_file(str(path / "model.safetensors"))["score.weight"]
+        for path in (tmp_path / "rm" / "model", out / "critic")
+    )
     assert torch.equal(rm_head, critic_head)
 
 
@@ -374,7 +482,16 @@ def test_held_out_prompts_from_data_eval_are_evaluated(toy, micro_model, tmp_pat
     greedily at each evaluation, and the summary reports the saved model's figures."""
     out = tmp_path / "run"
     held_out = prompts_file(toy, tmp_path / "eval.jsonl", rows=6)
-    summary = ppo.run(ppo_config(micro_model, prompts_file(toy, tmp_path / "p.jsonl"), out, data__eval=str(held_out), sampling__max_prompts=8, train__eval_every=2))
+    summary = ppo.run(
+        ppo_config(
+            micro_model,
+            prompts_file(toy, tmp_path / "p.jsonl"),
+            out,
+            data__eval=str(held_out),
+            sampling__max_prompts=8,
+            train__eval_every=2,
+        )
+    )
     (evaluation,) = [r for r in records(out) if "eval_reward" in r]
     assert evaluation["step"] == 2 and 0.0 <= evaluation["eval_exact_match"] <= 1.0
     assert evaluation["eval_length"] > 0 and summary["final_eval_reward"] == evaluation["eval_reward"]
@@ -394,10 +511,14 @@ def test_data_eval_is_held_out_whole_and_eval_fraction_splits_only_data_train(to
 
     def split(**overrides: Any) -> tuple[list[Any], list[Any]]:
         config = ppo_config(micro_model, data, tmp_path / "run", **overrides)
-        return tokenized_prompts(config.data, tokenizer, config.sampling.max_new_tokens, config.sampling.max_prompts, config.seed)
+        return tokenized_prompts(
+            config.data, tokenizer, config.sampling.max_new_tokens, config.sampling.max_prompts, config.seed
+        )
 
     train, evaluated = split(data__eval=str(held_out), data__eval_fraction=0.5, sampling__max_prompts=8)
-    assert len(train) == 8 and [p.prompt.messages for p in evaluated] == [json.loads(line)["messages"] for line in held_out.read_text().splitlines()]
+    assert len(train) == 8 and [p.prompt.messages for p in evaluated] == [
+        json.loads(line)["messages"] for line in held_out.read_text().splitlines()
+    ]
     train, evaluated = split(data__eval_fraction=0.25)
     texts = [str(p.prompt.messages) for p in train + evaluated]
     assert (len(train), len(evaluated)) == (24, 8) and len(set(texts)) == len(texts) == 32
@@ -409,7 +530,12 @@ def test_data_eval_is_held_out_whole_and_eval_fraction_splits_only_data_train(to
 
 def _unit_config(**overrides: Any) -> Any:
     """A PpoConfig for the recipe functions (paths are never opened): groups of 2, max_new_tokens 4."""
-    options = {"sampling__num_samples": 2, "sampling__max_new_tokens": 4, "algorithm__whiten_advantages": False, **overrides}
+    options = {
+        "sampling__num_samples": 2,
+        "sampling__max_new_tokens": 4,
+        "algorithm__whiten_advantages": False,
+        **overrides,
+    }
     return sft_config(Path("model"), Path("prompts.jsonl"), Path("out"), stage="ppo", **options)
 
 
@@ -435,7 +561,16 @@ PLANTED_VALUES = torch.tensor([[0.5, 1.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
 def _advantages(**overrides: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     config = _unit_config(**overrides)
     values = PLANTED_VALUES if config.algorithm.advantage == "gae" else None
-    return ppo.advantages_for(config.algorithm, config.sampling.num_samples, PLANTED_SCORES, PLANTED_KL, PLANTED_MASK, values, 0.1, _one_process)
+    return ppo.advantages_for(
+        config.algorithm,
+        config.sampling.num_samples,
+        PLANTED_SCORES,
+        PLANTED_KL,
+        PLANTED_MASK,
+        values,
+        0.1,
+        _one_process,
+    )
 
 
 def test_advantage_dispatch_hand_derived() -> None:
@@ -480,7 +615,9 @@ def test_gamma_lambda_whitening_and_kl_mode_change_the_advantages_as_derived() -
     torch.testing.assert_close(advantages, torch.tensor([[0.4, 0.9], [2.8, 0.0], [1.0, 2.0], [0.95, 2.1]]))
     for advantage in ("gae", "reinforce++"):
         plain = _advantages(algorithm__advantage=advantage, algorithm__lam=1.0)[0]
-        whitened = _advantages(algorithm__advantage=advantage, algorithm__lam=1.0, algorithm__whiten_advantages=True)[0]
+        whitened = _advantages(algorithm__advantage=advantage, algorithm__lam=1.0, algorithm__whiten_advantages=True)[
+            0
+        ]
         tokens = np.array(plain[PLANTED_MASK.bool()].tolist(), dtype=np.float64)
         expected = (tokens - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
         np.testing.assert_allclose(whitened[PLANTED_MASK.bool()].numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -501,7 +638,10 @@ def test_reward_normalisation_and_clipping_hand_derived() -> None:
     clipped = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process)
     torch.testing.assert_close(clipped, torch.tensor([-2.0 / std, -1.0 / std, 0.0, 1.0]))
     config = _unit_config(algorithm__reward_clip=2.5)
-    torch.testing.assert_close(ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process), torch.tensor([1.0, 2.0, 2.5, 2.5]))
+    torch.testing.assert_close(
+        ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process),
+        torch.tensor([1.0, 2.0, 2.5, 2.5]),
+    )
     assert torch.equal(ppo.optimised_scores(raw, _unit_config().algorithm, ppo.RunningMoments(), _one_process), raw)
 
 
@@ -520,7 +660,9 @@ def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
         assert moments.count == len(seen)
         assert moments.mean == pytest.approx(everything.mean(), rel=1e-6, abs=1e-7)
         assert moments.std == pytest.approx(everything.std(ddof=1) if len(seen) > 1 else 0.0, rel=1e-6, abs=1e-7)
-        torch.testing.assert_close(scores, ((batch.double() - everything.mean()) / everything.std(ddof=1)).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            scores, ((batch.double() - everything.mean()) / everything.std(ddof=1)).float(), rtol=1e-5, atol=1e-6
+        )
         moments = ppo.RunningMoments(json.loads(json.dumps(moments.state_dict())))
 
 
@@ -529,7 +671,9 @@ def test_kl_horizon_and_target_steer_the_coefficient_as_derived() -> None:
     β = 0.05·(1 + 0.2·10/horizon): 0.051 with kl_horizon 100, 0.0501 with 1000. Without kl_target β stays 0.05;
     a resumed state's β is continued."""
     for horizon, expected in ((100, 0.051), (1000, 0.0501)):
-        controller = ppo.kl_controller_for(_unit_config(algorithm__kl_target=1.0, algorithm__kl_horizon=horizon).algorithm, {})
+        controller = ppo.kl_controller_for(
+            _unit_config(algorithm__kl_target=1.0, algorithm__kl_horizon=horizon).algorithm, {}
+        )
         controller.update(2.0, 10)
         assert controller.value == pytest.approx(expected, rel=1e-12)
     fixed = ppo.kl_controller_for(_unit_config().algorithm, {})
@@ -546,7 +690,9 @@ class PlantedPolicyAndCritic(torch.nn.Module):
         super().__init__()
         self.planted_values = values
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, position_ids: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, position_ids: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(int((targets != IGNORE_INDEX).sum()), 2), self.planted_values
 
 
@@ -560,13 +706,25 @@ def _micro_loss(**overrides: Any) -> float:
     logp = -math.log(2.0)
     old_logps = torch.tensor([[logp - math.log(1.5), logp - math.log(0.5)], [logp - math.log(3.0), 0.0]])
     rollout = ppo.Rollout(
-        rows, [None, None], ["", ""], torch.tensor([True, True]), mask, old_logps, torch.full((2, 2), 2 * logp) * mask,
-        torch.zeros(2, 2), torch.zeros(2), torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), torch.tensor([[2.0, 1.0], [0.0, 0.0]]), {},
+        rows,
+        [None, None],
+        ["", ""],
+        torch.tensor([True, True]),
+        mask,
+        old_logps,
+        torch.full((2, 2), 2 * logp) * mask,
+        torch.zeros(2, 2),
+        torch.zeros(2),
+        torch.tensor([[1.0, -1.0], [-1.0, 0.0]]),
+        torch.tensor([[2.0, 1.0], [0.0, 0.0]]),
+        {},
     )
     normaliser = ppo._normaliser(rollout.mask[[0, 1]], config.algorithm.loss_aggregation, 1, _one_process)
     kl_coef = ppo.kl_controller_for(config.algorithm, {}).value
     module = PlantedPolicyAndCritic(torch.tensor([1.0, 0.0, 2.0]))
-    loss, _ = ppo.ppo_micro_loss(module, rollout, [0, 1], normaliser, kl_coef, config.algorithm, config.sampling, _unit_batches())
+    loss, _ = ppo.ppo_micro_loss(
+        module, rollout, [0, 1], normaliser, kl_coef, config.algorithm, config.sampling, _unit_batches()
+    )
     return float(loss)
 
 
@@ -582,7 +740,10 @@ OPTION_LOSSES = {
     "vf_coef": ({"algorithm__vf_coef": 2.0}, (2.6 + 2.0 * 4.12) / 3),
     "entropy_coef": ({"algorithm__entropy_coef": 0.1}, (2.6 + 0.5 * 4.12 - 3 * 0.1 * LN2) / 3),
     # k3 of log π_ref − log π = −ln 2: e^(−ln 2) + ln 2 − 1 = ln 2 − 1/2 per token.
-    "kl_in_loss": ({"algorithm__kl_mode": "loss", "algorithm__kl_coef": 0.5}, (2.6 + 0.5 * 4.12 + 3 * 0.5 * (LN2 - 0.5)) / 3),
+    "kl_in_loss": (
+        {"algorithm__kl_mode": "loss", "algorithm__kl_coef": 0.5},
+        (2.6 + 0.5 * 4.12 + 3 * 0.5 * (LN2 - 0.5)) / 3,
+    ),
     "kl_in_reward": ({"algorithm__kl_mode": "reward", "algorithm__kl_coef": 0.5}, (2.6 + 0.5 * 4.12) / 3),
     # Per-token totals [−0.39, 1.05 | 4.0]: response means 0.33 and 4.0 over 2 responses; sums 0.66 and 4.0 over
     # 2 responses x max_new_tokens 4.
@@ -605,8 +766,13 @@ def test_ptx_moves_the_weights_in_proportion_to_its_coefficient(toy, micro_model
     the second is twice the first."""
     data = prompts_file(toy, tmp_path / "p.jsonl")
     common = {
-        "algorithm__advantage": "grpo", "train__max_steps": 1, "optim__name": "sgd", "optim__lr": 0.5,
-        "optim__momentum": 0.0, "optim__max_grad_norm": None, "algorithm__ptx_data": str(toy.sft),
+        "algorithm__advantage": "grpo",
+        "train__max_steps": 1,
+        "optim__name": "sgd",
+        "optim__lr": 0.5,
+        "optim__momentum": 0.0,
+        "optim__max_grad_norm": None,
+        "algorithm__ptx_data": str(toy.sft),
     }
     after = {}
     for coef in (0.0, 0.25, 0.5):

@@ -143,7 +143,9 @@ def test_simpo_takes_its_papers_beta_when_beta_is_unset() -> None:
     from posttrain.config import DpoBlock, build_config
     from posttrain.recipes.dpo import pair_losses
 
-    config = build_config({"stage": "dpo", "model": {"path": "m"}, "data": {"train": "d.jsonl"}, "dpo": {"loss": "simpo"}})
+    config = build_config(
+        {"stage": "dpo", "model": {"path": "m"}, "data": {"train": "d.jsonl"}, "dpo": {"loss": "simpo"}}
+    )
     assert config.dpo.beta == 2.0 and config.dpo.simpo_gamma_beta_ratio * config.dpo.beta == 1.0
     assert DpoBlock(loss="simpo", beta=0.5).beta == 0.5
     assert DpoBlock().beta == DpoBlock(loss="orpo").beta == 0.1
@@ -299,8 +301,13 @@ def trl() -> ModuleType:
     module = pytest.importorskip("trl")
     with warnings.catch_warnings():  # trl.experimental warns on import that its APIs are unstable
         warnings.simplefilter("ignore")
-        for name in ("trainer.dpo_trainer", "trainer.kto_trainer", "trainer.reward_trainer",
-                     "experimental.cpo.cpo_trainer", "experimental.orpo.orpo_trainer"):
+        for name in (
+            "trainer.dpo_trainer",
+            "trainer.kto_trainer",
+            "trainer.reward_trainer",
+            "experimental.cpo.cpo_trainer",
+            "experimental.orpo.orpo_trainer",
+        ):
             importlib.import_module(f"trl.{name}")
     return module
 
@@ -331,8 +338,13 @@ def _trainer_namespace(model: Any, **attributes: Any) -> SimpleNamespace:
     """The attributes every TRL ``_compute_loss`` reads besides its loss settings."""
     metrics: defaultdict[str, defaultdict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     return SimpleNamespace(
-        model=model, accelerator=_ACCELERATOR, aux_loss_enabled=False, _metrics=metrics, _total_train_tokens=0,
-        _tp_size=1, **attributes,
+        model=model,
+        accelerator=_ACCELERATOR,
+        aux_loss_enabled=False,
+        _metrics=metrics,
+        _total_train_tokens=0,
+        _tp_size=1,
+        **attributes,
     )
 
 
@@ -345,18 +357,37 @@ def _completion_batch(rows: int, length: int, vocab: int, generator: torch.Gener
     completion_mask = ((positions >= prompt_lengths) & (positions < ends)).long()
     attention_mask = (positions < ends).long()
     labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "labels": labels,
+    }
 
 
-def _trl_dpo(trl: ModuleType, loss_type: str, beta: float, label_smoothing: float, logits: torch.Tensor,
-             batch: dict[str, torch.Tensor], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, list[float]]]:
+def _trl_dpo(
+    trl: ModuleType,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """TRL's ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py) on precomputed reference log-probs."""
     model = _FixedLogitsModel(logits)
     trainer = _trainer_namespace(
-        model, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-        loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(),
+        model,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        args=SimpleNamespace(),
     )
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")}
     inputs |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
@@ -377,8 +408,15 @@ def _dpo_case(seed: int, pairs: int = 6) -> tuple[torch.Tensor, dict[str, torch.
 
 @pytest.mark.parametrize(
     ("loss_type", "beta", "label_smoothing"),
-    [("sigmoid", 0.1, 0.0), ("sigmoid", 1.0, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.1, 0.0), ("ipo", 2.0, 0.0),
-     ("robust", 0.5, 0.0), ("robust", 0.5, 0.2)],
+    [
+        ("sigmoid", 0.1, 0.0),
+        ("sigmoid", 1.0, 0.0),
+        ("hinge", 0.5, 0.0),
+        ("ipo", 0.1, 0.0),
+        ("ipo", 2.0, 0.0),
+        ("robust", 0.5, 0.0),
+        ("robust", 0.5, 0.2),
+    ],
 )
 def test_dpo_family_matches_trl(trl: ModuleType, loss_type: str, beta: float, label_smoothing: float) -> None:
     """Loss, its gradient with respect to the logits, and the logged rewards match TRL's ``loss_type``."""
@@ -394,7 +432,9 @@ def test_dpo_family_matches_trl(trl: ModuleType, loss_type: str, beta: float, la
     if average:  # TRL divides the summed log-ratio by the completion's token count
         ref = ref / batch["completion_mask"].sum(dim=1)
     options = {"label_smoothing": label_smoothing} if loss_type == "robust" else {}
-    losses, chosen_rewards, rejected_rewards = DPO_LOSSES[loss_type].fn(*policy.chunk(2), *ref.chunk(2), beta, **options)
+    losses, chosen_rewards, rejected_rewards = DPO_LOSSES[loss_type].fn(
+        *policy.chunk(2), *ref.chunk(2), beta, **options
+    )
     losses.mean().backward()
 
     assert_close(losses.mean(), trl_loss.detach(), **PARITY)
@@ -437,7 +477,12 @@ def test_kto_matches_trl(trl: ModuleType, kl_sign: float) -> None:
 
     model = _FixedLogitsModel(logits.clone().requires_grad_())
     trainer = _trainer_namespace(
-        model, calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=1.0,
+        model,
+        calculate_KL=True,
+        precompute_ref_logps=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=1.0,
         undesirable_weight=1.5,
     )
     trainer._compute_kl_logps = lambda m, b: trl.trainer.kto_trainer.KTOTrainer._compute_kl_logps(trainer, m, b)
@@ -470,8 +515,10 @@ def test_pairwise_reward_loss_matches_trl(trl: ModuleType, with_margin: bool) ->
     margin = torch.rand(16, generator=generator) if with_margin else None
     reward_head = _RewardOutputs(torch.cat([chosen, rejected]).unsqueeze(-1))
     trainer = _trainer_namespace(reward_head, args=SimpleNamespace(center_rewards_coefficient=None))
-    inputs: dict[str, torch.Tensor] = {"input_ids": torch.zeros(32, 4, dtype=torch.long),
-                                       "attention_mask": torch.ones(32, 4, dtype=torch.long)}
+    inputs: dict[str, torch.Tensor] = {
+        "input_ids": torch.zeros(32, 4, dtype=torch.long),
+        "attention_mask": torch.ones(32, 4, dtype=torch.long),
+    }
     if margin is not None:
         inputs["margin"] = margin
     trl_loss = trl.trainer.reward_trainer.RewardTrainer.compute_loss(trainer, reward_head, inputs)
@@ -513,8 +560,14 @@ def test_simpo_matches_trl_cpo(trl: ModuleType) -> None:
     generator = torch.Generator().manual_seed(13)
     chosen_avg, rejected_avg = -torch.rand(12, generator=generator) * 3, -torch.rand(12, generator=generator) * 3
     beta, gamma_beta_ratio = 2.5, 0.55
-    trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma_beta_ratio * beta, loss_type="simpo",
-                              label_smoothing=0.0, accelerator=_ACCELERATOR)
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        beta=beta,
+        simpo_gamma=gamma_beta_ratio * beta,
+        loss_type="simpo",
+        label_smoothing=0.0,
+        accelerator=_ACCELERATOR,
+    )
     expected = trl.experimental.cpo.cpo_trainer.CPOTrainer.cpo_loss(trainer, chosen_avg, rejected_avg)
     ours = simpo_loss(chosen_avg, rejected_avg, beta, gamma_beta_ratio)
     for our_tensor, trl_tensor in zip(ours, expected, strict=True):

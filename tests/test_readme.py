@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 NOT_RUN = ("make demo", "make test")
 
@@ -43,7 +42,9 @@ def test_every_benchmark_command_in_the_readme_parses() -> None:
     benchmarks = [c for c in readme_commands() if c.startswith("python benchmarks/")]
     assert benchmarks, "the README names its benchmark commands"
     for script in sorted({shlex.split(c)[1] for c in benchmarks}):
-        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-2000:])
 
 
@@ -57,7 +58,7 @@ def test_every_posttrain_command_in_the_readme_runs(tmp_path: Path, quick_demo: 
     shutil.copytree(quick_demo["out"], demo)
     for command in commands:
         concrete = command.replace("/tmp/", f"{tmp_path}/").replace("runs/demo", str(demo))
-        concrete = str(posttrain) + concrete[len("posttrain"):]
+        concrete = str(posttrain) + concrete[len("posttrain") :]
         result = subprocess.run(concrete, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         for written in re.findall(r"(?:output_dir=|--out )(\S+)", concrete):

@@ -41,7 +41,9 @@ def _choices(block: Any, field: str) -> tuple[Any, ...]:
         (DataConfig, "format", formats.FORMATS, ("auto",)),
     ],
 )
-def test_config_choices_are_the_registry_keys(block: Any, field: str, registry: dict[str, Any], extra: tuple[str, ...]) -> None:
+def test_config_choices_are_the_registry_keys(
+    block: Any, field: str, registry: dict[str, Any], extra: tuple[str, ...]
+) -> None:
     """The field's Literal lists exactly the registry's names, in the registry's order (detection order for formats)."""
     assert _choices(block, field) == (*extra, *registry)
     default = block.model_fields[field].default
@@ -96,7 +98,9 @@ def test_each_advantage_entry_drives_the_config(name: str) -> None:
     else:
         _config("ppo", algorithm=algorithm, sampling={"num_samples": 1})
     prompt_tuning = {
-        "algorithm": algorithm, "sampling": {"num_samples": 2}, "peft": {"method": "prompt_tuning"},
+        "algorithm": algorithm,
+        "sampling": {"num_samples": 2},
+        "peft": {"method": "prompt_tuning"},
         "data": {"train": "d.jsonl", "packing": False},
     }
     if entry.needs_critic:

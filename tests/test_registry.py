@@ -18,7 +18,9 @@ from posttrain.data.registry import DatasetSpec, load_registry, read_dataset, re
 
 PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", Path(__file__).resolve().parents[2] / "shared" / "peer-data"))
 LF_DATA = PEER_DATA / "llama-factory" / "data"
-needs_peer_data = pytest.mark.skipif(not (LF_DATA / "dataset_info.json").is_file(), reason=f"no {LF_DATA}/dataset_info.json")
+needs_peer_data = pytest.mark.skipif(
+    not (LF_DATA / "dataset_info.json").is_file(), reason=f"no {LF_DATA}/dataset_info.json"
+)
 
 # The registry's local datasets and the record type each must give.
 EXPECTED_KIND = {
@@ -71,10 +73,16 @@ def test_peer_registry_dataset_loads(name: str) -> None:
 
 
 def check_alpaca(first: Conversation, row: dict[str, Any], records: list[Any], rows: list[Any]) -> None:
-    assert first.messages == [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+    assert first.messages == [
+        {"role": "user", "content": row["instruction"]},
+        {"role": "assistant", "content": row["output"]},
+    ]
     # Every row: LLaMA-Factory's user turn is instruction and input joined by a newline, empty parts left out.
     expected = [
-        [{"role": "user", "content": "\n".join(p for p in (r["instruction"], r["input"]) if p)}, {"role": "assistant", "content": r["output"]}]
+        [
+            {"role": "user", "content": "\n".join(p for p in (r["instruction"], r["input"]) if p)},
+            {"role": "assistant", "content": r["output"]},
+        ]
         for r in rows
     ]
     assert [r.messages for r in records] == expected
@@ -87,7 +95,9 @@ def check_glaive(first: Conversation, row: dict[str, Any], records: list[Any], r
     for message, turn in zip(first.messages, row["conversations"]):
         if turn["from"] == "function_call":
             call = json.loads(turn["value"])
-            assert message["content"] == "" and message["tool_calls"] == [{"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}]
+            assert message["content"] == "" and message["tool_calls"] == [
+                {"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+            ]
         else:
             assert message["content"] == turn["value"]
     with_tools = sum(1 for r in records if any(m["role"] == "tool" for m in r.messages))
@@ -138,7 +148,8 @@ def test_peer_v1_files() -> None:
     rows = file_rows(LF_DATA / "v1_sft_demo.jsonl")
     assert (sft.format, sft.kind, len(sft.records)) == ("openai", "conversation", len(rows))
     assert sft.records[0].messages == [
-        {"role": m["role"], "content": m["content"][0]["value"], "train": m["loss_weight"] > 0} for m in rows[0]["messages"]
+        {"role": m["role"], "content": m["content"][0]["value"], "train": m["loss_weight"] > 0}
+        for m in rows[0]["messages"]
     ]
 
     dpo = read_records(LF_DATA / "v1_dpo_demo.jsonl")
@@ -153,8 +164,17 @@ def test_peer_v1_files() -> None:
     rows = file_rows(LF_DATA / "reason_tool_use_demo_50.jsonl")
     assert (tools.kind, len(tools.records)) == ("conversation", len(rows))
     assert tools.records[0].tools == rows[0]["tools"]
-    calls = [(m, r) for record, row in zip(tools.records, rows) for m, r in zip(record.messages, row["messages"]) if "tool_calls" in m]
-    assert len(calls) == sum(1 for row in rows for m in row["messages"] if any(p["type"] == "tool_call" for p in m["content"])) > 0
+    calls = [
+        (m, r)
+        for record, row in zip(tools.records, rows)
+        for m, r in zip(record.messages, row["messages"])
+        if "tool_calls" in m
+    ]
+    assert (
+        len(calls)
+        == sum(1 for row in rows for m in row["messages"] if any(p["type"] == "tool_call" for p in m["content"]))
+        > 0
+    )
     message, raw = calls[0]
     raw_calls = [json.loads(p["value"]) for p in raw["content"] if p["type"] == "tool_call"]
     assert [c["function"]["name"] for c in message["tool_calls"]] == [c["name"] for c in raw_calls]
@@ -162,20 +182,31 @@ def test_peer_v1_files() -> None:
     assert any(m["role"] == "tool" for record in tools.records for m in record.messages)
 
     # Explicit exception: the multimodal v1 file holds image parts.
-    with pytest.raises(DataError, match=r"v1_multimodal_demo.jsonl:1: field 'messages\[0\].content\[0\].type': content part type 'image_url' is not supported"):
+    with pytest.raises(
+        DataError,
+        match=r"v1_multimodal_demo.jsonl:1: field 'messages\[0\].content\[0\].type': content part type 'image_url' is not supported",
+    ):
         read_records(LF_DATA / "v1_multimodal_demo.jsonl")
 
 
 @needs_peer_data
 def test_unknown_name_lists_close_names() -> None:
-    with pytest.raises(DataError, match=r"dataset_info.json: field 'dataset': unknown dataset 'alpaca_en_dmo'; close names: alpaca_en_demo, alpaca_en"):
+    with pytest.raises(
+        DataError,
+        match=r"dataset_info.json: field 'dataset': unknown dataset 'alpaca_en_dmo'; close names: alpaca_en_demo, alpaca_en",
+    ):
         resolve_dataset("alpaca_en_dmo", search_dirs=[LF_DATA])
 
 
 @needs_peer_data
 def test_peer_hub_only_entry_needs_network() -> None:
     spec = resolve_dataset("ultrachat_200k", registry=LF_DATA)
-    assert (spec.hf_hub_url, spec.split, spec.format, spec.paths) == ("HuggingFaceH4/ultrachat_200k", "train_sft", "sharegpt", ())
+    assert (spec.hf_hub_url, spec.split, spec.format, spec.paths) == (
+        "HuggingFaceH4/ultrachat_200k",
+        "train_sft",
+        "sharegpt",
+        (),
+    )
     with pytest.raises(DataError, match=r"ultrachat_200k: needs network: hf_hub_url=HuggingFaceH4/ultrachat_200k"):
         read_dataset(spec, offline=True)
 
@@ -195,7 +226,18 @@ def make_registry(folder: Path, entries: dict[str, Any], files: dict[str, Any]) 
 def test_alpaca_columns_and_history(tmp_path: Path) -> None:
     make_registry(
         tmp_path,
-        {"qa": {"file_name": "qa.json", "columns": {"prompt": "question", "query": "context", "response": "answer", "system": "sys", "history": "past"}}},
+        {
+            "qa": {
+                "file_name": "qa.json",
+                "columns": {
+                    "prompt": "question",
+                    "query": "context",
+                    "response": "answer",
+                    "system": "sys",
+                    "history": "past",
+                },
+            }
+        },
         {"qa.json": [{"question": "Q", "context": "C", "answer": "A", "sys": "S", "past": [["u", "a"]], "id": 1}]},
     )
     result = read_dataset(resolve_dataset("qa", registry=tmp_path))
@@ -217,15 +259,34 @@ def test_sharegpt_tags_ranking_kto_and_pretraining(tmp_path: Path) -> None:
     make_registry(
         tmp_path,
         {
-            "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "msgs"}, "tags": tags},
-            "rank": {"file_name": "rank.json", "ranking": True, "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}},
-            "kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "ok"}, "tags": tags},
+            "chat": {
+                "file_name": "chat.jsonl",
+                "formatting": "sharegpt",
+                "columns": {"messages": "msgs"},
+                "tags": tags,
+            },
+            "rank": {
+                "file_name": "rank.json",
+                "ranking": True,
+                "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            },
+            "kto": {
+                "file_name": "kto.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages", "kto_tag": "ok"},
+                "tags": tags,
+            },
             "pt": {"file_name": "pt.jsonl", "columns": {"prompt": "body"}},
         },
         {
-            "chat.jsonl": json.dumps({"msgs": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n",
+            "chat.jsonl": json.dumps(
+                {"msgs": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+            )
+            + "\n",
             "rank.json": [{"q": "Q", "good": "g", "bad": "b"}],
-            "kto.json": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "ok": False}],
+            "kto.json": [
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "ok": False}
+            ],
             "pt.jsonl": json.dumps({"body": "doc one"}) + "\n" + json.dumps({"body": "doc two"}) + "\n",
         },
     )
@@ -233,10 +294,17 @@ def test_sharegpt_tags_ranking_kto_and_pretraining(tmp_path: Path) -> None:
     assert chat.records[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     rank = read_dataset(resolve_dataset("rank", registry=tmp_path))
     assert (rank.kind, rank.records[0].prompt, rank.records[0].chosen, rank.records[0].rejected) == (
-        "preference", [{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "g"}], [{"role": "assistant", "content": "b"}],
+        "preference",
+        [{"role": "user", "content": "Q"}],
+        [{"role": "assistant", "content": "g"}],
+        [{"role": "assistant", "content": "b"}],
     )
     kto = read_dataset(resolve_dataset("kto", registry=tmp_path))
-    assert (kto.kind, kto.records[0].label, kto.records[0].completion) == ("unpaired", False, [{"role": "assistant", "content": "yo"}])
+    assert (kto.kind, kto.records[0].label, kto.records[0].completion) == (
+        "unpaired",
+        False,
+        [{"role": "assistant", "content": "yo"}],
+    )
     pt = read_dataset(resolve_dataset("pt", registry=tmp_path))
     assert (pt.format, pt.kind, [r.text for r in pt.records]) == ("text", "text", ["doc one", "doc two"])
     # The caller's kind wins over the registry's: the SFT data read as RL prompts.
@@ -248,7 +316,10 @@ def test_folder_num_samples_and_search_dirs(tmp_path: Path) -> None:
     make_registry(
         tmp_path / "data",
         {"many": {"file_name": "parts", "num_samples": 3}},
-        {"parts/a.jsonl": "\n".join(json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(2)), "parts/b.json": [{"instruction": "q2", "output": "a"}, {"instruction": "q3", "output": "a"}]},
+        {
+            "parts/a.jsonl": "\n".join(json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(2)),
+            "parts/b.json": [{"instruction": "q2", "output": "a"}, {"instruction": "q3", "output": "a"}],
+        },
     )
     spec = resolve_dataset("many", search_dirs=[tmp_path, tmp_path / "data"])
     assert spec.paths == (tmp_path / "data" / "parts" / "a.jsonl", tmp_path / "data" / "parts" / "b.json")
@@ -295,7 +366,7 @@ def test_registry_errors(tmp_path: Path) -> None:
         resolve_dataset("hubb", registry=tmp_path)
     with pytest.raises(DataError, match=r"^nothing: not a file, and no dataset_info.json to look the name up in"):
         resolve_dataset("nothing", search_dirs=[tmp_path / "elsewhere"])
-    (tmp_path / "broken" ).mkdir()
+    (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "dataset_info.json").write_text('{"a": ', encoding="utf-8")
     with pytest.raises(DataError, match=r"dataset_info.json:1: not valid JSON"):
         resolve_dataset("a", registry=tmp_path / "broken")
@@ -324,10 +395,14 @@ def test_peer_registry_dataset_tokenises(name: str) -> None:
         return
     records = result.records
     if EXPECTED_KIND[name] is Preference:
-        records = [Conversation(r.prompt + answer, meta=r.meta) for r in result.records for answer in (r.chosen, r.rejected)]
+        records = [
+            Conversation(r.prompt + answer, meta=r.meta) for r in result.records for answer in (r.chosen, r.rejected)
+        ]
     elif EXPECTED_KIND[name] is Unpaired:
         records = [Conversation(r.prompt + r.completion, meta=r.meta) for r in result.records]
-    sequences = tokenize_records(ReadResult(records, result.format, "conversation", [], len(records), result.source), tokenizer, config)
+    sequences = tokenize_records(
+        ReadResult(records, result.format, "conversation", [], len(records), result.source), tokenizer, config
+    )
     assert len(sequences) == len(records)
     for record, sequence in zip(records, sequences):
         assistant_turns = sum(m["role"] == "assistant" for m in record.messages)
@@ -343,10 +418,15 @@ def test_sft_trains_from_a_registry_name(toy, micro_model, tmp_path) -> None:
     from posttrain.recipes import sft
 
     config = sft_config(
-        micro_model, "alpaca_en_demo", tmp_path / "run", data__registry=str(LF_DATA), data__max_length=512,
-        data__max_truncated_share=1.0, train__max_steps=2,
+        micro_model,
+        "alpaca_en_demo",
+        tmp_path / "run",
+        data__registry=str(LF_DATA),
+        data__max_length=512,
+        data__max_truncated_share=1.0,
+        train__max_steps=2,
     )
     summary = sft.run(config)
     assert summary["train_sequences"] == 999 and summary["steps"] == 2
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import generate_responses, sft_config
+
 from posttrain.config import RewardSource
 from posttrain.data.errors import DataError
 from posttrain.recipes import rejection_sampling as rs
@@ -32,8 +32,12 @@ def prompts_file(toy: Any, path: Path, rows: int) -> Path:
 
 def rs_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
     defaults = {
-        "stage": "rejection_sampling", "sampling__num_samples": 4, "sampling__max_new_tokens": 8,
-        "sampling__batch_size": 16, "rejection__train_after": False, "reward__function": LENGTH_REWARD,
+        "stage": "rejection_sampling",
+        "sampling__num_samples": 4,
+        "sampling__max_new_tokens": 8,
+        "sampling__batch_size": 16,
+        "rejection__train_after": False,
+        "reward__function": LENGTH_REWARD,
         # The micro model is untrained and rarely ends a reply within 8 tokens; selection itself is tested here.
         "rejection__require_finished": False,
     }
@@ -64,15 +68,30 @@ def test_select_best_hand_computed() -> None:
 
 def test_summary_best_of_n_at_least_mean_of_n() -> None:
     rows = [
-        {"samples": [{"text": "a", "reward": 0.1, "finished": True, "num_tokens": 2}, {"text": "b", "reward": 0.7, "finished": False, "num_tokens": 4}]},
-        {"samples": [{"text": "c", "reward": 0.5, "finished": True, "num_tokens": 3}, {"text": "c", "reward": 0.5, "finished": True, "num_tokens": 3}]},
+        {
+            "samples": [
+                {"text": "a", "reward": 0.1, "finished": True, "num_tokens": 2},
+                {"text": "b", "reward": 0.7, "finished": False, "num_tokens": 4},
+            ]
+        },
+        {
+            "samples": [
+                {"text": "c", "reward": 0.5, "finished": True, "num_tokens": 3},
+                {"text": "c", "reward": 0.5, "finished": True, "num_tokens": 3},
+            ]
+        },
     ]
     summary = rs.summarize(rows, [1, None])
     # mean-of-n (0.1 + 0.7 + 0.5 + 0.5) / 4 = 0.45; best-of-n (0.7 + 0.5) / 2 = 0.6; one prompt kept, its 0.7.
     assert summary["mean_of_n_reward"] == pytest.approx(0.45)
-    assert summary["best_of_n_reward"] == pytest.approx(0.6) and summary["best_of_n_reward"] >= summary["mean_of_n_reward"]
+    assert (
+        summary["best_of_n_reward"] == pytest.approx(0.6)
+        and summary["best_of_n_reward"] >= summary["mean_of_n_reward"]
+    )
     assert summary["kept"] == 1 and summary["kept_share"] == 0.5 and summary["kept_mean_reward"] == pytest.approx(0.7)
-    assert summary["mean_tokens"] == 3.0 and summary["finished_share"] == 0.75 and summary["kept_finished_share"] == 0.0
+    assert (
+        summary["mean_tokens"] == 3.0 and summary["finished_share"] == 0.75 and summary["kept_finished_share"] == 0.0
+    )
     assert summary["distinct_per_prompt"] == 1.5
 
 
@@ -103,7 +122,10 @@ def test_require_finished_never_keeps_a_cut_off_response(toy, micro_model, tmp_p
     config = rs_config(micro_model, data, tmp_path / "o", sampling__temperature=1.0, rejection__require_finished=True)
     summary = rs.run(config)
     samples = read_jsonl(tmp_path / "o" / "samples.jsonl")
-    selected = {json.dumps(r["messages"][:-1]): r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "o" / "selected.jsonl")}
+    selected = {
+        json.dumps(r["messages"][:-1]): r["messages"][-1]["content"]
+        for r in read_jsonl(tmp_path / "o" / "selected.jsonl")
+    }
     unfinished_prompts = 0
     for row in samples:
         finished = [s for s in row["samples"] if s["finished"] and s["text"].strip()]
@@ -138,7 +160,9 @@ def test_reward_model_picks_its_highest_scoring_sample(toy, micro_model, tmp_pat
     data = prompts_file(toy, tmp_path / "p.jsonl", 4)
     rs.run(rs_config(micro_model, data, tmp_path / "o", sampling__temperature=1.0, reward={"model": str(reward_dir)}))
     scorer = RewardScorer(reward_dir, device="cpu")
-    for row, chosen in zip(read_jsonl(tmp_path / "o" / "samples.jsonl"), read_jsonl(tmp_path / "o" / "selected.jsonl")):
+    for row, chosen in zip(
+        read_jsonl(tmp_path / "o" / "samples.jsonl"), read_jsonl(tmp_path / "o" / "selected.jsonl")
+    ):
         conversations = [[*row["messages"], {"role": "assistant", "content": s["text"]}] for s in row["samples"]]
         scores = scorer.score(conversations)
         assert [s["reward"] for s in row["samples"]] == pytest.approx(scores, abs=1e-4)
@@ -149,7 +173,9 @@ def test_reward_model_picks_its_highest_scoring_sample(toy, micro_model, tmp_pat
 
 def test_model_and_function_rewards_sum_with_weights(micro_model, tmp_path) -> None:
     reward_dir = tiny_reward_model(micro_model, tmp_path / "rm")
-    reward = build_reward(RewardSource(model=str(reward_dir), function=LENGTH_REWARD, model_weight=2.0, function_weight=0.5))
+    reward = build_reward(
+        RewardSource(model=str(reward_dir), function=LENGTH_REWARD, model_weight=2.0, function_weight=0.5)
+    )
     prompts = [[{"role": "user", "content": "Repeat: cat"}]] * 2
     parts = reward.breakdown(prompts, ["cat", "dog dog"], [None, None])
     assert parts["function"] == [3.0, 7.0]
@@ -164,7 +190,15 @@ def test_train_after_writes_the_model_and_a_rerun_reuses_the_samples(toy, micro_
     from transformers import AutoModelForCausalLM
 
     data = prompts_file(toy, tmp_path / "p.jsonl", 12)
-    config = rs_config(micro_model, data, tmp_path / "o", rejection__train_after=True, train__max_steps=2, train__batch_size=2, sampling__temperature=1.0)
+    config = rs_config(
+        micro_model,
+        data,
+        tmp_path / "o",
+        rejection__train_after=True,
+        train__max_steps=2,
+        train__batch_size=2,
+        sampling__temperature=1.0,
+    )
     summary = rs.run(config)
     run = tmp_path / "o"
     assert summary["sft"]["steps"] == 2
@@ -219,12 +253,19 @@ def test_builtin_and_imported_reward_functions() -> None:
 def test_rows_without_reference_and_bad_rows_fail_with_file_and_line(micro_model, tmp_path) -> None:
     data = tmp_path / "p.jsonl"
     data.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "Repeat: cat"}], "reference": "cat"}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Repeat: dog"}]}) + "\n"
+        json.dumps({"messages": [{"role": "user", "content": "Repeat: cat"}], "reference": "cat"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Repeat: dog"}]})
+        + "\n"
     )
     with pytest.raises(DataError, match=rf"{re.escape(str(data))}:2: field 'reference'.*exact_match"):
         rs.run(rs_config(micro_model, data, tmp_path / "o", reward__function="exact_match"))
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "x"}]})
+        + "\n"
+    )
     with pytest.raises(DataError, match=rf"{re.escape(str(data))}:2: .*role"):
         rs.run(rs_config(micro_model, data, tmp_path / "o"))
     assert not (tmp_path / "o" / "samples.jsonl").exists()
@@ -243,17 +284,23 @@ def test_temperature_zero_repeats_and_top_k_one_is_greedy(micro_model) -> None:
     tokenizer = AutoTokenizer.from_pretrained(micro_model)
     prompts = [[{"role": "user", "content": "Repeat: cat dog"}], [{"role": "user", "content": "Add 2 and 3."}]]
     eos = tokenizer.eos_token_id
-    greedy = sample_responses(model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=0.0)
+    greedy = sample_responses(
+        model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=0.0
+    )
     for group in greedy:
         assert len({tuple(r.token_ids) for r in group}) == 1
         for r in group:
             assert r.finished == (eos in r.token_ids) and r.num_tokens <= 12
             assert not r.finished or r.token_ids.index(eos) == r.num_tokens - 1  # cut right after the stop token
     torch.manual_seed(0)
-    top1 = sample_responses(model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=1.0, top_k=1)
+    top1 = sample_responses(
+        model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=1.0, top_k=1
+    )
     assert [[r.token_ids for r in g] for g in top1] == [[r.token_ids for r in g] for g in greedy]
     torch.manual_seed(0)
-    sampled = sample_responses(model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=1.0)
+    sampled = sample_responses(
+        model, tokenizer, prompts, num_samples=3, max_new_tokens=12, batch_size=4, temperature=1.0
+    )
     assert any(len({tuple(r.token_ids) for r in group}) > 1 for group in sampled)
     assert generate_responses(model, tokenizer, prompts, max_new_tokens=12) == [g[0].text for g in greedy]
 
@@ -270,5 +317,7 @@ def test_stop_tokens_mark_finished_responses(micro_model) -> None:
     assert not first.finished and first.num_tokens == 6
     # Make a token of the greedy path a stop token: the reply ends right after it and counts as finished.
     cut = next((k for k in range(1, 6) if first.token_ids[k] not in first.token_ids[:k]), 0)
-    stopped = sample_responses(model, tokenizer, prompts, max_new_tokens=6, stop_token_ids=[first.token_ids[cut]])[0][0]
+    stopped = sample_responses(model, tokenizer, prompts, max_new_tokens=6, stop_token_ids=[first.token_ids[cut]])[0][
+        0
+    ]
     assert stopped.finished and stopped.token_ids == first.token_ids[: cut + 1]

@@ -29,9 +29,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import REPO, assert_weights_close, sft_config, train_in_subprocess
+from safetensors.torch import load_file
 
 SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
 MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3
@@ -55,7 +54,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return {f"{f.parent.name}/{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
 
 
-def assert_kill_and_resume_equal_uninterrupted(make_config: Callable[[Path], Any], tmp_path: Path) -> list[dict[str, Any]]:
+def assert_kill_and_resume_equal_uninterrupted(
+    make_config: Callable[[Path], Any], tmp_path: Path
+) -> list[dict[str, Any]]:
     """The whole check, for a recipe whose config ``make_config(output_dir)`` builds; returns the uninterrupted
     run's metric records."""
     whole = train_in_subprocess(make_config(tmp_path / "whole"))
@@ -108,7 +109,17 @@ def test_reward_model(toy, micro_model, tmp_path, method) -> None:
     """LoRA: the score head travels with the adapter and must come back too."""
     pairs = first_rows(toy.prefs, tmp_path / "pairs.jsonl", 8)
     assert_kill_and_resume_equal_uninterrupted(
-        lambda out: sft_config(micro_model, pairs, out, stage="reward", data__max_length=64, data__packing=False, train__batch_size=2, peft__method=method, **common()),
+        lambda out: sft_config(
+            micro_model,
+            pairs,
+            out,
+            stage="reward",
+            data__max_length=64,
+            data__packing=False,
+            train__batch_size=2,
+            peft__method=method,
+            **common(),
+        ),
         tmp_path,
     )
 
@@ -118,7 +129,10 @@ def test_dpo(toy, micro_model, tmp_path) -> None:
     step-2 ones. (A LoRA reference is the base whatever the adapter holds: test_dpo.py.)"""
     pairs = first_rows(toy.prefs, tmp_path / "pairs.jsonl", 8)
     assert_kill_and_resume_equal_uninterrupted(
-        lambda out: sft_config(micro_model, pairs, out, stage="dpo", data__packing=False, train__batch_size=2, **common()), tmp_path
+        lambda out: sft_config(
+            micro_model, pairs, out, stage="dpo", data__packing=False, train__batch_size=2, **common()
+        ),
+        tmp_path,
     )
 
 
@@ -129,7 +143,15 @@ def test_kto_with_held_out_evaluation(toy, micro_model, tmp_path) -> None:
     held_out = first_rows(toy.eval_prefs, tmp_path / "held_out.jsonl", 4)
     expected = assert_kill_and_resume_equal_uninterrupted(
         lambda out: sft_config(
-            micro_model, pairs, out, stage="kto", data__packing=False, train__batch_size=4, data__eval=str(held_out), train__eval_every=4, **common(),
+            micro_model,
+            pairs,
+            out,
+            stage="kto",
+            data__packing=False,
+            train__batch_size=4,
+            data__eval=str(held_out),
+            train__eval_every=4,
+            **common(),
         ),
         tmp_path,
     )
@@ -142,9 +164,16 @@ def test_ppo(toy, micro_model, tmp_path) -> None:
     of this state; test_ppo.py resumes it by growing max_steps.)"""
     prompts = first_rows(toy.prompts, tmp_path / "prompts.jsonl", 16)
     settings = {
-        "stage": "ppo", "algorithm__advantage": "gae", "sampling__num_samples": 2, "sampling__max_new_tokens": 6,
-        "algorithm__prompts_per_step": 4, "train__batch_size": 4, "train__grad_accum": 2, "algorithm__kl_target": 1.0,
-        "reward__function": f"{__name__}:length_reward", "algorithm__reward_normalize": True,
+        "stage": "ppo",
+        "algorithm__advantage": "gae",
+        "sampling__num_samples": 2,
+        "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4,
+        "train__batch_size": 4,
+        "train__grad_accum": 2,
+        "algorithm__kl_target": 1.0,
+        "reward__function": f"{__name__}:length_reward",
+        "algorithm__reward_normalize": True,
     }
     expected = assert_kill_and_resume_equal_uninterrupted(
         lambda out: sft_config(micro_model, prompts, out, **settings, **common(optim__lr=1e-3)), tmp_path
@@ -164,19 +193,40 @@ def test_ppo_grad_accumulation_1x8_equals_8x1_for_policy_and_critic(toy, micro_m
     runs = {}
     for batch_size, accum in ((8, 1), (1, 8)):
         out = tmp_path / f"run{batch_size}x{accum}"
-        ppo.run(sft_config(
-            micro_model, prompts, out, stage="ppo", algorithm__advantage="gae", sampling__num_samples=2, sampling__max_new_tokens=6,
-            algorithm__prompts_per_step=4, train__batch_size=batch_size, train__grad_accum=accum, train__max_steps=1,
-            reward__function=f"{__name__}:length_reward", optim__name="sgd", optim__lr=0.5, critic__lr=0.5,
-            # No clipping: a clipped update has a fixed norm, blind to a wrongly scaled loss.
-            optim__max_grad_norm=None, critic__max_grad_norm=None,
-        ))
+        ppo.run(
+            sft_config(
+                micro_model,
+                prompts,
+                out,
+                stage="ppo",
+                algorithm__advantage="gae",
+                sampling__num_samples=2,
+                sampling__max_new_tokens=6,
+                algorithm__prompts_per_step=4,
+                train__batch_size=batch_size,
+                train__grad_accum=accum,
+                train__max_steps=1,
+                reward__function=f"{__name__}:length_reward",
+                optim__name="sgd",
+                optim__lr=0.5,
+                critic__lr=0.5,
+                # No clipping: a clipped update has a fixed norm, blind to a wrongly scaled loss.
+                optim__max_grad_norm=None,
+                critic__max_grad_norm=None,
+            )
+        )
         runs[(batch_size, accum)] = weights(out)
     one_by_eight, eight_by_one = runs[(8, 1)], runs[(1, 8)]
     critic = {name for name in one_by_eight if name.startswith("critic/")}
     assert critic, "a separate critic is saved in critic/"
-    initial = {f"{folder}/model.safetensors:{k}": v for folder in ("model", "critic") for k, v in load_file(str(micro_model / "model.safetensors")).items()}
-    assert any(not torch.equal(one_by_eight[n], initial[n]) for n in critic if n in initial), "the critic must have trained"
+    initial = {
+        f"{folder}/model.safetensors:{k}": v
+        for folder in ("model", "critic")
+        for k, v in load_file(str(micro_model / "model.safetensors")).items()
+    }
+    assert any(not torch.equal(one_by_eight[n], initial[n]) for n in critic if n in initial), (
+        "the critic must have trained"
+    )
     assert_weights_close(eight_by_one, one_by_eight, initial)
 
 
@@ -190,9 +240,22 @@ def test_the_toy_kit_is_the_same_in_any_fresh_process(tmp_path) -> None:
     digests = []
     for i, env in enumerate(FRESH_PROCESSES):
         out = tmp_path / f"kit{i}"
-        result = subprocess.run([sys.executable, "-c", build, str(out)], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", build, str(out)],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        digests.append({str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*")) if f.is_file()})
+        digests.append(
+            {
+                str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(out.rglob("*"))
+                if f.is_file()
+            }
+        )
     assert digests[0] and digests[0] == digests[1]
 
 
@@ -201,9 +264,16 @@ def test_same_seed_same_run_in_any_fresh_process(toy, micro_model, tmp_path) -> 
     fresh processes with other hash seeds and thread counts log the same metrics and end at the same weights."""
     prompts = first_rows(toy.prompts, tmp_path / "prompts.jsonl", 16)
     settings = {
-        "stage": "ppo", "algorithm__advantage": "gae", "sampling__num_samples": 2, "sampling__max_new_tokens": 6,
-        "algorithm__prompts_per_step": 4, "train__batch_size": 4, "train__grad_accum": 2, "train__max_steps": 3,
-        "reward__function": f"{__name__}:length_reward", "optim__lr": 1e-3,
+        "stage": "ppo",
+        "algorithm__advantage": "gae",
+        "sampling__num_samples": 2,
+        "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4,
+        "train__batch_size": 4,
+        "train__grad_accum": 2,
+        "train__max_steps": 3,
+        "reward__function": f"{__name__}:length_reward",
+        "optim__lr": 1e-3,
     }
     runs = []
     for i, env in enumerate(FRESH_PROCESSES):
@@ -211,7 +281,9 @@ def test_same_seed_same_run_in_any_fresh_process(toy, micro_model, tmp_path) -> 
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(tmp_path / f"run{i}")
     first, second = records(runs[0]), records(runs[1])
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in first] == [{k: v for k, v in r.items() if k not in TIMING} for r in second]
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in first] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in second
+    ]
     expected, got = weights(runs[0]), weights(runs[1])
     assert expected.keys() == got.keys()
     for name in expected:
@@ -226,12 +298,21 @@ def test_early_stopping_saves_the_best_steps_weights(toy, micro_model, tmp_path,
     (the restore skipped) fails here."""
     from posttrain.recipes import sft
 
-    scripted = itertools.chain([3.0, 2.0, 2.5, 2.6], itertools.repeat(2.0))  # then: the restored model's evaluations
+    scripted = itertools.chain([3.0, 2.0, 2.5, 2.6], itertools.repeat(2.0))  # then 2.0 for any later evaluation
     monkeypatch.setattr(sft, "evaluate_loss", lambda model, **_: {"eval_loss": next(scripted)})
     held_out = first_rows(toy.sft, tmp_path / "held_out.jsonl", 8)  # never read: the evaluation is scripted
     settings = dict(train__batch_size=8, optim__lr=3e-3, data__eval=str(held_out), checkpoint__keep=1)
-    summary = sft.run(sft_config(micro_model, toy.sft, tmp_path / "stopped", train__max_steps=10, train__eval_every=1,
-                                 train__early_stopping_patience=2, **settings))
+    summary = sft.run(
+        sft_config(
+            micro_model,
+            toy.sft,
+            tmp_path / "stopped",
+            train__max_steps=10,
+            train__eval_every=1,
+            train__early_stopping_patience=2,
+            **settings,
+        )
+    )
     assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2, summary
     sft.run(sft_config(micro_model, toy.sft, tmp_path / "two_steps", train__max_steps=2, **settings))
     best, saved = weights(tmp_path / "two_steps"), weights(tmp_path / "stopped")

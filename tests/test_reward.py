@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_weights_close, sft_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from helpers import assert_weights_close, sft_config
 from posttrain.config import DataConfig
 from posttrain.data.formats import read_records
 from posttrain.data.packing import collate
@@ -67,7 +67,9 @@ def test_reward_is_read_at_the_last_token_for_any_padding_and_packing(toy, rewar
     scorer, tokenizer = load_scorer_model(reward_dir)
     records = read_records(toy.prefs, kind="preference").records[:8]
     pairs, dropped = tokenize_preferences(
-        type("R", (), {"records": records, "source": str(toy.prefs)})(), tokenizer, DataConfig(train="x", max_length=64)
+        type("R", (), {"records": records, "source": str(toy.prefs)})(),
+        tokenizer,
+        DataConfig(train="x", max_length=64),
     )
     assert dropped == 0 and len({len(p.chosen.input_ids) for p in pairs}) > 1, "different lengths make padding matter"
     ids = [side.input_ids for pair in pairs for side in (pair.chosen, pair.rejected)]
@@ -104,7 +106,9 @@ def test_reward_is_read_at_the_last_token_for_any_padding_and_packing(toy, rewar
 @pytest.mark.parametrize("packing", [False, True])
 def test_reward_grad_accumulation_1x8_equals_8x1(toy, micro_model, tmp_path, packing) -> None:
     # SGD without clipping: a clipped update has a fixed norm, blind to a wrongly scaled gradient.
-    common = dict(train__max_steps=3, data__packing=packing, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None)
+    common = dict(
+        train__max_steps=3, data__packing=packing, optim__name="sgd", optim__lr=0.5, optim__max_grad_norm=None
+    )
     # Padded rows hold one pair each; packed rows several, so the 8-row micro-batch is split in 8 differently.
     a = reward_config(micro_model, toy.prefs, tmp_path / "a", train__batch_size=8, train__grad_accum=1, **common)
     b = reward_config(micro_model, toy.prefs, tmp_path / "b", train__batch_size=1, train__grad_accum=8, **common)
@@ -135,8 +139,13 @@ def test_reward_packed_equals_padded_training(toy, micro_model, tmp_path, share_
     assert packed_rows < len(pairs), "packing must change the layout for this test to bite"
     padded = padded.model_copy(update={"train": padded.train.model_copy(update={"batch_size": len(pairs)})})
     packed = reward_config(
-        micro_model, toy.prefs, tmp_path / "packed", data__packing=True, data__share_prompt=share_prompt,
-        train__batch_size=len(pairs), **common,
+        micro_model,
+        toy.prefs,
+        tmp_path / "packed",
+        data__packing=True,
+        data__share_prompt=share_prompt,
+        train__batch_size=len(pairs),
+        **common,
     )
     reward.run(padded)
     reward.run(packed)
@@ -155,8 +164,12 @@ def test_margin_enters_the_loss(tmp_path, micro_model) -> None:
     """Same pairs, margins 0 vs 3: the first step's loss is −logσ(Δ) vs −logσ(Δ − 3) with Δ ≈ 0 (random tiny head),
     i.e. ≈ log 2 = 0.693 vs ≈ log(1 + e³) = 3.049."""
     rows = [
-        {"prompt": [{"role": "user", "content": f"Repeat: word{i}"}], "chosen": [{"role": "assistant", "content": f"word{i}"}],
-         "rejected": [{"role": "assistant", "content": f"word{i + 1}"}], "margin": 3.0}
+        {
+            "prompt": [{"role": "user", "content": f"Repeat: word{i}"}],
+            "chosen": [{"role": "assistant", "content": f"word{i}"}],
+            "rejected": [{"role": "assistant", "content": f"word{i + 1}"}],
+            "margin": 3.0,
+        }
         for i in range(16)
     ]
     data = tmp_path / "margins.jsonl"
@@ -164,7 +177,17 @@ def test_margin_enters_the_loss(tmp_path, micro_model) -> None:
     first = {}
     for use_margin in (False, True):
         out = tmp_path / f"m{use_margin}"
-        reward.run(reward_config(micro_model, data, out, reward__use_margin=use_margin, train__max_steps=1, train__batch_size=16, data__packing=False))
+        reward.run(
+            reward_config(
+                micro_model,
+                data,
+                out,
+                reward__use_margin=use_margin,
+                train__max_steps=1,
+                train__batch_size=16,
+                data__packing=False,
+            )
+        )
         first[use_margin] = next(m for m in _metrics(out) if "loss" in m)["loss"]
     assert first[False] == pytest.approx(math.log(2), abs=0.05)
     assert first[True] == pytest.approx(math.log1p(math.exp(3.0)), abs=0.1)
@@ -172,8 +195,15 @@ def test_margin_enters_the_loss(tmp_path, micro_model) -> None:
 
 def test_lora_reward_model_saves_its_head_and_scores_the_same(toy, micro_model, tmp_path) -> None:
     config = reward_config(
-        micro_model, toy.prefs, tmp_path / "run", peft__method="lora", peft__r=4, train__max_steps=4, train__batch_size=8,
-        data__eval_fraction=0.2, train__eval_every=4,
+        micro_model,
+        toy.prefs,
+        tmp_path / "run",
+        peft__method="lora",
+        peft__r=4,
+        train__max_steps=4,
+        train__batch_size=8,
+        data__eval_fraction=0.2,
+        train__eval_every=4,
     )
     summary = reward.run(config)
     model_dir = tmp_path / "run" / "model"
@@ -186,9 +216,10 @@ def test_lora_reward_model_saves_its_head_and_scores_the_same(toy, micro_model, 
     records = read_records(toy.prefs, kind="preference").records[:6]
     scorer = RewardScorer(tmp_path / "run", device="cpu")
     scores = scorer.score([r.prompt + r.chosen for r in records])
+    from peft import PeftModel
+
     from posttrain.config import ModelConfig, PeftConfig
     from posttrain.models import load_model
-    from peft import PeftModel
 
     trained, tokenizer = load_model(ModelConfig(path=str(micro_model)), PeftConfig(method="full"), scalar_head=True)
     trained.model = PeftModel.from_pretrained(trained.model, model_dir)
@@ -214,7 +245,9 @@ def test_score_command(toy, reward_dir, tmp_path) -> None:
     out = tmp_path / "scored.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "posttrain", "score", str(reward_dir), str(toy.prefs), "--out", str(out)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -223,6 +256,12 @@ def test_score_command(toy, reward_dir, tmp_path) -> None:
     assert f"accuracy {accuracy:.4f}" in done.stdout
     scorer = RewardScorer(reward_dir, device="cpu")
     first = rows[0]
-    assert first["chosen_reward"] == pytest.approx(scorer.score([first["prompt"] + first["chosen"]])[0], rel=1e-4, abs=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "posttrain", "score", str(tmp_path / "nothing"), str(toy.prefs)], capture_output=True, text=True)
+    assert first["chosen_reward"] == pytest.approx(
+        scorer.score([first["prompt"] + first["chosen"]])[0], rel=1e-4, abs=1e-5
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "posttrain", "score", str(tmp_path / "nothing"), str(toy.prefs)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not a model directory" in bad.stderr

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import LEARNING_SEED, report_learning_figures, save_micro_model, sft_config
-from posttrain.toy import build_toy
+
 from posttrain.recipes import reward
+from posttrain.toy import build_toy
 
 TASKS = ("upper", "count", "sort")
 MIN_ACCURACY = 0.88  # the five seeds' minimum less a 0.04 margin: see the module docstring
@@ -33,7 +33,9 @@ MIN_ACCURACY = 0.88  # the five seeds' minimum less a 0.04 margin: see the modul
 
 @pytest.mark.slow
 def test_reward_model_learns_verifiable_preferences_held_out(tmp_path) -> None:
-    kit = build_toy(tmp_path / "kit", size="tiny", seed=LEARNING_SEED, sft=10, prefs=4000, prompts=10, eval=10, pretrain=10)
+    kit = build_toy(
+        tmp_path / "kit", size="tiny", seed=LEARNING_SEED, sft=10, prefs=4000, prompts=10, eval=10, pretrain=10
+    )
     # The kit's tokenizer is trained on this kit's text: a micro model (helpers.save_micro_model) of its vocabulary.
     micro_model = save_micro_model(kit.model, tmp_path / "init", seed=LEARNING_SEED)
     rows = [json.loads(line) for line in kit.prefs.read_text().splitlines()]
@@ -43,13 +45,29 @@ def test_reward_model_learns_verifiable_preferences_held_out(tmp_path) -> None:
     assert len(rows) > 1900
 
     config = sft_config(
-        micro_model, data, tmp_path / "rm", stage="reward", seed=LEARNING_SEED, data__max_length=64, data__eval_fraction=0.15,
-        train__max_steps=300, train__batch_size=64, train__eval_every=100, optim__lr=3e-3, schedule__name="cosine",
+        micro_model,
+        data,
+        tmp_path / "rm",
+        stage="reward",
+        seed=LEARNING_SEED,
+        data__max_length=64,
+        data__eval_fraction=0.15,
+        train__max_steps=300,
+        train__batch_size=64,
+        train__eval_every=100,
+        optim__lr=3e-3,
+        schedule__name="cosine",
         schedule__warmup_steps=10,
     )
     summary = reward.run(config)
-    report_learning_figures("reward", accuracy=summary["final_eval_accuracy"], reward_gap=summary["final_eval_reward_gap"])
+    report_learning_figures(
+        "reward", accuracy=summary["final_eval_accuracy"], reward_gap=summary["final_eval_reward_gap"]
+    )
     assert summary["final_eval_accuracy"] >= MIN_ACCURACY, summary
     assert summary["final_eval_reward_gap"] > 1.0
-    evals = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
+    evals = [
+        json.loads(line)
+        for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()
+        if "eval_accuracy" in line
+    ]
     assert evals[0]["eval_accuracy"] < summary["final_eval_accuracy"], "accuracy should rise during training"

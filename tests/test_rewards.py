@@ -17,13 +17,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import sft_config
 from pydantic import ValidationError
 
-from helpers import sft_config
 from posttrain import rewards
 from posttrain.config import RewardSource
-from posttrain.tasks import TASKS, format_reward, task_of
 from posttrain.rewards import HttpReward, RewardError, WeightedReward, build_reward, load_reward_function
+from posttrain.tasks import TASKS, format_reward, task_of
 
 
 def length_reward(prompt: str, response: str, reference: str | None) -> float:
@@ -147,7 +147,10 @@ def test_5xx_every_time_fails_after_retries_plus_one_attempts(server: RewardServ
 
 def test_400_is_not_retried_and_the_error_names_status_and_body(server: RewardServer) -> None:
     server.plan = [(400, b"unknown field 'prompt'", 0.0)]
-    with pytest.raises(RewardError, match=r"127\.0\.0\.1:\d+/score.*HTTP 400 Bad Request: \"unknown field 'prompt'\" on attempt 1 of 4; not retried"):
+    with pytest.raises(
+        RewardError,
+        match=r"127\.0\.0\.1:\d+/score.*HTTP 400 Bad Request: \"unknown field 'prompt'\" on attempt 1 of 4; not retried",
+    ):
         fast(server.url, retries=3)([messages("q")], ["a"], [None])
     assert len(server.requests) == 1
 
@@ -174,9 +177,14 @@ def test_a_timeout_fails_after_retries_plus_one_attempts(server: RewardServer) -
         (b'{"scores": [1.0, null]}', r"score None at index 1"),
     ],
 )
-def test_malformed_answers_name_the_problem_and_are_not_retried(server: RewardServer, body: bytes, problem: str) -> None:
+def test_malformed_answers_name_the_problem_and_are_not_retried(
+    server: RewardServer, body: bytes, problem: str
+) -> None:
     server.plan = [(200, body, 0.0)]
-    with pytest.raises(RewardError, match=rf"/score \(responses 0\.\.1\) answered on attempt 1 with .*{problem}.*expected \{{\"scores\""):
+    with pytest.raises(
+        RewardError,
+        match=rf"/score \(responses 0\.\.1\) answered on attempt 1 with .*{problem}.*expected \{{\"scores\"",
+    ):
         fast(server.url)([messages("q")] * 2, ["a", "b"], [None, None])
     assert len(server.requests) == 1
 
@@ -225,7 +233,9 @@ def test_the_documented_minimal_server_answers_http_reward() -> None:
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        scores = fast(f"http://127.0.0.1:{httpd.server_address[1]}")([messages("q")] * 2, ["short", "x" * 30], ["5", None])
+        scores = fast(f"http://127.0.0.1:{httpd.server_address[1]}")(
+            [messages("q")] * 2, ["short", "x" * 30], ["5", None]
+        )
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -306,11 +316,13 @@ def test_every_reference_answer_has_its_task_format() -> None:
 
 
 def test_three_weighted_terms(server: RewardServer) -> None:
-    reward = WeightedReward([
-        ("length", load_reward_function(LENGTH_REWARD), 2.0),
-        ("http", fast(server.url), 0.5),
-        ("words", load_reward_function(WORD_REWARD), -1.0),
-    ])
+    reward = WeightedReward(
+        [
+            ("length", load_reward_function(LENGTH_REWARD), 2.0),
+            ("http", fast(server.url), 0.5),
+            ("words", load_reward_function(WORD_REWARD), -1.0),
+        ]
+    )
     parts = reward.breakdown([messages("q")] * 2, ["cat", "dog dog"], [None, None])
     # "cat": 2*3 + 0.5*3 - 1*1 = 6.5; "dog dog": 2*7 + 0.5*7 - 1*2 = 15.5
     assert parts == {"length": [3.0, 7.0], "http": [3.0, 7.0], "words": [1.0, 2.0], "total": [6.5, 15.5]}
@@ -328,10 +340,16 @@ class FakeModelReward:
         return [10.0] * len(responses)
 
 
-def test_build_reward_applies_every_weight_with_two_or_more_sources(server: RewardServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_reward_applies_every_weight_with_two_or_more_sources(
+    server: RewardServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(rewards, "ModelReward", FakeModelReward)
     args = ([messages("q")] * 2, ["cat", "dog dog"], [None, None])
-    three = build_reward(RewardSource(model="rm", function=WORD_REWARD, http=server.url, model_weight=0.1, function_weight=3.0, http_weight=0.5))
+    three = build_reward(
+        RewardSource(
+            model="rm", function=WORD_REWARD, http=server.url, model_weight=0.1, function_weight=3.0, http_weight=0.5
+        )
+    )
     parts = three.breakdown(*args)
     # 0.1*10 + 3*1 + 0.5*3 = 5.5; 0.1*10 + 3*2 + 0.5*7 = 10.5
     assert parts == {"model": [10.0, 10.0], "function": [1.0, 2.0], "http": [3.0, 7.0], "total": [5.5, 10.5]}
@@ -360,7 +378,10 @@ def test_unfinished_penalty_needs_finished() -> None:
     with pytest.raises(ValueError, match="2 finished flags for 1 responses"):
         reward([messages("q")], ["cat"], [None], finished=[True, False])
     off = WeightedReward([("function", load_reward_function(LENGTH_REWARD), 1.0)])
-    assert off.breakdown([messages("q")], ["cat"], [None]) == {"function": [3.0], "total": [3.0]}  # no penalty: no term
+    assert off.breakdown([messages("q")], ["cat"], [None]) == {
+        "function": [3.0],
+        "total": [3.0],
+    }  # no penalty: no term
     with pytest.raises(ValueError, match="expected a number >= 0"):
         WeightedReward([], unfinished_penalty=-1.0)
 
@@ -370,7 +391,12 @@ def test_unfinished_penalty_needs_finished() -> None:
 
 def test_reward_source_config() -> None:
     source = RewardSource(http="http://localhost:8000/score")
-    assert (source.http_weight, source.http_timeout, source.http_retries, source.unfinished_penalty) == (1.0, 30.0, 3, 0.0)
+    assert (source.http_weight, source.http_timeout, source.http_retries, source.unfinished_penalty) == (
+        1.0,
+        30.0,
+        3,
+        0.0,
+    )
     with pytest.raises(ValidationError, match="reward.model .*reward.function .*reward.http"):
         RewardSource()
     with pytest.raises(ValidationError, match="unfinished_penalty"):
@@ -386,18 +412,29 @@ def test_reward_source_config() -> None:
 # ---- rejection sampling scores through the service and the penalty ------------------------------------------------
 
 
-def test_rejection_sampling_with_http_reward_and_unfinished_penalty(toy: Any, micro_model: Path, tmp_path: Path, server: RewardServer) -> None:
+def test_rejection_sampling_with_http_reward_and_unfinished_penalty(
+    toy: Any, micro_model: Path, tmp_path: Path, server: RewardServer
+) -> None:
     from posttrain.recipes import rejection_sampling as rs
 
     data = tmp_path / "p.jsonl"
     data.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:4]))
     config = sft_config(
-        micro_model, data, tmp_path / "o", stage="rejection_sampling", sampling__num_samples=3, sampling__max_new_tokens=8,
-        sampling__temperature=1.0, rejection__train_after=False, rejection__require_finished=False,
+        micro_model,
+        data,
+        tmp_path / "o",
+        stage="rejection_sampling",
+        sampling__num_samples=3,
+        sampling__max_new_tokens=8,
+        sampling__temperature=1.0,
+        rejection__train_after=False,
+        rejection__require_finished=False,
         reward={"http": server.url, "unfinished_penalty": 0.25, "http_timeout": 5.0},
     )
     rs.run(config)
-    samples = [s for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines() for s in json.loads(line)["samples"]]
+    samples = [
+        s for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines() for s in json.loads(line)["samples"]
+    ]
     assert len(samples) == 12 and server.requests
     for sample in samples:
         penalty = 0.0 if sample["finished"] else -0.25

@@ -22,8 +22,8 @@ from posttrain.rl import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     AdaptiveKLController,
-    aggregate_loss,
     FixedKLController,
+    aggregate_loss,
     discounted_returns,
     entropy_from_logits,
     explained_variance,
@@ -462,8 +462,11 @@ def test_policy_loss_stays_finite_far_off_policy() -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"dual_clip": 1.0}, "dual_clip must be > 1"), ({"clip_low": 1.0}, "0 < clip_low < 1"),
-     ({"clip_low": 0.2, "clip_high": 0.0}, "clip_high > 0")],
+    [
+        ({"dual_clip": 1.0}, "dual_clip must be > 1"),
+        ({"clip_low": 1.0}, "0 < clip_low < 1"),
+        ({"clip_low": 0.2, "clip_high": 0.0}, "clip_high > 0"),
+    ],
 )
 def test_policy_loss_validates_arguments(options: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -23,11 +23,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import LEARNING_SEED, evaluate_verifiable, report_learning_figures, save_micro_model, sft_config
-from posttrain.toy import build_toy
+
 from posttrain.eval.common import load_prompts
 from posttrain.recipes import ppo, sft
+from posttrain.toy import build_toy
 
 TASKS = ("count", "upper", "copy")
 
@@ -42,10 +42,22 @@ def keep_tasks(source: Path, target: Path) -> Path:
 def start(tmp_path_factory) -> dict[str, Path]:
     """The kit restricted to three tasks, and the micro model after 60 SFT steps."""
     root = tmp_path_factory.mktemp("rl_learning")
-    kit = build_toy(root / "kit", size="tiny", seed=LEARNING_SEED, sft=1500, prefs=10, prompts=1500, eval=300, pretrain=10)
+    kit = build_toy(
+        root / "kit", size="tiny", seed=LEARNING_SEED, sft=1500, prefs=10, prompts=1500, eval=300, pretrain=10
+    )
     save_micro_model(kit.model, root / "init", seed=LEARNING_SEED)
     paths = {name: keep_tasks(getattr(kit, name), root / f"{name}.jsonl") for name in ("sft", "prompts", "eval")}
-    sft.run(sft_config(root / "init", paths["sft"], root / "sft", train__max_steps=60, train__batch_size=80, optim__lr=3e-3, seed=LEARNING_SEED))
+    sft.run(
+        sft_config(
+            root / "init",
+            paths["sft"],
+            root / "sft",
+            train__max_steps=60,
+            train__batch_size=80,
+            optim__lr=3e-3,
+            seed=LEARNING_SEED,
+        )
+    )
     return {**paths, "model": root / "sft" / "model", "root": root}
 
 
@@ -53,17 +65,30 @@ def exact_match(model_dir: Path, eval_file: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return evaluate_verifiable(model, AutoTokenizer.from_pretrained(model_dir), load_prompts(eval_file), max_new_tokens=16)["exact_match"]
+    return evaluate_verifiable(
+        model, AutoTokenizer.from_pretrained(model_dir), load_prompts(eval_file), max_new_tokens=16
+    )["exact_match"]
 
 
 SETTINGS = {
     "ppo": dict(
-        algorithm__advantage="gae", reward__function="toy", sampling__num_samples=4, algorithm__prompts_per_step=16,
-        train__batch_size=16, train__grad_accum=2, algorithm__ppo_epochs=2, critic__lr=3e-3,
+        algorithm__advantage="gae",
+        reward__function="toy",
+        sampling__num_samples=4,
+        algorithm__prompts_per_step=16,
+        train__batch_size=16,
+        train__grad_accum=2,
+        algorithm__ppo_epochs=2,
+        critic__lr=3e-3,
     ),
     "grpo": dict(
-        algorithm__advantage="grpo", reward__function="toy", sampling__num_samples=8, algorithm__prompts_per_step=8,
-        train__batch_size=16, train__grad_accum=2, algorithm__ppo_epochs=2,
+        algorithm__advantage="grpo",
+        reward__function="toy",
+        sampling__num_samples=8,
+        algorithm__prompts_per_step=8,
+        train__batch_size=16,
+        train__grad_accum=2,
+        algorithm__ppo_epochs=2,
     ),
 }
 
@@ -72,10 +97,20 @@ SETTINGS = {
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_rl_raises_held_out_exact_match_over_sft(name, start) -> None:
     out = start["root"] / name
-    ppo.run(sft_config(
-        start["model"], start["prompts"], out, stage="ppo", train__max_steps=300, optim__lr=1e-3, seed=LEARNING_SEED,
-        sampling__max_new_tokens=16, resume=False, **SETTINGS[name],
-    ))
+    ppo.run(
+        sft_config(
+            start["model"],
+            start["prompts"],
+            out,
+            stage="ppo",
+            train__max_steps=300,
+            optim__lr=1e-3,
+            seed=LEARNING_SEED,
+            sampling__max_new_tokens=16,
+            resume=False,
+            **SETTINGS[name],
+        )
+    )
     before, after = exact_match(start["model"], start["eval"]), exact_match(out / "model", start["eval"])
     report_learning_figures(name, sft_exact_match=before, rl_exact_match=after, gain=after - before)
     assert after > before + MARGIN[name], (before, after)

@@ -82,16 +82,24 @@ def test_rows_that_stop_leave_the_batch_and_answers_equal_generate(micro_model) 
     first = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate(ids[:1], greedy)[0][0].token_ids
     stop = {tokenizer.eos_token_id, first[3]}
     batch_sizes: list[int] = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
-        answers = [r.token_ids for g in HFEngine(model, tokenizer, stop, batch_size=6).generate(ids, greedy) for r in g]
+        answers = [
+            r.token_ids for g in HFEngine(model, tokenizer, stop, batch_size=6).generate(ids, greedy) for r in g
+        ]
     finally:
         hook.remove()
     width = max(len(i) for i in ids)
     padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids for _ in range(2)])
     output = model.generate(
-        input_ids=padded, attention_mask=(padded != tokenizer.pad_token_id).long(), max_new_tokens=12, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
+        input_ids=padded,
+        attention_mask=(padded != tokenizer.pad_token_id).long(),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(stop),
     )
     expected = []
     for row in output[:, width:].tolist():
@@ -115,12 +123,25 @@ def test_prompt_tuning_generates_through_transformers(micro_model) -> None:
         for parameter in model.parameters():  # virtual tokens far from the vocabulary's, to change the answers
             parameter.add_(torch.randn_like(parameter) * 0.5)
     ids = render_prompt_ids(tokenizer, PROMPTS[1])
-    answer = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate([ids], SamplingSettings(1, 8))[0][0].token_ids
+    answer = (
+        HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate([ids], SamplingSettings(1, 8))[0][0].token_ids
+    )
     prompt = torch.tensor([ids])
-    expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id])
+    expected = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id],
+    )
     assert answer == expected[0, len(ids) :].tolist()[: len(answer)]
     with model.disable_adapter():
-        bare = HFEngine(model, tokenizer, {tokenizer.eos_token_id}).generate([ids], SamplingSettings(1, 8))[0][0].token_ids
+        bare = (
+            HFEngine(model, tokenizer, {tokenizer.eos_token_id})
+            .generate([ids], SamplingSettings(1, 8))[0][0]
+            .token_ids
+        )
     assert bare != answer
 
 
@@ -191,10 +212,16 @@ def test_engine_equals_the_message_level_helper(micro_model) -> None:
     model, tokenizer = load(micro_model)
     engine = HFEngine(model, tokenizer, {tokenizer.eos_token_id}, batch_size=4)
     torch.manual_seed(3)
-    by_ids = engine.generate([render_prompt_ids(tokenizer, m) for m in PROMPTS], SamplingSettings(3, 8, temperature=1.0))
+    by_ids = engine.generate(
+        [render_prompt_ids(tokenizer, m) for m in PROMPTS], SamplingSettings(3, 8, temperature=1.0)
+    )
     torch.manual_seed(3)
-    by_messages = sample_responses(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=8, batch_size=4, temperature=1.0)
-    assert [[(r.token_ids, r.text, r.finished) for r in g] for g in by_ids] == [[(r.token_ids, r.text, r.finished) for r in g] for g in by_messages]
+    by_messages = sample_responses(
+        model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=8, batch_size=4, temperature=1.0
+    )
+    assert [[(r.token_ids, r.text, r.finished) for r in g] for g in by_ids] == [
+        [(r.token_ids, r.text, r.finished) for r in g] for g in by_messages
+    ]
 
 
 @pytest.mark.gpu

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import sft_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from helpers import sft_config
 from posttrain.config import ScheduleConfig, build_config
 from posttrain.recipes import sft
 from posttrain.runtime import ModelSelection, NonFiniteLossError, Runtime
@@ -49,9 +49,14 @@ def _collate(items: list[Item]) -> dict[str, torch.Tensor]:
 
 def _runtime(tmp_path, **train) -> tuple[Runtime, torch.nn.Module]:
     raw = {
-        "stage": "sft", "output_dir": str(tmp_path / "run"), "model": {"path": "unused"}, "data": {"train": "unused", "shuffle": False},
-        "train": {"batch_size": 1, "max_steps": 10, **train}, "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
-        "schedule": {"name": "constant"}, "checkpoint": {"every": None, "keep": 1},
+        "stage": "sft",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": "unused"},
+        "data": {"train": "unused", "shuffle": False},
+        "train": {"batch_size": 1, "max_steps": 10, **train},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
+        "schedule": {"name": "constant"},
+        "checkpoint": {"every": None, "keep": 1},
         "logging": {"progress": False, "tensorboard": False, "report": False},
     }
     for key in list(train):
@@ -76,7 +81,7 @@ def test_nan_steps_are_skipped_counted_and_abort_after_k(tmp_path) -> None:
     assert torch.equal(model.weight, weights_before_step[5]), "a skipped step must not change the weights"
     assert torch.equal(weights_before_step[4], weights_before_step[3]), "step 3 was skipped"
     assert not torch.equal(weights_before_step[3], weights_before_step[2]), "finite steps do train"
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "skipped_nonfinite" in r] == [3, 5, 6, 7]
     # The abort happens before step 7 could write anything; the last checkpoint holds the good weights.
     saved = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
@@ -109,7 +114,10 @@ def test_each_parameter_group_is_clipped_to_its_own_norm(tmp_path) -> None:
     rt, model = _runtime(tmp_path, max_steps=1)
     rt.config.optim.lr = 1.0
     rt.config.optim.max_grad_norm = 1e-3
-    groups = [{"params": [model.weight], "name": "policy"}, {"params": [model.bias], "name": "critic", "max_grad_norm": 1e-2}]
+    groups = [
+        {"params": [model.weight], "name": "policy"},
+        {"params": [model.bias], "name": "critic", "max_grad_norm": 1e-2},
+    ]
     model = rt.setup(model, num_rows=4, parameter_groups=groups)
     weight, bias = model.weight.item(), model.bias.item()
     for batch in rt.batches([Item(100.0)] * 4, _collate):
@@ -120,7 +128,9 @@ def test_each_parameter_group_is_clipped_to_its_own_norm(tmp_path) -> None:
     residual = 2 * (weight * 100 + bias)  # d/db of (100w + b)²; d/dw is 100 times it
     assert record["grad_norm/critic"] == pytest.approx(abs(residual), rel=1e-5)
     assert record["grad_norm/policy"] == pytest.approx(100 * abs(residual), rel=1e-5)
-    assert record["grad_norm"] == pytest.approx(math.hypot(record["grad_norm/policy"], record["grad_norm/critic"]), rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(
+        math.hypot(record["grad_norm/policy"], record["grad_norm/critic"]), rel=1e-6
+    )
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path) -> None:
@@ -154,7 +164,10 @@ def test_early_stopping_follows_the_named_metric_and_direction(tmp_path) -> None
 def test_an_evaluation_without_the_selection_metric_is_an_error(tmp_path) -> None:
     rt, model = _runtime(tmp_path, eval_every=1, early_stopping_patience=2)
     model = rt.setup(model, num_rows=20)
-    with pytest.raises(ValueError, match=r"selects models by eval_loss, which its evaluation did not return \(it returned eval_reward\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"selects models by eval_loss, which its evaluation did not return \(it returned eval_reward\)",
+    ):
         for batch in rt.batches([Item(1.0)] * 20, _collate):
             rt.step(model(batch["x"]).pow(2).mean())
             if rt.should_evaluate():
@@ -171,7 +184,11 @@ def test_checkpoint_retention_and_leftovers(tmp_path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000004", "step-000005"]
     assert not leftover.exists()
     assert set(p.name for p in (tmp_path / "run" / "checkpoints" / "step-000005").iterdir()) == {
-        "weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"
+        "weights.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "state.json",
     }
 
 
@@ -193,24 +210,40 @@ def test_bf16_autocast_runs_on_cpu_and_stays_close(toy, micro_model, tmp_path) -
 
 def test_gradient_checkpointing_changes_memory_not_math(toy, micro_model, tmp_path) -> None:
     sft.run(sft_config(micro_model, toy.sft, tmp_path / "plain", train__max_steps=3))
-    sft.run(sft_config(micro_model, toy.sft, tmp_path / "ckpt", train__max_steps=3, model__gradient_checkpointing=True))
-    assert_close(torch.tensor(_losses(tmp_path / "ckpt")), torch.tensor(_losses(tmp_path / "plain")), rtol=1e-5, atol=0)
-    a, b = load_file(str(tmp_path / "plain/model/model.safetensors")), load_file(str(tmp_path / "ckpt/model/model.safetensors"))
+    sft.run(
+        sft_config(micro_model, toy.sft, tmp_path / "ckpt", train__max_steps=3, model__gradient_checkpointing=True)
+    )
+    assert_close(
+        torch.tensor(_losses(tmp_path / "ckpt")), torch.tensor(_losses(tmp_path / "plain")), rtol=1e-5, atol=0
+    )
+    a, b = (
+        load_file(str(tmp_path / "plain/model/model.safetensors")),
+        load_file(str(tmp_path / "ckpt/model/model.safetensors")),
+    )
     for name in a:
         assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
 def test_run_directory_holds_metrics_plots_report(toy, micro_model, tmp_path) -> None:
     config = sft_config(
-        micro_model, toy.sft, tmp_path / "run", train__max_steps=4, train__eval_every=2, data__eval=str(toy.sft),
-        logging__report=True, logging__tensorboard=True, checkpoint__every=2,
+        micro_model,
+        toy.sft,
+        tmp_path / "run",
+        train__max_steps=4,
+        train__eval_every=2,
+        data__eval=str(toy.sft),
+        logging__report=True,
+        logging__tensorboard=True,
+        checkpoint__every=2,
     )
     summary = sft.run(config)
     run = tmp_path / "run"
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
-    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0 and "grad_norm" in r for r in train_records)
+    assert all(
+        math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0 and "grad_norm" in r for r in train_records
+    )
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert train_records[-1]["loss"] < train_records[0]["loss"]
     for name in ("loss", "eval_loss", "lr", "grad_norm"):

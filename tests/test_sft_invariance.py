@@ -19,17 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import sft_config, train_in_subprocess
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from helpers import sft_config, train_in_subprocess
 from posttrain.data.packing import collate, pack_rows, single_rows
 from posttrain.data.reader import read_conversations
 from posttrain.data.tokenize import tokenize_conversation
 from posttrain.losses import IGNORE_INDEX, per_sequence_nll
 from posttrain.models import token_logits
 from posttrain.recipes import sft
-
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -77,7 +76,9 @@ def test_packed_and_padded_runs_train_the_same_sequences_to_the_same_weights(toy
         sft.run(sft_config(micro_model, toy.sft, tmp_path / str(packing), data__packing=packing, **common))
     packed, padded = _records(tmp_path / "True"), _records(tmp_path / "False")
     assert [r["examples"] for r in packed] == [r["examples"] for r in padded] == [16, 16, 16]
-    assert_close(torch.tensor([r["loss"] for r in packed]), torch.tensor([r["loss"] for r in padded]), rtol=64 * EPS32, atol=0)
+    assert_close(
+        torch.tensor([r["loss"] for r in packed]), torch.tensor([r["loss"] for r in padded]), rtol=64 * EPS32, atol=0
+    )
     weights_packed, weights_padded = _weights(tmp_path / "True"), _weights(tmp_path / "False")
     before = load_file(str(micro_model / "model.safetensors"))
     assert any(not torch.equal(weights_packed[k], before[k]) for k in before), "training changed nothing"
@@ -99,7 +100,9 @@ def test_packed_equals_padded(toy, micro_model) -> None:
         model.zero_grad()
         trained = batch["targets"] != IGNORE_INDEX
         logits = token_logits(model, batch)
-        nll, counts = per_sequence_nll(logits, batch["targets"][trained], batch["sequence_ids"][trained], len(sequences))
+        nll, counts = per_sequence_nll(
+            logits, batch["targets"][trained], batch["sequence_ids"][trained], len(sequences)
+        )
         (nll.sum() / counts.sum()).backward()
         return nll.detach() / counts, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -138,7 +141,10 @@ def _write_config(path: Path, config) -> Path:
 def _run_cli(config_path: Path, *overrides: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "posttrain", "train", str(config_path), *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
@@ -148,8 +154,13 @@ def test_resume_after_sigkill_is_bitwise_equal(toy, micro_model, tmp_path) -> No
     loaded the machine is (helpers.train_in_subprocess); the kill -9 cases of the other recipes are in
     test_resume.py."""
     settings = dict(
-        train__max_steps=10, train__batch_size=8, data__max_length=256, checkpoint__every=5, optim__lr=3e-3,
-        schedule__name="cosine", schedule__warmup_steps=3,
+        train__max_steps=10,
+        train__batch_size=8,
+        data__max_length=256,
+        checkpoint__every=5,
+        optim__lr=3e-3,
+        schedule__name="cosine",
+        schedule__warmup_steps=3,
     )
     reference = sft_config(micro_model, toy.sft, tmp_path / "uninterrupted", **settings)
     whole = train_in_subprocess(reference)
@@ -175,7 +186,10 @@ def test_resume_after_sigkill_is_bitwise_equal(toy, micro_model, tmp_path) -> No
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), f"{name} differs after resume"
-    records = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("uninterrupted", "killed")}
+    records = {
+        run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("uninterrupted", "killed")
+    }
     assert [r["step"] for r in records["killed"]] == list(range(1, 11)), "metrics must hold each step once"
     for key in ("lr", "loss", "grad_norm"):
         assert [r[key] for r in records["killed"]] == [r[key] for r in records["uninterrupted"]], key
@@ -205,5 +219,7 @@ def test_sigterm_writes_a_resumable_checkpoint(toy, micro_model, tmp_path) -> No
     _, stderr = finished.communicate(timeout=300)
     assert finished.returncode == 0, stderr
     assert f"at step {stopped_at}" in stderr
-    state = json.loads(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1].joinpath("state.json").read_text())
+    state = json.loads(
+        sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1].joinpath("state.json").read_text()
+    )
     assert state["step"] == stopped_at + 2

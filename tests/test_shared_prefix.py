@@ -30,7 +30,12 @@ def test_shared_length_stops_at_the_first_difference_and_at_the_first_trained_po
     assert shared_prefix_length([_sequence([5, 6, 2], 1), _sequence([4, 6, 2], 1)]) == 0
     assert shared_prefix_length([chosen]) == 0
     # Three sequences: the prefix all of them share.
-    assert shared_prefix_length([_sequence([1, 2, 3, 4, 5], 4), _sequence([1, 2, 3, 9, 5], 4), _sequence([1, 2, 8, 4, 5], 4)]) == 2
+    assert (
+        shared_prefix_length(
+            [_sequence([1, 2, 3, 4, 5], 4), _sequence([1, 2, 3, 9, 5], 4), _sequence([1, 2, 8, 4, 5], 4)]
+        )
+        == 2
+    )
 
 
 def test_row_layout_and_mask_of_two_units() -> None:
@@ -49,9 +54,17 @@ def test_row_layout_and_mask_of_two_units() -> None:
     mask = batch["attention_mask"][0, 0]
     expected = torch.zeros(11, 11, dtype=torch.bool)
     for query, keys in {
-        0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4],
-        5: [0, 1, 5], 6: [0, 1, 5, 6],  # the rejected branch sees the prefix and itself, not the chosen branch
-        7: [7], 8: [7, 8], 9: [9], 10: [9, 10],  # unit b: nothing shared, two separate sequences
+        0: [0],
+        1: [0, 1],
+        2: [0, 1, 2],
+        3: [0, 1, 2, 3],
+        4: [0, 1, 2, 3, 4],
+        5: [0, 1, 5],
+        6: [0, 1, 5, 6],  # the rejected branch sees the prefix and itself, not the chosen branch
+        7: [7],
+        8: [7, 8],
+        9: [9],
+        10: [9, 10],  # unit b: nothing shared, two separate sequences
     }.items():
         expected[query, keys] = True
     assert torch.equal(mask, expected)
@@ -89,7 +102,9 @@ def test_shared_rows_give_the_log_probs_of_whole_sequences(toy, micro_model) -> 
     assert int(shared_batch["num_real_tokens"]) == sum(len(r.input_ids) for r in shared)
     with torch.no_grad():
         shared_logps, shared_counts, shared_ids = batch_sequence_logps(model, shared_batch)
-        whole_logps, whole_counts, whole_ids = batch_sequence_logps(model, collate(whole, tokenizer.pad_token_id, True))
+        whole_logps, whole_counts, whole_ids = batch_sequence_logps(
+            model, collate(whole, tokenizer.pad_token_id, True)
+        )
     assert torch.equal(shared_ids, whole_ids) and torch.equal(shared_counts, whole_counts)
     assert_close(shared_logps, whole_logps, rtol=1e-5, atol=1e-4)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import jinja2
 import pytest
-
 from helpers import need_peer_file
+
 from posttrain.data.templates import BUILTIN_TEMPLATES, END_OF_TURN, render, resolve_template
 
 PEER_DATA = Path(os.environ.get("POSTTRAIN_PEER_DATA", Path(__file__).resolve().parents[2] / "shared" / "peer-data"))
@@ -352,8 +352,16 @@ def test_qwen25_tokenizer_config_template_round_trips() -> None:
     name, template = resolve_template(tokenizer, None)
     assert name == "tokenizer" and template == _real_template("qwen2.5-instruct")
 
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two integers.",
+                "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+            },
+        }
+    ]
     for messages, kwargs in ((EXCHANGES, {}), (EXCHANGES[:-1], {"add_generation_prompt": True, "tools": tools})):
         text = render(template, messages, tokenizer=tokenizer, **kwargs)
         assert text == tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)

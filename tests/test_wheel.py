@@ -22,7 +22,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # the quick demo: a few minutes on two CPU cores
-BUILD_LEFTOVERS = (".git", ".venv", "build", "dist", "runs", "out", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis")
+BUILD_LEFTOVERS = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "runs",
+    "out",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+)
 
 
 def _run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -39,19 +50,45 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)], cwd=root)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        cwd=root,
+    )
     (wheel,) = (root / "dist").glob("posttrain-*.whl")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
     python = venv / "bin" / "python"
-    site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip())
+    site_packages = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip()
+    )
     (site_packages / "installed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)], cwd=root)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        cwd=root,
+    )
     return venv / "bin"
 
 
 def test_the_wheel_holds_the_code_and_the_shipped_configs(installed: Path, tmp_path: Path) -> None:
-    where = _run([str(installed / "python"), "-c", "import posttrain.cli as c; print(c.__file__); print(sorted(p.name for p in c.SHIPPED_CONFIGS.glob('*.yaml')))"], cwd=tmp_path)
+    where = _run(
+        [
+            str(installed / "python"),
+            "-c",
+            "import posttrain.cli as c; print(c.__file__); print(sorted(p.name for p in c.SHIPPED_CONFIGS.glob('*.yaml')))",
+        ],
+        cwd=tmp_path,
+    )
     module, configs = where.stdout.splitlines()
     assert Path(module).is_relative_to(installed.parent), module  # the wheel's copy, not this checkout
     assert "demo.yaml" in configs and "sft_lora.yaml" in configs and "grpo.yaml" in configs
@@ -62,13 +99,29 @@ def test_one_stage_trains_from_its_defaults_in_an_empty_directory(installed: Pat
     work.mkdir()
     _run([str(installed / "python"), "-m", "posttrain", "toy", "kit", "--size", "tiny"], cwd=work)
     _run(
-        [str(installed / "posttrain"), "train", "sft", "model.path=kit/model", "data.train=kit/data/sft.jsonl", "output_dir=run",
-         "train.max_steps=12", "optim.lr=1e-3", "data.max_length=64", "logging.progress=false"],
+        [
+            str(installed / "posttrain"),
+            "train",
+            "sft",
+            "model.path=kit/model",
+            "data.train=kit/data/sft.jsonl",
+            "output_dir=run",
+            "train.max_steps=12",
+            "optim.lr=1e-3",
+            "data.max_length=64",
+            "logging.progress=false",
+        ],
         cwd=work,
     )
-    losses = [row["loss"] for row in map(json.loads, (work / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    losses = [
+        row["loss"]
+        for row in map(json.loads, (work / "run" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in row
+    ]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
-    assert (work / "run" / "model" / "model.safetensors").exists() and (work / "run" / "model" / "tokenizer.json").exists()
+    assert (work / "run" / "model" / "model.safetensors").exists() and (
+        work / "run" / "model" / "tokenizer.json"
+    ).exists()
     assert sorted(p.name for p in work.iterdir()) == ["kit", "run"]  # nothing read from or written to a checkout
 
 

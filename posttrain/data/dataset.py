@@ -7,9 +7,9 @@ import dataclasses
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from posttrain.config import DataConfig, DataSource
@@ -72,7 +72,9 @@ def require_references(prompts: list[Prompt], what: str) -> None:
     missing = [p for p in prompts if p.reference is None]
     if missing:
         raise DataError(
-            missing[0].meta.get("source"), missing[0].meta.get("line"), "reference",
+            missing[0].meta.get("source"),
+            missing[0].meta.get("line"),
+            "reference",
             f"{what} compares with a reference answer and this row has none ({len(missing)} rows in all); "
             "add one, or use a reward model or a function that needs none",
         )
@@ -101,7 +103,12 @@ class SequenceSet:
 
 
 def tokenize_messages(
-    tokenizer: Any, messages: list[dict[str, Any]], config: DataConfig, record_meta: dict[str, Any], source: str, tools: Any = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    config: DataConfig,
+    record_meta: dict[str, Any],
+    source: str,
+    tools: Any = None,
 ) -> TokenizedSequence:
     """One conversation → tokens and loss mask; a template that cannot render it is the row's error
     (file:line), not a traceback."""
@@ -109,14 +116,20 @@ def tokenize_messages(
         try:
             tools = json.loads(tools) if tools.strip() else None
         except json.JSONDecodeError as error:
-            raise DataError(record_meta.get("source", source), record_meta.get("line"), "tools", f"not valid JSON: {error.msg}") from None
+            raise DataError(
+                record_meta.get("source", source), record_meta.get("line"), "tools", f"not valid JSON: {error.msg}"
+            ) from None
     try:
-        return tokenize_conversation(tokenizer, messages, config.max_length, config.train_on_prompt, tools, config.last_turn_only)
+        return tokenize_conversation(
+            tokenizer, messages, config.max_length, config.train_on_prompt, tools, config.last_turn_only
+        )
     except DataError:
         raise
     except Exception as error:  # the template's raise_exception, a Jinja error: the row is the cause
         raise DataError(
-            record_meta.get("source", source), record_meta.get("line"), "messages",
+            record_meta.get("source", source),
+            record_meta.get("line"),
+            "messages",
             f"the chat template cannot render this conversation: {error}",
         ) from None
 
@@ -128,7 +141,9 @@ def tokenize_records(result: ReadResult, tokenizer: Any, config: DataConfig) -> 
             sequences += tokenize_text(tokenizer, record.text, config.max_length)
             continue
         assert isinstance(record, Conversation)
-        sequences.append(tokenize_messages(tokenizer, record.messages, config, record.meta, result.source, record.tools))
+        sequences.append(
+            tokenize_messages(tokenizer, record.messages, config, record.meta, result.source, record.tools)
+        )
     return sequences
 
 
@@ -137,7 +152,9 @@ def _source_name(source: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def mix(per_source: list[list[TokenizedSequence]], sources: list[DataSource], seed: int) -> list[list[TokenizedSequence]]:
+def mix(
+    per_source: list[list[TokenizedSequence]], sources: list[DataSource], seed: int
+) -> list[list[TokenizedSequence]]:
     """Apply mixture ratios or per-source epochs.
 
     Ratios: the mixture is as large as possible without repeating any row, i.e. N = min(size_i / ratio_i), and
@@ -180,7 +197,9 @@ def load_examples(
             cut = max(1, int(len(examples) * config.eval_fraction))
             if cut >= len(examples):  # else preflight would say "no training sequences", which hides why
                 raise DataError(
-                    source.path, None, None,
+                    source.path,
+                    None,
+                    None,
                     f"all {len(examples)} rows of {source.path} went to the held-out split "
                     f"(data.eval_fraction={config.eval_fraction} holds out at least one row per file); add rows, "
                     "set data.eval_fraction=0, or give held-out data as data.eval",
@@ -197,7 +216,9 @@ def load_examples(
     names = [_source_name(s.path) for s in sources]
     counts = [len(examples) for examples in per_source]
     if len(sources) > 1:
-        reports.append("mixture: " + ", ".join(f"{n} {c} ({c / max(sum(counts), 1):.1%})" for n, c in zip(names, counts)))
+        reports.append(
+            "mixture: " + ", ".join(f"{n} {c} ({c / max(sum(counts), 1):.1%})" for n, c in zip(names, counts))
+        )
     train = [example for examples in per_source for example in examples]
     return SequenceSet(train, held_out, reports, skipped, template, names, counts)
 

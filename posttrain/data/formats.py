@@ -163,7 +163,9 @@ def _json_rows(path: Path) -> Iterator[RowItem]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the JSON file cannot be read") from None
+        raise DataError(
+            path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the JSON file cannot be read"
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -177,7 +179,9 @@ def _json_rows(path: Path) -> Iterator[RowItem]:
         yield Where(path, 1), value
         return
     if not isinstance(value, list):
-        raise DataError(path, None, None, f"expected a top-level JSON list of rows (or one object per line), got {_type(value)}")
+        raise DataError(
+            path, None, None, f"expected a top-level JSON list of rows (or one object per line), got {_type(value)}"
+        )
     for index, row in enumerate(value, start=1):
         yield Where(path, index, f"row {index} of the JSON list"), row
 
@@ -206,7 +210,9 @@ def _csv_rows(path: Path) -> Iterator[RowItem]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the CSV file cannot be read") from None
+        raise DataError(
+            path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the CSV file cannot be read"
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents longer than the 128 KiB default are normal
@@ -241,7 +247,9 @@ def _parquet_rows(path: Path) -> Iterator[RowItem]:
     try:
         rows = parquet.read_table(path).to_pylist()
     except Exception as error:  # pyarrow raises many types (ArrowInvalid, OSError, ...) for a damaged file
-        raise DataError(path, None, None, f"not a readable Parquet file ({type(error).__name__}: {str(error)[:120]})") from None
+        raise DataError(
+            path, None, None, f"not a readable Parquet file ({type(error).__name__}: {str(error)[:120]})"
+        ) from None
     for index, row in enumerate(rows, start=1):
         yield Where(path, index, f"row {index} of the Parquet table"), row
 
@@ -263,7 +271,9 @@ def file_rows(path: str | Path) -> Iterator[RowItem]:
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a file")
     reader = FILE_READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(path, None, None, f"unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_READERS)}")
+        raise DataError(
+            path, None, None, f"unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_READERS)}"
+        )
     return reader(path)
 
 
@@ -285,7 +295,14 @@ OPENAI = Dialect(
     "role",
     "content",
     # "developer" is OpenAI's newer name for system; "function" its legacy name for a tool result.
-    {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"},
+    {
+        "system": "system",
+        "developer": "system",
+        "user": "user",
+        "assistant": "assistant",
+        "tool": "tool",
+        "function": "tool",
+    },
 )
 
 
@@ -294,19 +311,30 @@ def sharegpt_dialect(tags: Mapping[str, Any] | None, source: str | Path | None =
     tags = dict(tags or {})
     unknown = sorted(set(tags) - set(SHAREGPT_TAGS))
     if unknown:
-        raise DataError(source, None, "tags", f"unknown tag {unknown[0]!r}; expected some of {', '.join(SHAREGPT_TAGS)}")
+        raise DataError(
+            source, None, "tags", f"unknown tag {unknown[0]!r}; expected some of {', '.join(SHAREGPT_TAGS)}"
+        )
     merged = {**SHAREGPT_TAGS, **tags}
     bad = [name for name, value in merged.items() if not isinstance(value, str) or not value]
     if bad:
         raise DataError(source, None, f"tags.{bad[0]}", f"expected a non-empty string, got {_show(merged[bad[0]])}")
-    canonical = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool", "function_tag": "assistant", "system_tag": "system"}
+    canonical = {
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "observation_tag": "tool",
+        "function_tag": "assistant",
+        "system_tag": "system",
+    }
     roles: dict[str, str] = {}
     for tag, role in canonical.items():
         if merged[tag] in roles:
             raise DataError(source, None, f"tags.{tag}", f"{merged[tag]!r} is already the name of another role")
         roles[merged[tag]] = role
     return Dialect(
-        merged["role_tag"], merged["content_tag"], roles, frozenset({merged["function_tag"]}),
+        merged["role_tag"],
+        merged["content_tag"],
+        roles,
+        frozenset({merged["function_tag"]}),
         " (set tags to map other role names)",
     )
 
@@ -409,7 +437,9 @@ def _content(value: Any, field: str, where: Where) -> tuple[str, str | None, lis
         elif kind == "tool_call":
             calls.extend(_tool_calls(payload, f"{part_field}.{payload_key}", where))
         else:
-            raise where.error(f"{part_field}.type", f"content part type {_show(kind)} is not supported ({UNSUPPORTED_PARTS})")
+            raise where.error(
+                f"{part_field}.type", f"content part type {_show(kind)} is not supported ({UNSUPPORTED_PARTS})"
+            )
     return "".join(texts), ("".join(reasoning) if reasoning else None), calls
 
 
@@ -444,12 +474,16 @@ def text_message(role: str, value: Any, field: str, where: Where) -> Message:
 def parse_message(raw: Any, field: str, where: Where, dialect: Dialect = OPENAI) -> Message:
     """One message object in ``dialect`` → a canonical message (see :mod:`posttrain.data.records`)."""
     if not isinstance(raw, dict):
-        raise where.error(field, f"expected an object with {dialect.role_key} and {dialect.content_key}, got {_type(raw)}")
+        raise where.error(
+            field, f"expected an object with {dialect.role_key} and {dialect.content_key}, got {_type(raw)}"
+        )
     role_name = raw.get(dialect.role_key)
     role = dialect.roles.get(role_name) if isinstance(role_name, str) else None
     if role is None:
         problem = "missing" if role_name is None else f"unknown role {_show(role_name)}"
-        raise where.error(f"{field}.{dialect.role_key}", f"{problem}; expected one of {', '.join(dialect.roles)}{dialect.hint}")
+        raise where.error(
+            f"{field}.{dialect.role_key}", f"{problem}; expected one of {', '.join(dialect.roles)}{dialect.hint}"
+        )
     content_field = f"{field}.{dialect.content_key}"
     if dialect.content_key not in raw and "tool_calls" not in raw:
         raise where.error(content_field, "missing")
@@ -483,7 +517,9 @@ def parse_messages(value: Any, field: str, where: Where, dialect: Dialect = OPEN
     """A non-empty list of message objects in ``dialect`` → canonical messages."""
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else _type(value)
-        raise where.error(field, f"expected a non-empty list of {{{dialect.role_key}, {dialect.content_key}}} objects, got {got}")
+        raise where.error(
+            field, f"expected a non-empty list of {{{dialect.role_key}, {dialect.content_key}}} objects, got {got}"
+        )
     return [parse_message(item, f"{field}[{index}]", where, dialect) for index, item in enumerate(value)]
 
 
@@ -644,7 +680,10 @@ def _history(row: _Row) -> list[Message]:
     turns: list[Message] = []
     for index, pair in enumerate(value):
         if not isinstance(pair, list) or len(pair) != 2:
-            raise row.where.error(f"{field}[{index}]", f"expected a [user, assistant] pair, got {_show(pair) if not isinstance(pair, list) else f'{len(pair)} items'}")
+            raise row.where.error(
+                f"{field}[{index}]",
+                f"expected a [user, assistant] pair, got {_show(pair) if not isinstance(pair, list) else f'{len(pair)} items'}",
+            )
         turns.append(text_message("user", pair[0], f"{field}[{index}][0]", row.where))
         turns.append(text_message("assistant", pair[1], f"{field}[{index}][1]", row.where))
     return turns
@@ -684,13 +723,19 @@ def _parse_dolly(row: _Row, options: _Options) -> _Parsed:
     response = row.text("response", required=False)
     if response is None:
         return _Parsed(prompt, row.field("instruction"), split=len(prompt))
-    return _Parsed(prompt + [text_message("assistant", response, row.field("response"), row.where)], row.field("response"), split=len(prompt))
+    return _Parsed(
+        prompt + [text_message("assistant", response, row.field("response"), row.where)],
+        row.field("response"),
+        split=len(prompt),
+    )
 
 
 def _parse_flat(row: _Row, options: _Options) -> _Parsed:
     role = row.get("role")
     if role != "system":
-        raise row.error("role", f"expected 'system' (this format is {{role: system, content, user, assistant}}), got {_show(role)}")
+        raise row.error(
+            "role", f"expected 'system' (this format is {{role: system, content, user, assistant}}), got {_show(role)}"
+        )
     system = row.text("content", required=False)
     user = text_message("user", row.text("user", required=True), row.field("user"), row.where)
     if row.key("assistant") is None:
@@ -773,29 +818,52 @@ def _has(*names: str) -> Callable[[_Row, _Options], bool]:
 
 FORMATS: dict[str, _Format] = {
     "sharegpt": _Format(
-        {"messages": ("conversations", "messages"), "system": ("system",), "chosen": ("chosen",), "rejected": ("rejected",)},
-        _looks_sharegpt, _parse_sharegpt, "conversations (sharegpt)",
+        {
+            "messages": ("conversations", "messages"),
+            "system": ("system",),
+            "chosen": ("chosen",),
+            "rejected": ("rejected",),
+        },
+        _looks_sharegpt,
+        _parse_sharegpt,
+        "conversations (sharegpt)",
     ),
-    "openai": _Format({"messages": ("messages", "conversations")}, _has("messages"), _parse_openai, "messages (openai)"),
+    "openai": _Format(
+        {"messages": ("messages", "conversations")}, _has("messages"), _parse_openai, "messages (openai)"
+    ),
     # Before alpaca: a Dolly row also has an instruction, but its answer is `response` and its input `context`.
     "dolly": _Format(
-        {name: (name,) for name in ("instruction", "context", "response")}, _has("instruction", "response"), _parse_dolly,
+        {name: (name,) for name in ("instruction", "context", "response")},
+        _has("instruction", "response"),
+        _parse_dolly,
         "instruction/context/response (dolly)",
     ),
     "alpaca": _Format(
         {name: (name,) for name in ("instruction", "input", "output", "system", "history", "chosen", "rejected")},
-        _has("instruction"), _parse_alpaca, "instruction/input/output (alpaca)",
+        _has("instruction"),
+        _parse_alpaca,
+        "instruction/input/output (alpaca)",
     ),
     "flat": _Format(
-        {name: (name,) for name in ("role", "content", "user", "assistant")}, _has("role", "user", "assistant"), _parse_flat,
+        {name: (name,) for name in ("role", "content", "user", "assistant")},
+        _has("role", "user", "assistant"),
+        _parse_flat,
         "role/content/user/assistant (flat)",
     ),
     "preference": _Format(
-        {"prompt": ("prompt",), "chosen": ("chosen", "chosen_messages"), "rejected": ("rejected", "rejected_messages")},
-        _has("chosen", "rejected"), _parse_preference, "prompt?/chosen/rejected (preference)",
+        {
+            "prompt": ("prompt",),
+            "chosen": ("chosen", "chosen_messages"),
+            "rejected": ("rejected", "rejected_messages"),
+        },
+        _has("chosen", "rejected"),
+        _parse_preference,
+        "prompt?/chosen/rejected (preference)",
     ),
     "prompt_completion": _Format(
-        {"prompt": ("prompt",), "completion": ("completion",)}, _has("prompt", "completion"), _parse_prompt_completion,
+        {"prompt": ("prompt",), "completion": ("completion",)},
+        _has("prompt", "completion"),
+        _parse_prompt_completion,
         "prompt/completion",
     ),
     "prompt": _Format({"prompt": ("prompt",)}, _has("prompt"), _parse_prompt, "prompt with reference (prompt)"),
@@ -864,7 +932,9 @@ def _margin(row: _Row) -> float | None:
         return None
     if chosen is None or rejected is None:
         raise row.missing("score_rejected" if rejected is None else "score_chosen")
-    return _number(chosen, row.field("score_chosen"), row.where) - _number(rejected, row.field("score_rejected"), row.where)
+    return _number(chosen, row.field("score_chosen"), row.where) - _number(
+        rejected, row.field("score_rejected"), row.where
+    )
 
 
 def _reference(row: _Row) -> str | None:
@@ -896,7 +966,11 @@ def _natural_kind(parsed: _Parsed) -> str:
 def _need(parsed: _Parsed, row: _Row, kind: Kind, allowed: tuple[str, ...]) -> None:
     found = _natural_kind(parsed)
     if found not in allowed:
-        what = {"text": "a text document", "pair": "a preference pair", "dialogue": "a dialogue without chosen/rejected"}[found]
+        what = {
+            "text": "a text document",
+            "pair": "a preference pair",
+            "dialogue": "a dialogue without chosen/rejected",
+        }[found]
         raise row.where.error(parsed.field, f"this row is {what}, which cannot be read as a {kind} record")
 
 
@@ -983,7 +1057,12 @@ def _close(name: str, choices: Iterable[str]) -> str:
 def _options(source: str | Path | None, kind: Any, format: Any, columns: Any, tags: Any, on_invalid: Any) -> _Options:
     """Check the caller's arguments (a typo is a DataError with the close names) and resolve field keys."""
     if format != "auto" and format not in FORMATS:
-        raise DataError(source, None, "format", f"unknown format {format!r}{_close(str(format), FORMATS)}; expected auto or one of {', '.join(FORMATS)}")
+        raise DataError(
+            source,
+            None,
+            "format",
+            f"unknown format {format!r}{_close(str(format), FORMATS)}; expected auto or one of {', '.join(FORMATS)}",
+        )
     if kind is not None and kind not in KINDS:
         raise DataError(source, None, "kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if on_invalid not in ("error", "skip"):
@@ -992,11 +1071,19 @@ def _options(source: str | Path | None, kind: Any, format: Any, columns: Any, ta
     known = set(COMMON_FIELDS).union(*(spec.fields for spec in FORMATS.values()))
     for name, key in columns.items():
         if name not in known:
-            raise DataError(source, None, f"columns.{name}", f"unknown field{_close(str(name), known)}; fields: {', '.join(sorted(known))}")
+            raise DataError(
+                source,
+                None,
+                f"columns.{name}",
+                f"unknown field{_close(str(name), known)}; fields: {', '.join(sorted(known))}",
+            )
         if not isinstance(key, str) or not key:
             raise DataError(source, None, f"columns.{name}", f"expected the row's key (a string), got {_show(key)}")
     keys = {
-        name: {field: ((columns[field],) if field in columns else defaults) for field, defaults in {**spec.fields, **COMMON_FIELDS}.items()}
+        name: {
+            field: ((columns[field],) if field in columns else defaults)
+            for field, defaults in {**spec.fields, **COMMON_FIELDS}.items()
+        }
         for name, spec in FORMATS.items()
     }
     return _Options(sharegpt_dialect(tags, source), keys, frozenset(columns))
@@ -1007,7 +1094,10 @@ def _detect(data: dict[str, Any], where: Where, options: _Options) -> str:
         if spec.detect(_Row(data, where, options.keys[name]), options):
             return name
     keys = sorted(str(key) for key in data)
-    raise where.error(None, f"cannot tell the format from keys {keys[:12]}; expected one of: {FORMAT_SIGNATURES} (or pass format= and columns=)")
+    raise where.error(
+        None,
+        f"cannot tell the format from keys {keys[:12]}; expected one of: {FORMAT_SIGNATURES} (or pass format= and columns=)",
+    )
 
 
 def records_from_rows(
@@ -1057,7 +1147,9 @@ def records_from_rows(
     if rows_read == 0:
         raise DataError(source, None, None, "no rows (the file is empty)")
     if not records:
-        raise DataError(source, None, None, f"no usable rows: all {rows_read} rows are invalid; the first: {invalid[0]}")
+        raise DataError(
+            source, None, None, f"no usable rows: all {rows_read} rows are invalid; the first: {invalid[0]}"
+        )
     assert format_name is not None and file_kind is not None
     return ReadResult(records, format_name, file_kind, invalid, rows_read, str(source))
 

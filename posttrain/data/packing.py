@@ -100,7 +100,10 @@ def single_rows(sequences: Sequences, units: list[list[int]] | None = None) -> l
 
 
 def pack_rows(
-    sequences: Sequences, max_length: int, seed: int, units: list[list[int]] | None = None,
+    sequences: Sequences,
+    max_length: int,
+    seed: int,
+    units: list[list[int]] | None = None,
     share_prefix: bool = False,
 ) -> list[Row]:
     """Best-fit-decreasing packing into rows of at most ``max_length`` tokens (ties broken by a seeded shuffle).
@@ -174,8 +177,13 @@ def _segments(row: Row) -> list[Row]:
 def _slice(row: Row, start: int, end: int) -> Row:
     targets = row.targets[start:end]
     return Row(
-        row.input_ids[start:end], targets, row.position_ids[start:end], row.sequence_ids[start:end],
-        sum(t != IGNORE_INDEX for t in targets), row.source_ids[start:end], len(set(row.sequence_ids[start:end])),
+        row.input_ids[start:end],
+        targets,
+        row.position_ids[start:end],
+        row.sequence_ids[start:end],
+        sum(t != IGNORE_INDEX for t in targets),
+        row.source_ids[start:end],
+        len(set(row.sequence_ids[start:end])),
         row.branch_ids[start:end] if row.branch_ids is not None else None,
     )
 
@@ -297,7 +305,9 @@ def examples_of(units: Sequence[TokenizedSequence | tuple[TokenizedSequence, ...
     return [Example(index, unit if isinstance(unit, tuple) else (unit,)) for index, unit in enumerate(units)]
 
 
-def example_rows(examples: Sequence[Example], packed: bool, max_length: int, seed: int, share_prefix: bool = False) -> list[Row]:
+def example_rows(
+    examples: Sequence[Example], packed: bool, max_length: int, seed: int, share_prefix: bool = False
+) -> list[Row]:
     """Rows holding exactly ``examples``, each whole: packed (best-fit into rows of ``k·max_length`` tokens, so
     any unit fits; ``share_prefix`` holds a unit's shared prefix once) or one row per example (``collate`` splits
     a ``k``-sequence row into one tensor row per sequence). Only the layout depends on ``packed``: the examples,

@@ -58,7 +58,9 @@ def tokenize_preferences(result: ReadResult, tokenizer: Any, config: DataConfig)
     for record in result.records:
         assert isinstance(record, Preference)
         chosen, rejected = (
-            tokenize_messages(tokenizer, _with_response(record.prompt, side), response_config, record.meta, result.source)
+            tokenize_messages(
+                tokenizer, _with_response(record.prompt, side), response_config, record.meta, result.source
+            )
             for side in (record.chosen, record.rejected)
         )
         if chosen.num_targets == 0 or rejected.num_targets == 0:
@@ -96,7 +98,10 @@ def tokenize_unpaired(result: ReadResult, tokenizer: Any, config: DataConfig, se
     examples: list[tuple[list[dict[str, Any]], list[dict[str, Any]], bool, dict[str, Any]]] = []
     for record in result.records:
         if isinstance(record, Preference):
-            examples += [(record.prompt, record.chosen, True, record.meta), (record.prompt, record.rejected, False, record.meta)]
+            examples += [
+                (record.prompt, record.chosen, True, record.meta),
+                (record.prompt, record.rejected, False, record.meta),
+            ]
         else:
             assert isinstance(record, Unpaired)
             examples.append((record.prompt, record.completion, record.label, record.meta))
@@ -106,7 +111,9 @@ def tokenize_unpaired(result: ReadResult, tokenizer: Any, config: DataConfig, se
     borrowed = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
     sequences = []
     for index, (prompt, completion, label, meta) in enumerate(examples):
-        sequence = tokenize_messages(tokenizer, _with_response(prompt, completion), response_config, meta, result.source)
+        sequence = tokenize_messages(
+            tokenizer, _with_response(prompt, completion), response_config, meta, result.source
+        )
         other = examples[borrowed[index]][1]
         kl = tokenize_messages(tokenizer, _with_response(prompt, other), response_config, meta, result.source)
         if sequence.num_targets == 0 or kl.num_targets == 0:
@@ -123,7 +130,9 @@ def load_unpaired(config: DataConfig, tokenizer: Any, seed: int) -> SequenceSet:
     def tokenize(result: ReadResult) -> list[TokenizedSequence]:
         if result.kind not in ("unpaired", "preference"):
             raise DataError(
-                result.source, None, None,
+                result.source,
+                None,
+                None,
                 f"KTO needs completions labelled desirable/undesirable (a label field) or preference pairs; "
                 f"this source holds {result.kind} records",
             )
@@ -151,4 +160,6 @@ def pair_sides(pairs: SequenceSet) -> SequenceSet:
     end-of-turn tokens)."""
     sides = [side for pair in pairs.train for side in (pair.chosen, pair.rejected)]
     held_out = [side for pair in pairs.held_out for side in (pair.chosen, pair.rejected)]
-    return SequenceSet(sides, held_out, pairs.reports, pairs.skipped_rows, pairs.template, pairs.source_names, pairs.source_counts)
+    return SequenceSet(
+        sides, held_out, pairs.reports, pairs.skipped_rows, pairs.template, pairs.source_names, pairs.source_counts
+    )

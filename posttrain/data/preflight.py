@@ -90,5 +90,10 @@ def load_for_check(config: Any, tokenizer: Any) -> SequenceSet:
     if config.stage == "kto":
         return load_unpaired(config.data, tokenizer, config.seed)
     if config.stage == "rejection_sampling":
-        raise DataError(None, None, None, "rejection_sampling trains on responses it samples; check its prompts with posttrain data inspect")
+        raise DataError(
+            None,
+            None,
+            None,
+            "rejection_sampling trains on responses it samples; check its prompts with posttrain data inspect",
+        )
     return load_sequences(config.data, tokenizer, config.stage, config.seed)

@@ -177,7 +177,12 @@ def _measure(record: Record, counter: LengthCounter) -> dict[str, int]:
         tools = record.meta.get("tools")
         chosen_sample, chosen = counter.continuation(record.prompt, record.chosen, tools)
         rejected_sample, rejected = counter.continuation(record.prompt, record.rejected, tools)
-        return {"chosen_sample": chosen_sample, "rejected_sample": rejected_sample, "chosen": chosen, "rejected": rejected}
+        return {
+            "chosen_sample": chosen_sample,
+            "rejected_sample": rejected_sample,
+            "chosen": chosen,
+            "rejected": rejected,
+        }
     if isinstance(record, Unpaired):
         sample, trained = counter.continuation(record.prompt, record.completion, record.meta.get("tools"))
         return {"sample": sample, "trained": trained}
@@ -252,7 +257,9 @@ def shingle_hashes(text: str) -> np.ndarray:
     return np.unique((hashes * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32))
 
 
-def duplicate_stats(texts: Sequence[str], places: Sequence[str], threshold: float = NEAR_DUP_THRESHOLD) -> dict[str, Any]:
+def duplicate_stats(
+    texts: Sequence[str], places: Sequence[str], threshold: float = NEAR_DUP_THRESHOLD
+) -> dict[str, Any]:
     """Exact duplicates (identical text) and near duplicates (Jaccard >= ``threshold`` of character 5-gram
     shingles, exact ones included): a row counts when an earlier row is its duplicate.
 
@@ -413,13 +420,21 @@ def balance_stats(records: Sequence[Record]) -> dict[str, Any]:
 
 def _invalid(errors: Sequence[DataError]) -> dict[str, Any]:
     shown = [
-        {"path": str(e.path) if e.path is not None else None, "line": e.line, "field": e.field, "problem": e.problem, "message": str(e)}
+        {
+            "path": str(e.path) if e.path is not None else None,
+            "line": e.line,
+            "field": e.field,
+            "problem": e.problem,
+            "message": str(e),
+        }
         for e in errors[:MAX_SHOWN]
     ]
     return {"count": len(errors), "shown": shown}
 
 
-def inspect_records(result: ReadResult, counter: LengthCounter | None = None, max_length: int = 1024) -> dict[str, Any]:
+def inspect_records(
+    result: ReadResult, counter: LengthCounter | None = None, max_length: int = 1024
+) -> dict[str, Any]:
     """The report for records already read (see the module docstring); ``counter`` defaults to the offline
     approximation."""
     records = result.records
@@ -448,9 +463,13 @@ def load_tokenizer_counter(directory: str | Path, template: str | None = None) -
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"--tokenizer {directory}: cannot load a tokenizer there ({str(error).splitlines()[0][:200]})") from None
+        raise FileNotFoundError(
+            f"--tokenizer {directory}: cannot load a tokenizer there ({str(error).splitlines()[0][:200]})"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise FileNotFoundError(f"--tokenizer {directory}: needs a fast tokenizer (tokenizer.json) for character offsets")
+        raise FileNotFoundError(
+            f"--tokenizer {directory}: needs a fast tokenizer (tokenizer.json) for character offsets"
+        )
     return TokenizerCounter(tokenizer, str(directory), template)
 
 
@@ -527,7 +546,10 @@ def _lengths_lines(lengths: dict[str, Any]) -> list[str]:
         lines.append(f"  {'':<{label_width}}{header}")
     for name in names:
         stats = lengths["percentiles"][name]
-        lines.append(f"  {LENGTH_LABELS.get(name, name):<{label_width}}" + "".join(f"{stats[key]:>8}" for key in ("p50", "p90", "p99", "max")))
+        lines.append(
+            f"  {LENGTH_LABELS.get(name, name):<{label_width}}"
+            + "".join(f"{stats[key]:>8}" for key in ("p50", "p90", "p99", "max"))
+        )
     lines.append(f"  over --max-length {lengths['max_length']}: {_percent(lengths['over_max_length'])}")
     unrenderable = lengths["unrenderable"]
     if unrenderable["count"]:
@@ -539,13 +561,15 @@ def _lengths_lines(lengths: dict[str, Any]) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     """The report as a human-readable table."""
     lines = [f"dataset {report['source']}"]
-    lines += _table([
-        ("format", report["format"]),
-        ("record kind", report["kind"]),
-        ("rows read", str(report["rows_read"])),
-        ("records", str(report["records"])),
-        ("invalid rows", str(report["invalid"]["count"])),
-    ])
+    lines += _table(
+        [
+            ("format", report["format"]),
+            ("record kind", report["kind"]),
+            ("rows read", str(report["rows_read"])),
+            ("records", str(report["records"])),
+            ("invalid rows", str(report["invalid"]["count"])),
+        ]
+    )
     invalid = report["invalid"]
     for row in invalid["shown"]:
         lines.append(f"    {row['message']}")
@@ -557,37 +581,48 @@ def format_report(report: dict[str, Any]) -> str:
     duplicates = report["duplicates"]
     near = duplicates["near"]
     lines += ["", f"duplicates of the {duplicates['text']}"]
-    lines += _table([
-        ("exact", _percent(duplicates["exact"])),
-        (f"near (Jaccard >= {near['threshold']}, {near['shingles']})", _percent(near)),
-    ])
+    lines += _table(
+        [
+            ("exact", _percent(duplicates["exact"])),
+            (f"near (Jaccard >= {near['threshold']}, {near['shingles']})", _percent(near)),
+        ]
+    )
     for example in duplicates["exact"]["examples"]:
         lines.append(f"    exact: {_short(example['row'])} = {_short(example['duplicate_of'])}")
     for example in near["examples"]:
-        lines.append(f"    near:  {_short(example['row'])} ~ {_short(example['similar_to'])} (Jaccard {example['jaccard']})")
+        lines.append(
+            f"    near:  {_short(example['row'])} ~ {_short(example['similar_to'])} (Jaccard {example['jaccard']})"
+        )
 
     turns = report["turns"]
     if turns is not None:
         histogram = ", ".join(f"{n}: {count}" for n, count in turns["user_turns"].items())
         roles = ", ".join(f"{role} {count}" for role, count in turns["messages_by_role"].items())
         lines += ["", "turns"]
-        lines += _table([
-            ("user turns per record", histogram),
-            ("messages by role", roles),
-            ("with a system prompt", _percent(turns["with_system"])),
-            ("multi-turn", _percent(turns["multi_turn"])),
-            ("with tool schemas", _percent(turns["with_tool_schemas"])),
-            ("with tool turns", f"{_percent(turns['with_tool_turns'])}; {turns['tool_calls']} calls, {turns['tool_results']} results"),
-            ("untrained assistant turns", str(turns["untrained_assistant_turns"])),
-        ])
+        lines += _table(
+            [
+                ("user turns per record", histogram),
+                ("messages by role", roles),
+                ("with a system prompt", _percent(turns["with_system"])),
+                ("multi-turn", _percent(turns["multi_turn"])),
+                ("with tool schemas", _percent(turns["with_tool_schemas"])),
+                (
+                    "with tool turns",
+                    f"{_percent(turns['with_tool_turns'])}; {turns['tool_calls']} calls, {turns['tool_results']} results",
+                ),
+                ("untrained assistant turns", str(turns["untrained_assistant_turns"])),
+            ]
+        )
 
     preference = report["preference"]
     if preference is not None:
         lines += ["", "preference pairs"]
-        lines += _table([
-            ("chosen == rejected", _percent(preference["chosen_equals_rejected"])),
-            ("with a margin", _percent(preference["with_margin"])),
-        ])
+        lines += _table(
+            [
+                ("chosen == rejected", _percent(preference["chosen_equals_rejected"])),
+                ("with a margin", _percent(preference["with_margin"])),
+            ]
+        )
         for place in preference["chosen_equals_rejected"]["examples"]:
             lines.append(f"    {_short(place)}")
 
@@ -597,6 +632,7 @@ def format_report(report: dict[str, Any]) -> str:
             shown = list(distribution["values"].items())[:10]
             values = ", ".join(f"{value} {_percent(share)}" for value, share in shown)
             more = distribution["distinct"] - len(shown)
-            lines.append(f"  {name} ({distribution['distinct']} values): {values}" + (f", ... {more} more" if more > 0 else ""))
+            lines.append(
+                f"  {name} ({distribution['distinct']} values): {values}" + (f", ... {more} more" if more > 0 else "")
+            )
     return "\n".join(lines)
-

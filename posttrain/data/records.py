@@ -19,7 +19,7 @@ that is itself called ``source`` or ``line`` is kept as ``field:source`` / ``fie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -79,7 +79,7 @@ class Unpaired:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-Record = Union[Conversation, Preference, Prompt, Text, Unpaired]
+Record = Conversation | Preference | Prompt | Text | Unpaired
 
 RECORD_TYPES: dict[Kind, type] = {
     "conversation": Conversation,

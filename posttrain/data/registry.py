@@ -30,19 +30,45 @@ from posttrain.data.records import Kind
 
 REGISTRY_FILE = "dataset_info.json"
 
-ENTRY_KEYS = frozenset({
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "file_sha1",
-    "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags",
-})
+ENTRY_KEYS = frozenset(
+    {
+        "hf_hub_url",
+        "ms_hub_url",
+        "om_hub_url",
+        "script_url",
+        "cloud_file_name",
+        "file_name",
+        "file_sha1",
+        "formatting",
+        "ranking",
+        "subset",
+        "split",
+        "folder",
+        "num_samples",
+        "columns",
+        "tags",
+    }
+)
 
 # LLaMA-Factory column names → this package's field names, per formatting (see posttrain.data.formats).
 LF_COLUMNS: dict[str, dict[str, str]] = {
     "alpaca": {
-        "prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system",
-        "tools": "tools", "chosen": "chosen", "rejected": "rejected", "kto_tag": "label",
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "history": "history",
+        "system": "system",
+        "tools": "tools",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "kto_tag": "label",
     },
     "sharegpt": {
-        "messages": "messages", "system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected",
+        "messages": "messages",
+        "system": "system",
+        "tools": "tools",
+        "chosen": "chosen",
+        "rejected": "rejected",
         "kto_tag": "label",
     },
 }
@@ -125,7 +151,9 @@ def resolve_dataset(
     registry_path = find_registry(registry, search_dirs)
     if registry_path is None:
         looked = [str(d) for d in search_dirs]
-        raise DataError(text, None, None, f"not a file, and no {REGISTRY_FILE} to look the name up in (searched {looked})")
+        raise DataError(
+            text, None, None, f"not a file, and no {REGISTRY_FILE} to look the name up in (searched {looked})"
+        )
     entries = load_registry(registry_path)
     if text not in entries:
         close = difflib.get_close_matches(text, list(entries), n=5, cutoff=0.5)
@@ -157,7 +185,10 @@ def spec_from_entry(name: str, entry: Any, registry_path: Path) -> DatasetSpec:
     columns: dict[str, str] = {}
     for lf_name, key in lf_columns.items():
         if lf_name not in LF_COLUMNS[formatting]:
-            raise error(f"columns.{lf_name}", f"unknown column for {formatting} formatting; expected some of {', '.join(LF_COLUMNS[formatting])}")
+            raise error(
+                f"columns.{lf_name}",
+                f"unknown column for {formatting} formatting; expected some of {', '.join(LF_COLUMNS[formatting])}",
+            )
         columns[LF_COLUMNS[formatting][lf_name]] = key
     ranking = bool(entry.get("ranking", False))
     tags = entry.get("tags") or {}
@@ -173,16 +204,33 @@ def spec_from_entry(name: str, entry: Any, registry_path: Path) -> DatasetSpec:
     if local is not None and local.suffix.lower() == ".txt":
         file_format, kind, columns = "text", "text", {}  # a .txt file is one document per line whatever the columns
     num_samples = entry.get("num_samples")
-    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1):
+    if num_samples is not None and (
+        not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
+    ):
         raise error("num_samples", f"expected a positive integer, got {num_samples!r}")
-    base = DatasetSpec(name=name, format=file_format, kind=kind, columns=columns, tags=tags, num_samples=num_samples, registry=registry_path)
+    base = DatasetSpec(
+        name=name,
+        format=file_format,
+        kind=kind,
+        columns=columns,
+        tags=tags,
+        num_samples=num_samples,
+        registry=registry_path,
+    )
     if local is not None and local.exists():
         return replace(base, paths=_local(local))
     hub = entry.get("hf_hub_url")
     if isinstance(hub, str):
         subset = entry.get("subset")
-        return replace(base, hf_hub_url=hub, split=str(entry.get("split", "train")), subset=subset if isinstance(subset, str) else None)
-    other = next((f"{key}={entry[key]}" for key in ("ms_hub_url", "om_hub_url") if isinstance(entry.get(key), str)), None)
+        return replace(
+            base,
+            hf_hub_url=hub,
+            split=str(entry.get("split", "train")),
+            subset=subset if isinstance(subset, str) else None,
+        )
+    other = next(
+        (f"{key}={entry[key]}" for key in ("ms_hub_url", "om_hub_url") if isinstance(entry.get(key), str)), None
+    )
     if other is not None:
         return replace(base, other_hub_url=other)
     if local is not None:
@@ -194,7 +242,10 @@ def spec_from_entry(name: str, entry: Any, registry_path: Path) -> DatasetSpec:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_rows(spec: DatasetSpec) -> Iterator[tuple[Where, Any]]:
@@ -202,17 +253,29 @@ def _hub_rows(spec: DatasetSpec) -> Iterator[tuple[Where, Any]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(spec.name, None, None, f"needs the datasets library to read hf_hub_url={spec.hf_hub_url} (pip install datasets)") from None
+        raise DataError(
+            spec.name,
+            None,
+            None,
+            f"needs the datasets library to read hf_hub_url={spec.hf_hub_url} (pip install datasets)",
+        ) from None
     try:
         table = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, split=spec.split)
     except Exception as error:  # network, auth, missing split: datasets raises many types
-        raise DataError(spec.name, None, None, f"cannot load hf_hub_url={spec.hf_hub_url} ({type(error).__name__}: {str(error)[:160]})") from None
+        raise DataError(
+            spec.name,
+            None,
+            None,
+            f"cannot load hf_hub_url={spec.hf_hub_url} ({type(error).__name__}: {str(error)[:160]})",
+        ) from None
     label = f"{spec.hf_hub_url}[{spec.split}]"
     for index, row in enumerate(table, start=1):
         yield Where(label, index, f"row {index} of split {spec.split!r}"), dict(row)
 
 
-def read_dataset(spec: DatasetSpec, kind: Kind | None = None, on_invalid: OnInvalid = "error", offline: bool | None = None) -> ReadResult:
+def read_dataset(
+    spec: DatasetSpec, kind: Kind | None = None, on_invalid: OnInvalid = "error", offline: bool | None = None
+) -> ReadResult:
     """Read a resolved dataset with :func:`~posttrain.data.formats.read_records` (files) or the ``datasets``
     library (hub, only when online: ``offline=None`` follows HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
     kind = kind or spec.kind
@@ -221,19 +284,39 @@ def read_dataset(spec: DatasetSpec, kind: Kind | None = None, on_invalid: OnInva
         parts = [read_records(p, kind, spec.format, spec.columns, spec.tags, on_invalid) for p in spec.paths]
         kinds = {part.kind for part in parts}
         if len(kinds) > 1:
-            raise DataError(spec.name, None, None, f"files hold different record kinds {sorted(kinds)}: {[p.summary() for p in parts]}")
+            raise DataError(
+                spec.name,
+                None,
+                None,
+                f"files hold different record kinds {sorted(kinds)}: {[p.summary() for p in parts]}",
+            )
         formats = sorted({part.format for part in parts})
         result = ReadResult(
-            [r for part in parts for r in part.records], "+".join(formats), parts[0].kind,
-            [e for part in parts for e in part.invalid], sum(part.rows_read for part in parts),
+            [r for part in parts for r in part.records],
+            "+".join(formats),
+            parts[0].kind,
+            [e for part in parts for e in part.invalid],
+            sum(part.rows_read for part in parts),
             str(spec.paths[0]) if len(spec.paths) == 1 else spec.name,
         )
     elif spec.hf_hub_url is not None:
         if offline:
-            raise DataError(spec.name, None, None, f"needs network: hf_hub_url={spec.hf_hub_url} (offline); download it and set file_name")
-        result = records_from_rows(_hub_rows(spec), spec.hf_hub_url, kind, spec.format, spec.columns, spec.tags, on_invalid)
+            raise DataError(
+                spec.name,
+                None,
+                None,
+                f"needs network: hf_hub_url={spec.hf_hub_url} (offline); download it and set file_name",
+            )
+        result = records_from_rows(
+            _hub_rows(spec), spec.hf_hub_url, kind, spec.format, spec.columns, spec.tags, on_invalid
+        )
     else:
-        raise DataError(spec.name, None, None, f"needs network: {spec.other_hub_url} (only the Hugging Face hub is supported); download it and set file_name")
+        raise DataError(
+            spec.name,
+            None,
+            None,
+            f"needs network: {spec.other_hub_url} (only the Hugging Face hub is supported); download it and set file_name",
+        )
     if spec.num_samples is not None:
         result.records = result.records[: spec.num_samples]
     return result

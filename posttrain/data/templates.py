@@ -21,16 +21,16 @@ than dropping either silently.
 
 from __future__ import annotations
 
-import jinja2
-
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 # Built-ins that have no tool format refuse a `tools` argument instead of training on a prompt without them.
 _NO_TOOLS = (
-    "{%- if tools -%}{{- raise_exception(\"the built-in {name} chat template does not render tools; use the "
+    '{%- if tools -%}{{- raise_exception("the built-in {name} chat template does not render tools; use the '
     "model's own template or a .jinja file that does\") -}}{%- endif -%}\n"
 )
 
@@ -45,7 +45,9 @@ def _refuse_tools(name: str) -> str:
 # prompt), which renders the same full conversation but keeps `add_generation_prompt` in charge of the header.
 # No space after "Assistant:": a prompt ending in a space makes the model start its reply with a token it never
 # saw at that position in pretraining text.
-DEFAULT = _refuse_tools("default") + """\
+DEFAULT = (
+    _refuse_tools("default")
+    + """\
 {%- for message in messages -%}
   {%- if message['role'] == 'system' -%}
     {{- 'System: ' + message['content'] + eos_token + '\\n' -}}
@@ -60,12 +62,15 @@ DEFAULT = _refuse_tools("default") + """\
 {%- if add_generation_prompt -%}
   {{- 'Assistant:' -}}
 {%- endif -%}"""
+)
 
 # Llama-2-chat, from meta-llama/Llama-2-7b-chat-hf's chat_template (peer-data chat-templates/llama-2-chat.jinja):
 #   <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] {user} [/INST] ...
 # Same output as that template, including its .strip() of every turn and the user/assistant alternation check.
 # The generation prompt is empty: "[/INST]" closes the user turn, and the reply starts with its leading space.
-LLAMA2 = _refuse_tools("llama2") + """\
+LLAMA2 = (
+    _refuse_tools("llama2")
+    + """\
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set system_message = messages[0]['content'] -%}
   {%- set loop_messages = messages[1:] -%}
@@ -90,12 +95,15 @@ LLAMA2 = _refuse_tools("llama2") + """\
     {{- ' ' + message['content'] | trim + ' ' + eos_token -}}
   {%- endif -%}
 {%- endfor -%}"""
+)
 
 # Llama-3-Instruct, from meta-llama/Meta-Llama-3-8B-Instruct's chat_template (chat-templates/llama-3-instruct.jinja,
 # and LLaMA-Factory's `llama3` slots): {bos}<|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>.
 # Any role renders (the header names it: Llama 3.1 uses `ipython` for tool results). The turn ends with
 # <|eot_id|>, not the tokenizer's eos (<|end_of_text|> on the base checkpoints).
-LLAMA3 = _refuse_tools("llama3") + """\
+LLAMA3 = (
+    _refuse_tools("llama3")
+    + """\
 {%- for message in messages -%}
   {%- set turn = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' -%}
   {%- if loop.first -%}
@@ -106,26 +114,32 @@ LLAMA3 = _refuse_tools("llama3") + """\
 {%- if add_generation_prompt -%}
   {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
 {%- endif -%}"""
+)
 
 # ChatML, as in Qwen2/Qwen2.5-Instruct's templates (chat-templates/qwen2-instruct.jinja, qwen2.5-instruct.jinja) and
 # the old transformers default (the `_base` case of hfjs-e2e-cases.json): <|im_start|>{role}\n{content}<|im_end|>\n.
 # Unlike Qwen's own templates it adds no default system prompt when none is given (a base model has no persona).
 # vLLM's chatml.jinja and Qwen1.5-Chat's template leave the last turn without <|im_end|>, which would never
 # teach the model to stop.
-CHATML = _refuse_tools("chatml") + """\
+CHATML = (
+    _refuse_tools("chatml")
+    + """\
 {%- for message in messages -%}
   {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
   {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}"""
+)
 
 # Baichuan2-Chat: {system}<reserved_106>{user}<reserved_107>{assistant}... as in vLLM's template_baichuan.jinja
 # (chat-templates/baichuan2-chat.jinja), Baichuan2's own build_chat_input and LLaMA-Factory's `baichuan2` slots.
 # Those put no token after an assistant turn; Baichuan2's fine-tune.py instead trains eos as the label of the next
 # user token (LLaMA-Factory's `efficient_eos`). A string template can only teach stopping by writing eos after the
 # turn, so this one does; with eos_token='' it renders exactly what vLLM's template renders.
-BAICHUAN2 = _refuse_tools("baichuan2") + """\
+BAICHUAN2 = (
+    _refuse_tools("baichuan2")
+    + """\
 {%- for message in messages -%}
   {%- if message['role'] == 'system' -%}
     {%- if not loop.first -%}
@@ -143,6 +157,7 @@ BAICHUAN2 = _refuse_tools("baichuan2") + """\
 {%- if add_generation_prompt -%}
   {{- '<reserved_107>' -}}
 {%- endif -%}"""
+)
 
 # ChatGLM3-6B, from THUDM/chatglm3-6b's chat_template (chat-templates/chatglm3-6b.jinja, the same string as
 # tokenizers/chatglm/tokenizer_config.json): [gMASK]sop<|{role}|>\n {content}. The space after "\n" is the
@@ -150,7 +165,9 @@ BAICHUAN2 = _refuse_tools("baichuan2") + """\
 # <|observation|> token, so the last turn of a conversation would teach no stop; as LLaMA-Factory's `chatglm3`
 # (`efficient_eos`) and ChatGLM3's finetune_demo do, eos follows the assistant turn. With eos_token='' this
 # renders exactly what the original template renders.
-CHATGLM3 = _refuse_tools("chatglm3") + """\
+CHATGLM3 = (
+    _refuse_tools("chatglm3")
+    + """\
 {%- for message in messages -%}
   {%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}
     {{- raise_exception('the chatglm3 chat template has no slot for role ' ~ message['role'] ~ '; use system, user, assistant or observation') -}}
@@ -167,6 +184,7 @@ CHATGLM3 = _refuse_tools("chatglm3") + """\
 {%- if add_generation_prompt -%}
   {{- '<|assistant|>' -}}
 {%- endif -%}"""
+)
 
 # Mistral-7B-Instruct / Mixtral-8x7B-Instruct v0.1, from the model's chat_template
 # (chat-templates/mixtral-8x7b-instruct.jinja): {bos}[INST] {user} [/INST]{assistant}</s>[INST] ... That template
@@ -174,7 +192,9 @@ CHATGLM3 = _refuse_tools("chatglm3") + """\
 # `mistral` template does (format_system "{{content}}\n\n" inside the first user turn). Without a system message
 # the output equals the original. (Ollama's mistral:7b-instruct revision writes a space after </s>; the Mixtral one
 # does not, so every assistant turn ends exactly on eos.)
-MISTRAL = _refuse_tools("mistral") + """\
+MISTRAL = (
+    _refuse_tools("mistral")
+    + """\
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set system_message = messages[0]['content'] -%}
   {%- set loop_messages = messages[1:] -%}
@@ -200,6 +220,7 @@ MISTRAL = _refuse_tools("mistral") + """\
     {{- message['content'] + eos_token -}}
   {%- endif -%}
 {%- endfor -%}"""
+)
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "default": DEFAULT,

@@ -41,7 +41,9 @@ def shift_labels(input_ids: list[int], labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX] if input_ids else []
 
 
-def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: Any = None) -> str:
+def render(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: Any = None
+) -> str:
     return tokenizer.apply_chat_template(
         messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
     )
@@ -64,7 +66,9 @@ def assistant_spans(
             through = without_closing_suffix(tokenizer, through, text)
         if not (text.startswith(through) and through.startswith(prompt)):
             raise DataError(
-                None, None, "chat_template",
+                None,
+                None,
+                "chat_template",
                 "the chat template does not render conversations prefix-consistently (turn "
                 f"{index} renders differently inside the full conversation); set data.template to a template "
                 "that does",
@@ -174,7 +178,9 @@ def tokenize_conversation(
     truncated = len(input_ids) > max_length
     cut_turn = truncated and labels[max_length - 1] != IGNORE_INDEX and labels[max_length] != IGNORE_INDEX
     input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return TokenizedSequence(input_ids, shift_labels(input_ids, labels), truncated, extra={"cut_turn": cut_turn} if cut_turn else {})
+    return TokenizedSequence(
+        input_ids, shift_labels(input_ids, labels), truncated, extra={"cut_turn": cut_turn} if cut_turn else {}
+    )
 
 
 def tokenize_text(tokenizer: Any, text: str, max_length: int) -> list[TokenizedSequence]:

@@ -12,6 +12,7 @@ import torch
 from posttrain.data.formats import read_records
 from posttrain.data.records import Prompt
 
+
 class EvalError(ValueError):
     """An evaluation that cannot run as asked (wrong kind of model for the data, models that do not share a
     tokenizer, a judge that needs references the prompts lack); the message says what to change."""
@@ -26,7 +27,10 @@ def text_table(header: list[str], rows: list[list[str]], rule: bool = False) -> 
     """Cells laid out in fixed-width columns for a terminal: the first (the model's name) left-aligned, the
     figures right-aligned so their digits line up; ``rule`` draws dashes under the header."""
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in [header, *rows]
+    ]
     if rule:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -57,10 +61,14 @@ def load_prompts(prompts: str | Path | Iterable[Any]) -> list[Prompt]:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list) or not messages:
-            raise EvalError(f"prompt row {index}: expected 'messages' (a message list) or 'prompt' (a string or message list)")
+            raise EvalError(
+                f"prompt row {index}: expected 'messages' (a message list) or 'prompt' (a string or message list)"
+            )
         reference = item.get("reference", item.get("answer"))
         task = item.get("task")
-        rows.append(Prompt(messages, None if reference is None else str(reference), {} if task is None else {"task": task}))
+        rows.append(
+            Prompt(messages, None if reference is None else str(reference), {} if task is None else {"task": task})
+        )
     if not rows:
         raise EvalError("no prompts to evaluate")
     return rows
@@ -101,7 +109,13 @@ def generate_answers(
 
     use_chat_template(tokenizer, None)
     groups = sample_responses(
-        model, tokenizer, [prompt.messages for prompt in prompts], num_samples=1, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, temperature=0.0, stop_token_ids=answer_stop_ids(tokenizer),
+        model,
+        tokenizer,
+        [prompt.messages for prompt in prompts],
+        num_samples=1,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=0.0,
+        stop_token_ids=answer_stop_ids(tokenizer),
     )
     return [group[0] for group in groups]

@@ -67,7 +67,12 @@ def evaluate_model(
 
         reference_model, reference_tokenizer = load_reference(reference)
         result["kl_to_reference"] = kl_to_reference(
-            model, reference_model, tokenizer, messages, answers, batch_size=min(batch_size, 16),
+            model,
+            reference_model,
+            tokenizer,
+            messages,
+            answers,
+            batch_size=min(batch_size, 16),
             reference_tokenizer=reference_tokenizer,
         )
     return result
@@ -159,7 +164,12 @@ def evaluate_files(
         reference_pair = load_reference(reference) if reference is not None else None
         for name in names:
             results[name] = evaluate_model(
-                name, rows, reward_model=scorer, reference=reference_pair, max_new_tokens=max_new_tokens, batch_size=batch_size
+                name,
+                rows,
+                reward_model=scorer,
+                reference=reference_pair,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
             )
         if judge is not None:
             from posttrain.eval.win_rate import compare_answers
@@ -212,5 +222,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [[name, *(_cell(metrics.get(column)) for column in columns)] for name, metrics in results.items()]
     lines = [f"{report['data']}: {DATA_KINDS[report['kind']]}", text_table(header, rows)]
     if "baseline" in report:
-        lines.append(f"win_rate: share of prompts where the model's answer beats {report['baseline']}'s (ties count half), judged by {report['judge']}")
+        lines.append(
+            f"win_rate: share of prompts where the model's answer beats {report['baseline']}'s (ties count half), judged by {report['judge']}"
+        )
     return "\n".join(lines)

@@ -48,7 +48,11 @@ def check_same_vocabulary(model: Any, reference: Any, tokenizer: Any = None, ref
             f"the model has a {sizes[0]}-token vocabulary and the reference a {sizes[1]}-token one; KL needs "
             "both to share a tokenizer (use the model this one was trained from as the reference)"
         )
-    if tokenizer is not None and reference_tokenizer is not None and tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+    if (
+        tokenizer is not None
+        and reference_tokenizer is not None
+        and tokenizer.get_vocab() != reference_tokenizer.get_vocab()
+    ):
         raise EvalError(
             "the model and the reference have different tokenizers (same size, different tokens); KL needs both "
             "to share a tokenizer (use the model this one was trained from as the reference)"
@@ -80,7 +84,9 @@ def answer_kls(
                 attention_mask[row, : len(ids)] = 1
                 scored[row, len(prompt) - 1 : len(ids) - 1] = True
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            ref_logits = reference(input_ids=input_ids.to(ref_device), attention_mask=attention_mask.to(ref_device)).logits
+            ref_logits = reference(
+                input_ids=input_ids.to(ref_device), attention_mask=attention_mask.to(ref_device)
+            ).logits
             per_token = token_kl(logits, ref_logits.to(logits.device)) * scored.to(logits.device)
             kls += per_token.sum(-1).tolist()
     return kls

@@ -51,7 +51,12 @@ class Question:
 
 def looks_like_multiple_choice(row: Any) -> bool:
     """Whether a raw row has the fields of a multiple-choice question (either layout)."""
-    return isinstance(row, dict) and "question" in row and "answer" in row and ("choices" in row or ("A" in row and "B" in row))
+    return (
+        isinstance(row, dict)
+        and "question" in row
+        and "answer" in row
+        and ("choices" in row or ("A" in row and "B" in row))
+    )
 
 
 def _choices(row: dict[str, Any], where: Any) -> tuple[str, ...]:
@@ -67,7 +72,9 @@ def _choices(row: dict[str, Any], where: Any) -> tuple[str, ...]:
         if len(value) < 2:
             raise where.error("choices", f"expected at least 2 choices, got {len(value)}")
         if len(value) > len(LETTERS):
-            raise where.error("choices", f"{len(value)} choices; at most {len(LETTERS)} (one letter each) are supported")
+            raise where.error(
+                "choices", f"{len(value)} choices; at most {len(LETTERS)} (one letter each) are supported"
+            )
         field_names = [f"choices[{i}]" for i in range(len(value))]
     else:
         # C-Eval's columns A, B, C, D; an empty cell (None) ends the choices, for files mixing 4 and 5 choices.
@@ -85,7 +92,9 @@ def _choices(row: dict[str, Any], where: Any) -> tuple[str, ...]:
 
 
 def _answer(value: Any, choices: tuple[str, ...], where: Any) -> int:
-    expected = f"expected the index (0..{len(choices) - 1}), letter (A..{LETTERS[len(choices) - 1]}) or text of a choice"
+    expected = (
+        f"expected the index (0..{len(choices) - 1}), letter (A..{LETTERS[len(choices) - 1]}) or text of a choice"
+    )
     if isinstance(value, bool) or value is None:
         raise where.error("answer", f"{expected}, got {value!r}")
     if isinstance(value, int):
@@ -118,12 +127,17 @@ def read_multiple_choice(path: str | Path) -> list[Question]:
             missing = [name for name in ("question", "answer") if name not in row] + (
                 [] if "choices" in row or "A" in row else ["choices (or columns A, B, ...)"]
             )
-            raise where.error(missing[0].split(" ")[0], f"missing {', '.join(missing)}; a multiple-choice row has question, choices and answer")
+            raise where.error(
+                missing[0].split(" ")[0],
+                f"missing {', '.join(missing)}; a multiple-choice row has question, choices and answer",
+            )
         question = row["question"]
         if not isinstance(question, str) or not question.strip():
             raise where.error("question", f"expected a non-empty string, got {question!r}")
         choices = _choices(row, where)
-        questions.append(Question(question, choices, _answer(row["answer"], choices, where), f"{where.path}:{where.line}"))
+        questions.append(
+            Question(question, choices, _answer(row["answer"], choices, where), f"{where.path}:{where.line}")
+        )
     if not questions:
         raise DataError(path, None, None, "no rows (the file is empty)")
     return questions
@@ -153,7 +167,9 @@ def encode_continuation(tokenizer: Any, context: str, continuation: str) -> tupl
 
 
 @torch.no_grad()
-def continuation_logprobs(model: Any, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[float]:
+def continuation_logprobs(
+    model: Any, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16
+) -> list[float]:
     """Summed log-probability of each ``(context_ids, continuation_ids)`` continuation given its context."""
     device = device_of(model)
     results: list[float] = []
@@ -194,14 +210,16 @@ def evaluate_multiple_choice(
         for index, choice in enumerate(question.choices):
             letter_requests.append(encode_continuation(tokenizer, prompt, f" {LETTERS[index]}"))
             cloze_requests.append(encode_continuation(tokenizer, cloze, f" {choice}"))
-            cloze_bytes.append(len(f" {choice}".encode("utf-8")))
+            cloze_bytes.append(len(f" {choice}".encode()))
     letter_logps = continuation_logprobs(model, letter_requests, batch_size)
     cloze_logps = continuation_logprobs(model, cloze_requests, batch_size)
     predictions, predictions_norm, offset = [], [], 0
     for question in questions:
         n = len(question.choices)
         letters = letter_logps[offset : offset + n]
-        normed = [logp / size for logp, size in zip(cloze_logps[offset : offset + n], cloze_bytes[offset : offset + n])]
+        normed = [
+            logp / size for logp, size in zip(cloze_logps[offset : offset + n], cloze_bytes[offset : offset + n])
+        ]
         predictions.append(max(range(n), key=letters.__getitem__))
         predictions_norm.append(max(range(n), key=normed.__getitem__))
         offset += n

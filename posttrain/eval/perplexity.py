@@ -42,7 +42,9 @@ def loss_sequences(tokenizer: Any, records: Sequence[Record], max_length: int = 
 
 
 @torch.no_grad()
-def sequences_nll(model: Any, sequences: Sequence[TokenizedSequence], pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
+def sequences_nll(
+    model: Any, sequences: Sequence[TokenizedSequence], pad_token_id: int, batch_size: int = 8
+) -> tuple[float, int]:
     """Summed NLL (float64) and count of the scored targets of ``sequences`` (right-padded batches)."""
     device = device_of(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))  # less padding per batch
@@ -87,7 +89,9 @@ def heldout_loss(
     with eval_mode(model):
         total, count = sequences_nll(model, sequences, pad, batch_size)
     if count == 0:
-        raise EvalError(f"{data if isinstance(data, (str, Path)) else 'records'}: no token to score (no assistant turns?)")
+        raise EvalError(
+            f"{data if isinstance(data, (str, Path)) else 'records'}: no token to score (no assistant turns?)"
+        )
     loss = total / count
     return {
         "loss": loss,

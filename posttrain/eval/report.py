@@ -34,7 +34,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("length", "length", "{:.1f}"),
     ("EOS rate", "eos_rate", "{:.2f}"),
 )
-RL_CURVES = (("reward", "reward (training signal)"), ("gold_reward", "gold reward (verifiable truth)"), ("kl", "KL to the reference"))
+RL_CURVES = (
+    ("reward", "reward (training signal)"),
+    ("gold_reward", "gold reward (verifiable truth)"),
+    ("kl", "KL to the reference"),
+)
 
 
 def eval_json(evaluation: dict[str, Any], reference_row: str | None) -> dict[str, Any]:
@@ -53,12 +57,20 @@ def eval_json(evaluation: dict[str, Any], reference_row: str | None) -> dict[str
 
 def format_table(evaluation: dict[str, Any], reference_row: str | None = None) -> str:
     """The evaluation as a fixed-width text table (what the demo prints)."""
-    titles = ["model"] + [title if key != "kl_to_reference" or not reference_row else f"KL to {reference_row}" for title, key, _ in COLUMNS]
-    rows = [[row] + [_cell(figures.get(key), fmt) for _, key, fmt in COLUMNS] for row, figures in evaluation.get("models", {}).items()]
+    titles = ["model"] + [
+        title if key != "kl_to_reference" or not reference_row else f"KL to {reference_row}"
+        for title, key, _ in COLUMNS
+    ]
+    rows = [
+        [row] + [_cell(figures.get(key), fmt) for _, key, fmt in COLUMNS]
+        for row, figures in evaluation.get("models", {}).items()
+    ]
     lines = [text_table(titles, rows, rule=True)]
     if "reward_model" in evaluation:
         rm = evaluation["reward_model"]
-        lines.append(f"\nreward model on held-out pairs: accuracy {rm['accuracy']:.3f}, mean gap {rm.get('mean_gap', float('nan')):.3f}")
+        lines.append(
+            f"\nreward model on held-out pairs: accuracy {rm['accuracy']:.3f}, mean gap {rm.get('mean_gap', float('nan')):.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -105,8 +117,12 @@ def _plots(pipeline: Pipeline, evaluation: dict[str, Any]) -> list[tuple[str, by
         figure, axis = plt.subplots(figsize=(7, 3.2))
         names = list(models)
         width = 0.38
-        for offset, (key, label) in zip((-width / 2, width / 2), (("exact_match", "exact match"), ("gold_reward", "gold reward"))):
-            axis.bar([i + offset for i in range(len(names))], [models[n].get(key) or 0.0 for n in names], width, label=label)
+        for offset, (key, label) in zip(
+            (-width / 2, width / 2), (("exact_match", "exact match"), ("gold_reward", "gold reward"))
+        ):
+            axis.bar(
+                [i + offset for i in range(len(names))], [models[n].get(key) or 0.0 for n in names], width, label=label
+            )
         axis.set_xticks(range(len(names)), names)
         axis.set_ylim(0, 1)
         axis.set_title("held-out prompts, greedy answers")
@@ -114,7 +130,10 @@ def _plots(pipeline: Pipeline, evaluation: dict[str, Any]) -> list[tuple[str, by
         axis.grid(axis="y", alpha=0.3)
         save("Exact match and gold reward per model", figure)
 
-    supervised = {name: [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and "reward" not in r] for name, rows in metrics.items()}
+    supervised = {
+        name: [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and "reward" not in r]
+        for name, rows in metrics.items()
+    }
     supervised = {name: points for name, points in supervised.items() if points}
     if supervised:
         figure, axes = plt.subplots(1, len(supervised), figsize=(3.2 * len(supervised), 2.8), squeeze=False)
@@ -158,7 +177,18 @@ def _timings(result: PipelineResult) -> list[tuple[str, str]]:
 
 
 def _markdown(pipeline: Pipeline, result: PipelineResult, table: str, plots: list[tuple[str, bytes]]) -> str:
-    lines = [f"# Pipeline report: {pipeline.source}", "", f"Output: `{pipeline.out}` · {_machine()}", "", "## Evaluation", "", "```", table, "```", ""]
+    lines = [
+        f"# Pipeline report: {pipeline.source}",
+        "",
+        f"Output: `{pipeline.out}` · {_machine()}",
+        "",
+        "## Evaluation",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+    ]
     lines += ["## Stages", "", "| stage | time |", "|---|---|"] + [f"| {name} | {t} |" for name, t in _timings(result)]
     lines += ["", f"Plots ({len(plots)}) and sample answers are in `report.html`.", ""]
     return "\n".join(lines)
@@ -176,18 +206,31 @@ td.answer { text-align: left; font-family: monospace; }
 """
 
 
-def _html(pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any], table: str, plots: list[tuple[str, bytes]]) -> str:
+def _html(
+    pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any], table: str, plots: list[tuple[str, bytes]]
+) -> str:
     esc = html.escape
     reference_row = pipeline.reference_row()
     models = evaluation.get("models", {})
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>posttrain report: {esc(pipeline.source)}</title><style>{STYLE}</style></head><body>"]
-    parts.append(f"<h1>Pipeline report</h1><p><code>{esc(pipeline.source)}</code> → <code>{esc(str(pipeline.out))}</code> · {esc(_machine())}</p>")
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>posttrain report: {esc(pipeline.source)}</title><style>{STYLE}</style></head><body>"
+    ]
+    parts.append(
+        f"<h1>Pipeline report</h1><p><code>{esc(pipeline.source)}</code> → <code>{esc(str(pipeline.out))}</code> · {esc(_machine())}</p>"
+    )
 
     parts.append("<h2>Evaluation on held-out prompts</h2><table id='evaluation'><thead><tr><th>model</th>")
-    parts += [f"<th>{esc(f'KL to {reference_row}' if key == 'kl_to_reference' and reference_row else title)}</th>" for title, key, _ in COLUMNS]
+    parts += [
+        f"<th>{esc(f'KL to {reference_row}' if key == 'kl_to_reference' and reference_row else title)}</th>"
+        for title, key, _ in COLUMNS
+    ]
     parts.append("</tr></thead><tbody>")
     for row, figures in models.items():
-        parts.append(f"<tr><td>{esc(row)}</td>" + "".join(f"<td>{_cell(figures.get(key), fmt)}</td>" for _, key, fmt in COLUMNS) + "</tr>")
+        parts.append(
+            f"<tr><td>{esc(row)}</td>"
+            + "".join(f"<td>{_cell(figures.get(key), fmt)}</td>" for _, key, fmt in COLUMNS)
+            + "</tr>"
+        )
     parts.append("</tbody></table>")
     if "reward_model" in evaluation:
         rm = evaluation["reward_model"]
@@ -196,7 +239,9 @@ def _html(pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any]
     parts.append("<h2>Plots</h2>")
     for title, png in plots:
         encoded = base64.b64encode(png).decode()
-        parts.append(f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{encoded}'><figcaption>{esc(title)}</figcaption></figure>")
+        parts.append(
+            f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{encoded}'><figcaption>{esc(title)}</figcaption></figure>"
+        )
 
     samples = {row: figures.get("samples", []) for row, figures in models.items()}
     first = next(iter(samples.values()), [])
@@ -205,8 +250,13 @@ def _html(pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any]
         parts += [f"<th>{esc(row)}</th>" for row in samples]
         parts.append("</tr></thead><tbody>")
         for i, sample in enumerate(first):
-            cells = "".join(f"<td class='answer'>{esc(str(rows[i]['answer']) if i < len(rows) else '')}</td>" for rows in samples.values())
-            parts.append(f"<tr><td class='answer'>{esc(sample['prompt'])}</td><td class='answer'>{esc(str(sample['reference']))}</td>{cells}</tr>")
+            cells = "".join(
+                f"<td class='answer'>{esc(str(rows[i]['answer']) if i < len(rows) else '')}</td>"
+                for rows in samples.values()
+            )
+            parts.append(
+                f"<tr><td class='answer'>{esc(sample['prompt'])}</td><td class='answer'>{esc(str(sample['reference']))}</td>{cells}</tr>"
+            )
         parts.append("</tbody></table>")
 
     parts.append("<h2>Stages</h2><table><thead><tr><th>stage</th><th>time</th></tr></thead><tbody>")
@@ -217,6 +267,8 @@ def _html(pipeline: Pipeline, result: PipelineResult, evaluation: dict[str, Any]
     for name in pipeline.order:
         resolved = pipeline.resolved[name]
         payload = resolved if isinstance(resolved, dict) else resolved.model_dump(mode="json")
-        parts.append(f"<details><summary>{esc(name)}</summary><pre>{esc(yaml.safe_dump(payload, sort_keys=False))}</pre></details>")
+        parts.append(
+            f"<details><summary>{esc(name)}</summary><pre>{esc(yaml.safe_dump(payload, sort_keys=False))}</pre></details>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)

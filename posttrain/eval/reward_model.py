@@ -53,11 +53,15 @@ class RewardScorer:
         return scores
 
 
-def score_file(model_path: str | Path, data_path: str | Path, out_path: str | Path | None = None, batch_size: int = 32) -> dict[str, Any]:
+def score_file(
+    model_path: str | Path, data_path: str | Path, out_path: str | Path | None = None, batch_size: int = 32
+) -> dict[str, Any]:
     """Score every record of ``data_path``; returns the summary (and writes rows to ``out_path`` if given)."""
     result = read_records(data_path)
     if result.kind not in ("preference", "conversation", "unpaired"):
-        raise ValueError(f"{data_path}: holds {result.kind} records; a reward model scores conversations or preference pairs")
+        raise ValueError(
+            f"{data_path}: holds {result.kind} records; a reward model scores conversations or preference pairs"
+        )
     scorer = RewardScorer(model_path, batch_size=batch_size)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"records": len(result.records), "kind": result.kind, "format": result.format}
@@ -66,7 +70,15 @@ def score_file(model_path: str | Path, data_path: str | Path, out_path: str | Pa
         chosen = scorer.score([p.prompt + p.chosen for p in pairs])
         rejected = scorer.score([p.prompt + p.rejected for p in pairs])
         for pair, c, r in zip(pairs, chosen, rejected):
-            rows.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "chosen_reward": c, "rejected_reward": r})
+            rows.append(
+                {
+                    "prompt": pair.prompt,
+                    "chosen": pair.chosen,
+                    "rejected": pair.rejected,
+                    "chosen_reward": c,
+                    "rejected_reward": r,
+                }
+            )
         summary["accuracy"] = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
         summary["mean_gap"] = sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)
         scores = chosen + rejected
@@ -107,13 +119,17 @@ def as_scorer(reward_model: str | Path | RewardScorer, batch_size: int = 32) -> 
     if isinstance(reward_model, RewardScorer):
         return reward_model
     if not is_reward_model(reward_model):
-        raise EvalError(f"{reward_model}: not a reward model (no score head); give a stage: reward run or its model/ folder")
+        raise EvalError(
+            f"{reward_model}: not a reward model (no score head); give a stage: reward run or its model/ folder"
+        )
     return RewardScorer(reward_model, batch_size=batch_size)
 
 
 def score_answers(scorer: RewardScorer, prompts: list[list[dict[str, Any]]], answers: list[str]) -> list[float]:
     """The reward model's score of each answer as the assistant's reply to its prompt."""
-    return scorer.score([list(messages) + [{"role": "assistant", "content": answer}] for messages, answer in zip(prompts, answers)])
+    return scorer.score(
+        [list(messages) + [{"role": "assistant", "content": answer}] for messages, answer in zip(prompts, answers)]
+    )
 
 
 def reward_model_accuracy(reward_model: str | Path, data_path: str | Path, batch_size: int = 32) -> dict[str, Any]:
@@ -127,4 +143,9 @@ def reward_model_accuracy(reward_model: str | Path, data_path: str | Path, batch
     summary = score_file(reward_model, data_path, batch_size=batch_size)
     if summary["kind"] != "preference":
         raise EvalError(f"{data_path}: holds {summary['kind']} records, not preference pairs")
-    return {"accuracy": summary["accuracy"], "mean_gap": summary["mean_gap"], "mean_reward": summary["mean_reward"], "pairs": summary["records"]}
+    return {
+        "accuracy": summary["accuracy"],
+        "mean_gap": summary["mean_gap"],
+        "mean_reward": summary["mean_reward"],
+        "pairs": summary["records"],
+    }

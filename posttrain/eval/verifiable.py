@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
 from posttrain.data.records import Prompt
 from posttrain.eval.common import prompt_text
 from posttrain.rollout import Response, RolloutEngine, SamplingSettings
+from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
 
 if TYPE_CHECKING:  # rewards reaches eval's reward-model scorer: a type, not a layer below
     from posttrain.rewards import Reward, WeightedReward
@@ -95,8 +95,12 @@ def answer_sums(references: Sequence[str | None], answers: Sequence[Any]) -> dic
 
 @torch.no_grad()
 def held_out_sums(
-    engine: RolloutEngine, prompt_ids: Sequence[list[int]], prompts: Sequence[Prompt], reward: WeightedReward,
-    gold: Reward | None, max_new_tokens: int,
+    engine: RolloutEngine,
+    prompt_ids: Sequence[list[int]],
+    prompts: Sequence[Prompt],
+    reward: WeightedReward,
+    gold: Reward | None,
+    max_new_tokens: int,
 ) -> dict[str, float]:
     """Greedy answers to ``prompts`` (rendered as ``prompt_ids``; one process's share), scored: the
     :func:`answer_sums` plus the ``reward``'s total and, with a ``gold`` reward, its total over the prompts it can
@@ -110,7 +114,11 @@ def held_out_sums(
     sums = {**answer_sums(references, answers), "reward": float(sum(scores))}
     if gold is not None:
         known = [i for i, reference in enumerate(references) if reference is not None or not gold.needs_reference]
-        scored = gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]) if known else []
+        scored = (
+            gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
+            if known
+            else []
+        )
         sums.update(gold_reward=float(sum(scored)), gold_count=float(len(known)))
     return sums
 
@@ -120,8 +128,10 @@ def held_out_means(sums: dict[str, float]) -> dict[str, float]:
     and, with a gold reward, ``eval_gold_reward`` from :func:`held_out_sums`' totals (summed over processes)."""
     n, n_ref = max(sums["prompts"], 1.0), max(sums["with_reference"], 1.0)
     means = {
-        "eval_reward": sums["reward"] / n, "eval_exact_match": sums["exact_match"] / n_ref,
-        "eval_length": sums["length"] / n, "eval_eos_rate": sums["finished"] / n,
+        "eval_reward": sums["reward"] / n,
+        "eval_exact_match": sums["exact_match"] / n_ref,
+        "eval_length": sums["length"] / n,
+        "eval_eos_rate": sums["finished"] / n,
     }
     if "gold_reward" in sums:
         means["eval_gold_reward"] = sums["gold_reward"] / max(sums["gold_count"], 1.0)

@@ -17,7 +17,9 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance
     """A's ``win_rate`` over B: the share of prompts where A's answer scores higher, a tie (scores within
     ``tie_tolerance``) counting one half; with the ``wins``, ``ties`` and ``losses`` of A."""
     if len(scores_a) != len(scores_b):
-        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B: compare answers to the same prompts")
+        raise ValueError(
+            f"{len(scores_a)} scores for A but {len(scores_b)} for B: compare answers to the same prompts"
+        )
     if not scores_a:
         raise ValueError("no prompts to compare")
     wins = sum(a - b > tie_tolerance for a, b in zip(scores_a, scores_b))
@@ -65,4 +67,8 @@ def compare_answers(
         raise ValueError(f"{len(rows)} prompts, {len(answers_a)} answers A, {len(answers_b)} answers B")
     score = make_judge(judge)
     scores_a, scores_b = score(rows, answers_a), score(rows, answers_b)
-    return {**win_rate(scores_a, scores_b), "score_a": sum(scores_a) / len(scores_a), "score_b": sum(scores_b) / len(scores_b)}
+    return {
+        **win_rate(scores_a, scores_b),
+        "score_a": sum(scores_a) / len(scores_a),
+        "score_b": sum(scores_b) / len(scores_b),
+    }

@@ -50,7 +50,11 @@ class ActorCritic(nn.Module):
         return self.critic is not None or self.value_head is not None
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, with_values: bool = True,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        with_values: bool = True,
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``attention_mask`` is a padding mask, or the 4D mask of shared-prefix rows with their ``position_ids``."""
@@ -72,7 +76,11 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def values(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The critic's values at the response positions, without the policy's logits where the critic is separate."""
         keep = targets != IGNORE_INDEX
@@ -80,7 +88,9 @@ class ActorCritic(nn.Module):
             return self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids)[keep]
         return self(input_ids, attention_mask, targets, position_ids=position_ids)[1]  # type: ignore[return-value]
 
-    def parameter_groups(self, critic_lr: float | None = None, critic_max_grad_norm: float | None = None) -> list[dict[str, Any]]:
+    def parameter_groups(
+        self, critic_lr: float | None = None, critic_max_grad_norm: float | None = None
+    ) -> list[dict[str, Any]]:
         """Optimizer groups named ``policy`` and (with a critic) ``critic``: the runtime clips each to its own max
         norm and logs ``grad_norm/policy`` and ``grad_norm/critic``; the critic's may set its own learning rate and
         max norm (None: the optimizer's)."""
@@ -90,7 +100,9 @@ class ActorCritic(nn.Module):
         groups: list[dict[str, Any]] = [{"params": policy_params, "name": "policy"}]
         if critic_params:
             options = {"lr": critic_lr, "max_grad_norm": critic_max_grad_norm}
-            groups.append({"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}})
+            groups.append(
+                {"params": critic_params, "name": "critic", **{k: v for k, v in options.items() if v is not None}}
+            )
         return groups
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
@@ -102,4 +114,7 @@ class ActorCritic(nn.Module):
         if self.critic is not None:
             self.critic.save_pretrained(Path(directory).parent / "critic", **kwargs)
         if self.value_head is not None:
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(Path(directory).parent / "value_head.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                str(Path(directory).parent / "value_head.safetensors"),
+            )

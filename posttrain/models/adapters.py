@@ -91,7 +91,9 @@ def attach_adapter(model: Any, config: PeftConfig, task: str = "CAUSAL_LM") -> A
         )
     elif config.method == "p_tuning":
         adapter = peft.PromptEncoderConfig(
-            task_type=task_type, num_virtual_tokens=config.num_virtual_tokens, encoder_hidden_size=config.encoder_hidden_size
+            task_type=task_type,
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_hidden_size=config.encoder_hidden_size,
         )
     elif config.method == "prefix":
         adapter = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)

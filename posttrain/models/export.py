@@ -42,7 +42,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = True) -> 
     merged = load_weights(model_dir, task, dtype="float32", trust_remote_code=trust_remote_code)
     if task == "SEQ_CLS":
         # HF's own pooling of a sequence-classification model looks for the pad token.
-        merged.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        merged.config.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -30,7 +30,9 @@ def shares_prefix(data: Any, model: Any) -> bool:
 @overload
 def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 @overload
-def token_logits(model: Any, batch: dict[str, torch.Tensor], with_hidden: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+def token_logits(
+    model: Any, batch: dict[str, torch.Tensor], with_hidden: Literal[True]
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def token_logits(model: Any, batch: dict[str, torch.Tensor], with_hidden: bool = False) -> Any:
@@ -54,14 +56,18 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor], with_hidden: bool =
     return logits
 
 
-def batch_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_sequence_logps(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence of ``batch``: the summed log-probability of its trained tokens (``log π(response | prompt)``
     for preference data), its trained-token count, and its global sequence id; each ``(S,)``, in increasing
     global id order (``local_sequence_ids``), so a batch of whole pairs laid out as ``[c0, r0, c1, r1, ...]``
     reshapes with ``.view(-1, 2)`` to (chosen, rejected). Sums are float32 (``per_sequence_nll``)."""
     trained = batch["targets"] != IGNORE_INDEX
     local_ids, global_ids = local_sequence_ids(batch["sequence_ids"])
-    nll, counts = per_sequence_nll(token_logits(model, batch), batch["targets"][trained], local_ids[trained], len(global_ids))
+    nll, counts = per_sequence_nll(
+        token_logits(model, batch), batch["targets"][trained], local_ids[trained], len(global_ids)
+    )
     return -nll, counts, global_ids
 
 
@@ -81,7 +87,9 @@ def reference_model(model: Any) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def reference_logps(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_sequences: int, accelerator: Any) -> torch.Tensor:
+def reference_logps(
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], num_sequences: int, accelerator: Any
+) -> torch.Tensor:
     """Summed reference log-probs of every sequence in ``batches`` (this process's share, e.g.
     ``Runtime.eval_batches``), ``(num_sequences,)`` float32 indexed by global sequence id, computed once (in eval
     mode, under the run's autocast) so training holds a single model. The processes' tables are summed, so every

@@ -67,7 +67,9 @@ def _base_of(adapter_dir: Path, adapter: Any) -> str | Path:
     stage that trained it was given it), else relative to the adapter directory, else a hub id."""
     recorded = adapter.base_model_name_or_path
     if not recorded:
-        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is empty; cannot find the base model")
+        raise ModelLoadError(
+            f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is empty; cannot find the base model"
+        )
     for candidate in (Path(recorded), adapter_dir / recorded):
         if candidate.exists():
             return model_dir_of(candidate)
@@ -95,14 +97,18 @@ def model_class_for(config: Any, task: str) -> Any:
     from transformers import PreTrainedModel
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    pretrained = next(c for c in causal.__mro__ if issubclass(c, PreTrainedModel) and c.__name__.endswith("PreTrainedModel"))
+    pretrained = next(
+        c for c in causal.__mro__ if issubclass(c, PreTrainedModel) and c.__name__.endswith("PreTrainedModel")
+    )
     name = causal.__name__.replace("ForCausalLM", "ForSequenceClassification")
     model_class = type(name, (GenericForSequenceClassification, pretrained), {"__module__": causal.__module__})
     auto.register(type(config), model_class, exist_ok=True)
     return model_class
 
 
-def load_weights(source: str | Path, task: str = "CAUSAL_LM", keep_prompt_learning: bool = False, **kwargs: Any) -> Any:
+def load_weights(
+    source: str | Path, task: str = "CAUSAL_LM", keep_prompt_learning: bool = False, **kwargs: Any
+) -> Any:
     """The model at ``source`` as a plain transformers model (``task``: CAUSAL_LM, or SEQ_CLS with one label):
     full weights as they are; an adapter merged into its base, recursively. ``kwargs`` go to ``from_pretrained``
     of the full weights at the root of the chain.
@@ -117,7 +123,9 @@ def load_weights(source: str | Path, task: str = "CAUSAL_LM", keep_prompt_learni
                 return _auto_class(task).from_pretrained(source, **kwargs)
             from transformers import AutoConfig
 
-            model_class_for(AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False)), task)
+            model_class_for(
+                AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False)), task
+            )
             return _auto_class(task).from_pretrained(source, num_labels=1, **kwargs)
         assert isinstance(source, Path)
         if adapter.is_prompt_learning and not keep_prompt_learning:
@@ -175,7 +183,9 @@ def _check_qlora_possible() -> None:
         raise ModelLoadError("peft.method=qlora needs bitsandbytes: pip install 'posttrain[qlora]'") from None
 
 
-def attention_implementation(source: str | Path, asked: str, task: str = "CAUSAL_LM", trust_remote_code: bool = False) -> str:
+def attention_implementation(
+    source: str | Path, asked: str, task: str = "CAUSAL_LM", trust_remote_code: bool = False
+) -> str:
     """The attention kernel for the model at ``source``: ``auto`` picks sdpa where the architecture supports it
     (packed rows and shared prefixes then use its dense masks), else eager (Gemma 2: its attention logit
     soft-capping has no sdpa path). A kernel asked for by name that the architecture does not support is an
@@ -242,7 +252,9 @@ def load_model(
     source = _local_or_hub(model_config.path)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[model_config.dtype],
-        "attn_implementation": attention_implementation(source, model_config.attn_implementation, task, model_config.trust_remote_code),
+        "attn_implementation": attention_implementation(
+            source, model_config.attn_implementation, task, model_config.trust_remote_code
+        ),
         "trust_remote_code": model_config.trust_remote_code,
     }
     if peft_config.method == "qlora":

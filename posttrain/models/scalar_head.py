@@ -49,7 +49,9 @@ class ScalarHeadModel(nn.Module):
     ) -> torch.Tensor:
         inner = self._inner()
         backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return inner.score(hidden).squeeze(-1).float()
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:

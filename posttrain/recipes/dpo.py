@@ -43,7 +43,9 @@ from posttrain.models.modes import eval_mode
 from posttrain.runtime import Metrics, Runtime
 
 
-def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None) -> losses.PairLosses:
+def pair_losses(
+    options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None
+) -> losses.PairLosses:
     """Per-pair losses and rewards of ``dpo.loss`` (``losses.DPO_LOSSES``) from the policy's log-probs ``(P, 2)``
     summed over each response's ``counts`` tokens and the reference's (None for a reference-free loss), plus
     ``sft_weight`` × the chosen response's token-mean NLL."""
@@ -56,7 +58,9 @@ def pair_losses(options: DpoBlock, logps: torch.Tensor, counts: torch.Tensor, re
     # The DpoBlock field behind each option a loss may take (PreferenceLoss.options).
     available = {"label_smoothing": options.label_smoothing, "gamma_beta_ratio": options.simpo_gamma_beta_ratio}
     keywords = {name: available[name] for name in loss.options}
-    per_pair, chosen_rewards, rejected_rewards = loss.fn(policy[:, 0], policy[:, 1], ref_chosen, ref_rejected, options.beta, **keywords)
+    per_pair, chosen_rewards, rejected_rewards = loss.fn(
+        policy[:, 0], policy[:, 1], ref_chosen, ref_rejected, options.beta, **keywords
+    )
     if options.sft_weight:
         per_pair = per_pair - options.sft_weight * logps[:, 0] / counts[:, 0].clamp(min=1)
     return per_pair, chosen_rewards, rejected_rewards
@@ -86,13 +90,21 @@ def evaluate_pairs(
     with eval_mode(model):
         for batch in rt.eval_batches(items, collate_rows):
             _, _, (per_pair, chosen_rewards, rejected_rewards) = forward_pairs(model, batch, options, ref_table)
-            total += torch.stack([
-                per_pair.sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
-                (chosen_rewards - rejected_rewards).sum(), torch.tensor(float(len(per_pair)), device=rt.device),
-            ])
+            total += torch.stack(
+                [
+                    per_pair.sum(),
+                    reward_accuracy(chosen_rewards, rejected_rewards).sum(),
+                    (chosen_rewards - rejected_rewards).sum(),
+                    torch.tensor(float(len(per_pair)), device=rt.device),
+                ]
+            )
     total = rt.sum_over_processes(total)
     count = total[3].clamp(min=1)
-    return {"eval_loss": (total[0] / count).item(), "eval_accuracy": (total[1] / count).item(), "eval_margin": (total[2] / count).item()}
+    return {
+        "eval_loss": (total[0] / count).item(),
+        "eval_accuracy": (total[1] / count).item(),
+        "eval_margin": (total[2] / count).item(),
+    }
 
 
 def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
@@ -108,8 +120,12 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     share = shares_prefix(config.data, model)
     items, eval_items = pair_examples(pairs.train), pair_examples(pairs.held_out)
     collate_rows = partial(
-        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=packed, max_length=config.data.max_length,
-        seed=config.seed, share_prefix=share,
+        collate_examples,
+        pad_token_id=tokenizer.pad_token_id,
+        packed=packed,
+        max_length=config.data.max_length,
+        seed=config.seed,
+        share_prefix=share,
     )
     truncated = sum(p.truncated for p in pairs.train)
     rt.log(
@@ -125,7 +141,11 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
         rt.log(f"reference log-probs: {2 * (len(pairs.train) + len(pairs.held_out))} sequences, computed once")
         reference = partial(reference_logps, model, accelerator=rt.accelerator)
         ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(pairs.train))
-        eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(pairs.held_out)) if eval_items else None
+        eval_ref_table = (
+            reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(pairs.held_out))
+            if eval_items
+            else None
+        )
 
     model = rt.setup(model, num_rows=len(items))
 

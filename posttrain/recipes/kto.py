@@ -55,7 +55,13 @@ def forward_examples(
 
 @torch.no_grad()
 def evaluate_examples(
-    model: Any, items: list[Example], collate_rows: Any, labels: torch.Tensor, ref_table: torch.Tensor, options: KtoBlock, rt: Runtime
+    model: Any,
+    items: list[Example],
+    collate_rows: Any,
+    labels: torch.Tensor,
+    ref_table: torch.Tensor,
+    options: KtoBlock,
+    rt: Runtime,
 ) -> dict[str, float]:
     """Held-out KTO loss (z0 from the whole held-out set) and the gap between mean desirable and undesirable
     rewards (sharded over processes, summed)."""
@@ -87,8 +93,12 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     share = shares_prefix(config.data, model)
     items, eval_items = examples_of(example_units(examples.train)), examples_of(example_units(examples.held_out))
     collate_rows = partial(
-        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=packed, max_length=config.data.max_length,
-        seed=config.seed, share_prefix=share,
+        collate_examples,
+        pad_token_id=tokenizer.pad_token_id,
+        packed=packed,
+        max_length=config.data.max_length,
+        seed=config.seed,
+        share_prefix=share,
     )
     labels = torch.tensor([e.extra["label"] for e in examples.train], dtype=torch.bool, device=rt.device)
     eval_labels = torch.tensor([e.extra["label"] for e in examples.held_out], dtype=torch.bool, device=rt.device)
@@ -102,7 +112,11 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
     rt.log(f"reference log-probs: {2 * (len(examples.train) + len(examples.held_out))} sequences, computed once")
     reference = partial(reference_logps, model, accelerator=rt.accelerator)
     ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(examples.train))
-    eval_ref_table = reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(examples.held_out)) if eval_items else None
+    eval_ref_table = (
+        reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(examples.held_out))
+        if eval_items
+        else None
+    )
 
     model = rt.setup(model, num_rows=len(items))
 
@@ -114,12 +128,20 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
         kl_estimate = kl_total[0] / kl_total[1]
         example_labels = labels[index]
         per_example, rewards = losses.kto_loss(
-            logps, ref_logps, example_labels, kl_estimate, options.beta, options.desirable_weight, options.undesirable_weight
+            logps,
+            ref_logps,
+            example_labels,
+            kl_estimate,
+            options.beta,
+            options.desirable_weight,
+            options.undesirable_weight,
         )
         loss = per_example.sum() / batch["num_items_in_batch"]  # the mean over every example of the accumulated batch
         num_desirable, num_undesirable, stats = example_labels.sum(), (~example_labels).sum(), Metrics()
         stats.example_mean("loss", per_example.detach().sum(), len(per_example))
-        stats.example_mean("kl", kl_estimate.clamp(min=0), 1)  # z0, the same on every process: its mean over micro-batches
+        stats.example_mean(
+            "kl", kl_estimate.clamp(min=0), 1
+        )  # z0, the same on every process: its mean over micro-batches
         stats.example_mean("rewards/desirable", rewards[example_labels].sum(), num_desirable)
         stats.example_mean("rewards/undesirable", rewards[~example_labels].sum(), num_undesirable)
         stats.example_mean("logps/desirable", logps[example_labels].detach().sum(), num_desirable)
@@ -127,7 +149,9 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
         stats.per_second("tokens_per_s", batch["num_real_tokens"])
         rt.step(loss, stats)
         if eval_ref_table is not None and rt.should_evaluate():  # there is held-out data
-            rt.record_evaluation(evaluate_examples(model, eval_items, collate_rows, eval_labels, eval_ref_table, options, rt))
+            rt.record_evaluation(
+                evaluate_examples(model, eval_items, collate_rows, eval_labels, eval_ref_table, options, rt)
+            )
 
     return rt.finish(
         model,

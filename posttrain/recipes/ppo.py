@@ -114,7 +114,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     estimator = rl.ADVANTAGES[algorithm.advantage]
     tokenizer = load_tokenizer(config.model)
     stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
-    train_prompts, eval_prompts = tokenized_prompts(config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed)
+    train_prompts, eval_prompts = tokenized_prompts(
+        config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed
+    )
     reward = build_reward(config.reward, device=str(rt.device))
     every_prompt = [row.prompt for row in train_prompts + eval_prompts]
     if reward.needs_reference:
@@ -126,7 +128,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     updates_per_epoch = _updates_per_epoch(algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch)
     # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
     on_policy = (
-        algorithm.ppo_epochs == 1 and updates_per_epoch == 1 and not estimator.needs_critic
+        algorithm.ppo_epochs == 1
+        and updates_per_epoch == 1
+        and not estimator.needs_critic
         and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
     )
 
@@ -140,9 +144,13 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     if estimator.needs_critic and not config.critic.shared:
         # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
         critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
-        critic, _ = load_model(config.model.model_copy(update={"path": critic_path}), config.peft, tokenizer, scalar_head=True)
+        critic, _ = load_model(
+            config.model.model_copy(update={"path": critic_path}), config.peft, tokenizer, scalar_head=True
+        )
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
-    layout = response_layout(config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id)
+    layout = response_layout(
+        config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id
+    )
     batches = RolloutBatches(layout, rt.device, rt.train.batch_size, rt.accelerator.autocast)
     ptx_rows = _ptx_rows(config.data, algorithm.ptx_data, tokenizer, config.seed) if algorithm.ptx_coef else []
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
@@ -150,8 +158,12 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     roles = Roles(engine, trained, frozen_reference, reward, gold)
 
     module = rt.setup(
-        trained, num_rows=len(train_prompts), rows_per_step=algorithm.prompts_per_step, updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
-        parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm), selection=MODEL_SELECTION,
+        trained,
+        num_rows=len(train_prompts),
+        rows_per_step=algorithm.prompts_per_step,
+        updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
+        parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm),
+        selection=MODEL_SELECTION,
     )
     state = rt.recipe_state
     kl_controller = kl_controller_for(algorithm, state)
@@ -162,7 +174,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     ptx_drawn: int = state.get("ptx_drawn", 0)
     stopped_by: str | None = None
     warnings: list[dict[str, Any]] = state.get("warnings", [])
-    settings = SamplingSettings(sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k)
+    settings = SamplingSettings(
+        sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k
+    )
     rt.log(
         f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
         f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
@@ -170,22 +184,40 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(step_prompts, roles, settings, algorithm, kl_controller.value, moments, batches, rt.sum_over_processes, on_policy)
+        rollout = make_rollout(
+            step_prompts,
+            roles,
+            settings,
+            algorithm,
+            kl_controller.value,
+            moments,
+            batches,
+            rt.sum_over_processes,
+            on_policy,
+        )
         step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
             for update in range(updates_per_epoch):
                 members = order[update * mini_batch : (update + 1) * mini_batch]
-                normaliser = _normaliser(rollout.mask[members], algorithm.loss_aggregation, rt.world_size, rt.sum_over_processes)
+                normaliser = _normaliser(
+                    rollout.mask[members], algorithm.loss_aggregation, rt.world_size, rt.sum_over_processes
+                )
                 for micro in range(rt.train.grad_accum):
                     chosen = members[micro * rt.train.batch_size : (micro + 1) * rt.train.batch_size]
-                    loss, stats = ppo_micro_loss(module, rollout, chosen, normaliser, kl_controller.value, algorithm, sampling, batches)
+                    loss, stats = ppo_micro_loss(
+                        module, rollout, chosen, normaliser, kl_controller.value, algorithm, sampling, batches
+                    )
                     if ptx_rows:
                         ptx_batch = _ptx_batch(ptx_rows, ptx_drawn, rt.train.batch_size, rt.accelerator.process_index)
                         ptx_loss, ptx_stats = _ptx_loss(
-                            rt.accelerator.unwrap_model(module).policy, ptx_batch, tokenizer.pad_token_id, algorithm.ptx_coef,
-                            rt.train.grad_accum * rt.world_size, batches,
+                            rt.accelerator.unwrap_model(module).policy,
+                            ptx_batch,
+                            tokenizer.pad_token_id,
+                            algorithm.ptx_coef,
+                            rt.train.grad_accum * rt.world_size,
+                            batches,
                         )
                         loss, ptx_drawn = loss + ptx_loss, ptx_drawn + rt.world_size * rt.train.batch_size
                         step_stats.merge(ptx_stats)
@@ -204,18 +236,29 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 stopped_by = warning.kind
         if ptx_rows:
             rt.recipe_state["ptx_drawn"] = ptx_drawn
-        rt.recipe_state.update(kl_coef=kl_controller.value, reward_moments=moments.state_dict(), watch=watch.state_dict(), warnings=warnings)
+        rt.recipe_state.update(
+            kl_coef=kl_controller.value,
+            reward_moments=moments.state_dict(),
+            watch=watch.state_dict(),
+            warnings=warnings,
+        )
         if rt.is_main:
             _append_samples(rt.run_dir / "samples.jsonl", rt.global_step + 1, rollout)
         step_stats.last("kl_coef", kl_controller.value)
         rt.log_step(step_stats)
         if stopped_by:
             rt.stopped_early = True
-            rt.log(f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)")
+            rt.log(
+                f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)"
+            )
         if eval_prompts and rt.should_evaluate():
             rt.record_evaluation(evaluate_prompts(eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt))
 
-    summary: dict[str, Any] = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
+    summary: dict[str, Any] = {
+        "advantage": algorithm.advantage,
+        "watch_warnings": warnings,
+        "stopped_by_watch": stopped_by,
+    }
     return rt.finish(module, tokenizer, summary)
 
 
@@ -233,7 +276,9 @@ def _gold_reward(function: str | None, model: str | None, device: torch.device) 
 def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int, mini_batch: int) -> int:
     """Optimizer updates per pass over a rollout: each process's responses over ``train.batch_size x grad_accum``."""
     if prompts_per_step % world_size:
-        raise ConfigError(f"algorithm.prompts_per_step ({prompts_per_step}) must divide evenly over {world_size} processes")
+        raise ConfigError(
+            f"algorithm.prompts_per_step ({prompts_per_step}) must divide evenly over {world_size} processes"
+        )
     responses_per_process = prompts_per_step // world_size * num_samples
     if responses_per_process % mini_batch:
         raise ConfigError(
@@ -250,18 +295,29 @@ def _ptx_rows(data: DataConfig, ptx_data: str | None, tokenizer: Any, seed: int)
     return single_rows(load_sequences(ptx, tokenizer, "sft", seed).train)
 
 
-def kl_controller_for(algorithm: AlgorithmBlock, state: dict[str, Any]) -> rl.FixedKLController | rl.AdaptiveKLController:
+def kl_controller_for(
+    algorithm: AlgorithmBlock, state: dict[str, Any]
+) -> rl.FixedKLController | rl.AdaptiveKLController:
     """The KL coefficient β: fixed, or steered to ``kl_target`` over ``kl_horizon`` responses (Ziegler et al.),
     continuing from a resumed run's ``state``."""
     if algorithm.kl_target:
-        return rl.AdaptiveKLController(state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon)
+        return rl.AdaptiveKLController(
+            state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon
+        )
     return rl.FixedKLController(algorithm.kl_coef)
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
 def make_rollout(
-    prompts: list[TokenizedPrompt], roles: Roles, settings: SamplingSettings, algorithm: AlgorithmBlock, kl_coef: float,
-    moments: RunningMoments, batches: RolloutBatches, sum_over_processes: SumOverProcesses, on_policy: bool = False,
+    prompts: list[TokenizedPrompt],
+    roles: Roles,
+    settings: SamplingSettings,
+    algorithm: AlgorithmBlock,
+    kl_coef: float,
+    moments: RunningMoments,
+    batches: RolloutBatches,
+    sum_over_processes: SumOverProcesses,
+    on_policy: bool = False,
 ) -> Rollout:
     """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
     gets exactly one update, so its log-probs before the update are the update's own (``ppo_micro_loss`` takes
@@ -292,13 +348,17 @@ def make_rollout(
             ref_logps = to_actions(score_logps(reference, rows, temperature, batches), mask)
     values = to_actions(critic_values(roles.trained, rows, batches), mask) if roles.trained.has_critic else None
     # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
-    measured = old_logps is not None and ref_logps is not None
-    kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask) if measured else torch.zeros_like(mask)
-    advantages, returns = advantages_for(algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes)
+    if old_logps is not None and ref_logps is not None:
+        kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask)
+    else:
+        kl = torch.zeros_like(mask)
+    advantages, returns = advantages_for(
+        algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes
+    )
 
     # Means per response unless said otherwise, over every process once the step reduces them.
     metrics, num_responses = Metrics(), len(rows)
-    if old_logps is not None and ref_logps is not None:  # measured
+    if old_logps is not None and ref_logps is not None:  # the KL to the reference is measured
         metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), num_responses)
     metrics.example_mean("reward", raw.sum(), num_responses)
     metrics.std("reward_std", raw)
@@ -312,20 +372,32 @@ def make_rollout(
     if roles.gold is not None:
         # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
         known = [i for i, ref in enumerate(references) if ref is not None or not roles.gold.needs_reference]
-        gold_scores = roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known]) if known else []
+        gold_scores = (
+            roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
+            if known
+            else []
+        )
         metrics.example_mean("gold_reward", sum(gold_scores), len(known))
     if returns is not None and values is not None:
-        metrics.example_mean("value_explained_variance", rl.explained_variance(values, returns, mask), 1)  # mean over processes
-    return Rollout(rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics)
+        metrics.example_mean(
+            "value_explained_variance", rl.explained_variance(values, returns, mask), 1
+        )  # mean over processes
+    return Rollout(
+        rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics
+    )
 
 
-def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, sum_over_processes: SumOverProcesses) -> torch.Tensor:
+def optimised_scores(
+    raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, sum_over_processes: SumOverProcesses
+) -> torch.Tensor:
     """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
     of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
     first) and clipped to ± ``reward_clip``."""
     scores = raw
     if algorithm.reward_normalize:
-        sums = sum_over_processes(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double())
+        sums = sum_over_processes(
+            torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double()
+        )
         count, mean = float(sums[2]), float(sums[0] / sums[2])
         moments.update(count, mean, float(sums[1] - count * mean**2))
         scores = (raw - moments.mean) / max(moments.std, 1e-8)
@@ -335,14 +407,24 @@ def optimised_scores(raw: torch.Tensor, algorithm: AlgorithmBlock, moments: Runn
 
 
 def advantages_for(
-    algorithm: AlgorithmBlock, num_samples: int, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
-    kl_coef: float, sum_over_processes: SumOverProcesses,
+    algorithm: AlgorithmBlock,
+    num_samples: int,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    kl_coef: float,
+    sum_over_processes: SumOverProcesses,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(advantages (B, R), returns (B, R) or None)`` of ``rl.ADVANTAGES[algorithm.advantage]`` (groups of
     ``num_samples``), whitened over the whole rollout when the estimator is and ``whiten_advantages`` asks for it."""
     estimator = rl.ADVANTAGES[algorithm.advantage]
     options = rl.AdvantageSettings(
-        kl_coef if algorithm.kl_mode == "reward" else 0.0, algorithm.gamma, algorithm.lam, num_samples, algorithm.scale_by_std
+        kl_coef if algorithm.kl_mode == "reward" else 0.0,
+        algorithm.gamma,
+        algorithm.lam,
+        num_samples,
+        algorithm.scale_by_std,
     )
     advantages, returns = estimator.estimate(scores, kl, mask, values, options)
     if estimator.whitened and algorithm.whiten_advantages:
@@ -350,10 +432,14 @@ def advantages_for(
     return advantages, returns
 
 
-def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, sum_over_processes: SumOverProcesses) -> torch.Tensor:
+def whiten_over_processes(
+    values: torch.Tensor, mask: torch.Tensor, sum_over_processes: SumOverProcesses
+) -> torch.Tensor:
     """``rl.masked_whiten`` with the mean and unbiased variance of the whole rollout (every process's tokens), so
     the advantages do not depend on how many processes share the rollout."""
-    sums = sum_over_processes(torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double())
+    sums = sum_over_processes(
+        torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double()
+    )
     count = sums[2].clamp(min=2)
     mean = sums[0] / count
     var = (sums[1] - count * mean**2) / (count - 1)
@@ -361,7 +447,9 @@ def whiten_over_processes(values: torch.Tensor, mask: torch.Tensor, sum_over_pro
 
 
 # ---------------------------------------------------------------------------------------------------- updates
-def _normaliser(mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_over_processes: SumOverProcesses) -> float:
+def _normaliser(
+    mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_over_processes: SumOverProcesses
+) -> float:
     """The global denominator of one update's loss, whose responses on this process have the action ``mask``: its
     response tokens or its responses over every process, as the aggregation's ``rl.LossAggregation.per`` says."""
     if rl.LOSS_AGGREGATIONS[loss_aggregation].per == "response":
@@ -370,8 +458,14 @@ def _normaliser(mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_
 
 
 def ppo_micro_loss(
-    module: Any, rollout: Rollout, chosen: list[int], normaliser: float, kl_coef: float, algorithm: AlgorithmBlock,
-    sampling: SamplingBlock, batches: RolloutBatches,
+    module: Any,
+    rollout: Rollout,
+    chosen: list[int],
+    normaliser: float,
+    kl_coef: float,
+    algorithm: AlgorithmBlock,
+    sampling: SamplingBlock,
+    batches: RolloutBatches,
 ) -> tuple[torch.Tensor, Metrics]:
     """The loss of the responses ``chosen`` from ``rollout`` (one micro-batch: its share of the update's normalised
     sum) and its statistics."""
@@ -385,10 +479,14 @@ def ppo_micro_loss(
         return tensor[chosen][:, :width]
 
     with batches.autocast():
-        logits, values_flat = module(batch["input_ids"], batch["attention_mask"], batch["targets"], position_ids=batch.get("position_ids"))
+        logits, values_flat = module(
+            batch["input_ids"], batch["attention_mask"], batch["targets"], position_ids=batch.get("position_ids")
+        )
     logits = in_row_order(logits, order)
     values_flat = in_row_order(values_flat, order) if values_flat is not None else None
-    logps = to_actions(token_logps(logits, in_row_order(batch["targets"][batch["targets"] != IGNORE_INDEX], order), temperature), mask)
+    logps = to_actions(
+        token_logps(logits, in_row_order(batch["targets"][batch["targets"] != IGNORE_INDEX], order), temperature), mask
+    )
     entropy = to_actions(rl.entropy_from_logits(logits.float() / temperature), mask)
     stats = Metrics()
     if rollout.old_logps is None:
@@ -397,16 +495,29 @@ def ppo_micro_loss(
         # every response once).
         old_logps = logps.detach()
         if rollout.ref_logps is not None:
-            stats.example_mean("kl", rl.masked_sum(rl.kl_estimate(old_logps, take(rollout.ref_logps), "k1"), mask), len(chosen))
+            stats.example_mean(
+                "kl", rl.masked_sum(rl.kl_estimate(old_logps, take(rollout.ref_logps), "k1"), mask), len(chosen)
+            )
     else:
         old_logps = take(rollout.old_logps)
-    policy_token_loss, clipped = rl.policy_loss(logps, old_logps, take(rollout.advantages), mask, algorithm.clip_range, algorithm.clip_range_high, algorithm.dual_clip)
+    policy_token_loss, clipped = rl.policy_loss(
+        logps,
+        old_logps,
+        take(rollout.advantages),
+        mask,
+        algorithm.clip_range,
+        algorithm.clip_range_high,
+        algorithm.dual_clip,
+    )
     token_loss = policy_token_loss - algorithm.entropy_coef * entropy
     if algorithm.kl_mode == "loss" and kl_coef:
+        assert rollout.ref_logps is not None, "a rollout under kl_coef > 0 always carries reference log-probs"
         token_loss = token_loss + kl_coef * rl.kl_estimate(logps, take(rollout.ref_logps), algorithm.kl_estimator)
     value_token_loss = None
     if values_flat is not None and rollout.returns is not None and rollout.values is not None:
-        value_token_loss, _ = rl.value_loss(to_actions(values_flat, mask), take(rollout.values), take(rollout.returns), mask, algorithm.value_clip)
+        value_token_loss, _ = rl.value_loss(
+            to_actions(values_flat, mask), take(rollout.values), take(rollout.returns), mask, algorithm.value_clip
+        )
         token_loss = token_loss + algorithm.vf_coef * value_token_loss
     loss = rl.aggregate_loss(token_loss, mask, algorithm.loss_aggregation, normaliser, sampling.max_new_tokens)
     tokens = mask.sum()
@@ -447,7 +558,12 @@ def _ptx_loss(
 
 # ---------------------------------------------------------------------------------------------------- records
 def evaluate_prompts(
-    rows: list[TokenizedPrompt], engine: RolloutEngine, reward: WeightedReward, gold: Reward | None, max_new_tokens: int, rt: Runtime
+    rows: list[TokenizedPrompt],
+    engine: RolloutEngine,
+    reward: WeightedReward,
+    gold: Reward | None,
+    max_new_tokens: int,
+    rt: Runtime,
 ) -> dict[str, float]:
     """Greedy answers to this process's share of the held-out prompts (``eval.verifiable.held_out_sums``): mean
     reward, exact match, gold reward, length and end-token rate over every process."""
@@ -465,7 +581,16 @@ def _sum_over_processes(values: dict[str, float], rt: Runtime) -> dict[str, floa
 def _append_samples(path: Path, step: int, rollout: Rollout) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
-            handle.write(json.dumps({
-                "step": step, "prompt": rollout.prompts[i].prompt.messages[-1]["content"], "reference": rollout.prompts[i].prompt.reference,
-                "response": rollout.texts[i], "reward": float(rollout.scores[i]), "finished": bool(rollout.finished[i]),
-            }) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt": rollout.prompts[i].prompt.messages[-1]["content"],
+                        "reference": rollout.prompts[i].prompt.reference,
+                        "response": rollout.texts[i],
+                        "reward": float(rollout.scores[i]),
+                        "finished": bool(rollout.finished[i]),
+                    }
+                )
+                + "\n"
+            )

@@ -52,14 +52,18 @@ from posttrain.config import RejectionSamplingConfig, SftConfig, StageConfig, sa
 from posttrain.data.dataset import end_of_turn_ids, read_prompts, require_references, use_chat_template
 from posttrain.data.records import Prompt
 from posttrain.models import load_model, load_tokenizer
-from posttrain.rewards import build_reward
+from posttrain.rewards import WeightedReward, build_reward
 from posttrain.rollout import sample_responses
 from posttrain.runtime.checkpoint import write_atomic
 
 SAMPLES, SAMPLES_META, SELECTED, SUMMARY = "samples.jsonl", "samples.meta.json", "selected.jsonl", "summary.json"
 
 
-def select_best(rewards: Sequence[Sequence[float]], threshold: float | None = None, eligible: Sequence[Sequence[bool]] | None = None) -> list[int | None]:
+def select_best(
+    rewards: Sequence[Sequence[float]],
+    threshold: float | None = None,
+    eligible: Sequence[Sequence[bool]] | None = None,
+) -> list[int | None]:
     """Per prompt, the index of its highest-reward sample (the earliest on ties) among the ``eligible`` ones, or
     None when no sample is eligible or the best is below ``threshold``."""
     chosen: list[int | None] = []
@@ -123,7 +127,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def reusable_samples(run_dir: Path, config: RejectionSamplingConfig, expected: dict[str, Any]) -> list[dict[str, Any]] | None:
+def reusable_samples(
+    run_dir: Path, config: RejectionSamplingConfig, expected: dict[str, Any]
+) -> list[dict[str, Any]] | None:
     """The samples of an earlier run of this config, or None when there are none or ``resume`` is false."""
     samples, meta = run_dir / SAMPLES, run_dir / SAMPLES_META
     if config.resume is False or not samples.exists():
@@ -138,7 +144,9 @@ def reusable_samples(run_dir: Path, config: RejectionSamplingConfig, expected: d
     return [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sample_and_score(config: RejectionSamplingConfig, prompts: list[Prompt], reward: Any) -> list[dict[str, Any]]:
+def sample_and_score(
+    config: RejectionSamplingConfig, prompts: list[Prompt], reward: WeightedReward
+) -> list[dict[str, Any]]:
     """n samples per prompt from the policy, then their rewards; one row per prompt."""
     from transformers import set_seed
 
@@ -155,9 +163,16 @@ def sample_and_score(config: RejectionSamplingConfig, prompts: list[Prompt], rew
         file=sys.stderr,
     )
     groups = sample_responses(
-        model, tokenizer, [p.messages for p in prompts], num_samples=sampling.num_samples,
-        max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=end_of_turn_ids(tokenizer, template),
+        model,
+        tokenizer,
+        [p.messages for p in prompts],
+        num_samples=sampling.num_samples,
+        max_new_tokens=sampling.max_new_tokens,
+        batch_size=sampling.batch_size,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        stop_token_ids=end_of_turn_ids(tokenizer, template),
     )
     del model  # before the reward model loads: one model in memory at a time
     gc.collect()
@@ -166,7 +181,10 @@ def sample_and_score(config: RejectionSamplingConfig, prompts: list[Prompt], rew
 
     flat = [(p, r) for p, group in zip(prompts, groups) for r in group]
     scores = reward.breakdown(
-        [p.messages for p, _ in flat], [r.text for _, r in flat], [p.reference for p, _ in flat], finished=[r.finished for _, r in flat]
+        [p.messages for p, _ in flat],
+        [r.text for _, r in flat],
+        [p.reference for p, _ in flat],
+        finished=[r.finished for _, r in flat],
     )
     reward.release()
     terms = [name for name in scores if name != "total"]
@@ -174,12 +192,19 @@ def sample_and_score(config: RejectionSamplingConfig, prompts: list[Prompt], rew
     for prompt, group in zip(prompts, groups):
         samples = []
         for response in group:
-            sample = {"text": response.text, "reward": scores["total"][position], "finished": response.finished, "num_tokens": response.num_tokens}
+            sample = {
+                "text": response.text,
+                "reward": scores["total"][position],
+                "finished": response.finished,
+                "num_tokens": response.num_tokens,
+            }
             if len(terms) > 1:
                 sample["rewards"] = {name: scores[name][position] for name in terms}
             samples.append(sample)
             position += 1
-        rows.append({"messages": prompt.messages, "reference": prompt.reference, "source": _where(prompt), "samples": samples})
+        rows.append(
+            {"messages": prompt.messages, "reference": prompt.reference, "source": _where(prompt), "samples": samples}
+        )
     return rows
 
 
@@ -194,7 +219,9 @@ def selected_rows(rows: list[dict[str, Any]], chosen: list[int | None]) -> list[
             for m in row["messages"]
         ]
         best = row["samples"][index]
-        selected.append({"messages": [*prompt, {"role": "assistant", "content": best["text"]}], "reward": best["reward"]})
+        selected.append(
+            {"messages": [*prompt, {"role": "assistant", "content": best["text"]}], "reward": best["reward"]}
+        )
     return selected
 
 
@@ -254,14 +281,20 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     chosen = select_best([[s["reward"] for s in row["samples"]] for row in rows], config.rejection.threshold, eligible)
     selected = selected_rows(rows, chosen)
     _write_jsonl(run_dir / SELECTED, selected)
-    summary: dict[str, Any] = {"stage": config.stage, **summarize(rows, chosen), "threshold": config.rejection.threshold}
+    summary: dict[str, Any] = {
+        "stage": config.stage,
+        **summarize(rows, chosen),
+        "threshold": config.rejection.threshold,
+    }
     print(format_summary(summary), file=sys.stderr)
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
 
     if not config.rejection.train_after:
         return summary
     if not selected:
-        raise ValueError(f"no response was kept (rejection.threshold={config.rejection.threshold}); nothing to fine-tune on")
+        raise ValueError(
+            f"no response was kept (rejection.threshold={config.rejection.threshold}); nothing to fine-tune on"
+        )
     from posttrain.recipes import sft
 
     sft_config = sft_round_config(config, run_dir / SELECTED)

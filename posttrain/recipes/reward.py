@@ -53,7 +53,9 @@ def pair_margins(pairs: list[TokenizedPair], use_margin: bool) -> torch.Tensor |
 
 
 @torch.no_grad()
-def evaluate_pairs(model: Any, rows: list[Example], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime) -> dict[str, float]:
+def evaluate_pairs(
+    model: Any, rows: list[Example], margins: torch.Tensor | None, collate_rows: Any, rt: Runtime
+) -> dict[str, float]:
     """Held-out pairwise loss, accuracy and mean reward gap (rows sharded over processes, sums reduced)."""
     totals = torch.zeros(4, device=rt.device)  # loss sum, correct, gap sum, pairs
     with eval_mode(model):
@@ -62,10 +64,16 @@ def evaluate_pairs(model: Any, rows: list[Example], margins: torch.Tensor | None
             margin = margins[index.cpu()].to(rt.device) if margins is not None else None
             loss, stats = losses.pairwise_reward_loss(rewards[:, 0], rewards[:, 1], margin)
             n = rewards.shape[0]
-            totals += torch.stack([loss * n, stats["accuracy"] * n, stats["reward_gap"] * n, torch.tensor(float(n), device=rt.device)])
+            totals += torch.stack(
+                [loss * n, stats["accuracy"] * n, stats["reward_gap"] * n, torch.tensor(float(n), device=rt.device)]
+            )
     totals = rt.sum_over_processes(totals)
     pairs = totals[3].clamp(min=1)
-    return {"eval_loss": (totals[0] / pairs).item(), "eval_accuracy": (totals[1] / pairs).item(), "eval_reward_gap": (totals[2] / pairs).item()}
+    return {
+        "eval_loss": (totals[0] / pairs).item(),
+        "eval_accuracy": (totals[1] / pairs).item(),
+        "eval_reward_gap": (totals[2] / pairs).item(),
+    }
 
 
 def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
@@ -78,10 +86,17 @@ def run(config: RewardConfig, config_path: str | None = None) -> dict[str, Any]:
 
     share = shares_prefix(config.data, model)
     rows, eval_rows = pair_examples(pairs.train), pair_examples(pairs.held_out)
-    margins, eval_margins = pair_margins(pairs.train, config.reward.use_margin), pair_margins(pairs.held_out, config.reward.use_margin)
+    margins, eval_margins = (
+        pair_margins(pairs.train, config.reward.use_margin),
+        pair_margins(pairs.held_out, config.reward.use_margin),
+    )
     collate_rows = partial(
-        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing,
-        max_length=config.data.max_length, seed=config.seed, share_prefix=share,
+        collate_examples,
+        pad_token_id=tokenizer.pad_token_id,
+        packed=config.data.packing,
+        max_length=config.data.max_length,
+        seed=config.seed,
+        share_prefix=share,
     )
     rt.log(
         f"data: {len(pairs.train)} training pairs, {config.train.batch_size} per micro-batch "

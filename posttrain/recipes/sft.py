@@ -43,7 +43,9 @@ def evaluate_loss(model: Any, examples: list[Example], collate_rows: Any, rt: Ru
     total = torch.zeros(2, device=rt.device)
     with eval_mode(model):
         for batch in rt.eval_batches(examples, collate_rows):
-            _, stats = losses.sft_loss(token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1)
+            _, stats = losses.sft_loss(
+                token_logits(model, batch), batch["targets"][batch["targets"] != IGNORE_INDEX], 1
+            )
             total += torch.stack([stats["loss_sum"].float(), stats["num_tokens"].float()])
     total = rt.sum_over_processes(total)
     eval_loss = (total[0] / total[1].clamp(min=1)).item()
@@ -61,8 +63,11 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, config.peft, tokenizer)
     examples, eval_examples = examples_of(train_sequences), examples_of(eval_sequences)
     collate_rows = partial(
-        collate_examples, pad_token_id=tokenizer.pad_token_id, packed=config.data.packing,
-        max_length=config.data.max_length, seed=config.seed,
+        collate_examples,
+        pad_token_id=tokenizer.pad_token_id,
+        packed=config.data.packing,
+        max_length=config.data.max_length,
+        seed=config.seed,
     )
     truncated = sequences.truncated
     rt.log(
@@ -84,7 +89,9 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
         stats.count_trained_tokens(loss_stats["num_tokens"])
         if len(sources) > 1:  # a mixture: loss per source too, so a domain set's progress is visible
             with torch.no_grad():
-                nll, counts = losses.per_sequence_nll(logits, batch["targets"][trained], batch["source_ids"][trained], len(sources))
+                nll, counts = losses.per_sequence_nll(
+                    logits, batch["targets"][trained], batch["source_ids"][trained], len(sources)
+                )
             for index, name in enumerate(sources):
                 stats.sum(f"tokens/{name}", counts[index])
                 stats.token_mean(f"loss/{name}", nll[index], counts[index])
@@ -103,6 +110,10 @@ def run(config: SftConfig, config_path: str | None = None) -> dict[str, Any]:
             "skipped_invalid_rows": sequences.skipped_rows,
             "eval_sequences": len(eval_sequences),
             "chat_template": sequences.template,
-            **{f"sequences/{n}": c for n, c in zip(sequences.source_names, sequences.source_counts) if len(sequences.source_names) > 1},
+            **{
+                f"sequences/{n}": c
+                for n, c in zip(sequences.source_names, sequences.source_counts)
+                if len(sequences.source_names) > 1
+            },
         },
     )

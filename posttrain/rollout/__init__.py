@@ -31,6 +31,11 @@ class RolloutEngine(Protocol):
 
 
 __all__ = [
-    "HFEngine", "Response", "RolloutEngine", "SamplingSettings", "generate_from_ids",
-    "render_prompt_ids", "sample_responses",
+    "HFEngine",
+    "Response",
+    "RolloutEngine",
+    "SamplingSettings",
+    "generate_from_ids",
+    "render_prompt_ids",
+    "sample_responses",
 ]

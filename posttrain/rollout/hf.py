@@ -45,7 +45,9 @@ class SamplingSettings:
     top_k: int = 0
 
 
-def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: list[int]) -> Any:
+def shared_prompt_cache(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: list[int]
+) -> Any:
     """A KV cache holding every row's prompt but its last token, each distinct prompt computed once and copied to
     its rows (``num_samples`` copies of each prompt in a rollout); decoding then starts from the last prompt
     token. None (every row computes its own prompt) when no prompt repeats.
@@ -63,7 +65,14 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     slot = {prompt: i for i, prompt in enumerate(first_row)}
     cache.batch_select_indices(torch.tensor([slot[p] for p in prompt_of_row], device=input_ids.device))
     return cache
@@ -109,7 +118,14 @@ def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torc
 
 
 @torch.no_grad()
-def decode_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, stop_ids: set[int], prompt_of_row: list[int]) -> list[list[int]]:
+def decode_batch(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    prompt_of_row: list[int],
+) -> list[list[int]]:
     """Each left-padded row's new tokens, up to and including its first stop token, or ``max_new_tokens``.
 
     A row leaves the batch when it stops: its KV-cache entries are dropped (transformers'
@@ -131,7 +147,14 @@ def decode_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     stop = torch.tensor(sorted(stop_ids), dtype=input_ids.dtype, device=input_ids.device)
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for _ in range(settings.max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
         tokens = sample_next_tokens(logits[:, -1], settings)
         for row, token in zip(rows.tolist(), tokens.tolist()):
             new_tokens[row].append(token)
@@ -194,7 +217,14 @@ def generate_from_ids(
     return grouped
 
 
-def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, pad_token_id: int, stop_ids: set[int]) -> list[list[int]]:
+def _generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: SamplingSettings,
+    pad_token_id: int,
+    stop_ids: set[int],
+) -> list[list[int]]:
     """transformers ``generate`` (for peft prompt learning): the new ids of each row, padding included."""
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
@@ -202,8 +232,12 @@ def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else {"do_sample": False}
     )
     output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
-        pad_token_id=pad_token_id, eos_token_id=sorted(stop_ids), **sampling,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=sorted(stop_ids),
+        **sampling,
     )
     return output[:, input_ids.shape[1] :].tolist()
 
@@ -233,8 +267,13 @@ def sample_responses(
     stop_ids = set(stop_token_ids) if stop_token_ids is not None else {tokenizer.eos_token_id}
     settings = SamplingSettings(num_samples, max_new_tokens, temperature, top_p, top_k)
     return generate_from_ids(
-        model, [render_prompt_ids(tokenizer, messages) for messages in prompts], settings, tokenizer.pad_token_id,
-        stop_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), batch_size,
+        model,
+        [render_prompt_ids(tokenizer, messages) for messages in prompts],
+        settings,
+        tokenizer.pad_token_id,
+        stop_ids,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        batch_size,
     )
 
 
@@ -248,10 +287,14 @@ class HFEngine:
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
         return generate_from_ids(
-            self.model, prompt_ids, settings, self.tokenizer.pad_token_id, self.stop_token_ids,
-            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(), self.batch_size,
+            self.model,
+            prompt_ids,
+            settings,
+            self.tokenizer.pad_token_id,
+            self.stop_token_ids,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            self.batch_size,
         )
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: generation runs on the trained module itself."""
-

@@ -29,7 +29,9 @@ def tokenized_prompts(
     ``max_new_tokens`` within ``data.max_length`` are dropped and counted."""
     budget = data.max_length - max_new_tokens
     if budget < 1:
-        raise ConfigError(f"data.max_length ({data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({max_new_tokens})")
+        raise ConfigError(
+            f"data.max_length ({data.max_length}) leaves no room for a prompt after sampling.max_new_tokens ({max_new_tokens})"
+        )
     rows = _rendered(read_prompts(data, max_prompts), tokenizer, budget)
     if data.eval:
         # The held-out file read like the training one (every prompt of it, whatever sampling.max_prompts).
@@ -47,5 +49,8 @@ def _rendered(prompts: list[Prompt], tokenizer: Any, budget: int) -> list[Tokeni
     rows = [TokenizedPrompt(prompt, render_prompt_ids(tokenizer, prompt.messages)) for prompt in prompts]
     kept = [row for row in rows if len(row.prompt_ids) <= budget]
     if len(kept) < len(rows):
-        print(f"data: {len(rows) - len(kept)} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped", file=sys.stderr)
+        print(
+            f"data: {len(rows) - len(kept)} prompts longer than data.max_length - sampling.max_new_tokens ({budget} tokens) were dropped",
+            file=sys.stderr,
+        )
     return kept

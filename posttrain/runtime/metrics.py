@@ -81,7 +81,9 @@ class Metrics:
             return
         known, sums = self._entries[name]
         if known is not kind:
-            raise ValueError(f"metric {name!r} is recorded both as {kind.value} and as {known.value}; one name, one kind")
+            raise ValueError(
+                f"metric {name!r} is recorded both as {kind.value} and as {known.value}; one name, one kind"
+            )
         self._entries[name] = (kind, plain if kind is Kind.LAST else [a + b for a, b in zip(sums, plain)])
 
     # -------------------------------------------------------------------------------------------- combining
@@ -93,7 +95,9 @@ class Metrics:
         self._counts_tokens |= other._counts_tokens
         return self
 
-    def reduce(self, sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> Metrics:
+    def reduce(
+        self, sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu"
+    ) -> Metrics:
         """These statistics summed over every process: all summed numbers in one float64 tensor through
         ``sum_over_processes`` (an all-reduce), ``LAST`` values kept as they are."""
         summed = sorted(name for name, (kind, _) in self._entries.items() if kind is not Kind.LAST)
@@ -147,7 +151,11 @@ class MetricsWriter:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, step: int, values: dict[str, Any]) -> None:
@@ -188,7 +196,9 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
     def update(self, values: dict[str, float]) -> None:
         if self._bar is None:

@@ -11,10 +11,12 @@ import torch
 from posttrain.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter] | list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    parameters: Iterable[torch.nn.Parameter] | list[dict[str, Any]], config: OptimConfig
+) -> torch.optim.Optimizer:
     """The optimizer ``config`` names over the trainable ``parameters``: tensors, or torch parameter groups
     (``[{"params": [...], "lr": ...}, ...]``) whose own options override the config's."""
-    items = list(parameters)
+    items: list[Any] = list(parameters)
     if items and isinstance(items[0], dict):
         groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in items]
         params: list[Any] = [group for group in groups if group["params"]]
@@ -23,9 +25,13 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter] | list[dict[str, An
     if not params:
         raise ValueError("no trainable parameters: check peft.method and its target modules")
     if config.name == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
     if config.name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        return torch.optim.Adam(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 

@@ -129,7 +129,9 @@ class Runtime:
         self.selection = ModelSelection()
         self.best_eval = self.selection.worst  # the best value of selection.metric so far
         self.best_step: int | None = None
-        self.best_results: dict[str, float] | None = None  # the whole evaluation at best_step: the restored model's figures
+        self.best_results: dict[str, float] | None = (
+            None  # the whole evaluation at best_step: the restored model's figures
+        )
         self.evals_without_improvement = 0
         self.stopped_early = False
         self.tokens_trained = 0
@@ -186,12 +188,17 @@ class Runtime:
         self.log(checks.text())
         checks.raise_if_failed()
 
-    def eval_batches(self, rows: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def eval_batches(
+        self, rows: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]
+    ) -> Iterator[dict[str, Any]]:
         """This process's share of held-out ``rows`` (examples) in batches of ``train.batch_size`` examples, laid
         out by ``collate``, on the device; combine per-process results with :meth:`sum_over_processes`."""
         mine = rows[self.accelerator.process_index :: self.world_size]
         for start in range(0, len(mine), self.train.batch_size):
-            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(list(mine[start : start + self.train.batch_size])).items()}
+            yield {
+                k: v.to(self.device) if hasattr(v, "to") else v
+                for k, v in collate(list(mine[start : start + self.train.batch_size])).items()
+            }
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
@@ -222,8 +229,9 @@ class Runtime:
         self.steps_per_epoch = num_rows // self.rows_per_step
         if self.steps_per_epoch == 0:
             needs = (
-                f"algorithm.prompts_per_step = {self.rows_per_step}" if rows_per_step else
-                f"train.batch_size x train.grad_accum x processes = {self.train.batch_size} x {self.train.grad_accum} "
+                f"algorithm.prompts_per_step = {self.rows_per_step}"
+                if rows_per_step
+                else f"train.batch_size x train.grad_accum x processes = {self.train.batch_size} x {self.train.grad_accum} "
                 f"x {self.world_size} = {self.rows_per_step}"
             )
             raise ConfigError(
@@ -248,7 +256,9 @@ class Runtime:
             return found[-1] if found else None
         path = Path(resume)
         if not ckpt.is_complete(path):
-            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint directory (expected step-N/state.json)")
+            raise FileNotFoundError(
+                f"resume={resume}: not a complete checkpoint directory (expected step-N/state.json)"
+            )
         return path
 
     def _resume(self) -> None:
@@ -311,7 +321,9 @@ class Runtime:
         """Row indices of each step's group, from the current step to the last; the progress bar and the
         signal handlers live as long as the loop."""
         self._install_signal_handlers()
-        self._progress = Progress(self.total_steps, self.global_step, self.config.logging.progress and self.is_main, self.config.stage)
+        self._progress = Progress(
+            self.total_steps, self.global_step, self.config.logging.progress and self.is_main, self.config.stage
+        )
         order: list[int] = []
         order_epoch = -1
         try:
@@ -371,9 +383,11 @@ class Runtime:
         for index, group in enumerate(self.optimizer.param_groups):
             parameters = [p for p in group["params"] if p.requires_grad]
             max_norm = group.get("max_grad_norm", self.config.optim.max_grad_norm) or math.inf
-            group_norms[group.get("name", f"group{index}")] = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+            group_norms[group.get("name", f"group{index}")] = float(
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            )
         grad_norm = math.sqrt(sum(norm**2 for norm in group_norms.values()))
-        loss_finite = all(torch.isfinite(l).all() for l in self._group_losses)
+        loss_finite = all(torch.isfinite(loss).all() for loss in self._group_losses)
         # Under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale);
         # a NaN/inf *loss* is always ours.
         grads_finite = math.isfinite(grad_norm) or self.config.train.precision == "fp16"
@@ -402,7 +416,8 @@ class Runtime:
         grad_norm, skipped = sum(norms) / len(norms), self._skipped_updates > 0
         # Each parameter group's norm before its clip, as grad_norm/NAME (mean over the step's updates).
         per_group = {
-            f"grad_norm/{name}": sum(update[name] for update in self._update_group_norms) / len(self._update_group_norms)
+            f"grad_norm/{name}": sum(update[name] for update in self._update_group_norms)
+            / len(self._update_group_norms)
             for name in (self._update_group_norms[0] if self._update_group_norms else {})
         }
         lr = self.scheduler.get_last_lr()[0]
@@ -425,7 +440,9 @@ class Runtime:
         if self.global_step % self.train.log_every == 0 or skipped:
             self.metrics.log(self.global_step, record)
         if self._progress is not None:
-            shown = {k: record[k] for k in ("loss", "reward", "gold_reward", "kl", "tokens_per_s", "lr") if k in record}
+            shown = {
+                k: record[k] for k in ("loss", "reward", "gold_reward", "kl", "tokens_per_s", "lr") if k in record
+            }
             self._progress.update({"tok/s" if k == "tokens_per_s" else k: v for k, v in shown.items()})
         if self.nonfinite_in_a_row >= self.train.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -541,7 +558,9 @@ class Runtime:
             if self._signal is not None:  # a second signal: stop now, the first checkpoint may be in progress
                 raise KeyboardInterrupt
             self._signal = signum
-            self.log(f"received {signal.Signals(signum).name}: finishing step {self.global_step + 1}, then checkpointing")
+            self.log(
+                f"received {signal.Signals(signum).name}: finishing step {self.global_step + 1}, then checkpointing"
+            )
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -572,7 +591,9 @@ class Runtime:
         if self.stopped_early and self.best_step is not None and self.best_step != self.global_step:
             best = self.checkpoint_dir / f"step-{self.best_step:06d}"
             self.log(f"restoring the best checkpoint ({best.name}) as the final model")
-            ckpt.load_trainable_state_dict(self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors")))
+            ckpt.load_trainable_state_dict(
+                self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors"))
+            )
             final_eval = self.best_results
         elif not ckpt.is_complete(self.checkpoint_dir / f"step-{self.global_step:06d}"):
             self.save_checkpoint()
@@ -614,4 +635,3 @@ class Runtime:
             )
         self.accelerator.wait_for_everyone()
         return records
-

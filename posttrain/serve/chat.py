@@ -159,7 +159,12 @@ class ChatSession:
         if limit:
             max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
         sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": self.settings.temperature, "top_p": self.settings.top_p, "top_k": self.settings.top_k}
+            {
+                "do_sample": True,
+                "temperature": self.settings.temperature,
+                "top_p": self.settings.top_p,
+                "top_k": self.settings.top_k,
+            }
             if self.settings.temperature > 0
             else {"do_sample": False}
         )
@@ -264,10 +269,14 @@ class _Chat:
                     replies.append((session.name, session.generate_reply(user_text)))
                 else:
                     self.say(f"[{session.name}]")
-                    session.generate_reply(user_text, on_token=lambda piece: print(piece, end="", file=self.out, flush=True))
+                    session.generate_reply(
+                        user_text, on_token=lambda piece: print(piece, end="", file=self.out, flush=True)
+                    )
                     self.say()
                 if session.dropped_exchanges > dropped:
-                    self.say(f"({session.name}: context full, forgot the {session.dropped_exchanges - dropped} oldest exchange(s))")
+                    self.say(
+                        f"({session.name}: context full, forgot the {session.dropped_exchanges - dropped} oldest exchange(s))"
+                    )
         except (KeyboardInterrupt, ChatError) as stopped:
             for session, (history, dropped) in zip(self.sessions, before):
                 session.history, session.dropped_exchanges = history, dropped
