@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from posttrain.config import RewardSource
+from posttrain.eval.reward_model import RewardScorer
+from posttrain.models.loading import model_dir_of
 from posttrain.tasks import exact_match, format_reward, score_prompt, task_of
 
 Messages = list[dict[str, Any]]
@@ -167,7 +169,6 @@ class ModelReward:
     needs_reference = False
 
     def __init__(self, path: str, batch_size: int = 32, device: str | None = None) -> None:
-        from posttrain.models.loading import model_dir_of
 
         model_dir_of(path)  # a wrong path fails now, not after sampling
         self.path, self.batch_size, self.device = path, batch_size, device
@@ -177,7 +178,6 @@ class ModelReward:
     def __call__(
         self, prompts: Sequence[Messages], responses: Sequence[str], references: Sequence[str | None]
     ) -> list[float]:
-        from posttrain.eval.reward_model import RewardScorer
 
         if self._scorer is None:
             self._scorer = RewardScorer(self.path, device=self.device, batch_size=self.batch_size)

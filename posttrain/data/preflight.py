@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import DataConfig
-from posttrain.data.dataset import SequenceSet, end_of_turn_ids
+from posttrain.data.dataset import SequenceSet, end_of_turn_ids, load_sequences
 from posttrain.data.errors import DataError
+from posttrain.data.pairs import load_pairs, load_unpaired, pair_sides
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.losses import IGNORE_INDEX
 
@@ -82,8 +83,6 @@ def preflight(sequences: SequenceSet, tokenizer: Any, config: DataConfig, stage:
 def load_for_check(config: Any, tokenizer: Any) -> SequenceSet:
     """The sequences ``config``'s stage trains on, as its recipe tokenises them (for ``posttrain data check``):
     chat or text for SFT/pretraining, both sides of every pair for reward models and DPO, KTO's examples."""
-    from posttrain.data.dataset import load_sequences
-    from posttrain.data.pairs import load_pairs, load_unpaired, pair_sides
 
     if config.stage in ("reward", "dpo"):
         return pair_sides(load_pairs(config.data, tokenizer, config.seed))

@@ -34,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from posttrain.data.errors import DataError
-from posttrain.data.formats import ReadResult
+from posttrain.data.formats import FILE_READERS, ReadResult
 from posttrain.data.records import Conversation, Kind, Message, Preference, Prompt, Record, Text, Unpaired
+from posttrain.data.registry import read_dataset, resolve_dataset
+from posttrain.data.templates import resolve_template
+from posttrain.data.tokenize import render, tokenize_conversation
 
 NEAR_DUP_THRESHOLD = 0.8
 SHINGLE_SIZE = 5  # characters: works for languages without spaces, where word shingles would be whole sentences
@@ -134,7 +137,6 @@ class TokenizerCounter:
     unit = "tokens"
 
     def __init__(self, tokenizer: Any, source: str, template_override: str | None = None) -> None:
-        from posttrain.data.templates import resolve_template
 
         self.tokenizer = tokenizer
         self.template, template_source = resolve_template(tokenizer, template_override)
@@ -142,7 +144,6 @@ class TokenizerCounter:
         self.method = f"tokenizer {source}, chat template {self.template!r}"
 
     def conversation(self, messages: list[Message], tools: Any) -> tuple[int, int]:
-        from posttrain.data.tokenize import tokenize_conversation
 
         sequence = tokenize_conversation(self.tokenizer, messages, max_length=sys.maxsize, tools=tools)
         return len(sequence.input_ids), sequence.num_targets
@@ -153,7 +154,6 @@ class TokenizerCounter:
         return self.conversation(context + completion, tools)
 
     def prompt(self, messages: list[Message], tools: Any) -> int:
-        from posttrain.data.tokenize import render
 
         text = render(self.tokenizer, messages, add_generation_prompt=True, tools=tools)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -489,8 +489,6 @@ def inspect_dataset(
         DataError: the source cannot be found or read at all (not found, no usable rows).
         FileNotFoundError: ``tokenizer`` is not a loadable local tokenizer folder.
     """
-    from posttrain.data.formats import FILE_READERS
-    from posttrain.data.registry import read_dataset, resolve_dataset
 
     path = Path(source)
     if path.suffix.lower() in FILE_READERS and not path.exists():

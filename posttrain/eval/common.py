@@ -9,8 +9,11 @@ from typing import Any
 
 import torch
 
+from posttrain.data.dataset import end_of_turn_ids, use_chat_template
 from posttrain.data.formats import read_records
 from posttrain.data.records import Prompt
+from posttrain.data.templates import END_OF_TURN
+from posttrain.rollout.hf import sample_responses
 
 
 class EvalError(ValueError):
@@ -86,8 +89,6 @@ def answer_stop_ids(tokenizer: Any) -> set[int]:
 
     A trained model's saved tokenizer carries its training template as its own, so the template's name is
     gone; looking for the markers in the template text recovers what ``end_of_turn_ids`` would have given."""
-    from posttrain.data.dataset import end_of_turn_ids
-    from posttrain.data.templates import END_OF_TURN
 
     ids = end_of_turn_ids(tokenizer, "tokenizer")
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
@@ -104,8 +105,6 @@ def generate_answers(
 ) -> list[Any]:
     """One greedy answer per prompt (``rollout.hf.Response``: text, token ids with the stop token, finished),
     rendered with the tokenizer's chat template (the built-in ``default`` when it has none)."""
-    from posttrain.data.dataset import use_chat_template
-    from posttrain.rollout.hf import sample_responses
 
     use_chat_template(tokenizer, None)
     groups = sample_responses(

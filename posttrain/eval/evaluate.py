@@ -8,7 +8,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.errors import DataError
+from posttrain.data.formats import detect_file, file_rows
 from posttrain.eval.common import EvalError, generate_answers, inference_device, load_prompts, text_table
+from posttrain.eval.kl import kl_to_reference
+from posttrain.eval.multiple_choice import evaluate_multiple_choice, looks_like_multiple_choice
+from posttrain.eval.perplexity import heldout_loss
+from posttrain.eval.reward_model import as_scorer, is_reward_model, reward_model_accuracy, score_answers
+from posttrain.eval.verifiable import verifiable_metrics
+from posttrain.eval.win_rate import compare_answers
+from posttrain.models.loading import load_for_inference
 
 DATA_KINDS = {
     "prompts": "prompts: greedy answers, exact match, gold reward, length, EOS rate",
@@ -20,7 +29,6 @@ DATA_KINDS = {
 
 def load_reference(reference: Any) -> tuple[Any, Any]:
     """A reference for KL: a path (loaded with its tokenizer), a ``(model, tokenizer)`` pair, or a model."""
-    from posttrain.models.loading import load_for_inference
 
     if isinstance(reference, (str, Path)):
         model, tokenizer = load_for_inference(reference)
@@ -48,8 +56,6 @@ def evaluate_model(
     model score of the answers) when ``reward_model`` (a path or ``RewardScorer``) is given, and
     ``kl_to_reference`` (``eval.kl``: summed full-vocabulary KL along the answers, mean over prompts) when
     ``reference`` (a path, a model, or a ``(model, tokenizer)`` pair) is given."""
-    from posttrain.eval.verifiable import verifiable_metrics
-    from posttrain.models.loading import load_for_inference
 
     rows = load_prompts(prompts)
     model, tokenizer = load_for_inference(model_path)
@@ -58,13 +64,9 @@ def evaluate_model(
     result = verifiable_metrics(rows, answers)
     messages = [row.messages for row in rows]
     if reward_model is not None:
-        from posttrain.eval.reward_model import as_scorer, score_answers
-
         scores = score_answers(as_scorer(reward_model), messages, result["answers"])
         result["rm_score"] = sum(scores) / len(scores)
     if reference is not None:
-        from posttrain.eval.kl import kl_to_reference
-
         reference_model, reference_tokenizer = load_reference(reference)
         result["kl_to_reference"] = kl_to_reference(
             model,
@@ -81,9 +83,6 @@ def evaluate_model(
 def detect_eval_data(path: str | Path) -> str:
     """What a data file holds, as a key of :data:`DATA_KINDS` (from its first row; DataError for a missing
     file or unreadable row; EvalError for records evaluation has no metric for)."""
-    from posttrain.data.errors import DataError
-    from posttrain.data.formats import detect_file, file_rows
-    from posttrain.eval.multiple_choice import looks_like_multiple_choice
 
     first = next((item for item in file_rows(path) if not isinstance(item, DataError)), None)
     if first is not None and looks_like_multiple_choice(first[1]):
@@ -99,7 +98,6 @@ def detect_eval_data(path: str | Path) -> str:
 
 
 def _require_policy(path: str) -> None:
-    from posttrain.eval.reward_model import is_reward_model
 
     if is_reward_model(path):
         raise EvalError(
@@ -130,7 +128,6 @@ def evaluate_files(
     - multiple-choice rows → ``accuracy`` and ``accuracy_norm`` (``eval.multiple_choice``).
 
     Returns ``{"data", "kind", "models": {path as given: metrics}}`` (+ ``baseline`` and ``judge`` when judged)."""
-    from posttrain.models.loading import load_for_inference
 
     if not models:
         raise EvalError("no model to evaluate")
@@ -148,8 +145,6 @@ def evaluate_files(
     results = report["models"]
 
     if kind == "preference":
-        from posttrain.eval.reward_model import reward_model_accuracy
-
         for name in names:
             results[name] = reward_model_accuracy(name, data, batch_size=min(batch_size, 32))
         return report
@@ -157,8 +152,6 @@ def evaluate_files(
     for name in names:
         _require_policy(name)
     if kind == "prompts":
-        from posttrain.eval.reward_model import as_scorer
-
         rows = load_prompts(data)
         scorer = as_scorer(reward_model) if reward_model is not None else None
         reference_pair = load_reference(reference) if reference is not None else None
@@ -172,8 +165,6 @@ def evaluate_files(
                 batch_size=batch_size,
             )
         if judge is not None:
-            from posttrain.eval.win_rate import compare_answers
-
             if judge != "gold" and reward_model is not None and Path(judge) == Path(reward_model):
                 judge_with: Any = scorer
             else:
@@ -189,12 +180,8 @@ def evaluate_files(
         model, tokenizer = load_for_inference(name)
         model.to(inference_device())
         if kind == "loss":
-            from posttrain.eval.perplexity import heldout_loss
-
             results[name] = heldout_loss(model, tokenizer, data, max_length=max_length, batch_size=min(batch_size, 8))
         else:
-            from posttrain.eval.multiple_choice import evaluate_multiple_choice
-
             results[name] = evaluate_multiple_choice(model, tokenizer, data, batch_size=min(batch_size, 16))
         del model
     return report

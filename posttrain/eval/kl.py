@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from posttrain.eval.common import EvalError, device_of
 from posttrain.models.modes import eval_mode
+from posttrain.rollout.hf import render_prompt_ids
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,6 @@ def kl_to_reference(
     """Mean over prompts of the summed full-vocabulary KL(model || reference) along the model's own answers
     (``answers``: ``rollout.hf.Response`` objects or token-id lists, one per prompt). See the module docstring
     for the definition. Both models must share ``tokenizer`` (EvalError otherwise)."""
-    from posttrain.rollout.hf import render_prompt_ids
 
     check_same_vocabulary(model, reference, tokenizer, reference_tokenizer)
     if len(prompts) != len(answers):

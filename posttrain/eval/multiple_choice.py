@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.data.errors import DataError
+from posttrain.data.formats import file_rows
 from posttrain.eval.common import device_of
 from posttrain.models.modes import eval_mode
 
@@ -114,7 +115,6 @@ def _answer(value: Any, choices: tuple[str, ...], where: Any) -> int:
 
 def read_multiple_choice(path: str | Path) -> list[Question]:
     """Every row of ``path`` as a :class:`Question`; a bad row raises DataError naming file, line and field."""
-    from posttrain.data.formats import file_rows
 
     questions: list[Question] = []
     for item in file_rows(path):

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from posttrain.data.dataset import use_chat_template
+from posttrain.data.formats import read_records
 from posttrain.data.records import Conversation, Record, Text
 from posttrain.data.tokenize import TokenizedSequence, tokenize_conversation, tokenize_text
 from posttrain.eval.common import EvalError, device_of
@@ -26,7 +28,6 @@ from posttrain.models.modes import eval_mode
 
 def loss_sequences(tokenizer: Any, records: Sequence[Record], max_length: int = 2048) -> list[TokenizedSequence]:
     """Conversation or text records → tokenised sequences with their targets (-100 where not scored)."""
-    from posttrain.data.dataset import use_chat_template
 
     sequences: list[TokenizedSequence] = []
     if any(isinstance(r, Conversation) for r in records):
@@ -76,8 +77,6 @@ def heldout_loss(
     conversations (assistant tokens only) or text (all tokens); also the ``tokens`` scored, the ``sequences``
     and how many were ``truncated`` at ``max_length``."""
     if isinstance(data, (str, Path)):
-        from posttrain.data.formats import read_records
-
         result = read_records(data)
         if result.kind not in ("conversation", "text"):
             raise EvalError(f"{data}: holds {result.kind} records; held-out loss needs conversations or text rows")

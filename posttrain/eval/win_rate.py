@@ -8,6 +8,8 @@ from typing import Any
 
 from posttrain.data.records import Prompt
 from posttrain.eval.common import EvalError
+from posttrain.eval.reward_model import as_scorer, score_answers
+from posttrain.eval.verifiable import reference_reward
 
 Judge = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
 """Scores a list of answers, one per prompt; higher is better."""
@@ -30,7 +32,6 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance
 
 def gold_judge(rows: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
     """The gold reward of each answer (toy task reward, else exact match); every row needs a reference."""
-    from posttrain.eval.verifiable import reference_reward
 
     if any(row.reference is None for row in rows):
         raise EvalError("the gold judge needs a reference answer on every prompt; judge with a reward model instead")
@@ -39,7 +40,6 @@ def gold_judge(rows: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
 
 def reward_model_judge(reward_model: Any, batch_size: int = 32) -> Judge:
     """A judge that scores each answer with a reward model (a path or a ``RewardScorer``)."""
-    from posttrain.eval.reward_model import as_scorer, score_answers
 
     scorer = as_scorer(reward_model, batch_size)
 

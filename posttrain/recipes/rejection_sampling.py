@@ -52,6 +52,7 @@ from posttrain.config import RejectionSamplingConfig, SftConfig, StageConfig, sa
 from posttrain.data.dataset import end_of_turn_ids, read_prompts, require_references, use_chat_template
 from posttrain.data.records import Prompt
 from posttrain.models import load_model, load_tokenizer
+from posttrain.recipes import sft
 from posttrain.rewards import WeightedReward, build_reward
 from posttrain.rollout import sample_responses
 from posttrain.runtime.checkpoint import write_atomic
@@ -295,7 +296,6 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
         raise ValueError(
             f"no response was kept (rejection.threshold={config.rejection.threshold}); nothing to fine-tune on"
         )
-    from posttrain.recipes import sft
 
     sft_config = sft_round_config(config, run_dir / SELECTED)
     try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from posttrain.models.adapters import is_prompt_learning
 from posttrain.models.modes import eval_mode
 
 
@@ -189,7 +190,6 @@ def generate_from_ids(
     batch with one KV cache serves all (:func:`decode_batch`). Every sampling setting is explicit, so the checkpoint's
     ``generation_config.json`` (often ``do_sample: true`` with its own temperature) cannot change what was asked
     for. peft prompt learning goes through ``generate``, which inserts its virtual tokens."""
-    from posttrain.models.adapters import is_prompt_learning
 
     stop_ids = {int(i) for i in stop_token_ids if i is not None}
     flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]

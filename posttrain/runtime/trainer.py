@@ -48,6 +48,8 @@ from typing import Any
 import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
+from posttrain.data.preflight import preflight
+from posttrain.models.adapters import count_parameters
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
@@ -180,7 +182,6 @@ class Runtime:
 
     def check_data(self, sequences: Any, tokenizer: Any) -> None:
         """Log the data reports and the preflight, and refuse (``DataError``) a run that cannot work."""
-        from posttrain.data.preflight import preflight
 
         for report in sequences.reports:
             self.log(f"data: {report}")
@@ -221,7 +222,6 @@ class Runtime:
         such as a critic's learning rate (and ``name``/``max_grad_norm``, see :meth:`update`); ``selection`` is the
         held-out metric and direction that pick the best checkpoint and drive early stopping (the recipe evaluates:
         :meth:`should_evaluate`)."""
-        from posttrain.models.adapters import count_parameters
 
         self.selection = selection
         self.best_eval = selection.worst

@@ -23,6 +23,9 @@ from typing import Any, TextIO
 
 import torch
 
+from posttrain.data.dataset import end_of_turn_ids, use_chat_template
+from posttrain.data.templates import BUILTIN_TEMPLATES, _tokenizer_template
+from posttrain.models.loading import ModelLoadError, load_for_inference
 from posttrain.rollout.hf import SamplingSettings, render_prompt_ids
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /history, /quit (or Ctrl-D)"
@@ -207,9 +210,6 @@ def load_session(
         FileNotFoundError / ModelLoadError: ``path`` is not a loadable model.
         ModelLoadError: the tokenizer has no chat template and none was given.
     """
-    from posttrain.data.dataset import end_of_turn_ids, use_chat_template
-    from posttrain.data.templates import BUILTIN_TEMPLATES, _tokenizer_template
-    from posttrain.models.loading import ModelLoadError, load_for_inference
 
     name = name or chat_name(path)
     model, tokenizer = load_for_inference(path, dtype=dtype)
