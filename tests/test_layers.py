@@ -1,6 +1,7 @@
 """The package's layers, read from its source: no import cycles, nothing in the library imports the application
 layer (the CLI, and ``posttrain.demo`` should one return; the demo is now the shipped ``configs/demo.yaml``), and the
-math (``losses.py``, ``rl.py``) imports only torch and the standard library.
+math (``losses.py``, ``rl.py``) imports only torch and the standard library; outside the CLI, posttrain's own
+modules are imported at the top of a file, never inside a function.
 
 Every module's AST is walked for its imports of posttrain modules, at module level and inside functions alike: a
 function-local import does not make a dependency go away, it only hides it from the import machinery, so a cycle
@@ -169,6 +170,11 @@ def layer_problems(root: Path = PACKAGE_DIR) -> list[str]:
             problems.append(
                 f"{where}: library module {imp.importer} imports {imp.target}; only the CLI may import the demo or the CLI"
             )
+        if imp.function_local and imp.target.startswith("posttrain") and not _is_application(imp.importer):
+            # A lazy import of an own module hides a dependency (and a cycle) instead of removing it.
+            problems.append(
+                f"{where}: {imp.importer} imports {imp.target} inside a function; own-package imports go at the top"
+            )
         if imp.importer in PURE_MATH and imp.target.split(".")[0] not in ALLOWED_IN_PURE_MATH:
             problems.append(
                 f"{where}: {imp.importer} imports {imp.target}; the math imports only torch and the standard library"
@@ -182,8 +188,8 @@ def test_the_package_keeps_its_layers() -> None:
 
 
 def test_the_checker_sees_cycles_demo_imports_and_heavy_math(tmp_path: Path) -> None:
-    """Each rule fails on a package that breaks it: a cycle hidden behind a function-local import, a relative
-    import of the demo, and a third-party import in the math."""
+    """Each rule fails on a package that breaks it: a cycle hidden behind a function-local import (also reported
+    as a function-local own import), a relative import of the demo, and a third-party import in the math."""
     package = tmp_path / "posttrain"
     files = {
         "__init__.py": "",
@@ -215,4 +221,8 @@ def test_the_checker_sees_cycles_demo_imports_and_heavy_math(tmp_path: Path) -> 
     assert any(
         "posttrain/recipes/sft.py:1: library module posttrain.recipes.sft imports posttrain.cli" in p for p in problems
     ), problems
-    assert len(problems) == 5, problems  # rl.py, cli.py and the demo's own imports are allowed
+    assert any(
+        "posttrain/eval/report.py:2: posttrain.eval.report imports posttrain.pipeline inside a function" in p
+        for p in problems
+    ), problems
+    assert len(problems) == 6, problems  # rl.py, cli.py and the demo's own imports are allowed
