@@ -38,7 +38,7 @@ from posttrain.config import DpoBlock, DpoConfig
 from posttrain.data.packing import Example, collate_examples
 from posttrain.data.pairs import load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
-from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
+from posttrain.models.forward import batch_sequence_logps, shares_prefix
 from posttrain.models.modes import eval_mode
 from posttrain.runtime import Metrics, Runtime
 
@@ -137,15 +137,9 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
 
     ref_table = eval_ref_table = None
     reference_free = losses.DPO_LOSSES[options.loss].reference_free
-    if not reference_free:
-        rt.log(f"reference log-probs: {2 * (len(pairs.train) + len(pairs.held_out))} sequences, computed once")
-        reference = partial(reference_logps, model, accelerator=rt.accelerator)
-        ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(pairs.train))
-        eval_ref_table = (
-            reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(pairs.held_out))
-            if eval_items
-            else None
-        )
+    if not reference_free:  # two sequences a pair
+        train, held_out = (items, 2 * len(pairs.train)), (eval_items, 2 * len(pairs.held_out))
+        ref_table, eval_ref_table = rt.reference_tables(model, collate_rows, train, held_out)
 
     model = rt.setup(model, num_rows=len(items))
 

@@ -34,7 +34,7 @@ from posttrain.data.packing import Example, collate_examples, examples_of
 from posttrain.data.pairs import load_unpaired
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.models import load_model, load_tokenizer
-from posttrain.models.forward import batch_sequence_logps, reference_logps, shares_prefix
+from posttrain.models.forward import batch_sequence_logps, shares_prefix
 from posttrain.models.modes import eval_mode
 from posttrain.runtime import Metrics, Runtime
 
@@ -109,14 +109,9 @@ def run(config: KtoConfig, config_path: str | None = None) -> dict[str, Any]:
         f"estimate; {examples.truncated} truncated at {config.data.max_length} tokens; {len(examples.held_out)} held out"
     )
 
-    rt.log(f"reference log-probs: {2 * (len(examples.train) + len(examples.held_out))} sequences, computed once")
-    reference = partial(reference_logps, model, accelerator=rt.accelerator)
-    ref_table = reference(rt.eval_batches(items, collate_rows), num_sequences=2 * len(examples.train))
-    eval_ref_table = (
-        reference(rt.eval_batches(eval_items, collate_rows), num_sequences=2 * len(examples.held_out))
-        if eval_items
-        else None
-    )
+    # Two sequences an example: its completion and the mismatched one for the KL estimate.
+    train, held_out = (items, 2 * len(examples.train)), (eval_items, 2 * len(examples.held_out))
+    ref_table, eval_ref_table = rt.reference_tables(model, collate_rows, train, held_out)
 
     model = rt.setup(model, num_rows=len(items))
 

@@ -50,6 +50,7 @@ import torch
 from posttrain.config import ConfigError, StageConfig, save_config
 from posttrain.data.preflight import preflight
 from posttrain.models.adapters import count_parameters
+from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
@@ -200,6 +201,24 @@ class Runtime:
                 k: v.to(self.device) if hasattr(v, "to") else v
                 for k, v in collate(list(mine[start : start + self.train.batch_size])).items()
             }
+
+    def reference_tables(
+        self,
+        model: Any,
+        collate: Callable[[list[Any]], dict[str, Any]],
+        train: tuple[Sequence[Any], int],
+        held_out: tuple[Sequence[Any], int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen reference's summed log-probs of every sequence of the training and held-out examples, each
+        given as ``(examples, number of sequences)``: computed once, before :meth:`setup` restores a checkpoint
+        (``models.forward.reference_logps`` says why), so training holds one model. No held-out examples: None."""
+        (train_rows, train_sequences), (held_out_rows, held_out_sequences) = train, held_out
+        self.log(f"reference log-probs: {train_sequences + held_out_sequences} sequences, computed once")
+        train_table = reference_logps(model, self.eval_batches(train_rows, collate), train_sequences, self.accelerator)
+        if not held_out_rows:
+            return train_table, None
+        held_out_batches = self.eval_batches(held_out_rows, collate)
+        return train_table, reference_logps(model, held_out_batches, held_out_sequences, self.accelerator)
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
