@@ -19,7 +19,9 @@ Where each piece is used
   ``group_advantages`` for GRPO (Shao et al. 2024, DeepSeekMath) and Dr.GRPO (Liu et al. 2025, no std scaling);
   ``leave_one_out_advantages`` for RLOO (Ahmadian et al. 2024). ``ADVANTAGES`` names each estimator and says what
   it needs (a critic, groups of samples) and whether it is whitened.
-* Reward normalisation: ``RunningMoments``, the mean and variance of every reward so far.
+* Reward normalisation: ``RunningMoments``, the mean and variance of every reward so far, which
+  ``optimised_scores`` divides by. Statistics that span processes (``whiten_over_processes``,
+  ``loss_normaliser``) take the run's ``SumOverProcesses``.
 * Losses: ``policy_loss``, the clipped surrogate of PPO (Schulman et al. 2017) with DAPO's asymmetric clip-higher
   (Yu et al. 2025) and dual clip (Ye et al. 2020); ``value_loss``, PPO's clipped value loss; ``entropy_from_logits``
   for an entropy bonus or for logging. The per-token losses are returned unreduced; ``LOSS_AGGREGATIONS`` reduces them
@@ -41,6 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over every process of the run (an all-reduce; the identity for one process): statistics that span
+the whole rollout take one, so the results do not depend on how many processes share it."""
 
 # Both exp(20) ≈ 4.9e8 and exp(-20) ≈ 2e-9 are far from float32's limits (exp overflows past ~88.7), and a token
 # whose policy and reference log-probs differ by 20 nats is an outlier whatever its exact value.
@@ -103,6 +109,20 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return _select(whitened, mask)
+
+
+def whiten_over_processes(
+    values: torch.Tensor, mask: torch.Tensor, sum_over_processes: SumOverProcesses
+) -> torch.Tensor:
+    """``masked_whiten`` with the mean and unbiased variance of the whole rollout (every process's tokens), so the
+    advantages do not depend on how many processes share the rollout."""
+    sums = sum_over_processes(
+        torch.stack([masked_sum(values, mask), masked_sum(values**2, mask), mask.sum()]).double()
+    )
+    count = sums[2].clamp(min=2)
+    mean = sums[0] / count
+    var = (sums[1] - count * mean**2) / (count - 1)
+    return ((values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)).to(values.dtype) * mask
 
 
 # --- KL to the reference policy --------------------------------------------------------------------------------------
@@ -377,6 +397,29 @@ class RunningMoments:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
 
+def optimised_scores(
+    raw: torch.Tensor,
+    normalize: bool,
+    clip: float | None,
+    moments: RunningMoments,
+    sum_over_processes: SumOverProcesses,
+) -> torch.Tensor:
+    """The scores (B,) the advantages are computed from: the rewards ``raw``, with ``normalize`` divided by the
+    running statistics of every reward so far (``moments`` is updated with this batch, over all processes first),
+    and clipped to ± ``clip`` when it is set."""
+    scores = raw
+    if normalize:
+        sums = sum_over_processes(
+            torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double()
+        )
+        count, mean = float(sums[2]), float(sums[0] / sums[2])
+        moments.update(count, mean, float(sums[1] - count * mean**2))
+        scores = (raw - moments.mean) / max(moments.std, 1e-8)
+    if clip:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
 # --- Losses ----------------------------------------------------------------------------------------------------------
 
 
@@ -501,6 +544,16 @@ def aggregate_loss(
     ``normaliser``, the update's global count of tokens or responses (``LossAggregation.per``)."""
     _check_shapes("aggregate_loss", token_loss=token_loss, mask=mask)
     return LOSS_AGGREGATIONS[aggregation].partial_sum(token_loss, mask, max_tokens) / normaliser
+
+
+def loss_normaliser(
+    mask: torch.Tensor, aggregation: str, world_size: int, sum_over_processes: SumOverProcesses
+) -> float:
+    """The global denominator of one update's loss, whose responses on this process have the action ``mask``: its
+    response tokens or its responses over every process, as ``LOSS_AGGREGATIONS[aggregation].per`` says."""
+    if LOSS_AGGREGATIONS[aggregation].per == "response":
+        return float(len(mask) * world_size)
+    return float(sum_over_processes(mask.sum().clone()).clamp(min=1))
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

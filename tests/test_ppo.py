@@ -17,6 +17,7 @@ import torch
 from helpers import sft_config
 from safetensors.torch import load_file
 
+from posttrain import rl
 from posttrain.config import ConfigError
 from posttrain.data.rollout_layout import ResponseLayout
 from posttrain.losses import IGNORE_INDEX
@@ -317,7 +318,7 @@ def test_early_stopping_follows_the_held_out_reward(toy, micro_model, tmp_path, 
     def weights_of(model: Any) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    monkeypatch.setattr(ppo, "evaluate_prompts", scripted_evaluation)
+    monkeypatch.setattr(ppo, "held_out_evaluation", scripted_evaluation)
     out = tmp_path / "run"
     summary = ppo.run(
         ppo_config(
@@ -544,6 +545,11 @@ def _one_process(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _scores(raw: torch.Tensor, algorithm: Any, moments: Any) -> torch.Tensor:
+    """The scores the recipe optimises under ``algorithm``'s reward_normalize and reward_clip, on one process."""
+    return rl.optimised_scores(raw, algorithm.reward_normalize, algorithm.reward_clip, moments, _one_process)
+
+
 def _unit_batches() -> Any:
     """How the recipe functions lay rollout rows out, for one process on the CPU without autocast."""
     return RolloutBatches(ResponseLayout(0), torch.device("cpu"), 4, contextlib.nullcontext)
@@ -632,17 +638,17 @@ def test_reward_normalisation_and_clipping_hand_derived() -> None:
     raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
     std = (14 / 3) ** 0.5
     config = _unit_config(algorithm__reward_normalize=True)
-    normalised = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process)
+    normalised = _scores(raw, config.algorithm, ppo.RunningMoments())
     torch.testing.assert_close(normalised, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std)
     config = _unit_config(algorithm__reward_normalize=True, algorithm__reward_clip=1.0)
-    clipped = ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process)
+    clipped = _scores(raw, config.algorithm, ppo.RunningMoments())
     torch.testing.assert_close(clipped, torch.tensor([-2.0 / std, -1.0 / std, 0.0, 1.0]))
     config = _unit_config(algorithm__reward_clip=2.5)
     torch.testing.assert_close(
-        ppo.optimised_scores(raw, config.algorithm, ppo.RunningMoments(), _one_process),
+        _scores(raw, config.algorithm, ppo.RunningMoments()),
         torch.tensor([1.0, 2.0, 2.5, 2.5]),
     )
-    assert torch.equal(ppo.optimised_scores(raw, _unit_config().algorithm, ppo.RunningMoments(), _one_process), raw)
+    assert torch.equal(_scores(raw, _unit_config().algorithm, ppo.RunningMoments()), raw)
 
 
 def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
@@ -654,7 +660,7 @@ def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
     config = _unit_config(algorithm__reward_normalize=True)
     moments, seen = ppo.RunningMoments(), []
     for batch in batches:
-        scores = ppo.optimised_scores(batch, config.algorithm, moments, _one_process)
+        scores = _scores(batch, config.algorithm, moments)
         seen.extend(batch.tolist())
         everything = np.array(seen, dtype=np.float32).astype(np.float64)
         assert moments.count == len(seen)
@@ -697,7 +703,7 @@ class PlantedPolicyAndCritic(torch.nn.Module):
 
 
 def _micro_loss(**overrides: Any) -> float:
-    """One update's loss through the recipe (``_normaliser``, ``kl_controller_for``, ``ppo_micro_loss``) on two
+    """One update's loss through the recipe (``rl.loss_normaliser``, ``kl_controller_for``, ``ppo_micro_loss``) on two
     planted responses of 2 and 1 tokens: ratios ρ = [1.5, 0.5 | 3.0], advantages [1, −1 | −1], new values
     [1, 0 | 2], old values 0, returns [2, 1 | 0], reference log-probs ln 2 below the policy's."""
     config = _unit_config(**{"algorithm__advantage": "gae", **overrides})
@@ -719,7 +725,7 @@ def _micro_loss(**overrides: Any) -> float:
         torch.tensor([[2.0, 1.0], [0.0, 0.0]]),
         {},
     )
-    normaliser = ppo._normaliser(rollout.mask[[0, 1]], config.algorithm.loss_aggregation, 1, _one_process)
+    normaliser = rl.loss_normaliser(rollout.mask[[0, 1]], config.algorithm.loss_aggregation, 1, _one_process)
     kl_coef = ppo.kl_controller_for(config.algorithm, {}).value
     module = PlantedPolicyAndCritic(torch.tensor([1.0, 0.0, 2.0]))
     loss, _ = ppo.ppo_micro_loss(

@@ -5,12 +5,13 @@ Generation (:func:`~posttrain.eval.common.generate_answers`) and scoring (:func:
 separate, so the metrics can be checked on hand-made answers and the answers reused (reward-model score, KL,
 win-rate) without generating twice. Both count through :func:`answer_sums`; :func:`held_out_sums` is the same
 evaluation for a training run, from a rollout engine and with the run's reward, on one process's share of the
-prompts: its totals are summed over processes, then :func:`held_out_means` divides them.
+prompts: its totals are summed over processes, then :func:`held_out_means` divides them
+(:func:`held_out_evaluation` does all three).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,12 +19,21 @@ import torch
 from posttrain.data.records import Prompt
 from posttrain.eval.common import prompt_text
 from posttrain.rollout import Response, RolloutEngine, SamplingSettings
+from posttrain.rollout.prompts import TokenizedPrompt
 from posttrain.tasks import TASKS, exact_match, gold_reward, task_of
 
 if TYPE_CHECKING:  # rewards reaches eval's reward-model scorer: a type, not a layer below
     from posttrain.rewards import Reward, WeightedReward
 
-__all__ = ["answer_sums", "held_out_means", "held_out_sums", "reference_reward", "verifiable_metrics"]
+__all__ = [
+    "answer_sums",
+    "gold_sum",
+    "held_out_evaluation",
+    "held_out_means",
+    "held_out_sums",
+    "reference_reward",
+    "verifiable_metrics",
+]
 
 
 def toy_task(row: Prompt) -> str | None:
@@ -113,14 +123,41 @@ def held_out_sums(
     scores = reward(messages, texts, references, finished=[a.finished for a in answers]) if prompts else []
     sums = {**answer_sums(references, answers), "reward": float(sum(scores))}
     if gold is not None:
-        known = [i for i, reference in enumerate(references) if reference is not None or not gold.needs_reference]
-        scored = (
-            gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
-            if known
-            else []
-        )
-        sums.update(gold_reward=float(sum(scored)), gold_count=float(len(known)))
+        gold_total, gold_count = gold_sum(gold, messages, texts, references)
+        sums.update(gold_reward=gold_total, gold_count=float(gold_count))
     return sums
+
+
+def gold_sum(
+    gold: Reward, messages: Sequence[Any], texts: Sequence[str], references: Sequence[str | None]
+) -> tuple[float, int]:
+    """The ``gold`` reward's total over the answers ``texts`` it can score (those whose prompt has a reference when
+    it needs one), and their count: 0 and 0 when none can be scored, so a sum over processes still lines up."""
+    known = [i for i, reference in enumerate(references) if reference is not None or not gold.needs_reference]
+    if not known:
+        return 0.0, 0
+    scores = gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
+    return float(sum(scores)), len(known)
+
+
+def held_out_evaluation(
+    prompts: Sequence[TokenizedPrompt],
+    engine: RolloutEngine,
+    reward: WeightedReward,
+    gold: Reward | None,
+    max_new_tokens: int,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> dict[str, float]:
+    """A training run's evaluation: :func:`held_out_sums` of this process's share ``prompts`` of the held-out
+    prompts, summed over every process by ``sum_over_processes`` (``Runtime.sum_over_processes``, on ``device``),
+    then :func:`held_out_means`. Every process calls it, with or without prompts of its own."""
+    sums = held_out_sums(
+        engine, [p.prompt_ids for p in prompts], [p.prompt for p in prompts], reward, gold, max_new_tokens
+    )
+    keys = sorted(sums)
+    totals = sum_over_processes(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device))
+    return held_out_means(dict(zip(keys, totals.tolist())))
 
 
 def held_out_means(sums: dict[str, float]) -> dict[str, float]:

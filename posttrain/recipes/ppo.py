@@ -42,29 +42,39 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain import losses, rl
-from posttrain.config import AlgorithmBlock, ConfigError, DataConfig, PpoConfig, RewardSource, SamplingBlock
-from posttrain.data.dataset import end_of_turn_ids, load_sequences, require_references, use_chat_template
-from posttrain.data.packing import Row, collate, single_rows
+from posttrain import rl
+from posttrain.config import (
+    AlgorithmBlock,
+    ConfigError,
+    CriticBlock,
+    ModelConfig,
+    PeftConfig,
+    PpoConfig,
+    RewardSource,
+    SamplingBlock,
+    WatchBlock,
+)
+from posttrain.data.dataset import end_of_turn_ids, require_references, use_chat_template
+from posttrain.data.packing import Row
 from posttrain.data.rollout_layout import action_mask, in_row_order, response_row, to_actions
 from posttrain.diagnostics import TrainingWatch
-from posttrain.eval.verifiable import held_out_means, held_out_sums
+from posttrain.eval.verifiable import gold_sum, held_out_evaluation
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.models.adapters import is_peft_model
-from posttrain.models.forward import reference_model, token_logits
+from posttrain.models.forward import reference_model
 from posttrain.models.loading import model_dir_of
+from posttrain.models.ptx import PtxMix, ptx_rows
 from posttrain.models.scoring import RolloutBatches, critic_values, response_layout, score_logps, token_logps
 from posttrain.rewards import Reward, WeightedReward, build_reward, load_reward_function
-from posttrain.rl import RunningMoments
+from posttrain.rl import RunningMoments, SumOverProcesses
 from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import Metrics, ModelSelection, Runtime
@@ -73,7 +83,6 @@ SAMPLES_PER_STEP_LOGGED = 4
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
 # answers to the held-out prompts (eval.verifiable.held_out_sums), maximised.
 MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
-SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]  # Runtime.sum_over_processes
 
 
 @dataclass
@@ -113,17 +122,10 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     algorithm, sampling = config.algorithm, config.sampling
     estimator = rl.ADVANTAGES[algorithm.advantage]
     tokenizer = load_tokenizer(config.model)
-    stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
     train_prompts, eval_prompts = tokenized_prompts(
         config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed
     )
-    reward = build_reward(config.reward, device=str(rt.device))
-    every_prompt = [row.prompt for row in train_prompts + eval_prompts]
-    if reward.needs_reference:
-        require_references(every_prompt, "the reward")
-    gold = _gold_reward(config.watch.gold, config.watch.gold_model, rt.device)
-    if gold is not None and gold.needs_reference:
-        require_references(every_prompt, "watch.gold")
+    reward, gold = _rewards(config.reward, config.watch, train_prompts + eval_prompts, rt.device)
     mini_batch = rt.train.batch_size * rt.train.grad_accum
     updates_per_epoch = _updates_per_epoch(algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch)
     # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
@@ -135,25 +137,21 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     policy, _ = load_model(config.model, config.peft, tokenizer)
-    frozen_reference = None
-    # kl_coef 0 needs no reference (kl_target, the only way it could grow, is refused with it): no frozen copy
-    # of a fully fine-tuned policy, and make_rollout skips the reference pass (TRL's GRPO does the same, beta 0).
-    if algorithm.kl_coef and not is_peft_model(policy):
-        frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.device)
-    critic = None
-    if estimator.needs_critic and not config.critic.shared:
-        # A reward-model run directory resolves to its model/ folder (the head is then loaded, not fresh).
-        critic_path = str(model_dir_of(config.critic.path)) if config.critic.path else config.model.path
-        critic, _ = load_model(
-            config.model.model_copy(update={"path": critic_path}), config.peft, tokenizer, scalar_head=True
-        )
+    frozen_reference = _frozen_reference(policy, algorithm.kl_coef, rt.device)
+    separate_critic = estimator.needs_critic and not config.critic.shared
+    critic = _critic(config.critic, config.model, config.peft, tokenizer) if separate_critic else None
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
     layout = response_layout(
         config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id
     )
     batches = RolloutBatches(layout, rt.device, rt.train.batch_size, rt.accelerator.autocast)
-    ptx_rows = _ptx_rows(config.data, algorithm.ptx_data, tokenizer, config.seed) if algorithm.ptx_coef else []
+    ptx = None  # PPO-ptx: SFT rows mixed into every micro-batch
+    if algorithm.ptx_coef:
+        rows = ptx_rows(config.data, algorithm.ptx_data, tokenizer, config.seed)
+        process_index, world_size = rt.accelerator.process_index, rt.world_size
+        ptx = PtxMix(rows, algorithm.ptx_coef, tokenizer.pad_token_id, rt.train.batch_size, process_index, world_size)
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
+    stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
     roles = Roles(engine, trained, frozen_reference, reward, gold)
 
@@ -165,18 +163,20 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm),
         selection=MODEL_SELECTION,
     )
-    state = rt.recipe_state
+    state = rt.recipe_state  # what a resumed run continues from
     kl_controller = kl_controller_for(algorithm, state)
     moments = RunningMoments(state.get("reward_moments"))
     watch = TrainingWatch(config.watch, sampling.max_new_tokens)
     if "watch" in state:
         watch.load_state_dict(state["watch"])
-    ptx_drawn: int = state.get("ptx_drawn", 0)
-    stopped_by: str | None = None
+    if ptx is not None:
+        ptx.drawn = state.get("ptx_drawn", 0)
     warnings: list[dict[str, Any]] = state.get("warnings", [])
+    stopped_by: str | None = None
     settings = SamplingSettings(
         sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k
     )
+    my_eval_prompts = eval_prompts[rt.accelerator.process_index :: rt.world_size]
     rt.log(
         f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
         f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
@@ -201,7 +201,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
             for update in range(updates_per_epoch):
                 members = order[update * mini_batch : (update + 1) * mini_batch]
-                normaliser = _normaliser(
+                normaliser = rl.loss_normaliser(
                     rollout.mask[members], algorithm.loss_aggregation, rt.world_size, rt.sum_over_processes
                 )
                 for micro in range(rt.train.grad_accum):
@@ -209,18 +209,13 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                     loss, stats = ppo_micro_loss(
                         module, rollout, chosen, normaliser, kl_controller.value, algorithm, sampling, batches
                     )
-                    if ptx_rows:
-                        ptx_batch = _ptx_batch(ptx_rows, ptx_drawn, rt.train.batch_size, rt.accelerator.process_index)
-                        ptx_loss, ptx_stats = _ptx_loss(
-                            rt.accelerator.unwrap_model(module).policy,
-                            ptx_batch,
-                            tokenizer.pad_token_id,
-                            algorithm.ptx_coef,
-                            rt.train.grad_accum * rt.world_size,
-                            batches,
+                    if ptx is not None:
+                        policy_module = rt.accelerator.unwrap_model(module).policy
+                        ptx_loss, ptx_sum, ptx_tokens = ptx.next_loss(
+                            policy_module, rt.train.grad_accum * rt.world_size, batches
                         )
-                        loss, ptx_drawn = loss + ptx_loss, ptx_drawn + rt.world_size * rt.train.batch_size
-                        step_stats.merge(ptx_stats)
+                        loss = loss + ptx_loss
+                        step_stats.token_mean("ptx_loss", ptx_sum, ptx_tokens)
                     step_stats.merge(stats)
                     rt.backward(loss)
                 rt.update()
@@ -234,8 +229,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
             warnings.append({"step": rt.global_step + 1, "kind": warning.kind})
             if warning.stops and stopped_by is None:
                 stopped_by = warning.kind
-        if ptx_rows:
-            rt.recipe_state["ptx_drawn"] = ptx_drawn
+        if ptx is not None:
+            rt.recipe_state["ptx_drawn"] = ptx.drawn
         rt.recipe_state.update(
             kl_coef=kl_controller.value,
             reward_moments=moments.state_dict(),
@@ -252,7 +247,11 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)"
             )
         if eval_prompts and rt.should_evaluate():
-            rt.record_evaluation(evaluate_prompts(eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt))
+            rt.record_evaluation(
+                held_out_evaluation(
+                    my_eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt.sum_over_processes, rt.device
+                )
+            )
 
     summary: dict[str, Any] = {
         "advantage": algorithm.advantage,
@@ -263,14 +262,24 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def _gold_reward(function: str | None, model: str | None, device: torch.device) -> Reward | None:
-    """The gold reward the watch compares the optimised one with (``watch.gold``: a function, or ``watch.gold_model``:
-    a second reward model), if any."""
-    if function:
-        return load_reward_function(function)
-    if model:
-        return build_reward(RewardSource(model=model), device=str(device))
-    return None
+def _rewards(
+    source: RewardSource, watch: WatchBlock, prompts: list[TokenizedPrompt], device: torch.device
+) -> tuple[WeightedReward, Reward | None]:
+    """The reward optimised (``reward``) and the gold reward the watch compares it with (``watch.gold``: a
+    function, or ``watch.gold_model``: a second reward model), if any; either may need every prompt to carry a
+    reference answer."""
+    reward = build_reward(source, device=str(device))
+    every_prompt = [row.prompt for row in prompts]
+    if reward.needs_reference:
+        require_references(every_prompt, "the reward")
+    gold: Reward | None = None
+    if watch.gold:
+        gold = load_reward_function(watch.gold)
+    elif watch.gold_model:
+        gold = build_reward(RewardSource(model=watch.gold_model), device=str(device))
+    if gold is not None and gold.needs_reference:
+        require_references(every_prompt, "watch.gold")
+    return reward, gold
 
 
 def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int, mini_batch: int) -> int:
@@ -288,11 +297,22 @@ def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int,
     return responses_per_process // mini_batch
 
 
-def _ptx_rows(data: DataConfig, ptx_data: str | None, tokenizer: Any, seed: int) -> list[Row]:
-    """The SFT rows of ``algorithm.ptx_data``, read with the run's data settings, unpacked and with none held out."""
-    assert ptx_data is not None
-    ptx = DataConfig(**{**data.model_dump(), "train": ptx_data, "eval": None, "eval_fraction": 0.0, "packing": False})
-    return single_rows(load_sequences(ptx, tokenizer, "sft", seed).train)
+def _frozen_reference(policy: Any, kl_coef: float, device: torch.device) -> Any:
+    """A frozen copy of a fully fine-tuned ``policy`` to measure the KL against; None for adapters (the reference is
+    the same model with the adapter switched off) and without a KL anchor: kl_coef 0 needs no reference (kl_target,
+    the only way it could grow, is refused with it), so make_rollout skips its pass (TRL's GRPO does the same,
+    beta 0)."""
+    if kl_coef and not is_peft_model(policy):
+        return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+    return None
+
+
+def _critic(critic: CriticBlock, model: ModelConfig, peft: PeftConfig, tokenizer: Any) -> Any:
+    """A separate critic with a value head: ``critic.path`` (a reward-model run directory resolves to its model/
+    folder, whose head is then loaded, not fresh), or else a copy of the policy's ``model`` with a fresh head."""
+    critic_path = str(model_dir_of(critic.path)) if critic.path else model.path
+    loaded, _ = load_model(model.model_copy(update={"path": critic_path}), peft, tokenizer, scalar_head=True)
+    return loaded
 
 
 def kl_controller_for(
@@ -336,7 +356,7 @@ def make_rollout(
     references = [p.prompt.reference for p in flat_prompts]
     breakdown = roles.reward.breakdown(messages, texts, references, finished=finished.tolist())
     raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=device)
-    scores = optimised_scores(raw, algorithm, moments, sum_over_processes)
+    scores = rl.optimised_scores(raw, algorithm.reward_normalize, algorithm.reward_clip, moments, sum_over_processes)
 
     policy, temperature = roles.trained.policy, settings.temperature
     old_logps = None if on_policy else to_actions(score_logps(policy, rows, temperature, batches), mask)
@@ -371,13 +391,7 @@ def make_rollout(
             metrics.example_mean(f"reward_{name}", sum(values_of_term), num_responses)
     if roles.gold is not None:
         # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
-        known = [i for i, ref in enumerate(references) if ref is not None or not roles.gold.needs_reference]
-        gold_scores = (
-            roles.gold([messages[i] for i in known], [texts[i] for i in known], [references[i] for i in known])
-            if known
-            else []
-        )
-        metrics.example_mean("gold_reward", sum(gold_scores), len(known))
+        metrics.example_mean("gold_reward", *gold_sum(roles.gold, messages, texts, references))
     if returns is not None and values is not None:
         metrics.example_mean(
             "value_explained_variance", rl.explained_variance(values, returns, mask), 1
@@ -385,25 +399,6 @@ def make_rollout(
     return Rollout(
         rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics
     )
-
-
-def optimised_scores(
-    raw: torch.Tensor, algorithm: AlgorithmBlock, moments: RunningMoments, sum_over_processes: SumOverProcesses
-) -> torch.Tensor:
-    """The scores (B,) the advantages are computed from: the rewards ``raw``, normalised by the running statistics
-    of every reward so far (``reward_normalize``; ``moments`` is updated with this batch, over all processes
-    first) and clipped to ± ``reward_clip``."""
-    scores = raw
-    if algorithm.reward_normalize:
-        sums = sum_over_processes(
-            torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(float(len(raw)), device=raw.device)]).double()
-        )
-        count, mean = float(sums[2]), float(sums[0] / sums[2])
-        moments.update(count, mean, float(sums[1] - count * mean**2))
-        scores = (raw - moments.mean) / max(moments.std, 1e-8)
-    if algorithm.reward_clip:
-        scores = scores.clamp(-algorithm.reward_clip, algorithm.reward_clip)
-    return scores
 
 
 def advantages_for(
@@ -428,35 +423,11 @@ def advantages_for(
     )
     advantages, returns = estimator.estimate(scores, kl, mask, values, options)
     if estimator.whitened and algorithm.whiten_advantages:
-        advantages = whiten_over_processes(advantages, mask, sum_over_processes)
+        advantages = rl.whiten_over_processes(advantages, mask, sum_over_processes)
     return advantages, returns
 
 
-def whiten_over_processes(
-    values: torch.Tensor, mask: torch.Tensor, sum_over_processes: SumOverProcesses
-) -> torch.Tensor:
-    """``rl.masked_whiten`` with the mean and unbiased variance of the whole rollout (every process's tokens), so
-    the advantages do not depend on how many processes share the rollout."""
-    sums = sum_over_processes(
-        torch.stack([rl.masked_sum(values, mask), rl.masked_sum(values**2, mask), mask.sum()]).double()
-    )
-    count = sums[2].clamp(min=2)
-    mean = sums[0] / count
-    var = (sums[1] - count * mean**2) / (count - 1)
-    return ((values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)).to(values.dtype) * mask
-
-
 # ---------------------------------------------------------------------------------------------------- updates
-def _normaliser(
-    mask: torch.Tensor, loss_aggregation: str, world_size: int, sum_over_processes: SumOverProcesses
-) -> float:
-    """The global denominator of one update's loss, whose responses on this process have the action ``mask``: its
-    response tokens or its responses over every process, as the aggregation's ``rl.LossAggregation.per`` says."""
-    if rl.LOSS_AGGREGATIONS[loss_aggregation].per == "response":
-        return float(len(mask) * world_size)
-    return float(sum_over_processes(mask.sum().clone()).clamp(min=1))
-
-
 def ppo_micro_loss(
     module: Any,
     rollout: Rollout,
@@ -533,64 +504,18 @@ def ppo_micro_loss(
     return loss, stats
 
 
-def _ptx_batch(ptx_rows: list[Row], drawn: int, batch_size: int, process_index: int) -> list[Row]:
-    """This process's next ``batch_size`` ptx rows: a cycle in a seeded order whose position depends only on the
-    count ``drawn`` so far over every process (checkpointed in the recipe state, so a resume draws the same)."""
-    return [ptx_rows[(drawn + process_index * batch_size + j) % len(ptx_rows)] for j in range(batch_size)]
-
-
-def _ptx_loss(
-    policy: Any, rows: list[Row], pad_token_id: int, ptx_coef: float, micro_batches: int, batches: RolloutBatches
-) -> tuple[torch.Tensor, Metrics]:
-    """``ptx_coef`` × the token-mean SFT loss of ``rows`` under ``policy`` (PPO-ptx), over the ``micro_batches`` of
-    the update on every process."""
-    batch = {k: v.to(batches.device) for k, v in collate(rows, pad_token_id, packed=False).items()}
-    trained = batch["targets"] != IGNORE_INDEX
-    with batches.autocast():
-        logits = token_logits(policy, batch)
-    # Normalised by this micro-batch's tokens, averaged over the update's micro-batches and processes.
-    per_token, stats = losses.sft_loss(logits, batch["targets"][trained], trained.sum().clamp(min=1))
-    loss = ptx_coef * per_token / micro_batches
-    ptx_stats = Metrics()
-    ptx_stats.token_mean("ptx_loss", stats["loss_sum"], stats["num_tokens"])
-    return loss, ptx_stats
-
-
 # ---------------------------------------------------------------------------------------------------- records
-def evaluate_prompts(
-    rows: list[TokenizedPrompt],
-    engine: RolloutEngine,
-    reward: WeightedReward,
-    gold: Reward | None,
-    max_new_tokens: int,
-    rt: Runtime,
-) -> dict[str, float]:
-    """Greedy answers to this process's share of the held-out prompts (``eval.verifiable.held_out_sums``): mean
-    reward, exact match, gold reward, length and end-token rate over every process."""
-    mine = rows[rt.accelerator.process_index :: rt.world_size]
-    sums = held_out_sums(engine, [r.prompt_ids for r in mine], [r.prompt for r in mine], reward, gold, max_new_tokens)
-    return held_out_means(_sum_over_processes(sums, rt))
-
-
-def _sum_over_processes(values: dict[str, float], rt: Runtime) -> dict[str, float]:
-    keys = sorted(values)
-    totals = rt.sum_over_processes(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=rt.device))
-    return dict(zip(keys, totals.tolist()))
-
-
 def _append_samples(path: Path, step: int, rollout: Rollout) -> None:
+    """The step's first few rollouts, appended to ``samples.jsonl`` to read along with the metrics."""
     with open(path, "a", encoding="utf-8") as handle:
         for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
-            handle.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "prompt": rollout.prompts[i].prompt.messages[-1]["content"],
-                        "reference": rollout.prompts[i].prompt.reference,
-                        "response": rollout.texts[i],
-                        "reward": float(rollout.scores[i]),
-                        "finished": bool(rollout.finished[i]),
-                    }
-                )
-                + "\n"
-            )
+            prompt = rollout.prompts[i].prompt
+            sample = {
+                "step": step,
+                "prompt": prompt.messages[-1]["content"],
+                "reference": prompt.reference,
+                "response": rollout.texts[i],
+                "reward": float(rollout.scores[i]),
+                "finished": bool(rollout.finished[i]),
+            }
+            handle.write(json.dumps(sample) + "\n")
