@@ -156,16 +156,21 @@ def jsonl_rows(path: Path) -> Iterator[RowItem]:
             yield where, value
 
 
-def _json_rows(path: Path) -> Iterator[RowItem]:
-    """Rows of a ``.json`` file: a top-level list (rows numbered from 1), one object, or JSON Lines."""
+def _utf8_text(path: Path, kind: str) -> str:
+    """The file as text (UTF-8, a byte-order mark dropped); not UTF-8: a DataError at the line of the first bad byte."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataError(
-            path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the JSON file cannot be read"
+            path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the {kind} file cannot be read"
         ) from None
+
+
+def _json_rows(path: Path) -> Iterator[RowItem]:
+    """Rows of a ``.json`` file: a top-level list (rows numbered from 1), one object, or JSON Lines."""
+    text = _utf8_text(path, "JSON")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -205,14 +210,7 @@ def _txt_rows(path: Path) -> Iterator[RowItem]:
 
 def _csv_rows(path: Path) -> Iterator[RowItem]:
     """Rows of a CSV file with a header, numbered from 1 after it; empty cells are missing values."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DataError(
-            path, line, None, f"not UTF-8 ({error.reason} at byte {error.start}); the CSV file cannot be read"
-        ) from None
+    text = _utf8_text(path, "CSV")
     reader = csv.reader(io.StringIO(text, newline=""))
     limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents longer than the 128 KiB default are normal
