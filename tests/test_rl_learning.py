@@ -118,4 +118,4 @@ def test_rl_raises_held_out_exact_match_over_sft(name, start) -> None:
 
 
 LEARNING_RATE = {"ppo": 1e-3, "grpo": 5e-4}
-MARGIN = {"ppo": 0.08, "grpo": 0.05}  # below the smallest gain measured over seeds and samplers (module docstring)
+MARGIN = {"ppo": 0.08, "grpo": 0.03}  # below the smallest gains over seeds 0-4, 0.107 and 0.060 (RESULTS.md)
