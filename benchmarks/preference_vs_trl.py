@@ -337,6 +337,7 @@ def describe_workload(model_dir: Path, data_path: Path, batch_rows: int, max_len
         "data": str(data_path),
         "steps": 1,
         "batch_rows": batch_rows,
+        "batch_pairs": 1,  # only the config's data block is read here
         "max_length": max_length,
     }
     config = posttrain_config(spec, "dpo")
