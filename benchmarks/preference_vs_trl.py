@@ -125,12 +125,15 @@ LAST_LOSSES = 5  # "last loss" = mean over this many final steps
 
 
 def pair_counters(pad_token_id: int | None = None) -> dict[str, Any]:
-    """Counters of a collated micro-batch. posttrain's collate gets its rows (a pair is two sequences of a row);
-    TRL's batches are the B chosen then the B rejected sequences, padded, with an attention mask."""
-    if pad_token_id is None:  # posttrain: collate(rows, ...)
+    """Counters of a collated micro-batch. posttrain's collate gets its examples (one a pair; its real tokens are
+    both sides' whole, as TRL's are, although posttrain lays the shared prompt out once); TRL's batches are the B
+    chosen then the B rejected sequences, padded, with an attention mask."""
+    if pad_token_id is None:  # posttrain: collate_examples(examples, ...)
         return {
-            "pairs": lambda batch, rows, *_: sum(row.num_sequences for row in rows) // 2,
-            "real_tokens": lambda batch, rows, *_: sum(len(row.input_ids) for row in rows),
+            "pairs": lambda batch, examples, *_: len(examples),
+            "real_tokens": lambda batch, examples, *_: sum(
+                len(side.input_ids) for example in examples for side in example.sequences
+            ),
             "padded_tokens": lambda batch, *_: batch["input_ids"].numel(),
         }
     return {
@@ -172,24 +175,26 @@ def run_posttrain(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any
     of metrics.jsonl."""
     import posttrain.recipes.dpo as dpo
     import posttrain.recipes.reward as reward
+    import posttrain.runtime.trainer as trainer
 
     recipe = dpo if spec["contender"] == "dpo" else reward
     reference = {"s": 0.0, "pairs": 0}
-    # The recipes look `collate` (and DPO `reference_logps`) up in their module when they build their partials.
-    recipe.collate = recorder.wrap_collator(recipe.collate, pair_counters())
+    # The recipes look `collate_examples` up in their module when they build their partials, and
+    # Runtime.reference_tables looks up `reference_logps` in its own.
+    recipe.collate_examples = recorder.wrap_collator(recipe.collate_examples, pair_counters())
     if recipe is dpo:
-        compute_reference = dpo.reference_logps
+        compute_reference = trainer.reference_logps
 
         def timed_reference(*args: Any, **kwargs: Any) -> Any:
             first = recorder.batches_so_far()
             started = time.perf_counter()
             table = compute_reference(*args, **kwargs)
             reference["s"] += time.perf_counter() - started
-            reference["pairs"] += kwargs["num_sequences"] // 2
+            reference["pairs"] += args[2] // 2  # reference_logps(model, batches, num_sequences, accelerator)
             recorder.discard_batches_from(first)  # its batches are not training steps
             return table
 
-        dpo.reference_logps = timed_reference
+        trainer.reference_logps = timed_reference
     recipe.run(posttrain_config(spec, "dpo" if recipe is dpo else "reward"))
     records = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time_s" in r]
