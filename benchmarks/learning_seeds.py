@@ -61,11 +61,11 @@ def run_seed(test_file: str, seed: int) -> tuple[list[dict], float]:
             f"{test_file}, seed {seed}: no figures reported (exit {result.returncode})\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
         )
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    # A parametrized test's id names its case ("[grpo]"): one case failing does not fail the others. A failure
+    # without a case id cannot be attributed, so it fails every row.
+    unattributed = any("[" not in line for line in failed)
     for row in rows:
-        # A parametrized test's id names its case ("[grpo]"): one case failing does not fail the others.
-        mine = [line for line in failed if f"[{row['test']}]" in line]
-        parametrized_elsewhere = failed and all("[" in line for line in failed)
-        row["passed"] = not (mine or (failed and not parametrized_elsewhere))
+        row["passed"] = not (unattributed or any(f"[{row['test']}]" in line for line in failed))
     return rows, wall
 
 
