@@ -265,6 +265,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
+def cmd_launch_k8s(args: argparse.Namespace) -> int:
+    from posttrain.launch.k8s import Cluster, launch_k8s
+
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.image or "", args.storage, args.storage_class)
+    config, _ = stage_config(args.config, args.overrides)
+    print(launch_k8s(config, args.kind, cluster, name=args.name, out=args.out), end="")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -452,6 +461,27 @@ def build_parser() -> argparse.ArgumentParser:
     data_check.add_argument("config", metavar="STAGE|CONFIG", help="a stage (its defaults) or a stage config YAML")
     data_check.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     data_check.set_defaults(func=cmd_data_check)
+
+    launch = commands.add_parser("launch", help="run training on a cluster")
+    launch_commands = launch.add_subparsers(dest="launch_command", required=True)
+    k8s = launch_commands.add_parser(
+        "k8s",
+        help="write Kubernetes manifests: a Kubeflow TrainJob or PyTorchJob, its config and a checkpoint volume",
+        description="Print (or write to --out DIR) a PersistentVolumeClaim for the run directory, a ConfigMap with "
+        "the run config and the job; every pod runs torchrun -m posttrain train, with resume=auto.",
+    )
+    k8s.add_argument("config", metavar="STAGE|CONFIG", help="a stage (its defaults) or a stage config YAML")
+    k8s.add_argument("overrides", nargs="*", help="dotted overrides, as for train; paths are read inside the pods")
+    # Checked by launch.k8s (one error line, exit 2) rather than by argparse, which prints its usage first.
+    k8s.add_argument("--nodes", type=int, default=1, metavar="N", help="pods, one per node (default 1)")
+    k8s.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs and processes per pod")
+    k8s.add_argument("--image", metavar="IMAGE", help="(required) a container image with posttrain installed")
+    k8s.add_argument("--kind", default="trainjob", help="trainjob (Kubeflow Trainer v2, default) or pytorchjob (v1)")
+    k8s.add_argument("--name", metavar="NAME", help="job name (default: from output_dir); run dir /checkpoints/NAME")
+    k8s.add_argument("--storage", default="100Gi", metavar="SIZE", help="checkpoint volume size (default 100Gi)")
+    k8s.add_argument("--storage-class", metavar="CLASS", help="StorageClass of the checkpoint volume")
+    k8s.add_argument("--out", metavar="DIR", help="write DIR/NAME.yaml instead of printing the manifests")
+    k8s.set_defaults(func=cmd_launch_k8s)
     return parser
 
 

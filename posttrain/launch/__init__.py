@@ -1,0 +1,1 @@
+"""Starting training somewhere else than this process: Kubernetes manifests (``k8s``)."""

@@ -1,0 +1,304 @@
+"""Kubernetes manifests for one training run (``posttrain launch k8s CONFIG --nodes N --gpus-per-node G --image IMG``).
+
+A run is three objects, applied together with ``kubectl apply -f``:
+
+- ConfigMap ``NAME-config``: the run config as the pods run it (the YAML ``posttrain train`` saves as a run's
+  ``config.yaml``), mounted read-only at ``/config/run.yaml``. It is the config given, with its overrides, and
+  ``output_dir`` placed on the checkpoint volume;
+- PersistentVolumeClaim ``NAME-checkpoints``, mounted at ``/checkpoints``: the run directory is
+  ``/checkpoints/NAME``, and with ``resume: auto`` (required) a pod that restarts continues from the newest
+  complete checkpoint there. Every rank writes its shard of a checkpoint into that one directory, so a run over several
+  nodes claims ``ReadWriteMany`` storage (``ReadWriteOnce`` is enough for one node);
+- the job, one of ``JOB_KINDS``: a Kubeflow Trainer v2 ``TrainJob`` over the ``torch-distributed``
+  ClusterTrainingRuntime, or a Kubeflow Training Operator v1 ``PyTorchJob``.
+
+Every pod runs the same command, ``torchrun -m posttrain train /config/run.yaml``.
+torchrun takes each launcher option it is not given from ``PET_<OPTION>`` (torch/distributed/argparse_util.py), and
+both operators set ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
+``PET_MASTER_PORT`` in each pod (trainer v2.3 pkg/runtime/framework/plugins/torch/torch.go; training operator
+v1.9 pkg/controller.v1/pytorch/envvar.go and master.go), so the manifest states the size once and no pod needs
+to know its rank. ``/dev/shm`` is a memory-backed emptyDir: a container's default 64 MiB is too small for NCCL
+and for data-loader workers.
+
+The config's paths (``model.path``, ``data.train``, ...) are read inside the pod: a hub id, a path baked into the
+image, or one on the checkpoint volume.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from posttrain.config import ConfigError, StageConfig
+
+CONFIG_DIR = "/config"
+CONFIG_FILE = "run.yaml"
+CHECKPOINT_DIR = "/checkpoints"
+GPU = "nvidia.com/gpu"
+# The torch-distributed ClusterTrainingRuntime names its replicated job and its trainer container "node"
+# (trainer manifests/base/runtimes/torch_distributed.yaml); a runtime patch naming anything else is refused.
+TRAINER_RUNTIME = "torch-distributed"
+TRAINER_NODE = "node"
+# The training operator looks up the container named "pytorch" for the master port and refuses a replica without
+# one (pkg/webhooks/pytorch/pytorchjob_webhook.go); MASTER_PORT comes from its port named "pytorchjob-port".
+PYTORCH_CONTAINER = "pytorch"
+PYTORCH_PORT = {"name": "pytorchjob-port", "containerPort": 23456}
+# A job's name is an RFC 1035 label in both operators' admission rules (the TrainJob CRD's CEL rule, the
+# PyTorchJob webhook's NameIsDNS1035Label): lower-case letters, digits and "-", a letter first, at most 63.
+_JOB_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_JOB_NAME_MAX = 63
+# A Kubernetes quantity as a storage size takes it: a positive decimal with an optional binary or decimal suffix.
+_STORAGE_SIZE = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE])?")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The resources a run asks of the cluster: the flags of ``posttrain launch k8s``."""
+
+    nodes: int
+    gpus_per_node: int
+    image: str
+    storage: str = "100Gi"
+    storage_class: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes must be at least 1 (got {self.nodes})")
+        if self.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node must be at least 1 (got {self.gpus_per_node})")
+        if not self.image.strip():
+            raise ConfigError(
+                "--image is required: a container image with posttrain installed, e.g. --image ghcr.io/me/posttrain:0.1"
+            )
+        if not _STORAGE_SIZE.fullmatch(self.storage):
+            raise ConfigError(f"--storage {self.storage}: expected a Kubernetes quantity such as 100Gi or 1Ti")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Pod:
+    """What every pod of the run shares, whichever operator starts it."""
+
+    job_name: str
+    cluster: Cluster
+
+    @property
+    def output_dir(self) -> str:
+        return f"{CHECKPOINT_DIR}/{self.job_name}"
+
+    @property
+    def command(self) -> list[str]:
+        return ["torchrun", "-m", "posttrain", "train", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+
+    @property
+    def gpus(self) -> dict[str, Any]:
+        return {"limits": {GPU: self.cluster.gpus_per_node}}
+
+    @property
+    def volumes(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "run-config", "configMap": {"name": f"{self.job_name}-config"}},
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": f"{self.job_name}-checkpoints"}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ]
+
+    @property
+    def volume_mounts(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "run-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ]
+
+
+def trainjob(pod: Pod) -> dict[str, Any]:
+    """Kubeflow Trainer v2 TrainJob. The runtime sets the pods' restart policy (JobSet defaults it to OnFailure);
+    the volumes go in through ``runtimePatches``, the one place a TrainJob may add them."""
+    node_pod_spec = {
+        "volumes": pod.volumes,
+        "containers": [{"name": TRAINER_NODE, "volumeMounts": pod.volume_mounts}],
+    }
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": pod.job_name, "labels": _labels(pod.job_name)},
+        "spec": {
+            "runtimeRef": {
+                "apiGroup": "trainer.kubeflow.org",
+                "kind": "ClusterTrainingRuntime",
+                "name": TRAINER_RUNTIME,
+            },
+            "trainer": {
+                "image": pod.cluster.image,
+                "command": pod.command,
+                "numNodes": pod.cluster.nodes,
+                # Without it the runtime passes "auto" and torchrun counts the GPUs it sees; stated, the world size
+                # is the one asked for, or the rendezvous fails.
+                "numProcPerNode": pod.cluster.gpus_per_node,
+                "resourcesPerNode": pod.gpus,
+            },
+            "runtimePatches": [
+                {
+                    "manager": "posttrain/launch-k8s",
+                    "trainingRuntimeSpec": {
+                        "template": {
+                            "spec": {
+                                "replicatedJobs": [
+                                    {"name": TRAINER_NODE, "template": {"spec": {"template": {"spec": node_pod_spec}}}}
+                                ]
+                            }
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def pytorchjob(pod: Pod) -> dict[str, Any]:
+    """Kubeflow Training Operator v1 PyTorchJob: a Master (node rank 0, the rendezvous host) and ``nodes - 1``
+    Workers, each pod restarted in place on failure. No elasticPolicy: the world size is fixed, as the run's global
+    batch assumes."""
+    template = {
+        "metadata": {"labels": _labels(pod.job_name)},
+        "spec": {
+            "containers": [
+                {
+                    "name": PYTORCH_CONTAINER,
+                    "image": pod.cluster.image,
+                    "command": pod.command,
+                    "ports": [PYTORCH_PORT],
+                    "resources": pod.gpus,
+                    "volumeMounts": pod.volume_mounts,
+                }
+            ],
+            "volumes": pod.volumes,
+        },
+    }
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    if pod.cluster.nodes > 1:
+        replicas["Worker"] = {"replicas": pod.cluster.nodes - 1, "restartPolicy": "OnFailure", "template": template}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": pod.job_name, "labels": _labels(pod.job_name)},
+        "spec": {"nprocPerNode": str(pod.cluster.gpus_per_node), "pytorchReplicaSpecs": replicas},
+    }
+
+
+JOB_KINDS: dict[str, Callable[[Pod], dict[str, Any]]] = {"trainjob": trainjob, "pytorchjob": pytorchjob}
+
+
+def render(config: StageConfig, kind: str, cluster: Cluster, name: str | None = None) -> list[dict[str, Any]]:
+    """The run's manifests, in the order they are applied: claim, config, job. The job's name defaults to the last
+    part of ``config.output_dir``."""
+    if kind not in JOB_KINDS:
+        raise ConfigError(f"--kind {kind}: unknown job kind; expected one of {', '.join(JOB_KINDS)}")
+    if config.resume != "auto":
+        raise ConfigError(
+            f"resume={config.resume}: a pod that restarts on Kubernetes must continue from its last checkpoint, so "
+            "launch k8s needs resume=auto; remove the resume setting from the config"
+        )
+    job_name = _job_name(name, config.output_dir)
+    pod = Pod(job_name, cluster)
+    run_config = config.model_copy(update={"output_dir": pod.output_dir})
+    return [_checkpoint_claim(job_name, cluster), _config_map(job_name, run_config), JOB_KINDS[kind](pod)]
+
+
+def launch_k8s(
+    config: StageConfig, kind: str, cluster: Cluster, name: str | None = None, out: str | Path | None = None
+) -> str:
+    """What ``posttrain launch k8s`` prints: the manifests, ready for ``kubectl apply -f -``; or, given ``out``, what
+    it wrote to ``out/NAME.yaml`` and how to start it."""
+    manifests = render(config, kind, cluster, name)
+    text = to_yaml(manifests)
+    if out is None:
+        return text
+    claim, config_map, job = manifests
+    path = Path(out) / f"{job['metadata']['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    pod = Pod(job["metadata"]["name"], cluster)
+    return (
+        f"{job['kind']} {pod.job_name}: world size {cluster.world_size} ({cluster.nodes} pods x "
+        f"{cluster.gpus_per_node} GPUs, one process per GPU, started by torchrun in each pod)\n"
+        f"  config:      ConfigMap {config_map['metadata']['name']}, mounted at {CONFIG_DIR}/{CONFIG_FILE}\n"
+        f"  checkpoints: PersistentVolumeClaim {claim['metadata']['name']} ({cluster.storage}, "
+        f"{claim['spec']['accessModes'][0]}): output_dir={pod.output_dir}, resume=auto\n"
+        f"  manifests:   {path}\n"
+        f"  start:       kubectl apply -f {path}\n"
+    )
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Multi-line strings (the run config) as literal blocks; a dict used twice (the PyTorchJob's pod template)
+    written out twice, not as a YAML alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_ManifestDumper.add_representer(str, _str)
+
+
+def to_yaml(manifests: list[dict[str, Any]]) -> str:
+    """One multi-document YAML file, as ``kubectl apply -f`` reads it."""
+    return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False)
+
+
+def _job_name(name: str | None, output_dir: str) -> str:
+    if name is None:
+        derived = re.sub(r"[^a-z0-9]+", "-", PurePosixPath(output_dir).name.lower()).strip("-")
+        name = derived if derived[:1].isalpha() else f"run-{derived}".rstrip("-")
+        name = name[:_JOB_NAME_MAX].rstrip("-")
+        source = f"output_dir={output_dir}"
+    else:
+        source = "--name"
+    if not _JOB_NAME.fullmatch(name) or len(name) > _JOB_NAME_MAX:
+        raise ConfigError(
+            f"{source}: job name {name!r} is not an RFC 1035 label (lower-case letters, digits and '-', a letter "
+            f"first, at most {_JOB_NAME_MAX} characters); give one with --name, e.g. --name sft-run-1"
+        )
+    return name
+
+
+def _labels(job_name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "posttrain", "app.kubernetes.io/instance": job_name}
+
+
+def _checkpoint_claim(job_name: str, cluster: Cluster) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany" if cluster.nodes > 1 else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": cluster.storage}},
+    }
+    if cluster.storage_class:
+        spec["storageClassName"] = cluster.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{job_name}-checkpoints", "labels": _labels(job_name)},
+        "spec": spec,
+    }
+
+
+def _config_map(job_name: str, config: StageConfig) -> dict[str, Any]:
+    # The text save_config writes as a run's config.yaml (tests/test_k8s.py holds the two equal).
+    config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{job_name}-config", "labels": _labels(job_name)},
+        "data": {CONFIG_FILE: config_yaml},
+    }
