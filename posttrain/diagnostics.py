@@ -1,4 +1,5 @@
-"""The training watch: plain-language warnings when an RL run goes wrong, after every step.
+"""What an RL run says about itself each step: the rollout's statistics (:func:`rollout_metrics`), a few of its
+samples (:func:`append_samples`), and the training watch, plain-language warnings when the run goes wrong.
 
 PPO and GRPO runs fail quietly: the loss keeps going down while the policy learns to exploit its reward, stops
 ending its answers, or says the same thing to every prompt. The RL recipe hands each step's metrics to
@@ -48,18 +49,29 @@ is still caught within a couple of windows (a noise-free trend at once). For noi
 rate. With ``window = 2`` there is no spread to measure and any change beyond the rounding floor counts. Nothing
 trend-based can fire before ``window`` steps with the metric.
 
-Only the standard library and posttrain.config are imported, so the watch is cheap to test and to run anywhere.
+The watch reads plain floats (the standard library and posttrain.config are all it needs), so it is cheap to test;
+the tensors it summarises are reduced by :func:`rollout_metrics` and the recipe's loss.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from posttrain import rl
 from posttrain.config import WatchBlock
+from posttrain.data.records import Prompt
+from posttrain.runtime import Metrics
+
+SAMPLES_PER_STEP_LOGGED = 4
+"""Rollouts per step that :func:`append_samples` writes to ``samples.jsonl``."""
 
 KINDS = ("negative_kl", "kl_runaway", "reward_hacking", "length_runaway", "no_eos", "collapse")
 """Every warning kind, in the order warnings of one step are returned."""
@@ -349,3 +361,68 @@ class TrainingWatch:
         self._baseline_lengths, self._baseline_unfinished = baseline_lengths, baseline_unfinished
         self._active = active
         self._last_step = None if last_step is None else int(last_step)
+
+
+# ------------------------------------------------------------------------------------------- what a step records
+def rollout_metrics(
+    rewards: torch.Tensor,
+    reward_terms: Mapping[str, Sequence[float]],
+    texts: Sequence[str],
+    finished: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    gold: tuple[float, int] | None,
+    values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+) -> Metrics:
+    """This process's statistics of a rollout of B responses, means per response unless said otherwise (over every
+    process once the step reduces them): ``rewards`` (B,) as scored, before normalisation and clipping, and each of
+    ``reward_terms`` (``WeightedReward.breakdown``) when there are several; response length and the shares
+    ``finished`` and distinct among ``texts``; the token mean of ``advantages`` under the action ``mask``, like the
+    loss; the KL to the reference (k1 of the sampling policy's ``old_logps`` and the ``ref_logps``, summed per
+    response) when both are there; the ``gold`` reward's total and count (``eval.verifiable.gold_sum``); and with a
+    critic the explained variance of its ``values`` for the ``returns`` (one value per process, averaged over
+    them)."""
+    metrics, num_responses = Metrics(), len(texts)
+    if old_logps is not None and ref_logps is not None:  # the KL to the reference is measured
+        metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), num_responses)
+    metrics.example_mean("reward", rewards.sum(), num_responses)
+    metrics.std("reward_std", rewards)
+    metrics.example_mean("response_length", mask.sum(), num_responses)
+    metrics.example_mean("unfinished_share", (~finished).sum(), num_responses)
+    metrics.example_mean("distinct_share", len(set(texts)), num_responses)
+    metrics.token_mean("advantage", rl.masked_sum(advantages, mask), mask.sum())  # a token mean, like the loss
+    for name, term in reward_terms.items():
+        if name != "total" and len(reward_terms) > 2:
+            metrics.example_mean(f"reward_{name}", sum(term), num_responses)
+    if gold is not None:
+        # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
+        metrics.example_mean("gold_reward", *gold)
+    if returns is not None and values is not None:
+        metrics.example_mean("value_explained_variance", rl.explained_variance(values, returns, mask), 1)
+    return metrics
+
+
+def append_samples(
+    path: Path,
+    step: int,
+    prompts: Sequence[Prompt],
+    texts: Sequence[str],
+    rewards: Sequence[float],
+    finished: Sequence[bool],
+) -> None:
+    """The step's first few rollouts (prompt, reference, response, the reward optimised, whether it ended),
+    appended to ``samples.jsonl`` to read along with the metrics."""
+    with open(path, "a", encoding="utf-8") as handle:
+        for i in range(min(SAMPLES_PER_STEP_LOGGED, len(texts))):
+            sample = {
+                "step": step,
+                "prompt": prompts[i].messages[-1]["content"],
+                "reference": prompts[i].reference,
+                "response": texts[i],
+                "reward": float(rewards[i]),
+                "finished": bool(finished[i]),
+            }
+            handle.write(json.dumps(sample) + "\n")

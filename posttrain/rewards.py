@@ -16,7 +16,8 @@ Reward functions, given as ``reward.function``:
   checked. A prompt that is not a toy task is an error.
 
 ``exact_match`` and ``toy`` need a reference on every row (``needs_reference``); the caller checks that before
-sampling, so a row without one fails with its file and line rather than after an hour of generation.
+sampling (:func:`reward_and_gold` for an RL run), so a row without one fails with its file and line rather than after
+an hour of generation.
 ``toy_format`` needs none.
 
 HTTP reward service (``reward.http: URL``, :class:`HttpReward`): batches of prompts (message lists), responses and
@@ -46,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from posttrain.config import RewardSource
+from posttrain.data.dataset import require_references
+from posttrain.data.records import Prompt
 from posttrain.eval.reward_model import RewardScorer
 from posttrain.models.loading import model_dir_of
 from posttrain.tasks import exact_match, format_reward, score_prompt, task_of
@@ -415,3 +418,22 @@ def build_reward(source: RewardSource, batch_size: int = 32, device: str | None 
         reward = HttpReward(source.http, timeout=source.http_timeout, retries=source.http_retries)
         terms.append(("http", reward, source.http_weight if weighted else 1.0))
     return WeightedReward(terms, unfinished_penalty=source.unfinished_penalty)
+
+
+def reward_and_gold(
+    source: RewardSource, gold: str | None, gold_model: str | None, prompts: Sequence[Prompt], device: str | None
+) -> tuple[WeightedReward, Reward | None]:
+    """The reward an RL run optimises (``source``) and the gold reward its watch compares it with (``gold``: a
+    function, or ``gold_model``: a second reward model), if any. Either may need every one of ``prompts`` to carry a
+    reference answer: refused here, before any sampling, naming the first row without one."""
+    reward = build_reward(source, device=device)
+    if reward.needs_reference:
+        require_references(list(prompts), "the reward")
+    gold_reward: Reward | None = None
+    if gold:
+        gold_reward = load_reward_function(gold)
+    elif gold_model:
+        gold_reward = build_reward(RewardSource(model=gold_model), device=device)
+    if gold_reward is not None and gold_reward.needs_reference:
+        require_references(list(prompts), "watch.gold")
+    return reward, gold_reward

@@ -630,3 +630,13 @@ class AdaptiveKLController:
             raise ValueError(f"AdaptiveKLController.update: current_kl must be finite, got {current_kl}.")
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def kl_controller(
+    kl_coef: float, kl_target: float | None, kl_horizon: int, resumed_coef: float | None = None
+) -> FixedKLController | AdaptiveKLController:
+    """The KL coefficient β: fixed at ``kl_coef``, or, with a ``kl_target``, steered to it over ``kl_horizon``
+    responses (Ziegler et al.) from ``kl_coef``, or from ``resumed_coef``, the β a resumed run had reached."""
+    if kl_target:
+        return AdaptiveKLController(kl_coef if resumed_coef is None else resumed_coef, kl_target, kl_horizon)
+    return FixedKLController(kl_coef)

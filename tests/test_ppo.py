@@ -17,10 +17,11 @@ import torch
 from helpers import sft_config
 from safetensors.torch import load_file
 
-from posttrain import rl
+from posttrain import diagnostics, rl
 from posttrain.config import ConfigError
-from posttrain.data.rollout_layout import ResponseLayout
+from posttrain.data.rollout_layout import ResponseLayout, response_row
 from posttrain.losses import IGNORE_INDEX
+from posttrain.models import actor_critic
 from posttrain.models.scoring import RolloutBatches, response_layout
 from posttrain.recipes import ppo
 
@@ -112,7 +113,7 @@ def test_every_estimator_trains_and_logs_its_diagnostics(name, toy, micro_model,
     assert (out / "critic").is_dir() == (name == "gae")
     assert (out / "value_head.safetensors").exists() == (name == "gae_shared_critic")
     assert summary["advantage"] == ESTIMATORS[name]["algorithm__advantage"] and summary["steps"] == 2
-    assert (out / "samples.jsonl").read_text().count("\n") == 2 * ppo.SAMPLES_PER_STEP_LOGGED
+    assert (out / "samples.jsonl").read_text().count("\n") == 2 * diagnostics.SAMPLES_PER_STEP_LOGGED
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -236,7 +237,7 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
     makes its copy (full) and its reference pass. PPO with a critic (gae), so the old-policy pass runs
     either way: only the reference passes differ."""
     data = prompts_file(toy, tmp_path / "p.jsonl")
-    score_logps, reference_model, deepcopy = ppo.score_logps, ppo.reference_model, ppo.copy.deepcopy
+    score_logps, reference_model, deepcopy = ppo.score_logps, ppo.reference_model, actor_critic.copy.deepcopy
 
     def counted(kl_coef: float) -> dict[str, Any]:
         calls: dict[str, Any] = {"copies": [], "reference_passes": 0, "policy_passes": 0, "inside_reference": False}
@@ -261,7 +262,7 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
             calls["reference_passes" if is_reference else "policy_passes"] += 1
             return score_logps(model, *args)
 
-        monkeypatch.setattr(ppo, "copy", types.SimpleNamespace(deepcopy=copying))
+        monkeypatch.setattr(actor_critic, "copy", types.SimpleNamespace(deepcopy=copying))
         monkeypatch.setattr(ppo, "reference_model", switching_off)
         monkeypatch.setattr(ppo, "score_logps", scoring)
         out = tmp_path / f"kl{kl_coef}"
@@ -638,17 +639,17 @@ def test_reward_normalisation_and_clipping_hand_derived() -> None:
     raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
     std = (14 / 3) ** 0.5
     config = _unit_config(algorithm__reward_normalize=True)
-    normalised = _scores(raw, config.algorithm, ppo.RunningMoments())
+    normalised = _scores(raw, config.algorithm, rl.RunningMoments())
     torch.testing.assert_close(normalised, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std)
     config = _unit_config(algorithm__reward_normalize=True, algorithm__reward_clip=1.0)
-    clipped = _scores(raw, config.algorithm, ppo.RunningMoments())
+    clipped = _scores(raw, config.algorithm, rl.RunningMoments())
     torch.testing.assert_close(clipped, torch.tensor([-2.0 / std, -1.0 / std, 0.0, 1.0]))
     config = _unit_config(algorithm__reward_clip=2.5)
     torch.testing.assert_close(
-        _scores(raw, config.algorithm, ppo.RunningMoments()),
+        _scores(raw, config.algorithm, rl.RunningMoments()),
         torch.tensor([1.0, 2.0, 2.5, 2.5]),
     )
-    assert torch.equal(_scores(raw, _unit_config().algorithm, ppo.RunningMoments()), raw)
+    assert torch.equal(_scores(raw, _unit_config().algorithm, rl.RunningMoments()), raw)
 
 
 def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
@@ -658,7 +659,7 @@ def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(n, generator=generator) * 3 + 1 for n in (5, 1, 12, 7)]
     config = _unit_config(algorithm__reward_normalize=True)
-    moments, seen = ppo.RunningMoments(), []
+    moments, seen = rl.RunningMoments(), []
     for batch in batches:
         scores = _scores(batch, config.algorithm, moments)
         seen.extend(batch.tolist())
@@ -669,23 +670,27 @@ def test_running_reward_moments_equal_numpy_over_split_batches() -> None:
         torch.testing.assert_close(
             scores, ((batch.double() - everything.mean()) / everything.std(ddof=1)).float(), rtol=1e-5, atol=1e-6
         )
-        moments = ppo.RunningMoments(json.loads(json.dumps(moments.state_dict())))
+        moments = rl.RunningMoments(json.loads(json.dumps(moments.state_dict())))
+
+
+def _kl_controller(algorithm: Any, resumed_coef: float | None = None) -> Any:
+    """The recipe's KL controller for ``algorithm``'s settings (``rl.kl_controller``, as ``ppo.run`` calls it)."""
+    return rl.kl_controller(algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon, resumed_coef)
 
 
 def test_kl_horizon_and_target_steer_the_coefficient_as_derived() -> None:
     """Adaptive β (kl_target 1): a measured KL of 2 is a +100% error, clipped to +0.2, so after 10 responses
-    β = 0.05·(1 + 0.2·10/horizon): 0.051 with kl_horizon 100, 0.0501 with 1000. Without kl_target β stays 0.05;
-    a resumed state's β is continued."""
+    β = 0.05·(1 + 0.2·10/horizon): 0.051 with kl_horizon 100, 0.0501 with 1000. Without kl_target β stays 0.05,
+    even with a resumed β; a resumed adaptive β is continued."""
     for horizon, expected in ((100, 0.051), (1000, 0.0501)):
-        controller = ppo.kl_controller_for(
-            _unit_config(algorithm__kl_target=1.0, algorithm__kl_horizon=horizon).algorithm, {}
-        )
+        controller = _kl_controller(_unit_config(algorithm__kl_target=1.0, algorithm__kl_horizon=horizon).algorithm)
         controller.update(2.0, 10)
         assert controller.value == pytest.approx(expected, rel=1e-12)
-    fixed = ppo.kl_controller_for(_unit_config().algorithm, {})
+    fixed = _kl_controller(_unit_config().algorithm)
     fixed.update(2.0, 10)
     assert fixed.value == 0.05
-    assert ppo.kl_controller_for(_unit_config(algorithm__kl_target=1.0).algorithm, {"kl_coef": 0.3}).value == 0.3
+    assert _kl_controller(_unit_config().algorithm, 0.3).value == 0.05
+    assert _kl_controller(_unit_config(algorithm__kl_target=1.0).algorithm, 0.3).value == 0.3
 
 
 class PlantedPolicyAndCritic(torch.nn.Module):
@@ -703,11 +708,11 @@ class PlantedPolicyAndCritic(torch.nn.Module):
 
 
 def _micro_loss(**overrides: Any) -> float:
-    """One update's loss through the recipe (``rl.loss_normaliser``, ``kl_controller_for``, ``ppo_micro_loss``) on two
+    """One update's loss through the recipe (``rl.loss_normaliser``, ``rl.kl_controller``, ``ppo_micro_loss``) on two
     planted responses of 2 and 1 tokens: ratios ρ = [1.5, 0.5 | 3.0], advantages [1, −1 | −1], new values
     [1, 0 | 2], old values 0, returns [2, 1 | 0], reference log-probs ln 2 below the policy's."""
     config = _unit_config(**{"algorithm__advantage": "gae", **overrides})
-    rows = [ppo.response_row([5, 6], [1, 1], 0), ppo.response_row([5], [1], 1)]
+    rows = [response_row([5, 6], [1, 1], 0), response_row([5], [1], 1)]
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     logp = -math.log(2.0)
     old_logps = torch.tensor([[logp - math.log(1.5), logp - math.log(0.5)], [logp - math.log(3.0), 0.0]])
@@ -726,7 +731,7 @@ def _micro_loss(**overrides: Any) -> float:
         {},
     )
     normaliser = rl.loss_normaliser(rollout.mask[[0, 1]], config.algorithm.loss_aggregation, 1, _one_process)
-    kl_coef = ppo.kl_controller_for(config.algorithm, {}).value
+    kl_coef = _kl_controller(config.algorithm).value
     module = PlantedPolicyAndCritic(torch.tensor([1.0, 0.0, 2.0]))
     loss, _ = ppo.ppo_micro_loss(
         module, rollout, [0, 1], normaliser, kl_coef, config.algorithm, config.sampling, _unit_batches()

@@ -2,7 +2,8 @@
 
 A rollout's per-token quantities live in *action space* (``rl.py``'s convention): ``(B, R)``, one row per response,
 position ``t`` its t-th generated token, right-padded under a 0/1 ``mask``. A model's forward gives them flat, as
-the N response positions of a collated batch; these helpers turn one into the other.
+the N response positions of a collated batch; these helpers turn one into the other. How a rollout's responses
+split over processes and optimizer updates is here too (:func:`mini_batches_per_epoch`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.data.packing import Row, collate, pack_rows
 from posttrain.data.tokenize import TokenizedSequence
 from posttrain.losses import IGNORE_INDEX
@@ -68,3 +70,19 @@ def action_mask(rows: list[Row], device: torch.device) -> torch.Tensor:
     lengths = torch.tensor([row.num_targets for row in rows], device=device)
     width = int(lengths.max()) if len(rows) else 0
     return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+
+
+def mini_batches_per_epoch(prompts_per_step: int, num_samples: int, world_size: int, mini_batch: int) -> int:
+    """Optimizer updates per pass over a rollout: each process's responses over ``train.batch_size x grad_accum``
+    (``mini_batch``); a ConfigError when the prompts or the responses do not divide evenly."""
+    if prompts_per_step % world_size:
+        raise ConfigError(
+            f"algorithm.prompts_per_step ({prompts_per_step}) must divide evenly over {world_size} processes"
+        )
+    responses_per_process = prompts_per_step // world_size * num_samples
+    if responses_per_process % mini_batch:
+        raise ConfigError(
+            f"each process samples {responses_per_process} responses per step (algorithm.prompts_per_step / processes x "
+            f"sampling.num_samples), which must be a multiple of train.batch_size x train.grad_accum ({mini_batch})"
+        )
+    return responses_per_process // mini_batch

@@ -11,19 +11,25 @@ final hidden states, so with LoRA the critic trains the same adapter the policy 
 Positions: ``batch["targets"]`` holds, at position t, the token that follows t (or -100), so the logits at the
 trained positions predict the sampled response tokens, and the hidden state at the same positions is the state
 in which that token was chosen: its value is V(s_t). Values are therefore read at exactly the logits' positions.
+
+Built here too: a separate critic (:func:`load_critic`) and the frozen reference the policy's KL is measured against
+(:func:`frozen_reference`).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from posttrain.config import ModelConfig, PeftConfig
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models.adapters import is_peft_model
 from posttrain.models.forward import token_logits
+from posttrain.models.loading import load_model, model_dir_of
 
 
 def _causal_lm(policy: Any) -> Any:
@@ -118,3 +124,22 @@ class ActorCritic(nn.Module):
                 {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                 str(Path(directory).parent / "value_head.safetensors"),
             )
+
+
+def load_critic(path: str | None, model: ModelConfig, peft: PeftConfig, tokenizer: Any) -> Any:
+    """A separate critic with a value head: ``path`` (``critic.path``; a reward-model run directory resolves to its
+    model/ folder, whose head is then loaded, not fresh), or else a copy of the policy's ``model`` with a fresh head,
+    with the policy's ``peft`` method."""
+    critic_path = str(model_dir_of(path)) if path else model.path
+    loaded, _ = load_model(model.model_copy(update={"path": critic_path}), peft, tokenizer, scalar_head=True)
+    return loaded
+
+
+def frozen_reference(policy: Any, kl_coef: float, device: torch.device) -> Any:
+    """A frozen copy of a fully fine-tuned ``policy`` to measure the KL against; None for adapters (the reference is
+    the same model with the adapter switched off, ``models.forward.reference_model``) and without a KL anchor:
+    kl_coef 0 needs no reference (kl_target, the only way it could grow, is refused with it), so the rollout skips
+    its pass (TRL's GRPO does the same, beta 0)."""
+    if kl_coef and not is_peft_model(policy):
+        return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+    return None

@@ -3,36 +3,18 @@
 Every step: sample ``sampling.num_samples`` responses to each of ``algorithm.prompts_per_step`` prompts from
 the current policy, score them, compute the sampled tokens' log-probs under the policy and the reference (and
 the critic's values), turn rewards into advantages, then run ``algorithm.ppo_epochs`` passes of clipped-surrogate
-updates over the rollout. Choices this recipe makes:
+updates over the rollout. Choices (each explained, with its source, in docs/rl.md):
 
-- **Log-probs are recomputed** by a forward pass in eval mode on the sampled ids (never re-tokenised text),
-  with the logits divided by the sampling temperature, so the old log-probs, the new ones and the reference's
-  describe the distribution that was sampled (top-p/top-k are not applied to them, as in TRL and OpenRLHF).
-- **Reference**: the policy as loaded; for adapters the same model with the adapter switched off (no second
-  copy), for full fine-tuning a frozen copy. The per-token KL to it is logged every step; with ``kl_coef: 0``
-  there is no reference at all (no copy, no pass) and no KL is logged.
-- **KL anchor**: ``kl_mode: reward`` subtracts ``kl_coef * KL_t`` from every token's reward (InstructGPT; k1 is
-  the unbiased choice) with a fixed or adaptive coefficient (Ziegler et al. 2019); for the critic-free
-  estimators the per-response sum is subtracted from the score before the baseline. ``kl_mode: loss`` adds
-  ``kl_coef * KL_t`` (k3 by default in ``configs/grpo.yaml``) to the loss instead (GRPO).
-- **Advantages** (``rl.ADVANTAGES``): ``gae`` — the score at the last token, GAE(γ, λ) over the critic's values,
-  whitened over the rollout; ``grpo`` — (score − group mean) / group std, the same for every token;
-  ``rloo`` — score minus the mean of the other samples of the prompt; ``reinforce++`` — returns-to-go of the
-  token rewards, whitened over the rollout.
-- **Loss**: clipped surrogate (optional clip-higher and dual clip) − ``entropy_coef`` × entropy (+ ``kl_coef`` ×
-  KL in loss mode) + ``vf_coef`` × clipped value loss (gae), aggregated by ``algorithm.loss_aggregation``
-  (``rl.LOSS_AGGREGATIONS``: a token mean over the whole mini-batch, a mean of per-response token means, or
-  Dr. GRPO's per-response token sums over ``sampling.max_new_tokens``), normalised by the mini-batch's global
-  count so grad accumulation is exact. ``ptx_coef`` mixes in the SFT loss on ``ptx_data`` (InstructGPT's PPO-ptx).
-- **Rewards** (``rewards.build_reward``): a reward model, a function, an HTTP service, or their weighted sum,
-  minus ``unfinished_penalty`` for responses that never ended; optionally normalised by running statistics and
-  clipped. Sampling and scoring happen per step on each process's own prompts; groups never cross processes.
-- **Diagnostics** every step (``diagnostics.TrainingWatch``): rewards per source, KL, clip fraction, approx-KL,
-  entropy, length, share without an end token, distinct responses, the critic's explained variance, and the
-  gold reward when ``watch.gold`` names one; warnings in plain words, and an optional stop.
-- **Resume**: the data position is the step count (``Runtime.iterations``); the KL coefficient, the reward
-  statistics and the watch's history are checkpointed with the weights (``Runtime.recipe_state``). Sampling
-  draws from the global torch RNG, restored from the checkpoint.
+- log-probs recomputed by an eval-mode forward on the sampled ids at the sampling temperature (top-p/top-k not
+  applied); with one update per rollout the update's own forward gives the old ones;
+- the reference is the policy as loaded (adapter switched off, or a frozen copy); none at ``kl_coef: 0``;
+- the KL in the reward (k1, fixed or adaptive coefficient; InstructGPT) or in the loss (k3; GRPO);
+- advantages from ``rl.ADVANTAGES`` (gae over a critic, grpo, rloo, reinforce++), whitened where the estimator is;
+- loss: clipped surrogate − entropy bonus (+ KL) + clipped value loss, aggregated by ``rl.LOSS_AGGREGATIONS``
+  over the mini-batch's global count, so grad accumulation is exact; optional PPO-ptx;
+- rewards from ``rewards.build_reward``, optionally normalised and clipped; groups never cross processes;
+- diagnostics and the training watch every step (``diagnostics.py``); resume continues the KL coefficient, the
+  reward statistics and the watch.
 
 Run directory: the usual files, the policy in ``model/``, a separate critic in ``critic/`` (a shared value head
 in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per step.
@@ -40,46 +22,31 @@ in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per st
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from posttrain import rl
-from posttrain.config import (
-    AlgorithmBlock,
-    ConfigError,
-    CriticBlock,
-    ModelConfig,
-    PeftConfig,
-    PpoConfig,
-    RewardSource,
-    SamplingBlock,
-    WatchBlock,
-)
-from posttrain.data.dataset import end_of_turn_ids, require_references, use_chat_template
+from posttrain.config import AlgorithmBlock, PpoConfig, SamplingBlock
+from posttrain.data.dataset import end_of_turn_ids, use_chat_template
 from posttrain.data.packing import Row
-from posttrain.data.rollout_layout import action_mask, in_row_order, response_row, to_actions
-from posttrain.diagnostics import TrainingWatch
+from posttrain.data.records import Prompt
+from posttrain.data.rollout_layout import action_mask, in_row_order, mini_batches_per_epoch, response_row, to_actions
+from posttrain.diagnostics import TrainingWatch, append_samples, rollout_metrics
 from posttrain.eval.verifiable import gold_sum, held_out_evaluation
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
-from posttrain.models.actor_critic import ActorCritic
-from posttrain.models.adapters import is_peft_model
+from posttrain.models.actor_critic import ActorCritic, frozen_reference, load_critic
 from posttrain.models.forward import reference_model
-from posttrain.models.loading import model_dir_of
 from posttrain.models.ptx import PtxMix, ptx_rows
 from posttrain.models.scoring import RolloutBatches, critic_values, response_layout, score_logps, token_logps
-from posttrain.rewards import Reward, WeightedReward, build_reward, load_reward_function
+from posttrain.rewards import Reward, WeightedReward, reward_and_gold
 from posttrain.rl import RunningMoments, SumOverProcesses
 from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import Metrics, ModelSelection, Runtime
 
-SAMPLES_PER_STEP_LOGGED = 4
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
 # answers to the held-out prompts (eval.verifiable.held_out_sums), maximised.
 MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
@@ -103,7 +70,7 @@ class Rollout:
     """One step's sampled responses on this process, in action space (``(B, R)``, right-padded)."""
 
     rows: list[Row]  # prompt + response as training rows (targets: the response tokens)
-    prompts: list[TokenizedPrompt]  # one per response
+    prompts: list[Prompt]  # one per response
     texts: list[str]
     finished: torch.Tensor  # (B,) bool
     mask: torch.Tensor  # (B, R) float
@@ -125,9 +92,14 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     train_prompts, eval_prompts = tokenized_prompts(
         config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed
     )
-    reward, gold = _rewards(config.reward, config.watch, train_prompts + eval_prompts, rt.device)
+    every_prompt = [p.prompt for p in train_prompts + eval_prompts]
+    reward, gold = reward_and_gold(
+        config.reward, config.watch.gold, config.watch.gold_model, every_prompt, str(rt.device)
+    )
     mini_batch = rt.train.batch_size * rt.train.grad_accum
-    updates_per_epoch = _updates_per_epoch(algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch)
+    updates_per_epoch = mini_batches_per_epoch(
+        algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch
+    )
     # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
     on_policy = (
         algorithm.ppo_epochs == 1
@@ -137,9 +109,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     policy, _ = load_model(config.model, config.peft, tokenizer)
-    frozen_reference = _frozen_reference(policy, algorithm.kl_coef, rt.device)
+    frozen_copy = frozen_reference(policy, algorithm.kl_coef, rt.device)
     separate_critic = estimator.needs_critic and not config.critic.shared
-    critic = _critic(config.critic, config.model, config.peft, tokenizer) if separate_critic else None
+    critic = load_critic(config.critic.path, config.model, config.peft, tokenizer) if separate_critic else None
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
     layout = response_layout(
         config.data, sampling.num_samples, [m for m in (policy, critic) if m is not None], tokenizer.pad_token_id
@@ -153,7 +125,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
-    roles = Roles(engine, trained, frozen_reference, reward, gold)
+    roles = Roles(engine, trained, frozen_copy, reward, gold)
 
     module = rt.setup(
         trained,
@@ -164,7 +136,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         selection=MODEL_SELECTION,
     )
     state = rt.recipe_state  # what a resumed run continues from
-    kl_controller = kl_controller_for(algorithm, state)
+    kl_controller = rl.kl_controller(
+        algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon, state.get("kl_coef")
+    )
     moments = RunningMoments(state.get("reward_moments"))
     watch = TrainingWatch(config.watch, sampling.max_new_tokens)
     if "watch" in state:
@@ -238,7 +212,10 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
             warnings=warnings,
         )
         if rt.is_main:
-            _append_samples(rt.run_dir / "samples.jsonl", rt.global_step + 1, rollout)
+            scores, finished = rollout.scores.tolist(), rollout.finished.tolist()
+            append_samples(
+                rt.run_dir / "samples.jsonl", rt.global_step + 1, rollout.prompts, rollout.texts, scores, finished
+            )
         step_stats.last("kl_coef", kl_controller.value)
         rt.log_step(step_stats)
         if stopped_by:
@@ -253,78 +230,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 )
             )
 
-    summary: dict[str, Any] = {
-        "advantage": algorithm.advantage,
-        "watch_warnings": warnings,
-        "stopped_by_watch": stopped_by,
-    }
+    summary = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
     return rt.finish(module, tokenizer, summary)
-
-
-# ---------------------------------------------------------------------------------------------------- setup
-def _rewards(
-    source: RewardSource, watch: WatchBlock, prompts: list[TokenizedPrompt], device: torch.device
-) -> tuple[WeightedReward, Reward | None]:
-    """The reward optimised (``reward``) and the gold reward the watch compares it with (``watch.gold``: a
-    function, or ``watch.gold_model``: a second reward model), if any; either may need every prompt to carry a
-    reference answer."""
-    reward = build_reward(source, device=str(device))
-    every_prompt = [row.prompt for row in prompts]
-    if reward.needs_reference:
-        require_references(every_prompt, "the reward")
-    gold: Reward | None = None
-    if watch.gold:
-        gold = load_reward_function(watch.gold)
-    elif watch.gold_model:
-        gold = build_reward(RewardSource(model=watch.gold_model), device=str(device))
-    if gold is not None and gold.needs_reference:
-        require_references(every_prompt, "watch.gold")
-    return reward, gold
-
-
-def _updates_per_epoch(prompts_per_step: int, num_samples: int, world_size: int, mini_batch: int) -> int:
-    """Optimizer updates per pass over a rollout: each process's responses over ``train.batch_size x grad_accum``."""
-    if prompts_per_step % world_size:
-        raise ConfigError(
-            f"algorithm.prompts_per_step ({prompts_per_step}) must divide evenly over {world_size} processes"
-        )
-    responses_per_process = prompts_per_step // world_size * num_samples
-    if responses_per_process % mini_batch:
-        raise ConfigError(
-            f"each process samples {responses_per_process} responses per step (algorithm.prompts_per_step / processes x "
-            f"sampling.num_samples), which must be a multiple of train.batch_size x train.grad_accum ({mini_batch})"
-        )
-    return responses_per_process // mini_batch
-
-
-def _frozen_reference(policy: Any, kl_coef: float, device: torch.device) -> Any:
-    """A frozen copy of a fully fine-tuned ``policy`` to measure the KL against; None for adapters (the reference is
-    the same model with the adapter switched off) and without a KL anchor: kl_coef 0 needs no reference (kl_target,
-    the only way it could grow, is refused with it), so make_rollout skips its pass (TRL's GRPO does the same,
-    beta 0)."""
-    if kl_coef and not is_peft_model(policy):
-        return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    return None
-
-
-def _critic(critic: CriticBlock, model: ModelConfig, peft: PeftConfig, tokenizer: Any) -> Any:
-    """A separate critic with a value head: ``critic.path`` (a reward-model run directory resolves to its model/
-    folder, whose head is then loaded, not fresh), or else a copy of the policy's ``model`` with a fresh head."""
-    critic_path = str(model_dir_of(critic.path)) if critic.path else model.path
-    loaded, _ = load_model(model.model_copy(update={"path": critic_path}), peft, tokenizer, scalar_head=True)
-    return loaded
-
-
-def kl_controller_for(
-    algorithm: AlgorithmBlock, state: dict[str, Any]
-) -> rl.FixedKLController | rl.AdaptiveKLController:
-    """The KL coefficient β: fixed, or steered to ``kl_target`` over ``kl_horizon`` responses (Ziegler et al.),
-    continuing from a resumed run's ``state``."""
-    if algorithm.kl_target:
-        return rl.AdaptiveKLController(
-            state.get("kl_coef", algorithm.kl_coef), algorithm.kl_target, algorithm.kl_horizon
-        )
-    return rl.FixedKLController(algorithm.kl_coef)
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -352,8 +259,8 @@ def make_rollout(
     rows = [response_row(p.prompt_ids, r.token_ids, i) for i, (p, r) in enumerate(zip(flat_prompts, responses))]
     mask = action_mask(rows, device)
 
-    messages = [p.prompt.messages for p in flat_prompts]
-    references = [p.prompt.reference for p in flat_prompts]
+    records = [p.prompt for p in flat_prompts]
+    messages, references = [r.messages for r in records], [r.reference for r in records]
     breakdown = roles.reward.breakdown(messages, texts, references, finished=finished.tolist())
     raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=device)
     scores = rl.optimised_scores(raw, algorithm.reward_normalize, algorithm.reward_clip, moments, sum_over_processes)
@@ -376,28 +283,12 @@ def make_rollout(
         algorithm, settings.num_samples, scores, kl, mask, values, kl_coef, sum_over_processes
     )
 
-    # Means per response unless said otherwise, over every process once the step reduces them.
-    metrics, num_responses = Metrics(), len(rows)
-    if old_logps is not None and ref_logps is not None:  # the KL to the reference is measured
-        metrics.example_mean("kl", rl.kl_estimate(old_logps, ref_logps, "k1", mask=mask).sum(), num_responses)
-    metrics.example_mean("reward", raw.sum(), num_responses)
-    metrics.std("reward_std", raw)
-    metrics.example_mean("response_length", mask.sum(), num_responses)
-    metrics.example_mean("unfinished_share", (~finished).sum(), num_responses)
-    metrics.example_mean("distinct_share", len(set(texts)), num_responses)
-    metrics.token_mean("advantage", rl.masked_sum(advantages, mask), mask.sum())  # a token mean, like the loss
-    for name, values_of_term in breakdown.items():
-        if name != "total" and len(breakdown) > 2:
-            metrics.example_mean(f"reward_{name}", sum(values_of_term), num_responses)
-    if roles.gold is not None:
-        # Recorded on every process (count 0 where no response is scorable), so the reduce lines up everywhere.
-        metrics.example_mean("gold_reward", *gold_sum(roles.gold, messages, texts, references))
-    if returns is not None and values is not None:
-        metrics.example_mean(
-            "value_explained_variance", rl.explained_variance(values, returns, mask), 1
-        )  # mean over processes
+    gold = gold_sum(roles.gold, messages, texts, references) if roles.gold is not None else None
+    metrics = rollout_metrics(
+        raw, breakdown, texts, finished, mask, advantages, old_logps, ref_logps, gold, values, returns
+    )
     return Rollout(
-        rows, flat_prompts, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics
+        rows, records, texts, finished, mask, old_logps, ref_logps, values, scores, advantages, returns, metrics
     )
 
 
@@ -502,20 +393,3 @@ def ppo_micro_loss(
         stats.token_mean("value_loss", rl.masked_sum(value_token_loss, mask).detach(), tokens)
     stats.per_second("tokens_per_s", batch["num_real_tokens"])
     return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------------- records
-def _append_samples(path: Path, step: int, rollout: Rollout) -> None:
-    """The step's first few rollouts, appended to ``samples.jsonl`` to read along with the metrics."""
-    with open(path, "a", encoding="utf-8") as handle:
-        for i in range(min(SAMPLES_PER_STEP_LOGGED, len(rollout.texts))):
-            prompt = rollout.prompts[i].prompt
-            sample = {
-                "step": step,
-                "prompt": prompt.messages[-1]["content"],
-                "reference": prompt.reference,
-                "response": rollout.texts[i],
-                "reward": float(rollout.scores[i]),
-                "finished": bool(rollout.finished[i]),
-            }
-            handle.write(json.dumps(sample) + "\n")
