@@ -243,6 +243,68 @@ class LoggingConfig(Block):
     """Write plots/*.png and report.md at the end."""
 
 
+class DistributedBlock(Block):
+    """How the model is spread over the processes of a multi-process run (``posttrain train ... --nproc N``, or
+    ``torchrun``/``deepspeed``). One process trains the same whatever the strategy."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """ddp: every process holds the whole model, gradients are all-reduced; fsdp: torch FSDP2 (fully_shard), each
+    process holds 1/N of the parameters, gradients and optimizer states; deepspeed: DeepSpeed ZeRO at
+    distributed.zero_stage."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """deepspeed only: 0 (replicated, like ddp), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters)."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """Move state to CPU memory: deepspeed `optimizer` (ZeRO-Offload, zero_stage >= 1) or `all` (optimizer and
+    parameters, zero_stage 3); fsdp `all` (FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step
+    on CPU)."""
+    reshard_after_forward: bool = True
+    """fsdp only: free each layer's gathered parameters after its forward (ZeRO-3-like memory, gathered again for
+    the backward); false keeps them until the backward (ZeRO-2-like: more memory, one all-gather less)."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """fsdp only, under train.precision=bf16: the dtype gradients are reduce-scattered in (float32 is exact to
+    the one-process run; bfloat16 halves the traffic)."""
+    wrap: Literal["decoder_layer", "model"] = "decoder_layer"
+    """fsdp only: the sharding unit. decoder_layer: each decoder layer is its own unit (gathered one at a time,
+    the memory saving of FSDP), then the rest of the model; model: one unit for the whole model."""
+
+    @model_validator(mode="after")
+    def _options_belong_to_the_strategy(self) -> DistributedBlock:
+        defaults = DistributedBlock.model_construct()
+        fsdp_only = [
+            key
+            for key in ("reshard_after_forward", "reduce_dtype", "wrap")
+            if getattr(self, key) != getattr(defaults, key)
+        ]
+        if self.strategy != "fsdp" and fsdp_only:
+            raise ValueError(
+                f"distributed.{fsdp_only[0]} is an FSDP option; it does nothing with "
+                f"distributed.strategy={self.strategy} (set strategy=fsdp or remove it)"
+            )
+        if self.strategy != "deepspeed" and self.zero_stage:
+            raise ValueError(
+                f"distributed.zero_stage={self.zero_stage} is a DeepSpeed option (strategy={self.strategy}); set "
+                "distributed.strategy=deepspeed, or use strategy=fsdp, which shards like ZeRO-3"
+            )
+        if self.strategy == "ddp" and self.offload != "none":
+            raise ValueError(
+                f"distributed.offload={self.offload} needs a sharded strategy: strategy=deepspeed (zero_stage >= 1) or "
+                "strategy=fsdp (offload=all)"
+            )
+        if self.strategy == "fsdp" and self.offload == "optimizer":
+            raise ValueError(
+                "distributed.offload=optimizer: FSDP2 offloads parameters, gradients and the optimizer step together; "
+                "use offload=all, or strategy=deepspeed for optimizer-only offload"
+            )
+        if self.strategy == "deepspeed" and self.offload == "optimizer" and self.zero_stage < 1:
+            raise ValueError("distributed.offload=optimizer (ZeRO-Offload) needs distributed.zero_stage >= 1")
+        if self.strategy == "deepspeed" and self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(
+                f"distributed.offload=all offloads parameters, which only ZeRO-3 shards: set distributed.zero_stage=3 "
+                f"(got {self.zero_stage}), or offload=optimizer"
+            )
+        return self
+
+
 class StageConfig(Block):
     """Fields every stage shares."""
 
@@ -273,6 +335,9 @@ class StageConfig(Block):
     """Checkpoint cadence and retention."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Metrics, progress bar, report."""
+    distributed: DistributedBlock = Field(default_factory=DistributedBlock)
+    """Multi-process strategy (ddp, fsdp, deepspeed) and its options. fsdp and deepspeed apply to a one-process run
+    too (a process group of one), so a config behaves the same at any process count."""
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -298,6 +363,17 @@ class StageConfig(Block):
             )
         if self.train.precision == "fp16" and self.model.dtype != "float32":
             raise ValueError("train.precision=fp16 needs float32 master weights: set model.dtype=float32")
+        strategy = self.distributed.strategy
+        if strategy == "fsdp" and self.train.precision == "fp16":
+            raise ValueError(
+                "train.precision=fp16 with distributed.strategy=fsdp: FSDP2's loss scaling is not wired; use bf16 "
+                "(no loss scaling needed), or strategy=deepspeed"
+            )
+        if strategy != "ddp" and self.peft.method == "qlora":
+            raise ValueError(
+                f"peft.method=qlora with distributed.strategy={strategy}: 4-bit base weights cannot be sharded here; "
+                "use strategy=ddp, or peft.method=lora with a sharded strategy"
+            )
         return self
 
 

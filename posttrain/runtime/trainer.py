@@ -52,6 +52,7 @@ from posttrain.data.preflight import preflight
 from posttrain.models.adapters import count_parameters
 from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
+from posttrain.runtime.distributed import STRATEGIES, check_world_size
 from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
 from posttrain.runtime.report import write_plots, write_report
@@ -112,6 +113,8 @@ class Runtime:
         _forget_previous_accelerator_settings()
         # cpu=True without CUDA: accelerate then forms a gloo process group under torchrun (DDP on CPU).
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        check_world_size(self.accelerator.num_processes)
+        self.strategy = STRATEGIES[config.distributed.strategy](config, self.accelerator)
         set_seed(config.seed)
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -120,6 +123,12 @@ class Runtime:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir, config.logging.tensorboard, enabled=self.is_main)
+        if self.world_size > 1:  # every process says who it is: a launch that formed no group shows at once
+            print(
+                f"process {self.accelerator.process_index} of {self.world_size} ({config.distributed.strategy}, "
+                f"local rank {self.accelerator.local_process_index}, device {self.device})",
+                file=sys.stderr,
+            )
         self.global_step = 0
         self.total_steps = 0
         self.steps_per_epoch = 0
@@ -229,7 +238,7 @@ class Runtime:
         num_rows: int,
         rows_per_step: int | None = None,
         updates_per_step: int = 1,
-        parameter_groups: list[dict[str, Any]] | None = None,
+        parameter_groups: list[dict[str, Any]] | Callable[[Any], list[dict[str, Any]]] | None = None,
         selection: ModelSelection = ModelSelection(),
     ) -> Any:
         """Optimizer, schedule and device placement for ``model``; restores a checkpoint when resuming.
@@ -237,7 +246,8 @@ class Runtime:
         ``num_rows`` is the number of training examples (what :meth:`batches` iterates). Step-structured recipes
         (online RL, :meth:`iterations`) give ``rows_per_step`` (prompts consumed per step over all processes)
         and ``updates_per_step`` (optimizer updates per step, which the learning-rate
-        schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``) set per-group options
+        schedule counts); ``parameter_groups`` (torch's ``[{"params": [...], "lr": ...}]``, or a function of the
+        model that returns them: under FSDP the parameters only exist once the model is sharded) set per-group options
         such as a critic's learning rate (and ``name``/``max_grad_norm``, see :meth:`update`); ``selection`` is the
         held-out metric and direction that pick the best checkpoint and drive early stopping (the recipe evaluates:
         :meth:`should_evaluate`)."""
@@ -260,11 +270,22 @@ class Runtime:
         self.trainable = count_parameters(model)
         trainable, total = self.trainable
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
-        optimizer = build_optimizer(parameter_groups or model.parameters(), self.config.optim)
+        model = self.strategy.shard(model)  # before the optimizer: FSDP replaces the parameters with their shards
+        groups = parameter_groups(model) if callable(parameter_groups) else parameter_groups
+        optimizer = build_optimizer(groups or model.parameters(), self.config.optim)
         self.scheduler = build_scheduler(optimizer, self.total_steps * updates_per_step, self.config.schedule)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = self.strategy.prepare(model, optimizer)
         self._resume()
         return self.model
+
+    def unwrap(self, module: Any) -> Any:
+        """The model inside what :meth:`setup` returned (DDP and DeepSpeed wrap it; FSDP shards it in place)."""
+        return self.strategy.unwrap(module)
+
+    def full_weights(self, module: Any) -> Any:
+        """A context in which each process may run any number of forward passes on its own (generation,
+        evaluation): a sharded model is gathered whole for its duration; a replicated one needs nothing."""
+        return self.strategy.full_weights(module)
 
     def _checkpoint_to_resume(self) -> Path | None:
         resume = self.config.resume
@@ -285,9 +306,8 @@ class Runtime:
         if path is None:
             self.metrics.truncate_after(0)
             return
-        state = ckpt.load_checkpoint(
-            path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, self._scaler
-        )
+        self.strategy.load(path, self.model, self.optimizer)
+        state = ckpt.load_trainer_state(path, self.scheduler, self.accelerator.process_index, self._scaler)
         self.global_step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.best_eval = state.get("best_eval", self.selection.worst)
@@ -332,7 +352,7 @@ class Runtime:
                 batch["num_items_in_batch"] = max(num_items, 1)
                 last = m == self.train.grad_accum - 1
                 # Gradients are all-reduced only on the last micro-batch of a group.
-                with nullcontext() if last else self.accelerator.no_sync(self.model):
+                with nullcontext() if last else self.strategy.no_sync(self.model):
                     yield batch
             self.end_step()
 
@@ -385,7 +405,7 @@ class Runtime:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward for one micro-batch."""
         # DDP averages gradients over processes; the loss is already normalised by the global token count.
-        self.accelerator.backward(loss * self.world_size)
+        self.strategy.backward(loss * self.world_size)
         self._group_losses.append(loss.detach())
 
     def update(self) -> float:
@@ -396,29 +416,16 @@ class Runtime:
         ``optim.max_grad_norm``: one model's gradients (a critic regressing unnormalised returns) then never
         scale another's step, as they would under one global clip (OpenRLHF clips actor and critic apart). With
         the one group most recipes have, this is the global clip. The returned norm is over every group."""
-        # fp16: gradients are unscaled once, before any norm is taken (what accelerate's clip_grad_norm_ does).
-        self.accelerator.unscale_gradients()
-        group_norms: dict[str, float] = {}
-        for index, group in enumerate(self.optimizer.param_groups):
-            parameters = [p for p in group["params"] if p.requires_grad]
-            max_norm = group.get("max_grad_norm", self.config.optim.max_grad_norm) or math.inf
-            group_norms[group.get("name", f"group{index}")] = float(
-                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-            )
-        grad_norm = math.sqrt(sum(norm**2 for norm in group_norms.values()))
         loss_finite = all(torch.isfinite(loss).all() for loss in self._group_losses)
-        # Under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale);
-        # a NaN/inf *loss* is always ours.
-        grads_finite = math.isfinite(grad_norm) or self.config.train.precision == "fp16"
-        if loss_finite and grads_finite:
-            self.optimizer.step()
+        group_norms, applied = self.strategy.step(self.optimizer, loss_finite)
+        grad_norm = math.sqrt(sum(norm**2 for norm in group_norms.values()))
+        if applied:
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             self._skipped_updates += 1
-        self.optimizer.zero_grad(set_to_none=True)
         self._group_losses.clear()
         self._update_norms.append(grad_norm)
         if len(group_norms) > 1:
@@ -545,25 +552,27 @@ class Runtime:
             "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
             "tokens_trained": self.tokens_trained,
+            "strategy": self.config.distributed.strategy,
+            "world_size": self.world_size,
             **({"recipe": self.recipe_state} if self.recipe_state else {}),
             **({"best_eval": self.best_eval} if math.isfinite(self.best_eval) else {}),
             **({"best_results": self.best_results} if self.best_results is not None else {}),
         }
 
     def save_checkpoint(self) -> Path | None:
+        """Write this step's checkpoint atomically (every process writes its share); returns its path on the main
+        process."""
+        self.accelerator.wait_for_everyone()
+        temporary = ckpt.temporary_dir(self.checkpoint_dir, self.global_step)
+        if self.is_main:
+            ckpt.open_checkpoint(self.checkpoint_dir, self.global_step)
+        self.accelerator.wait_for_everyone()
+        self.strategy.save(temporary, self.model, self.optimizer)
+        ckpt.save_rng(temporary, self.accelerator.process_index)
         self.accelerator.wait_for_everyone()
         path = None
         if self.is_main:
-            state = self._state()
-            path = ckpt.save_checkpoint(
-                self.checkpoint_dir,
-                self.global_step,
-                self.accelerator.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                state,
-                self._scaler,
-            )
+            path = ckpt.commit_checkpoint(temporary, self.scheduler, self._state(), self._scaler)
             protect = {f"step-{self.best_step:06d}"} if self.best_step is not None else set()
             ckpt.prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep, protect)
         self.accelerator.wait_for_everyone()
@@ -610,17 +619,14 @@ class Runtime:
         if self.stopped_early and self.best_step is not None and self.best_step != self.global_step:
             best = self.checkpoint_dir / f"step-{self.best_step:06d}"
             self.log(f"restoring the best checkpoint ({best.name}) as the final model")
-            ckpt.load_trainable_state_dict(
-                self.accelerator.unwrap_model(model), ckpt.load_file(str(best / "weights.safetensors"))
-            )
+            self.strategy.load_weights(best, model)
             final_eval = self.best_results
         elif not ckpt.is_complete(self.checkpoint_dir / f"step-{self.global_step:06d}"):
             self.save_checkpoint()
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
+        self.strategy.save_pretrained(model, model_dir)  # every process: a sharded model is gathered
         if self.is_main:
-            unwrapped = self.accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(model_dir, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(model_dir)
             trainable, total = self.trainable
