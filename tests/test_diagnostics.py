@@ -9,9 +9,10 @@ import random
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from posttrain.config import WatchBlock
-from posttrain.diagnostics import TrainingWatch, WatchWarning
+from posttrain.diagnostics import TrainingWatch, WatchWarning, rollout_metrics
 
 MAX_NEW_TOKENS = 64
 WINDOW = 8  # the hand-computed warning steps below assume an 8-step window (the default is 16)
@@ -254,3 +255,38 @@ def test_load_state_dict_rejects_a_foreign_state() -> None:
         watch.load_state_dict({**state, "active": ["vibes"]})
     with pytest.raises(ValueError, match="malformed"):
         watch.load_state_dict({**state, "lengths": None})
+
+
+def test_rollout_metrics_hand_derived() -> None:
+    """Two responses of 2 and 1 tokens. Rewards [1, 3]: mean 2, population std 1; the two sources' terms are
+    logged apart (three entries with the total). Lengths 1.5; one of two unfinished; one distinct text of two.
+    Advantages [1, 2 | 3] → token mean 2. k1 = old − ref = [1, 1 | 0.5] (the padded 9 is masked) → 2.5 over two
+    responses. Gold total 1 over 1 scorable response. Explained variance of values [1, 2 | 2] for returns
+    [1, 2 | 3]: residuals [0, 0, 1] (unbiased var 1/3) over the returns' var 1 → 2/3. Without old log-probs (the
+    on-policy rollout), a gold reward or a critic, those three are not recorded; one source's term is not either."""
+    rewards, texts, finished = torch.tensor([1.0, 3.0]), ["a", "a"], torch.tensor([True, False])
+    mask, advantages = torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    terms = {"total": [1.0, 3.0], "model": [0.5, 1.0], "function": [0.5, 2.0]}
+    old_logps, ref_logps = torch.zeros(2, 2), torch.tensor([[-1.0, -1.0], [-0.5, 9.0]])
+    returns, values = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[1.0, 2.0], [2.0, 0.0]])
+    metrics = rollout_metrics(
+        rewards, terms, texts, finished, mask, advantages, old_logps, ref_logps, (1.0, 1), values, returns
+    ).values()
+    expected = {
+        "kl": 1.25,
+        "reward": 2.0,
+        "reward_std": 1.0,
+        "response_length": 1.5,
+        "unfinished_share": 0.5,
+        "distinct_share": 0.5,
+        "advantage": 2.0,
+        "reward_model": 0.75,
+        "reward_function": 1.25,
+        "gold_reward": 1.0,
+        "value_explained_variance": 2 / 3,
+    }
+    assert list(metrics) == list(expected)
+    assert metrics == pytest.approx(expected, rel=1e-6)
+    one_source = {"total": [1.0, 3.0], "function": [1.0, 3.0]}
+    bare = rollout_metrics(rewards, one_source, texts, finished, mask, advantages, None, ref_logps, None).values()
+    assert list(bare) == ["reward", "reward_std", "response_length", "unfinished_share", "distinct_share", "advantage"]
