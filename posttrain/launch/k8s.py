@@ -204,7 +204,7 @@ def render(config: StageConfig, kind: str, cluster: Cluster, name: str | None = 
         raise ConfigError(f"--kind {kind}: unknown job kind; expected one of {', '.join(JOB_KINDS)}")
     if config.resume != "auto":
         raise ConfigError(
-            f"resume={config.resume}: a pod that restarts on Kubernetes must continue from its last checkpoint, so "
+            f"resume={'false' if config.resume is False else config.resume}: a pod that restarts on Kubernetes must continue from its last checkpoint, so "
             "launch k8s needs resume=auto; remove the resume setting from the config"
         )
     job_name = _job_name(name, config.output_dir)

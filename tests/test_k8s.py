@@ -1,0 +1,359 @@
+"""``posttrain launch k8s``: the manifests validate against the operators' own CRD schemas, and the run they describe
+is the one asked for: the world size and node ranks torchrun computes in each pod, the config each pod reads, the
+checkpoint volume under the run directory, resume=auto, /dev/shm in memory.
+
+The schemas (tests/data/k8s/, each naming its source and commit) are the CRDs' openAPIV3Schema. The API server
+rejects fields a schema does not declare (kubectl's default strict field validation), so ``strict`` closes every
+declared object the same way; CEL rules (``x-kubernetes-validations``) are not evaluated by jsonschema, and the one
+that concerns a new object, the job's name, is checked here directly. ConfigMap and PersistentVolumeClaim are core
+objects without a CRD: their invariants are checked instead.
+
+What the operators put into each pod is modelled from their source (``operator_env``); torchrun itself parses each
+pod's command under that environment, so "world size" is the launcher's own arithmetic, not a copy of ours.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from torch.distributed import run as torchrun
+
+from posttrain.cli import SHIPPED_CONFIGS, main
+from posttrain.config import ConfigError, load_config, save_config
+from posttrain.launch.k8s import CHECKPOINT_DIR, Cluster, render, to_yaml
+
+SCHEMAS = Path(__file__).parent / "data" / "k8s"
+SCHEMA_FILES = {"TrainJob": "trainjob.schema.yaml", "PyTorchJob": "pytorchjob.schema.yaml"}
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
+CONFIG = SHIPPED_CONFIGS / "sft_full.yaml"
+# Paths as the pods see them: nothing here reads them.
+OVERRIDES = ["model.path=/models/qwen2.5-0.5b", "data.train=/data/sft.jsonl", "train.batch_size=4"]
+SHAPES = [(2, 4), (1, 4), (1, 1)]
+KINDS = ["trainjob", "pytorchjob"]
+
+
+def strict(schema: Any) -> Any:
+    """The schema with every object that declares its properties closed to others, as the API server treats it."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: strict(value) for key, value in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        closed["additionalProperties"] = False
+    return closed
+
+
+def validator(kind: str) -> jsonschema.Draft4Validator:
+    # OpenAPI 3.0 schemas are JSON Schema draft 4 with extensions (x-kubernetes-*), which draft 4 ignores.
+    schema = yaml.safe_load((SCHEMAS / SCHEMA_FILES[kind]).read_text(encoding="utf-8"))
+    return jsonschema.Draft4Validator(strict(schema))
+
+
+def manifests(kind: str, nodes: int, gpus: int, **cluster: Any) -> tuple[dict, dict, dict]:
+    config = load_config(CONFIG, OVERRIDES)
+    claim, config_map, job = render(config, kind, Cluster(nodes, gpus, "ghcr.io/example/posttrain:1", **cluster))
+    return claim, config_map, job
+
+
+def pod_specs(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod spec of each replica kind, with the trainer container first."""
+    if job["kind"] == "PyTorchJob":
+        return [replica["template"]["spec"] for replica in job["spec"]["pytorchReplicaSpecs"].values()]
+    (patch,) = job["spec"]["runtimePatches"]
+    (replicated_job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return [replicated_job["template"]["spec"]["template"]["spec"]]
+
+
+def trainer_command(job: dict[str, Any]) -> list[str]:
+    if job["kind"] == "TrainJob":
+        return job["spec"]["trainer"]["command"]
+    commands = {tuple(spec["containers"][0]["command"]) for spec in pod_specs(job)}
+    assert len(commands) == 1, "Master and Workers run one command"
+    return list(commands.pop())
+
+
+def operator_env(job: dict[str, Any]) -> list[dict[str, str]]:
+    """The launcher variables each pod of ``job`` gets from its operator, one dict per pod.
+
+    TrainJob (kubeflow/trainer v2.3 pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy): PET_NNODES =
+    numNodes, PET_NPROC_PER_NODE = numProcPerNode ("auto" when unset), PET_NODE_RANK = the pod's Job completion
+    index, PET_MASTER_ADDR = NAME-node-0-0.NAME, PET_MASTER_PORT = 29500.
+    PyTorchJob (kubeflow/trainer v1.9.4 pkg/controller.v1/pytorch/envvar.go and master.go): PET_NNODES = all
+    replicas, PET_NPROC_PER_NODE = nprocPerNode, PET_NODE_RANK = RANK = 0 for the Master and index + 1 for each
+    Worker, WORLD_SIZE = replicas x nprocPerNode, PET_MASTER_ADDR = NAME-master-0, PET_MASTER_PORT = the port named
+    pytorchjob-port of the container named pytorch."""
+    name = job["metadata"]["name"]
+    if job["kind"] == "TrainJob":
+        trainer = job["spec"]["trainer"]
+        nodes = trainer["numNodes"]
+        return [
+            {
+                "PET_NNODES": str(nodes),
+                "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+                "PET_NODE_RANK": str(index),
+                "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+                "PET_MASTER_PORT": "29500",
+            }
+            for index in range(nodes)
+        ]
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    total = sum(spec["replicas"] for spec in replicas.values())
+    nproc = job["spec"]["nprocPerNode"]
+    (port,) = [
+        p["containerPort"]
+        for c in replicas["Master"]["template"]["spec"]["containers"]
+        if c["name"] == "pytorch"
+        for p in c.get("ports", [])
+        if p["name"] == "pytorchjob-port"
+    ]
+    ranks = [0] + [index + 1 for index in range(replicas.get("Worker", {"replicas": 0})["replicas"])]
+    return [
+        {
+            "PET_NNODES": str(total),
+            "PET_NPROC_PER_NODE": nproc,
+            "PET_NODE_RANK": str(rank),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(total * int(nproc)),
+            "MASTER_ADDR": f"{name}-master-0",
+            "PET_MASTER_ADDR": f"{name}-master-0",
+            "MASTER_PORT": str(port),
+            "PET_MASTER_PORT": str(port),
+        }
+        for rank in ranks
+    ]
+
+
+def launch_as_torchrun(command: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """torchrun's own parse of ``command`` in a pod with ``env``: its LaunchConfig and the command it starts."""
+    assert command[0] == "torchrun"
+    with monkeypatch.context() as pod:
+        for key in [k for k in os.environ if k.startswith("PET_")]:
+            pod.delenv(key)
+        for key, value in env.items():
+            pod.setenv(key, value)
+        pod.setenv("OMP_NUM_THREADS", "1")
+        args = torchrun.get_args_parser().parse_args(command[1:])  # PET_* defaults are read when it is built
+        return torchrun.config_from_args(args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("nodes", "gpus"), SHAPES)
+def test_the_job_validates_against_its_crd_schema(kind: str, nodes: int, gpus: int) -> None:
+    *_, job = manifests(kind, nodes, gpus)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(job["kind"]).iter_errors(job)]
+    assert not errors, errors
+    # The CEL rule of the TrainJob CRD and the PyTorchJob webhook: the name is an RFC 1035 label.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_schema_check_rejects_a_misspelt_field_and_a_wrong_type(kind: str) -> None:
+    *_, job = manifests(kind, 2, 4)
+    check = validator(job["kind"])
+    misspelt = yaml.safe_load(yaml.safe_dump(job))
+    wrong_type = yaml.safe_load(yaml.safe_dump(job))
+    if kind == "trainjob":
+        misspelt["spec"]["trainer"]["numNode"] = misspelt["spec"]["trainer"].pop("numNodes")
+        wrong_type["spec"]["trainer"]["numProcPerNode"] = "four"
+    else:
+        misspelt["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicies"] = "OnFailure"
+        wrong_type["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"
+    assert any("numNode" in e.message or "restartPolicies" in e.message for e in check.iter_errors(misspelt))
+    assert list(check.iter_errors(wrong_type))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("nodes", "gpus"), SHAPES)
+def test_torchrun_in_each_pod_sees_the_world_size_and_its_own_node_rank(
+    kind: str, nodes: int, gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    *_, job = manifests(kind, nodes, gpus)
+    command = trainer_command(job)
+    pods = operator_env(job)
+    assert len(pods) == nodes
+    launches = [launch_as_torchrun(command, env, monkeypatch) for env in pods]
+    node_ranks = []
+    for config, _entrypoint, entry_args in launches:
+        assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (nodes, nodes, gpus)
+        assert config.rdzv_backend == "static"
+        node_ranks.append(config.rdzv_configs["rank"])
+        # Every pod meets at rank 0's pod, not at its own localhost.
+        assert config.rdzv_endpoint == f"{pods[0]['PET_MASTER_ADDR']}:{pods[0]['PET_MASTER_PORT']}"
+        assert entry_args[-4:] == ["-m", "posttrain", "train", "/config/run.yaml"]
+    world_size = launches[0][0].max_nodes * launches[0][0].nproc_per_node
+    assert world_size == nodes * gpus
+    assert sorted(node_ranks) == list(range(nodes))
+    if kind == "pytorchjob":  # the v1 operator's own WORLD_SIZE counts processes too (replicas x nprocPerNode)
+        assert {env["WORLD_SIZE"] for env in pods} == {str(nodes * gpus)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_node_asks_for_its_gpus(kind: str) -> None:
+    *_, job = manifests(kind, 2, 4)
+    if kind == "trainjob":
+        assert job["spec"]["trainer"]["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": 4}}
+        assert job["spec"]["trainer"]["numProcPerNode"] == 4
+    else:
+        for spec in pod_specs(job):
+            assert spec["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 4}}
+
+
+@pytest.mark.parametrize("nodes", [2, 1])
+def test_pytorchjob_has_one_master_and_the_other_nodes_as_workers(nodes: int) -> None:
+    *_, job = manifests("pytorchjob", nodes, 4)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1  # the operator's webhook refuses any other count
+    assert replicas.get("Worker", {"replicas": 0})["replicas"] == nodes - 1
+    assert set(replicas) == ({"Master", "Worker"} if nodes > 1 else {"Master"})
+    for replica in replicas.values():
+        assert replica["restartPolicy"] == "OnFailure"
+        # The training operator finds its container by this name (master port, webhook): no other name works.
+        assert replica["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    assert "elasticPolicy" not in job["spec"]
+
+
+def test_trainjob_runs_on_the_torch_distributed_runtime_and_patches_its_node_container() -> None:
+    *_, job = manifests("trainjob", 2, 4)
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    assert job["spec"]["trainer"]["image"] == "ghcr.io/example/posttrain:1"
+    # The runtime's replicated job and trainer container are both "node"; the trainer webhook refuses a patch of
+    # a job or container the runtime lacks, and env for the node container (torchrun's variables are reserved).
+    (patch,) = job["spec"]["runtimePatches"]
+    (replicated_job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated_job["name"] == "node"
+    (container,) = replicated_job["template"]["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "node" and "env" not in container
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("nodes", "gpus"), SHAPES)
+def test_each_pod_mounts_the_config_the_checkpoint_volume_and_shared_memory(kind: str, nodes: int, gpus: int) -> None:
+    claim, config_map, job = manifests(kind, nodes, gpus)
+    command = trainer_command(job)
+    run_config = yaml.safe_load(config_map["data"]["run.yaml"])
+    for spec in pod_specs(job):
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {mount["mountPath"]: mount["name"] for mount in spec["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+        checkpoints = volumes[mounts[CHECKPOINT_DIR]]["persistentVolumeClaim"]["claimName"]
+        assert checkpoints == claim["metadata"]["name"]
+        config_dir, config_file = command[-1].rsplit("/", 1)
+        assert volumes[mounts[config_dir]]["configMap"]["name"] == config_map["metadata"]["name"]
+        assert config_file in config_map["data"]
+    # The run directory, so its checkpoints, is on the claim; every restart resumes from there.
+    assert run_config["output_dir"] == f"{CHECKPOINT_DIR}/{job['metadata']['name']}"
+    assert run_config["resume"] == "auto"
+
+
+@pytest.mark.parametrize(("nodes", "access"), [(2, "ReadWriteMany"), (1, "ReadWriteOnce")])
+def test_the_checkpoint_claim_is_shared_by_every_node(nodes: int, access: str) -> None:
+    claim, *_ = manifests("trainjob", nodes, 4, storage="2Ti", storage_class="shared-nfs")
+    assert claim["apiVersion"] == "v1" and claim["kind"] == "PersistentVolumeClaim"
+    assert claim["spec"] == {
+        "accessModes": [access],
+        "resources": {"requests": {"storage": "2Ti"}},
+        "storageClassName": "shared-nfs",
+    }
+    default_claim, *_ = manifests("trainjob", nodes, 4)
+    assert default_claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert "storageClassName" not in default_claim["spec"]
+
+
+def test_the_config_map_holds_the_loaded_config_as_train_saves_it(tmp_path: Path) -> None:
+    _, config_map, job = manifests("pytorchjob", 2, 4)
+    assert config_map["apiVersion"] == "v1" and config_map["kind"] == "ConfigMap"
+    expected = load_config(CONFIG, [*OVERRIDES, f"output_dir={CHECKPOINT_DIR}/{job['metadata']['name']}"])
+    save_config(expected, tmp_path / "config.yaml")
+    assert config_map["data"]["run.yaml"] == (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    # What the pods load is the same config, overrides included.
+    (tmp_path / "run.yaml").write_text(config_map["data"]["run.yaml"], encoding="utf-8")
+    loaded = load_config(tmp_path / "run.yaml")
+    assert loaded == expected
+    assert loaded.train.batch_size == 4 and loaded.model.path == "/models/qwen2.5-0.5b"
+
+
+def test_the_job_name_comes_from_output_dir_or_name() -> None:
+    config = load_config(CONFIG, [*OVERRIDES, "output_dir=runs/SFT_Qwen 0.5B"])
+    *_, job = render(config, "trainjob", Cluster(1, 1, "img"))
+    assert job["metadata"]["name"] == "sft-qwen-0-5b"
+    *_, job = render(config, "trainjob", Cluster(1, 1, "img"), name="sft-2")
+    assert job["metadata"]["name"] == "sft-2"
+    with pytest.raises(ConfigError, match="RFC 1035"):
+        render(config, "trainjob", Cluster(1, 1, "img"), name="2-sft")
+
+
+def test_a_written_file_holds_the_manifests_and_the_printed_ones_apply_as_is(tmp_path: Path, capsys) -> None:
+    flags = ["--nodes", "2", "--gpus-per-node", "4", "--image", "ghcr.io/example/posttrain:1", "--kind", "pytorchjob"]
+    assert main(["launch", "k8s", str(CONFIG), *OVERRIDES, *flags, "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out
+    written = tmp_path / "sft-full.yaml"
+    assert f"kubectl apply -f {written}" in summary and "world size 8" in summary
+    documents = list(yaml.safe_load_all(written.read_text(encoding="utf-8")))
+    assert documents == list(manifests("pytorchjob", 2, 4))
+    assert "&id" not in written.read_text(encoding="utf-8"), "the pod template is written out, not as an alias"
+    assert main(["launch", "k8s", str(CONFIG), *OVERRIDES, *flags]) == 0
+    assert capsys.readouterr().out == to_yaml(documents)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "0", "--image", "img"], "--nodes must be at least 1 (got 0)"),
+        (["--gpus-per-node", "0", "--image", "img"], "--gpus-per-node must be at least 1 (got 0)"),
+        (
+            ["--kind", "rayjob", "--image", "img"],
+            "--kind rayjob: unknown job kind; expected one of trainjob, pytorchjob",
+        ),
+        (["--nodes", "2"], "--image is required"),
+        (["--image", "img", "--storage", "lots"], "--storage lots: expected a Kubernetes quantity"),
+        (["resume=false", "--image", "img"], "resume=false: a pod that restarts on Kubernetes"),
+        (["--image", "img", "--name", "Sft_Run"], "--name: job name 'Sft_Run' is not an RFC 1035 label"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
+    overrides = [flag for flag in flags if "=" in flag]  # before the options, as argparse wants them
+    options = [flag for flag in flags if "=" not in flag]
+    code = main(["launch", "k8s", str(CONFIG), *OVERRIDES, *overrides, *options, "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1, captured.err
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_launch_command_in_the_docs_runs(tmp_path: Path, capsys) -> None:
+    commands = [
+        line.strip()
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", DOCS.read_text(encoding="utf-8"), flags=re.M | re.S)
+        for line in block.splitlines()
+        if line.strip().startswith("posttrain launch k8s ")
+    ]
+    assert commands
+    for command in commands:
+        argv = shlex.split(command.replace("/tmp/", f"{tmp_path}/"))[1:]
+        argv = [str(SHIPPED_CONFIGS / Path(a).name) if a.startswith("configs/") else a for a in argv]
+        assert main(argv) == 0, command
+        out = capsys.readouterr().out
+        if command == commands[0]:  # the docs show what it prints
+            assert out.replace(f"{tmp_path}/", "/tmp/") in DOCS.read_text(encoding="utf-8")
+        written = re.search(r"manifests:\s+(\S+)", out)
+        documents = yaml.safe_load_all(Path(written.group(1)).read_text() if written else out)
+        *_, job = documents
+        assert not list(validator(job["kind"]).iter_errors(job)), command
