@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from posttrain.config import STAGE_CONFIGS, ConfigError, StageConfig, describe_fields, load_config
 from posttrain.data.records import KINDS
+from posttrain.launch.local import Launch, LaunchError, launch
 
 if TYPE_CHECKING:
     from posttrain.pipeline import Pipeline
@@ -49,6 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     config, config_file = stage_config(args.config, args.overrides)
     check_model_path(config.model.path)
+    spec = Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if spec.needed or spec.nnodes > 1:
+        # Checked once here (one error line, exit 2), then every process reads the same config and overrides.
+        return launch(spec, [args.config, *args.overrides])
     from posttrain.recipes import RECIPES
 
     RECIPES[config.stage](config, config_file)
@@ -301,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--help-config", metavar="STAGE", help="list every field of STAGE's config with help and default"
     )
+    launcher = train.add_argument_group(
+        "launcher", "start several training processes through torch's elastic launcher (as torchrun does)"
+    )
+    launcher.add_argument("--nproc", type=_positive_int, default=1, help="processes on this machine (default 1)")
+    launcher.add_argument("--nnodes", type=_positive_int, default=1, help="machines taking part (default 1)")
+    launcher.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    launcher.add_argument("--master-addr", help="address of the machine with --node-rank 0 (several machines)")
+    launcher.add_argument("--master-port", type=_positive_int, help="its port, the same on every machine (29500)")
     train.set_defaults(func=cmd_train)
 
     toy = commands.add_parser("toy", help="write a tiny model, tokenizer and synthetic datasets (offline, seconds)")
@@ -491,9 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.pipeline import PipelineError
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`train CONFIG --nproc 2 distributed.strategy=fsdp`).
+    if unparsed and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in unparsed):
+        args.overrides = [*args.overrides, *unparsed]
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
     handlers: dict[type[BaseException], Callable[[BaseException], int]] = {
         ConfigError: lambda e: _fail(str(e), 2),
+        LaunchError: lambda e: _fail(str(e), 2),
         PipelineError: lambda e: _fail(str(e), 1),
         DataError: lambda e: _fail(f"data error: {e}", 2),
         ModelLoadError: lambda e: _fail(str(e), 2),

@@ -42,15 +42,18 @@ DCP_DIR = "dcp"  # fsdp: the torch.distributed.checkpoint shards of model and op
 DEEPSPEED_TAG = "deepspeed"  # deepspeed: engine.save_checkpoint's tag inside a step directory
 
 
-def ensure_process_group() -> None:
+def ensure_process_group() -> bool:
     """A one-process run under fsdp or deepspeed still needs a process group (of one) for the engine's
-    collectives; a launched run already has one (accelerate forms it from torchrun's environment)."""
-    if dist.is_available() and not dist.is_initialized():
+    collectives; a launched run already has one (accelerate forms it from torchrun's environment). Returns
+    whether it formed one (to be destroyed when the run ends: a later run in this process starts clean)."""
+    if not dist.is_initialized():
         with socket.socket() as probe:  # a free loopback port; the group never leaves this process
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return True
+    return False
 
 
 def _rank() -> int:
@@ -89,6 +92,13 @@ class DdpStrategy:
     def __init__(self, config: StageConfig, accelerator: Any) -> None:
         self.config = config
         self.accelerator = accelerator
+        self.own_process_group = False  # formed by ensure_process_group for a one-process run
+
+    def close(self) -> None:
+        """The end of the run: a process group formed for it alone is destroyed."""
+        if self.own_process_group:
+            dist.destroy_process_group()
+            self.own_process_group = False
 
     def shard(self, model: Any) -> Any:
         """The model as the optimizer must see its parameters (FSDP2 replaces them): here, unchanged."""
@@ -99,6 +109,10 @@ class DdpStrategy:
 
     def unwrap(self, module: Any) -> Any:
         return self.accelerator.unwrap_model(module)
+
+    def describe(self, module: Any) -> str:
+        """What the prepared model really is, in one line for the log (a test reads it: proof of the wrapping)."""
+        return f"ddp over {self.accelerator.num_processes} process(es): {type(module).__name__}"
 
     def no_sync(self, module: Any) -> Any:
         return self.accelerator.no_sync(module)
@@ -147,7 +161,7 @@ class FsdpStrategy(DdpStrategy):
     def shard(self, model: Any) -> Any:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        ensure_process_group()
+        self.own_process_group = ensure_process_group()
         block = self.config.distributed
         options: dict[str, Any] = {"reshard_after_forward": block.reshard_after_forward}
         if self.config.train.precision == "bf16":
@@ -172,6 +186,17 @@ class FsdpStrategy(DdpStrategy):
 
     def unwrap(self, module: Any) -> Any:
         return module
+
+    def describe(self, module: Any) -> str:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = sum(isinstance(m, FSDPModule) for m in module.modules())
+        local = sum(p.to_local().numel() for p in module.parameters())
+        total = sum(p.numel() for p in module.parameters())
+        return (
+            f"fsdp over {dist.get_world_size()} process(es): {units} FSDP units, this process holds {local:,} of "
+            f"{total:,} parameter elements"
+        )
 
     def no_sync(self, module: Any) -> Any:
         @contextmanager
@@ -306,7 +331,7 @@ class DeepSpeedStrategy(DdpStrategy):
                 "distributed.strategy=deepspeed clips the global gradient norm only (optim.max_grad_norm); a parameter "
                 "group with its own max_grad_norm (critic.max_grad_norm) needs strategy=ddp or fsdp"
             )
-        ensure_process_group()
+        self.own_process_group = ensure_process_group()
         # DeepSpeed's shared-memory all-reduce is JIT-compiled on first use (minutes on CPU) and leaves buffers in
         # /dev/shm; torch's own collectives do the same work.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -316,6 +341,17 @@ class DeepSpeedStrategy(DdpStrategy):
 
     def unwrap(self, module: Any) -> Any:
         return getattr(module, "module", module)
+
+    def describe(self, module: Any) -> str:
+        stage = self.engine.zero_optimization_stage()
+        parameters = list(self.unwrap(module).parameters())
+        # ZeRO-3 keeps each process's partition in ds_tensor; below stage 3 every process holds every parameter.
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in parameters)
+        total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in parameters)
+        return (
+            f"deepspeed over {dist.get_world_size()} process(es): {type(self.engine).__name__}, ZeRO-{stage}, "
+            f"{type(self.engine.optimizer).__name__}, this process holds {local:,} of {total:,} parameter elements"
+        )
 
     def no_sync(self, module: Any) -> Any:
         # Caller-owned accumulation already keeps gradients local until engine.step().

@@ -35,6 +35,7 @@ checkpoint and honours a pending signal. A checkpoint therefore always holds its
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -203,13 +204,17 @@ class Runtime:
         self, rows: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]
     ) -> Iterator[dict[str, Any]]:
         """This process's share of held-out ``rows`` (examples) in batches of ``train.batch_size`` examples, laid
-        out by ``collate``, on the device; combine per-process results with :meth:`sum_over_processes`."""
+        out by ``collate``, on the device; combine per-process results with :meth:`sum_over_processes`.
+
+        Processes may get one batch more or less than each other, so a sharded model is gathered whole while the
+        batches are consumed (:meth:`full_weights`): its forwards then need no collective."""
         mine = rows[self.accelerator.process_index :: self.world_size]
-        for start in range(0, len(mine), self.train.batch_size):
-            yield {
-                k: v.to(self.device) if hasattr(v, "to") else v
-                for k, v in collate(list(mine[start : start + self.train.batch_size])).items()
-            }
+        with self.full_weights(self.model) if self.model is not None else nullcontext():
+            for start in range(0, len(mine), self.train.batch_size):
+                yield {
+                    k: v.to(self.device) if hasattr(v, "to") else v
+                    for k, v in collate(list(mine[start : start + self.train.batch_size])).items()
+                }
 
     def reference_tables(
         self,
@@ -275,6 +280,7 @@ class Runtime:
         optimizer = build_optimizer(groups or model.parameters(), self.config.optim)
         self.scheduler = build_scheduler(optimizer, self.total_steps * updates_per_step, self.config.schedule)
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)
+        self.log(f"distributed: {self.strategy.describe(self.model)}")
         self._resume()
         return self.model
 
@@ -611,6 +617,20 @@ class Runtime:
         raise TrainingInterrupted(message, self._signal)
 
     # ------------------------------------------------------------------------------------------------ the end
+    def _peak_memory_per_process(self) -> list[float]:
+        """Every process's peak memory in MiB, in rank order (a collective: every process calls it)."""
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self.world_size == 1:
+            return [round(peak, 1)]
+        from accelerate.utils import gather_object
+
+        return [round(value, 1) for value in gather_object([peak])]
+
     def finish(self, model: Any, tokenizer: Any = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """The final model (the best checkpoint's after early stopping), final checkpoint, the model in Hugging
         Face format, plots and report. The summary's ``final_*`` figures are those of the evaluation that saw the
@@ -626,6 +646,7 @@ class Runtime:
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
         self.strategy.save_pretrained(model, model_dir)  # every process: a sharded model is gathered
+        peaks = self._peak_memory_per_process()
         if self.is_main:
             if tokenizer is not None:
                 tokenizer.save_pretrained(model_dir)
@@ -644,11 +665,16 @@ class Runtime:
                 "stopped_early": self.stopped_early,
                 **{f"final_{k}": v for k, v in (final_eval or {}).items()},
                 "wall_time_s": round(time.time() - self.started, 1),
+                # What each process needed at its peak (CUDA: allocated by torch; CPU: the process's resident
+                # set, imports included): the figure a memory plan is checked against.
+                "peak_memory_mib_per_process": peaks,
                 **(summary or {}),
             }
             last = [r for r in read_metrics(self.metrics.path) if "loss" in r]
             if last:
                 records["final_train_loss"] = last[-1]["loss"]
+            # The summary as data, for scripts (benchmarks, a pipeline's next stage): report.md is for people.
+            ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(records, indent=1))
             plots = write_plots(self.run_dir) if self.config.logging.report else []
             report = write_report(self.run_dir, records, plots) if self.config.logging.report else None
             self.metrics.close()
@@ -659,4 +685,5 @@ class Runtime:
                 file=sys.stderr,
             )
         self.accelerator.wait_for_everyone()
+        self.strategy.close()
         return records
