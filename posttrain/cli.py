@@ -133,6 +133,17 @@ def cmd_toy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from posttrain.models.export import export_run
 
+    if args.checkpoint:
+        from posttrain.runtime.export import export_checkpoint
+
+        if args.merge:
+            raise ConfigError(
+                "export --checkpoint writes what the run's model/ would hold (an adapter run: the adapter); export "
+                "that directory again with --merge"
+            )
+        out = export_checkpoint(args.run_dir, args.checkpoint, args.out)
+        print(f"exported: {out}")
+        return 0
     out = export_run(args.run_dir, args.out, merge=args.merge)
     print(f"exported: {out}")
     return 0
@@ -326,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
     export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA weights into the base model")
+    export.add_argument(
+        "--checkpoint",
+        metavar="STEP",
+        help="export this checkpoint (step-000040, or its path) instead of model/: the way out of a run killed "
+        "before its end, sharded ones (fsdp, deepspeed) included",
+    )
     export.set_defaults(func=cmd_export)
 
     score = commands.add_parser("score", help="score conversations or preference pairs with a trained reward model")

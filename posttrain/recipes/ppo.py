@@ -132,7 +132,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         num_rows=len(train_prompts),
         rows_per_step=algorithm.prompts_per_step,
         updates_per_step=algorithm.ppo_epochs * updates_per_epoch,
-        parameter_groups=trained.parameter_groups(config.critic.lr, config.critic.max_grad_norm),
+        # A function of the model: under FSDP its parameters are only known once it is sharded.
+        parameter_groups=lambda model: model.parameter_groups(config.critic.lr, config.critic.max_grad_norm),
         selection=MODEL_SELECTION,
     )
     state = rt.recipe_state  # what a resumed run continues from
@@ -158,17 +159,18 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     )
 
     for step_prompts in rt.iterations(train_prompts):
-        rollout = make_rollout(
-            step_prompts,
-            roles,
-            settings,
-            algorithm,
-            kl_controller.value,
-            moments,
-            batches,
-            rt.sum_over_processes,
-            on_policy,
-        )
+        with rt.full_weights(module):  # a sharded policy is gathered for the rollout: each process samples alone
+            rollout = make_rollout(
+                step_prompts,
+                roles,
+                settings,
+                algorithm,
+                kl_controller.value,
+                moments,
+                batches,
+                rt.sum_over_processes,
+                on_policy,
+            )
         step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
@@ -184,7 +186,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                         module, rollout, chosen, normaliser, kl_controller.value, algorithm, sampling, batches
                     )
                     if ptx is not None:
-                        policy_module = rt.accelerator.unwrap_model(module).policy
+                        policy_module = rt.unwrap(module).policy
                         ptx_loss, ptx_sum, ptx_tokens = ptx.next_loss(
                             policy_module, rt.train.grad_accum * rt.world_size, batches
                         )
@@ -224,11 +226,11 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 f"stopping at step {rt.global_step}: the watch saw {stopped_by.replace('_', ' ')} (watch.stop_on_warning)"
             )
         if eval_prompts and rt.should_evaluate():
-            rt.record_evaluation(
-                held_out_evaluation(
+            with rt.full_weights(module):
+                results = held_out_evaluation(
                     my_eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt.sum_over_processes, rt.device
                 )
-            )
+            rt.record_evaluation(results)
 
     summary = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
     return rt.finish(module, tokenizer, summary)

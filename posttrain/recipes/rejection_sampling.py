@@ -31,8 +31,9 @@ Run directory, besides the SFT round's files:
 - ``selected.jsonl``: the SFT dataset, OpenAI messages (prompt + kept response) with its ``reward``.
 - ``summary.json``: best-of-n vs mean-of-n reward, kept share, lengths, finished share (and the SFT summary).
 
-Assumptions: one process samples. Under torchrun, sample with ``rejection.train_after=false`` first, then train
-on ``selected.jsonl`` with ``stage: sft``.
+Several processes (``--nproc``, torchrun): each samples its share of the prompts with a whole copy of the model
+(sampling needs no sharding), every process gets every row, and the fine-tuning round runs under the config's
+``distributed`` strategy.
 """
 
 from __future__ import annotations
@@ -251,14 +252,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict[str, Any]:
     """Sample, score, select, write the SFT dataset and (``rejection.train_after``) fine-tune on it; returns the
     summary."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            "rejection sampling samples in one process; run it without torchrun with rejection.train_after=false, "
-            "then train on OUTPUT_DIR/selected.jsonl with stage: sft under torchrun"
-        )
+    processes = Processes()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if processes.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     # Data and reward before weights: a bad row or an unimportable reward fails in a second, not after sampling.
     prompts = read_prompts(config.data, config.sampling.max_prompts)
     reward = build_reward(config.reward, batch_size=config.sampling.batch_size)
@@ -270,10 +268,16 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     if rows is not None:
         print(f"reusing {len(rows)} prompts' samples from {run_dir / SAMPLES}", file=sys.stderr)
     else:
-        (run_dir / SAMPLES).unlink(missing_ok=True)  # so a crash below cannot pair new meta with old samples
-        rows = sample_and_score(config, prompts, reward)
-        write_atomic(run_dir / SAMPLES_META, json.dumps(expected, indent=2))
-        _write_jsonl(run_dir / SAMPLES, rows)
+        processes.wait()  # every process has read the old samples' meta before the main one removes them
+        if processes.is_main:
+            (run_dir / SAMPLES).unlink(missing_ok=True)  # so a crash below cannot pair new meta with old samples
+        # Each process samples its share of the prompts (a whole model each: sampling needs no sharding), then
+        # every process gets every row, in prompt order, for the selection and the fine-tuning round.
+        mine = sample_and_score(config, prompts[processes.rank :: processes.world_size], reward)
+        rows = processes.gather_in_order(mine, len(prompts))
+        if processes.is_main:
+            write_atomic(run_dir / SAMPLES_META, json.dumps(expected, indent=2))
+            _write_jsonl(run_dir / SAMPLES, rows)
 
     eligible = [
         [bool(s["text"].strip()) and (s["finished"] or not config.rejection.require_finished) for s in row["samples"]]
@@ -281,14 +285,16 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
     ]
     chosen = select_best([[s["reward"] for s in row["samples"]] for row in rows], config.rejection.threshold, eligible)
     selected = selected_rows(rows, chosen)
-    _write_jsonl(run_dir / SELECTED, selected)
     summary: dict[str, Any] = {
         "stage": config.stage,
         **summarize(rows, chosen),
         "threshold": config.rejection.threshold,
     }
-    print(format_summary(summary), file=sys.stderr)
-    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    if processes.is_main:
+        _write_jsonl(run_dir / SELECTED, selected)
+        print(format_summary(summary), file=sys.stderr)
+        write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    processes.wait()  # selected.jsonl exists before any process reads it for the fine-tuning round
 
     if not config.rejection.train_after:
         return summary
@@ -299,9 +305,39 @@ def run(config: RejectionSamplingConfig, config_path: str | None = None) -> dict
 
     sft_config = sft_round_config(config, run_dir / SELECTED)
     try:
-        summary["sft"] = sft.run(sft_config, config_path)
+        summary["sft"] = sft.run(sft_config, config_path)  # under the run's distributed strategy
     finally:
-        save_config(sft_config, run_dir / "sft_config.yaml")
-        save_config(config, run_dir / "config.yaml")
-    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+        if processes.is_main:
+            save_config(sft_config, run_dir / "sft_config.yaml")
+            save_config(config, run_dir / "config.yaml")
+    if processes.is_main:
+        write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+class Processes:
+    """The processes of a launched run (``--nproc``, torchrun) before the fine-tuning round's runtime exists:
+    rank, size, a barrier, and gathering the sampled rows. One process: all of it is trivial."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state: Any = None
+        if self.world_size > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())  # forms the group from torchrun's env
+        self.rank = self.state.process_index if self.state is not None else 0
+        self.is_main = self.rank == 0
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def gather_in_order(self, mine: list[Any], total: int) -> list[Any]:
+        """Every process's rows of ``prompts[rank::world_size]``, back in prompt order, on every process."""
+        if self.state is None:
+            return mine
+        from accelerate.utils import gather_object
+
+        shares = gather_object([mine])  # one list per process, in rank order
+        return [shares[index % self.world_size][index // self.world_size] for index in range(total)]

@@ -179,6 +179,9 @@ class FsdpStrategy(DdpStrategy):
             for layer in layers:
                 fully_shard(layer, **options)
         fully_shard(model, **options)
+        # FSDP2 settles which unit is the root at the first forward, which must go through the root; a policy's
+        # first forward is a rollout through the policy alone (inside an ActorCritic), so settle it now.
+        model._get_fsdp_state()._lazy_init()
         return model
 
     def prepare(self, model: Any, optimizer: Any) -> tuple[Any, Any]:
