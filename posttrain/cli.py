@@ -302,6 +302,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for large language models.")
+    # The deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK in the environment says the same).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(

@@ -145,6 +145,70 @@ def test_grpo_on_two_processes_equals_one(strategy, toy, micro_model, tmp_path) 
     assert any(not torch.equal(trained[name], initial[name]) for name in initial)  # the update did move weights
 
 
+def test_the_deepspeed_launcher_starts_the_same_run(toy, micro_model, tmp_path) -> None:
+    """`deepspeed --module posttrain train ...` (it passes --local_rank to every process) trains what one process does."""
+    sft.run(sft_config(micro_model, toy.sft, tmp_path / "one", train__batch_size=4, **SGD))
+    config_path = write_config(
+        sft_config(micro_model, toy.sft, tmp_path / "two", train__batch_size=2, **SGD), tmp_path / "c.yaml"
+    )
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    result = subprocess.run(
+        [
+            str(deepspeed),
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "posttrain",
+            "train",
+            str(config_path),
+            *STRATEGIES["zero2"],
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_wrapped("zero2", result.stderr)
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_rejection_sampling_splits_the_prompts_over_processes(toy, micro_model, tmp_path) -> None:
+    """Each process samples its share of the prompts; every row comes back, in the prompts' order, and the
+    fine-tuning round runs sharded."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:9]))  # 5 and 4 per process
+    config = sft_config(
+        micro_model,
+        prompts,
+        tmp_path / "rs",
+        stage="rejection_sampling",
+        train__max_steps=1,
+        train__batch_size=2,
+        sampling__num_samples=2,
+        sampling__max_new_tokens=4,
+        rejection__require_finished=False,
+    )
+    result = _two_processes(config, *STRATEGIES["fsdp"])
+    _assert_wrapped("fsdp", result.stderr)
+    sampled = [json.loads(line) for line in (tmp_path / "rs" / "samples.jsonl").read_text().splitlines()]
+    asked = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert [row["messages"][-1]["content"] for row in sampled] == [row["messages"][-1]["content"] for row in asked]
+    assert all(len(row["samples"]) == 2 for row in sampled)
+    assert (tmp_path / "rs" / "model" / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_fsdp_on_one_process_is_the_replicated_run(toy, micro_model, tmp_path) -> None:
     """A one-process run under fsdp (a process group of one) trains exactly as without it: the strategy changes
     where parameters live, never the arithmetic."""

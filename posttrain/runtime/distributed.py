@@ -374,9 +374,11 @@ class DeepSpeedStrategy(DdpStrategy):
     def full_weights(self, module: Any) -> Any:
         if self.config.distributed.zero_stage < 3:
             return nullcontext()
-        import deepspeed
+        # DeepSpeed's own context for generation under ZeRO-3: the parameters gathered once and ZeRO's forward hooks
+        # removed meanwhile (with the hooks, every forward still fetches and releases, a collective).
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        return deepspeed.zero.GatheredParameters(list(self.unwrap(module).parameters()), modifier_rank=None)
+        return unwrap_model_for_generation(self.engine)
 
     def save(self, directory: Path, module: Any, optimizer: Any) -> None:
         self.engine.save_checkpoint(
@@ -407,7 +409,12 @@ class DeepSpeedStrategy(DdpStrategy):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / DEEPSPEED_TAG}")
 
     def save_pretrained(self, module: Any, model_dir: Path) -> None:
-        with self.full_weights(module):  # ZeRO-3: every process takes part in the gather
+        gathered: Any = nullcontext()
+        if self.config.distributed.zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(self.unwrap(module).parameters()), modifier_rank=None)
+        with gathered:  # ZeRO-3: every process takes part in the gather
             if _rank() == 0:
                 self.unwrap(module).save_pretrained(model_dir, safe_serialization=True)
         _barrier()
