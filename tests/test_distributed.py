@@ -134,12 +134,18 @@ def test_grpo_on_two_processes_equals_one(strategy, toy, micro_model, tmp_path) 
         sampling__max_new_tokens=6,
         sampling__top_k=1,
         reward__function="test_ppo:prompt_length_reward",
+        # 3 held-out prompts: greedy answers generated 2 on one process and 1 on the other, a sharded policy's
+        # forwards then unequal in number (ZeRO-3 hung here while its hooks still fetched per forward).
+        data__eval_fraction=0.2,
+        train__eval_every=3,
     )
     ppo.run(sft_config(micro_model, prompts, tmp_path / "one", train__batch_size=4, **settings))
     config = sft_config(micro_model, prompts, tmp_path / "two", train__batch_size=2, **settings)
     result = _two_processes(config, *STRATEGIES[strategy])
     _assert_wrapped(strategy, result.stderr)
     _assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "reward", "entropy", "response_length"))
+    held_out = [[r["eval_reward"] for r in _metrics(tmp_path / run, "eval_reward")] for run in ("one", "two")]
+    assert len(held_out[0]) == 1 and held_out[1] == pytest.approx(held_out[0], abs=1e-6)
     initial = load_file(str(micro_model / "model.safetensors"))
     trained = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert any(not torch.equal(trained[name], initial[name]) for name in initial)  # the update did move weights
