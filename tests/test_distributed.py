@@ -342,3 +342,13 @@ def test_a_group_of_another_size_than_launched_refuses_to_train(monkeypatch) -> 
     monkeypatch.setenv("POSTTRAIN_EXPECTED_WORLD_SIZE", "4")
     with pytest.raises(RuntimeError, match="POSTTRAIN_EXPECTED_WORLD_SIZE=4"):
         check_world_size(1)
+
+
+def test_the_config_offers_exactly_the_strategies_the_runtime_has() -> None:
+    """config.py sits below runtime/ (it cannot import the strategies' table), so the two lists are checked here."""
+    from typing import get_args
+
+    from posttrain.config import DistributedBlock
+    from posttrain.runtime.distributed import STRATEGIES
+
+    assert list(get_args(DistributedBlock.model_fields["strategy"].annotation)) == list(STRATEGIES)
