@@ -87,16 +87,33 @@ def run_subprocess(
     script: str, spec: dict[str, Any], label: str, extra_env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run ``script --worker SPEC`` offline in a fresh interpreter; returns the JSON object it printed last."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["HF_DATASETS_CACHE"] = spec["output_dir"] + "/hf-cache"
-    env.update(extra_env or {})
-    proc = subprocess.run(
-        [sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    proc = run_with_own_peak(
+        [sys.executable, script, "--worker", json.dumps(spec)], offline_env(spec["output_dir"], extra_env)
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise RuntimeError(f"{label} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Linux carries a process's peak resident set (ru_maxrss) across exec, and a new process starts with its parent's
+# pages (vfork shares them, fork copies them): a subprocess of a benchmark that has built a model would report at
+# least the benchmark's own peak. A small relay process in between starts the measured one from its few MiB.
+PEAK_RESETTING_RELAY = (sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))")
+
+
+def run_with_own_peak(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``command``'s completed process, output captured, its ``ru_maxrss`` (and its children's) its own."""
+    return subprocess.run([*PEAK_RESETTING_RELAY, *command], capture_output=True, text=True, env=env)
+
+
+def offline_env(output_dir: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmark subprocess: no network, no tokenizer threads competing with torch's, and a
+    datasets cache inside the run's own directory."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env["HF_DATASETS_CACHE"] = output_dir + "/hf-cache"
+    env.update(extra_env or {})
+    return env
 
 
 def best_of_rounds(values: Iterable[float]) -> dict[str, Any]:
