@@ -215,18 +215,31 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_fsdp_on_one_process_is_the_replicated_run(toy, micro_model, tmp_path) -> None:
-    """A one-process run under fsdp (a process group of one) trains exactly as without it: the strategy changes
-    where parameters live, never the arithmetic."""
-    settings = dict(SGD, optim__name="adamw", optim__lr=1e-2)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_one_process_under_a_sharded_strategy_is_the_replicated_run(strategy, toy, micro_model, tmp_path) -> None:
+    """A one-process run under fsdp or deepspeed (a process group of one) trains as without it: the strategy changes
+    where parameters live, not the arithmetic (FSDP2 bit for bit; ZeRO-3 flattens, so to rounding)."""
+    # Adam for FSDP2, whose arithmetic is the same to the bit; SGD for ZeRO-3, whose flattened buffers round
+    # differently, which Adam would amplify on rarely trained rows.
+    settings = dict(SGD, optim__name="adamw", optim__lr=1e-2) if strategy == "fsdp" else SGD
+    chosen = {
+        "fsdp": dict(distributed__strategy="fsdp"),
+        "zero3": dict(distributed__strategy="deepspeed", distributed__zero_stage=3),
+    }
     sft.run(sft_config(micro_model, toy.sft, tmp_path / "ddp", **settings))
-    sft.run(sft_config(micro_model, toy.sft, tmp_path / "fsdp", distributed__strategy="fsdp", **settings))
-    assert [r["loss"] for r in _metrics(tmp_path / "fsdp")] == [r["loss"] for r in _metrics(tmp_path / "ddp")]
+    sft.run(sft_config(micro_model, toy.sft, tmp_path / strategy, **chosen[strategy], **settings))
     replicated = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
-    sharded = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    sharded = load_file(str(tmp_path / strategy / "model" / "model.safetensors"))
     assert replicated.keys() == sharded.keys()
-    for name in replicated:
-        assert torch.equal(sharded[name], replicated[name]), name
+    losses = [[r["loss"] for r in _metrics(tmp_path / run)] for run in ("ddp", strategy)]
+    if strategy == "fsdp":
+        assert losses[1] == losses[0]
+        assert all(torch.equal(sharded[name], replicated[name]) for name in replicated)
+    else:
+        assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-6, atol=0)
+        for name in replicated:
+            assert_close(sharded[name], replicated[name], rtol=1e-5, atol=1e-6)
+    assert "LOCAL_RANK" not in os.environ  # nothing left behind for the next run in this process
 
 
 # Imported by every process of the launched run (PYTHONPATH): the process of rank KILL_RANK SIGKILLs itself right
@@ -352,3 +365,16 @@ def test_the_config_offers_exactly_the_strategies_the_runtime_has() -> None:
     from posttrain.runtime.distributed import STRATEGIES
 
     assert list(get_args(DistributedBlock.model_fields["strategy"].annotation)) == list(STRATEGIES)
+
+
+def test_a_deepspeed_checkpoint_refuses_another_process_count(toy, micro_model, tmp_path) -> None:
+    """ZeRO partitions are per process: resuming them on another count is refused in one line, never loaded wrong."""
+    settings = dict(SGD, train__max_steps=2, distributed__strategy="deepspeed", distributed__zero_stage=2)
+    _two_processes(sft_config(micro_model, toy.sft, tmp_path / "run", train__batch_size=2, **settings))
+    longer = sft_config(
+        micro_model, toy.sft, tmp_path / "run", train__batch_size=4, **{**settings, "train__max_steps": 4}
+    )
+    with pytest.raises(
+        ConfigError, match="written by 2 DeepSpeed processes and this run has 1: resume with --nproc 2"
+    ):
+        sft.run(longer)

@@ -42,18 +42,17 @@ DCP_DIR = "dcp"  # fsdp: the torch.distributed.checkpoint shards of model and op
 DEEPSPEED_TAG = "deepspeed"  # deepspeed: engine.save_checkpoint's tag inside a step directory
 
 
-def ensure_process_group() -> bool:
+def ensure_process_group() -> None:
     """A one-process run under fsdp or deepspeed still needs a process group (of one) for the engine's
-    collectives; a launched run already has one (accelerate forms it from torchrun's environment). Returns
-    whether it formed one (to be destroyed when the run ends: a later run in this process starts clean)."""
+    collectives; a launched run already has one (accelerate forms it from torchrun's environment). It lives as
+    long as the process, as a launched one does: DeepSpeed keeps references to the group it first saw, so a later
+    run in this process (a pipeline's next stage) must find the same one."""
     if not dist.is_initialized():
         with socket.socket() as probe:  # a free loopback port; the group never leaves this process
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        return True
-    return False
 
 
 def _rank() -> int:
@@ -92,13 +91,9 @@ class DdpStrategy:
     def __init__(self, config: StageConfig, accelerator: Any) -> None:
         self.config = config
         self.accelerator = accelerator
-        self.own_process_group = False  # formed by ensure_process_group for a one-process run
 
     def close(self) -> None:
-        """The end of the run: a process group formed for it alone is destroyed."""
-        if self.own_process_group:
-            dist.destroy_process_group()
-            self.own_process_group = False
+        """The end of the run: undo what the strategy changed in the process for it."""
 
     def shard(self, model: Any) -> Any:
         """The model as the optimizer must see its parameters (FSDP2 replaces them): here, unchanged."""
@@ -161,7 +156,7 @@ class FsdpStrategy(DdpStrategy):
     def shard(self, model: Any) -> Any:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        self.own_process_group = ensure_process_group()
+        ensure_process_group()
         block = self.config.distributed
         options: dict[str, Any] = {"reshard_after_forward": block.reshard_after_forward}
         if self.config.train.precision == "bf16":
@@ -297,6 +292,13 @@ class DeepSpeedStrategy(DdpStrategy):
     def __init__(self, config: StageConfig, accelerator: Any) -> None:
         super().__init__(config, accelerator)
         self.engine: Any = None
+        self.set_local_rank = False
+
+    def close(self) -> None:
+        if self.set_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
+            self.set_local_rank = False
+        super().close()
 
     def engine_config(self, world_size: int) -> dict[str, Any]:
         """The DeepSpeed JSON config this run's settings mean."""
@@ -334,11 +336,16 @@ class DeepSpeedStrategy(DdpStrategy):
                 "distributed.strategy=deepspeed clips the global gradient norm only (optim.max_grad_norm); a parameter "
                 "group with its own max_grad_norm (critic.max_grad_norm) needs strategy=ddp or fsdp"
             )
-        self.own_process_group = ensure_process_group()
+        ensure_process_group()
         # DeepSpeed's shared-memory all-reduce is JIT-compiled on first use (minutes on CPU) and leaves buffers in
         # /dev/shm; torch's own collectives do the same work.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = self.engine_config(dist.get_world_size())
+        # A one-process run has no launcher to set LOCAL_RANK, which DeepSpeed reads (in every ZeRO-3 forward too);
+        # set for the run only (close): left in the environment, accelerate would take this process for a launched
+        # one in any later run.
+        self.set_local_rank = "LOCAL_RANK" not in os.environ
+        os.environ.setdefault("LOCAL_RANK", "0")
         self.engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return self.engine, optimizer
 
@@ -396,6 +403,14 @@ class DeepSpeedStrategy(DdpStrategy):
             raise FileNotFoundError(
                 f"{directory}: no {DEEPSPEED_TAG}/ checkpoint; it was written by another distributed.strategy "
                 f"({_written_by(directory)}), resume it with that one"
+            )
+        written_by = (ckpt.read_state(directory) or {}).get("world_size", dist.get_world_size())
+        if written_by != dist.get_world_size():
+            # DeepSpeed's ZeRO partitions are per process; loading them into another count is not resharding.
+            raise ConfigError(
+                f"{directory} was written by {written_by} DeepSpeed processes and this run has "
+                f"{dist.get_world_size()}: resume with --nproc {written_by}, or export it "
+                "(posttrain export RUN --checkpoint STEP) and start a new run from the exported model"
             )
         loaded, _ = self.engine.load_checkpoint(
             str(directory),
