@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/posttrain demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The quick loop: everything but the learning tests and other slow ones (wheel build, demo). Not a CI substitute.
 test-fast: $(STAMP)
