@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -57,7 +58,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from posttrain.recipes import RECIPES
 
     RECIPES[config.stage](config, config_file)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A launched process's run is over: leave the process group together and tear it down here, not in the
+    interpreter's exit (where a torn-down peer can abort this process after its work is saved, failing a finished
+    job). A one-process run keeps its group of one (see runtime.distributed.ensure_process_group)."""
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" in os.environ and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # A hub id: "name" or "org/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule), not a path.

@@ -300,10 +300,18 @@ class DeepSpeedStrategy(DdpStrategy):
             self.set_local_rank = False
         super().close()
 
-    def engine_config(self, world_size: int) -> dict[str, Any]:
+    def engine_config(self, world_size: int, hidden_size: int) -> dict[str, Any]:
         """The DeepSpeed JSON config this run's settings mean."""
         train, block = self.config.train, self.config.distributed
-        zero: dict[str, Any] = {"stage": block.zero_stage}
+        # Communication buckets sized by the model, as the transformers integration's "auto" values: DeepSpeed's
+        # fixed defaults (5e8 elements) hold more memory than a small model's states, so ZeRO would save nothing.
+        zero: dict[str, Any] = {
+            "stage": block.zero_stage,
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "allgather_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
         if block.offload in ("optimizer", "all"):
             zero["offload_optimizer"] = {"device": "cpu"}
         if block.offload == "all":
@@ -340,7 +348,10 @@ class DeepSpeedStrategy(DdpStrategy):
         # DeepSpeed's shared-memory all-reduce is JIT-compiled on first use (minutes on CPU) and leaves buffers in
         # /dev/shm; torch's own collectives do the same work.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        config = self.engine_config(dist.get_world_size())
+        hidden_sizes = [
+            m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")
+        ]
+        config = self.engine_config(dist.get_world_size(), max(hidden_sizes))
         # A one-process run has no launcher to set LOCAL_RANK, which DeepSpeed reads (in every ZeRO-3 forward too);
         # set for the run only (close): left in the environment, accelerate would take this process for a launched
         # one in any later run.
