@@ -297,7 +297,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_launch_k8s(args: argparse.Namespace) -> int:
     from posttrain.launch.k8s import Cluster, launch_k8s
 
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.image or "", args.storage, args.storage_class)
+    cluster = Cluster(
+        args.nodes, args.gpus_per_node, args.image or "", args.storage, args.storage_class, args.ttl_after_finished
+    )
     config, _ = stage_config(args.config, args.overrides)
     print(launch_k8s(config, args.kind, cluster, name=args.name, out=args.out), end="")
     return 0
@@ -521,7 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--nodes", type=int, default=1, metavar="N", help="pods, one per node (default 1)")
     k8s.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs and processes per pod")
     k8s.add_argument("--image", metavar="IMAGE", help="(required) a container image with posttrain installed")
-    k8s.add_argument("--kind", default="trainjob", help="trainjob (Kubeflow Trainer v2, default) or pytorchjob (v1)")
+    k8s.add_argument("--kind", default="trainjob", help="trainjob (Kubeflow Trainer v2, default), pytorchjob, rayjob")
+    k8s.add_argument(
+        "--ttl-after-finished", type=int, metavar="SECONDS", help="rayjob: keep the finished Ray cluster (default 600)"
+    )
     k8s.add_argument("--name", metavar="NAME", help="job name (default: from output_dir); run dir /checkpoints/NAME")
     k8s.add_argument("--storage", default="100Gi", metavar="SIZE", help="checkpoint volume size (default 100Gi)")
     k8s.add_argument("--storage-class", metavar="CLASS", help="StorageClass of the checkpoint volume")

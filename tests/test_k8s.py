@@ -14,6 +14,7 @@ pod's command under that environment, so "world size" is the launcher's own arit
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -27,16 +28,20 @@ from torch.distributed import run as torchrun
 
 from posttrain.cli import SHIPPED_CONFIGS, main
 from posttrain.config import ConfigError, load_config, save_config
-from posttrain.launch.k8s import CHECKPOINT_DIR, Cluster, render, to_yaml
+from posttrain.launch.k8s import CHECKPOINT_DIR, RAYJOB_TTL_SECONDS, Cluster, render, to_yaml
 
 SCHEMAS = Path(__file__).parent / "data" / "k8s"
-SCHEMA_FILES = {"TrainJob": "trainjob.schema.yaml", "PyTorchJob": "pytorchjob.schema.yaml"}
+SCHEMA_FILES = {
+    "TrainJob": "trainjob.schema.yaml",
+    "PyTorchJob": "pytorchjob.schema.yaml",
+    "RayJob": "rayjob.schema.yaml",
+}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
 CONFIG = SHIPPED_CONFIGS / "sft_full.yaml"
 # Paths as the pods see them: nothing here reads them.
 OVERRIDES = ["model.path=/models/qwen2.5-0.5b", "data.train=/data/sft.jsonl", "train.batch_size=4"]
 SHAPES = [(2, 4), (1, 4), (1, 1)]
-KINDS = ["trainjob", "pytorchjob"]
+KINDS = ["trainjob", "pytorchjob"]  # the torchrun kinds; the RayJob has its own tests below
 
 
 def strict(schema: Any) -> Any:
@@ -55,9 +60,12 @@ def strict(schema: Any) -> Any:
     return closed
 
 
+@functools.cache
 def validator(kind: str) -> jsonschema.Draft4Validator:
     # OpenAPI 3.0 schemas are JSON Schema draft 4 with extensions (x-kubernetes-*), which draft 4 ignores.
-    schema = yaml.safe_load((SCHEMAS / SCHEMA_FILES[kind]).read_text(encoding="utf-8"))
+    # libyaml's loader: the RayJob schema (three pod templates) takes over a second with the Python one.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    schema = yaml.load((SCHEMAS / SCHEMA_FILES[kind]).read_text(encoding="utf-8"), Loader=loader)
     return jsonschema.Draft4Validator(strict(schema))
 
 
@@ -319,8 +327,22 @@ def test_a_written_file_holds_the_manifests_and_the_printed_ones_apply_as_is(tmp
         (["--nodes", "0", "--image", "img"], "--nodes must be at least 1 (got 0)"),
         (["--gpus-per-node", "0", "--image", "img"], "--gpus-per-node must be at least 1 (got 0)"),
         (
-            ["--kind", "rayjob", "--image", "img"],
-            "--kind rayjob: unknown job kind; expected one of trainjob, pytorchjob",
+            ["--kind", "mpijob", "--image", "img"],
+            "--kind mpijob: unknown job kind; expected one of trainjob, pytorchjob, rayjob",
+        ),
+        (["--kind", "rayjob", "--nodes", "0", "--image", "img"], "--nodes must be at least 1 (got 0)"),
+        (
+            ["--kind", "rayjob", "--ttl-after-finished", "-1", "--image", "img"],
+            "--ttl-after-finished -1: expected seconds from 0 to 2147483647 (default 600)",
+        ),
+        (
+            ["--ttl-after-finished", "60", "--image", "img"],
+            "--ttl-after-finished applies to --kind rayjob only (a trainjob has no such field)",
+        ),
+        (
+            ["--kind", "rayjob", "--image", "img", "--name", "a" * 48],
+            f"--name: job name '{'a' * 48}' is not an RFC 1035 label (lower-case letters, digits and '-', a letter "
+            "first, at most 47 characters)",
         ),
         (["--nodes", "2"], "--image is required"),
         (["--image", "img", "--storage", "lots"], "--storage lots: expected a Kubernetes quantity"),
@@ -357,3 +379,85 @@ def test_every_launch_command_in_the_docs_runs(tmp_path: Path, capsys) -> None:
         documents = yaml.safe_load_all(Path(written.group(1)).read_text() if written else out)
         *_, job = documents
         assert not list(validator(job["kind"]).iter_errors(job)), command
+
+
+def ray_groups(job: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    """(role, pods, group spec) for the head group and each worker group of a RayJob's cluster."""
+    cluster = job["spec"]["rayClusterSpec"]
+    head = ("head", 1, cluster["headGroupSpec"])
+    return [head, *[("worker", group["replicas"], group) for group in cluster.get("workerGroupSpecs", [])]]
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_rayjob_validates_against_the_kuberay_crd_schema(nodes: int) -> None:
+    *_, job = manifests("rayjob", nodes, 8)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator("RayJob").iter_errors(job)]
+    assert not errors, errors
+    # KubeRay's ValidateRayJobMetadata: an RFC 1035 label of at most 47 characters (its cluster adds 6).
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 47
+    misspelt = yaml.safe_load(yaml.safe_dump(job))
+    misspelt["spec"]["shutdownAfterJobFinish"] = misspelt["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinish" in e.message for e in validator("RayJob").iter_errors(misspelt))
+    wrong_type = yaml.safe_load(yaml.safe_dump(job))
+    wrong_type["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 8
+    assert list(validator("RayJob").iter_errors(wrong_type)), "rayStartParams values are strings"
+
+
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (3, 8)])
+def test_rayjob_cluster_is_one_head_and_the_other_nodes_as_workers_each_with_its_gpus(nodes: int, gpus: int) -> None:
+    *_, job = manifests("rayjob", nodes, gpus)
+    groups = ray_groups(job)
+    assert [role for role, _, _ in groups][0] == "head"
+    assert sum(pods for _, pods, _ in groups) == nodes
+    for role, pods, group in groups:
+        (container, *sidecars) = group["template"]["spec"]["containers"]
+        assert not sidecars and container["name"] == f"ray-{role}"  # KubeRay runs Ray in the first container
+        assert container["image"] == "ghcr.io/example/posttrain:1"
+        assert container["resources"] == {"limits": {"nvidia.com/gpu": gpus}}
+        # What `ray start --num-gpus` registers is the pod's GPU limit, not a second number that could drift.
+        assert group["rayStartParams"] == {"num-gpus": str(gpus)}
+        if role == "worker":  # a fixed size: no autoscaler, min = max = replicas (KubeRay's rule without one)
+            assert group["minReplicas"] == group["maxReplicas"] == pods == nodes - 1
+    assert "enableInTreeAutoscaling" not in job["spec"]["rayClusterSpec"]
+
+
+def test_rayjob_runs_posttrain_train_on_the_head_and_frees_the_cluster_when_done() -> None:
+    *_, job = manifests("rayjob", 3, 8)
+    spec = job["spec"]
+    # An entrypoint asking for no resources runs on the head node: one posttrain train, one process per head GPU.
+    assert shlex.split(spec["entrypoint"]) == ["posttrain", "train", "/config/run.yaml", "--nproc", "8"]
+    assert not {"entrypointNumCpus", "entrypointNumGpus", "entrypointResources"} & set(spec)
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == RAYJOB_TTL_SECONDS == 600
+    # Each retry is a new Ray cluster resuming from the claim; KubeRay's default (0) would never retry.
+    assert spec["backoffLimit"] == 2
+    assert "runtimeEnvYAML" not in spec, "the image carries posttrain; nothing to install at submission"
+    *_, kept = manifests("rayjob", 1, 1, ttl_after_finished=0)
+    assert kept["spec"]["ttlSecondsAfterFinished"] == 0
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_rayjob_head_and_workers_mount_the_config_the_checkpoint_volume_and_shared_memory(nodes: int) -> None:
+    claim, config_map, job = manifests("rayjob", nodes, 4)
+    config_path = shlex.split(job["spec"]["entrypoint"])[2]
+    config_dir, config_file = config_path.rsplit("/", 1)
+    for _, _, group in ray_groups(job):
+        spec = group["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {mount["mountPath"]: mount["name"] for mount in spec["containers"][0]["volumeMounts"]}
+        # Ray's object store lives in /dev/shm: memory-backed, as KubeRay itself would mount it.
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+        assert volumes[mounts[CHECKPOINT_DIR]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert volumes[mounts[config_dir]]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert config_file in config_map["data"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany" if nodes > 1 else "ReadWriteOnce"]
+
+
+def test_rayjob_config_map_holds_the_config_as_train_saves_it(tmp_path: Path) -> None:
+    _, config_map, job = manifests("rayjob", 3, 4)
+    expected = load_config(CONFIG, [*OVERRIDES, f"output_dir={CHECKPOINT_DIR}/{job['metadata']['name']}"])
+    save_config(expected, tmp_path / "config.yaml")
+    assert config_map["data"]["run.yaml"] == (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(config_map["data"]["run.yaml"])["resume"] == "auto"

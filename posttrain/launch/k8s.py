@@ -10,9 +10,9 @@ A run is three objects, applied together with ``kubectl apply -f``:
   complete checkpoint there. Every rank writes its shard of a checkpoint into that one directory, so a run over several
   nodes claims ``ReadWriteMany`` storage (``ReadWriteOnce`` is enough for one node);
 - the job, one of ``JOB_KINDS``: a Kubeflow Trainer v2 ``TrainJob`` over the ``torch-distributed``
-  ClusterTrainingRuntime, or a Kubeflow Training Operator v1 ``PyTorchJob``.
+  ClusterTrainingRuntime, a Kubeflow Training Operator v1 ``PyTorchJob``, or a KubeRay ``RayJob`` (see ``rayjob``).
 
-Every pod runs the same command, ``torchrun -m posttrain train /config/run.yaml``.
+Every pod of a TrainJob or PyTorchJob runs the same command, ``torchrun -m posttrain train /config/run.yaml``.
 torchrun takes each launcher option it is not given from ``PET_<OPTION>`` (torch/distributed/argparse_util.py), and
 both operators set ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
 ``PET_MASTER_PORT`` in each pod (trainer v2.3 pkg/runtime/framework/plugins/torch/torch.go; training operator
@@ -27,6 +27,7 @@ image, or one on the checkpoint volume.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -52,6 +53,19 @@ PYTORCH_PORT = {"name": "pytorchjob-port", "containerPort": 23456}
 # PyTorchJob webhook's NameIsDNS1035Label): lower-case letters, digits and "-", a letter first, at most 63.
 _JOB_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _JOB_NAME_MAX = 63
+# KubeRay names the RayCluster after the RayJob plus a 6-character suffix and caps cluster names at 53
+# (ray-operator/controllers/ray/utils/constant.go MaxRayJobNameLength, enforced by ValidateRayJobMetadata).
+_RAYJOB_NAME_MAX = 47
+# KubeRay runs the Ray node in the first container of each pod (utils.RayContainerIndex); the names are its samples'.
+RAY_HEAD_CONTAINER = "ray-head"
+RAY_WORKER_CONTAINER = "ray-worker"
+RAY_WORKER_GROUP = "workers"
+# How long a finished RayJob's cluster stays up for `kubectl logs` and the dashboard before KubeRay deletes it;
+# checkpoints and metrics are on the claim and outlive it.
+RAYJOB_TTL_SECONDS = 600
+# Retries of a failed RayJob: each deletes the Ray cluster and starts a new one, which resumes from the claim.
+RAYJOB_BACKOFF_LIMIT = 2
+_INT32_MAX = 2**31 - 1
 # A Kubernetes quantity as a storage size takes it: a positive decimal with an optional binary or decimal suffix.
 _STORAGE_SIZE = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE])?")
 
@@ -65,6 +79,7 @@ class Cluster:
     image: str
     storage: str = "100Gi"
     storage_class: str | None = None
+    ttl_after_finished: int | None = None  # RayJob only; None: RAYJOB_TTL_SECONDS
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -77,6 +92,11 @@ class Cluster:
             )
         if not _STORAGE_SIZE.fullmatch(self.storage):
             raise ConfigError(f"--storage {self.storage}: expected a Kubernetes quantity such as 100Gi or 1Ti")
+        if self.ttl_after_finished is not None and not 0 <= self.ttl_after_finished <= _INT32_MAX:
+            raise ConfigError(
+                f"--ttl-after-finished {self.ttl_after_finished}: expected seconds from 0 to {_INT32_MAX} "
+                f"(default {RAYJOB_TTL_SECONDS})"
+            )
 
     @property
     def world_size(self) -> int:
@@ -194,7 +214,76 @@ def pytorchjob(pod: Pod) -> dict[str, Any]:
     }
 
 
-JOB_KINDS: dict[str, Callable[[Pod], dict[str, Any]]] = {"trainjob": trainjob, "pytorchjob": pytorchjob}
+def rayjob(pod: Pod) -> dict[str, Any]:
+    """KubeRay ``RayJob`` (ray.io/v1): a Ray cluster of one head pod and ``nodes - 1`` worker pods, each with the
+    node's GPUs, and ``posttrain train`` as the job's entrypoint.
+
+    The entrypoint runs on the head only, as ``--nproc G`` processes there: Ray runs an entrypoint that asks for no
+    resources (entrypointNumCpus/Gpus unset) on the head node. posttrain's roles do not yet spread over the Ray
+    cluster (issue 17's ``distributed.placement: ray`` does not exist), so the workers join the cluster and stay
+    idle; they are rendered so the manifest already has the cluster's final shape.
+
+    K8sJobMode: KubeRay submits the entrypoint from a separate Kubernetes Job (``ray job submit`` against the head's
+    dashboard), which retries its own submission without starting the job twice. ``backoffLimit`` retries a failed
+    job on a new Ray cluster, which resumes from the newest checkpoint on the claim (resume=auto).
+    ``shutdownAfterJobFinishes`` frees the GPUs once the job ends, ``ttlSecondsAfterFinished`` later.
+    No ``runtimeEnvYAML``: the image carries posttrain and its dependencies, and the entrypoint needs no variable
+    the pods lack. The object store takes Ray's default size (30 % of the memory Ray sees in the container) in the
+    memory-backed /dev/shm, whose emptyDir has no size limit below the pod's memory, so it is not set here."""
+    gpus = str(pod.cluster.gpus_per_node)
+
+    def pod_template(container_name: str) -> dict[str, Any]:
+        container = {
+            "name": container_name,
+            "image": pod.cluster.image,
+            "resources": pod.gpus,
+            "volumeMounts": pod.volume_mounts,
+        }
+        return {
+            "metadata": {"labels": _labels(pod.job_name)},
+            "spec": {"containers": [container], "volumes": pod.volumes},
+        }
+
+    # num-gpus states what KubeRay would otherwise infer from the container's GPU limit: the two are one number.
+    cluster_spec: dict[str, Any] = {
+        "headGroupSpec": {"rayStartParams": {"num-gpus": gpus}, "template": pod_template(RAY_HEAD_CONTAINER)}
+    }
+    workers = pod.cluster.nodes - 1
+    if workers:
+        # A fixed size (no autoscaler): min = max = replicas, which KubeRay requires when autoscaling is off.
+        cluster_spec["workerGroupSpecs"] = [
+            {
+                "groupName": RAY_WORKER_GROUP,
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": {"num-gpus": gpus},
+                "template": pod_template(RAY_WORKER_CONTAINER),
+            }
+        ]
+    ttl = RAYJOB_TTL_SECONDS if pod.cluster.ttl_after_finished is None else pod.cluster.ttl_after_finished
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": pod.job_name, "labels": _labels(pod.job_name)},
+        "spec": {
+            "entrypoint": shlex.join(["posttrain", "train", f"{CONFIG_DIR}/{CONFIG_FILE}", "--nproc", gpus]),
+            "submissionMode": "K8sJobMode",
+            "backoffLimit": RAYJOB_BACKOFF_LIMIT,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": ttl,
+            "rayClusterSpec": cluster_spec,
+        },
+    }
+
+
+JOB_KINDS: dict[str, Callable[[Pod], dict[str, Any]]] = {
+    "trainjob": trainjob,
+    "pytorchjob": pytorchjob,
+    "rayjob": rayjob,
+}
+# The longest job name each kind's operator accepts.
+_NAME_MAX = {"trainjob": _JOB_NAME_MAX, "pytorchjob": _JOB_NAME_MAX, "rayjob": _RAYJOB_NAME_MAX}
 
 
 def render(config: StageConfig, kind: str, cluster: Cluster, name: str | None = None) -> list[dict[str, Any]]:
@@ -207,7 +296,11 @@ def render(config: StageConfig, kind: str, cluster: Cluster, name: str | None = 
             f"resume={'false' if config.resume is False else config.resume}: a pod that restarts on Kubernetes must continue from its last checkpoint, so "
             "launch k8s needs resume=auto; remove the resume setting from the config"
         )
-    job_name = _job_name(name, config.output_dir)
+    if cluster.ttl_after_finished is not None and kind != "rayjob":
+        raise ConfigError(
+            f"--ttl-after-finished applies to --kind rayjob only (a {kind} has no such field); remove it"
+        )
+    job_name = _job_name(name, config.output_dir, _NAME_MAX[kind])
     pod = Pod(job_name, cluster)
     run_config = config.model_copy(update={"output_dir": pod.output_dir})
     return [_checkpoint_claim(job_name, cluster), _config_map(job_name, run_config), JOB_KINDS[kind](pod)]
@@ -227,9 +320,18 @@ def launch_k8s(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     pod = Pod(job["metadata"]["name"], cluster)
+    if job["kind"] == "RayJob":
+        shape = (
+            f"Ray cluster of {cluster.nodes} pods (head + {cluster.nodes - 1} workers) x {cluster.gpus_per_node} GPUs; "
+            f"posttrain train runs on the head as {cluster.gpus_per_node} processes, the workers stay idle"
+        )
+    else:
+        shape = (
+            f"world size {cluster.world_size} ({cluster.nodes} pods x {cluster.gpus_per_node} GPUs, one process per "
+            "GPU, started by torchrun in each pod)"
+        )
     return (
-        f"{job['kind']} {pod.job_name}: world size {cluster.world_size} ({cluster.nodes} pods x "
-        f"{cluster.gpus_per_node} GPUs, one process per GPU, started by torchrun in each pod)\n"
+        f"{job['kind']} {pod.job_name}: {shape}\n"
         f"  config:      ConfigMap {config_map['metadata']['name']}, mounted at {CONFIG_DIR}/{CONFIG_FILE}\n"
         f"  checkpoints: PersistentVolumeClaim {claim['metadata']['name']} ({cluster.storage}, "
         f"{claim['spec']['accessModes'][0]}): output_dir={pod.output_dir}, resume=auto\n"
@@ -258,18 +360,18 @@ def to_yaml(manifests: list[dict[str, Any]]) -> str:
     return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False)
 
 
-def _job_name(name: str | None, output_dir: str) -> str:
+def _job_name(name: str | None, output_dir: str, max_length: int) -> str:
     if name is None:
         derived = re.sub(r"[^a-z0-9]+", "-", PurePosixPath(output_dir).name.lower()).strip("-")
         name = derived if derived[:1].isalpha() else f"run-{derived}".rstrip("-")
-        name = name[:_JOB_NAME_MAX].rstrip("-")
+        name = name[:max_length].rstrip("-")
         source = f"output_dir={output_dir}"
     else:
         source = "--name"
-    if not _JOB_NAME.fullmatch(name) or len(name) > _JOB_NAME_MAX:
+    if not _JOB_NAME.fullmatch(name) or len(name) > max_length:
         raise ConfigError(
             f"{source}: job name {name!r} is not an RFC 1035 label (lower-case letters, digits and '-', a letter "
-            f"first, at most {_JOB_NAME_MAX} characters); give one with --name, e.g. --name sft-run-1"
+            f"first, at most {max_length} characters); give one with --name, e.g. --name sft-run-1"
         )
     return name
 
