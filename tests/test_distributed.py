@@ -378,3 +378,6 @@ def test_a_deepspeed_checkpoint_refuses_another_process_count(toy, micro_model, 
         ConfigError, match="written by 2 DeepSpeed processes and this run has 1: resume with --nproc 2"
     ):
         sft.run(longer)
+    # The one-process DeepSpeed run set LOCAL_RANK for itself; left behind, every later subprocess of this process
+    # would take itself for a launched one (it failed 12 tests after this one in a CI run).
+    assert "LOCAL_RANK" not in os.environ

@@ -292,12 +292,9 @@ class DeepSpeedStrategy(DdpStrategy):
     def __init__(self, config: StageConfig, accelerator: Any) -> None:
         super().__init__(config, accelerator)
         self.engine: Any = None
-        self.set_local_rank = False
 
     def close(self) -> None:
-        if self.set_local_rank:
-            os.environ.pop("LOCAL_RANK", None)
-            self.set_local_rank = False
+        release_local_rank()
         super().close()
 
     def engine_config(self, world_size: int, hidden_size: int) -> dict[str, Any]:
@@ -352,11 +349,13 @@ class DeepSpeedStrategy(DdpStrategy):
             m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")
         ]
         config = self.engine_config(dist.get_world_size(), max(hidden_sizes))
-        # A one-process run has no launcher to set LOCAL_RANK, which DeepSpeed reads (in every ZeRO-3 forward too);
-        # set for the run only (close): left in the environment, accelerate would take this process for a launched
-        # one in any later run.
-        self.set_local_rank = "LOCAL_RANK" not in os.environ
-        os.environ.setdefault("LOCAL_RANK", "0")
+        # A one-process run has no launcher to set LOCAL_RANK, which DeepSpeed reads (in every ZeRO-3 forward too).
+        # Set for the run only: left in the environment, accelerate (in this process) and every subprocess would
+        # take themselves for launched ones. close() releases it, and so does the next run's start or a failure.
+        global _LOCAL_RANK_SET_HERE
+        if "LOCAL_RANK" not in os.environ:
+            os.environ["LOCAL_RANK"] = "0"
+            _LOCAL_RANK_SET_HERE = True
         self.engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return self.engine, optimizer
 
@@ -444,6 +443,17 @@ class DeepSpeedStrategy(DdpStrategy):
             if _rank() == 0:
                 self.unwrap(module).save_pretrained(model_dir, safe_serialization=True)
         _barrier()
+
+
+_LOCAL_RANK_SET_HERE = False  # LOCAL_RANK was set by a one-process DeepSpeed run, not by a launcher
+
+
+def release_local_rank() -> None:
+    """Remove the LOCAL_RANK a one-process DeepSpeed run set (a no-op otherwise)."""
+    global _LOCAL_RANK_SET_HERE
+    if _LOCAL_RANK_SET_HERE:
+        os.environ.pop("LOCAL_RANK", None)
+        _LOCAL_RANK_SET_HERE = False
 
 
 STRATEGIES: dict[str, type[DdpStrategy]] = {

@@ -53,7 +53,7 @@ from posttrain.data.preflight import preflight
 from posttrain.models.adapters import count_parameters
 from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
-from posttrain.runtime.distributed import STRATEGIES, check_world_size
+from posttrain.runtime.distributed import STRATEGIES, check_world_size, release_local_rank
 from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
 from posttrain.runtime.optim import build_optimizer, build_scheduler
 from posttrain.runtime.report import write_plots, write_report
@@ -112,6 +112,7 @@ class Runtime:
             raise ValueError("train.precision=fp16 uses loss scaling and needs a CUDA GPU; use bf16 on CPU")
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
         _forget_previous_accelerator_settings()
+        release_local_rank()  # a previous one-process DeepSpeed run in this process that ended in an error
         # cpu=True without CUDA: accelerate then forms a gloo process group under torchrun (DDP on CPU).
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         check_world_size(self.accelerator.num_processes)
@@ -281,7 +282,11 @@ class Runtime:
         self.scheduler = build_scheduler(optimizer, self.total_steps * updates_per_step, self.config.schedule)
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)
         self.log(f"distributed: {self.strategy.describe(self.model)}")
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:  # a refused checkpoint: the run ends here, undo what the strategy set up
+            self.strategy.close()
+            raise
         return self.model
 
     def unwrap(self, module: Any) -> Any:
