@@ -31,6 +31,7 @@ from torch.testing import assert_close
 from posttrain.cli import main
 from posttrain.config import ConfigError, load_config
 from posttrain.recipes import dpo, sft
+from posttrain.runtime.distributed import free_loopback_port
 
 STRATEGIES = {
     "fsdp": ["distributed.strategy=fsdp"],
@@ -164,7 +165,7 @@ def test_the_deepspeed_launcher_starts_the_same_run(toy, micro_model, tmp_path) 
             "--num_accelerators",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_loopback_port()),
             "--module",
             "posttrain",
             "train",
@@ -205,14 +206,6 @@ def test_rejection_sampling_splits_the_prompts_over_processes(toy, micro_model, 
     assert [row["messages"][-1]["content"] for row in sampled] == [row["messages"][-1]["content"] for row in asked]
     assert all(len(row["samples"]) == 2 for row in sampled)
     assert (tmp_path / "rs" / "model" / "model.safetensors").is_file()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])

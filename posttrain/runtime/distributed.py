@@ -48,11 +48,17 @@ def ensure_process_group() -> None:
     long as the process, as a launched one does: DeepSpeed keeps references to the group it first saw, so a later
     run in this process (a pipeline's next stage) must find the same one."""
     if not dist.is_initialized():
-        with socket.socket() as probe:  # a free loopback port; the group never leaves this process
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        # The group never leaves this process: any free loopback port will do.
+        init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+        dist.init_process_group(backend, init_method=init_method, rank=0, world_size=1)
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the operating system's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _rank() -> int:
