@@ -400,7 +400,7 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
     }
     ppo.run(ppo_config(micro_model, data, tmp_path / "shortcut", **grpo))
     full_pass = ppo.make_rollout
-    monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-1], False))
+    monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-2], False, args[-1]))
     ppo.run(ppo_config(micro_model, data, tmp_path / "separate", **grpo))
     a, b = weights(tmp_path / "shortcut" / "model"), weights(tmp_path / "separate" / "model")
     for key in a:

@@ -44,6 +44,7 @@ from posttrain.models.scoring import RolloutBatches, critic_values, response_lay
 from posttrain.rewards import Reward, WeightedReward, reward_and_gold
 from posttrain.rl import RunningMoments, SumOverProcesses
 from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
+from posttrain.rollout.hf import sample_key
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import Metrics, ModelSelection, Runtime
 
@@ -170,6 +171,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 batches,
                 rt.sum_over_processes,
                 on_policy,
+                [sample_key(config.seed, rt.global_step, p.index) for p in step_prompts],
             )
         step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
         for epoch in range(algorithm.ppo_epochs):
@@ -247,13 +249,16 @@ def make_rollout(
     batches: RolloutBatches,
     sum_over_processes: SumOverProcesses,
     on_policy: bool = False,
+    prompt_keys: list[int] | None = None,
 ) -> Rollout:
     """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
     gets exactly one update, so its log-probs before the update are the update's own (``ppo_micro_loss`` takes
     them from its forward) and the separate old-policy pass is skipped. ``sum_over_processes`` sums a tensor over
-    every process (``Runtime.sum_over_processes``): the reward statistics and the whitening span the whole rollout."""
+    every process (``Runtime.sum_over_processes``): the reward statistics and the whitening span the whole rollout.
+    ``prompt_keys``: each prompt's ``sample_key`` (seed, step, prompt), so the samples are the same whichever
+    process or engine draws them."""
     device = batches.device
-    groups = roles.engine.generate([p.prompt_ids for p in prompts], settings)
+    groups = roles.engine.generate([p.prompt_ids for p in prompts], settings, prompt_keys)
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     responses = [r for group in groups for r in group]
     texts = [r.text for r in responses]

@@ -21,8 +21,11 @@ from posttrain.rollout.hf import (
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
-        """``settings.num_samples`` responses per prompt; ``result[i]`` holds prompt ``i``'s."""
+    def generate(
+        self, prompt_ids: list[list[int]], settings: SamplingSettings, prompt_keys: list[int] | None = None
+    ) -> list[list[Response]]:
+        """``settings.num_samples`` responses per prompt; ``result[i]`` holds prompt ``i``'s. ``prompt_keys`` (one
+        ``hf.sample_key`` per prompt) make the draws a function of the prompt's key, not of the engine's RNG."""
         ...
 
     def sync_weights(self, model: Any) -> None:

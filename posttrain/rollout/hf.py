@@ -92,14 +92,49 @@ def cumulative_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
 
 
-def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """One step of SplitMix64 (Steele, Lea & Flood 2014): a bijective 64-bit mix whose outputs pass BigCrush."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_key(*parts: int) -> int:
+    """A 64-bit key for a stream of draws named by ``parts`` (for online RL: seed, step, prompt, sample).
+
+    Why keys instead of a generator: a process's RNG stream depends on everything drawn before (how prompts were
+    split over processes or engines, batch sizes, which process samples at all), so the same seed gave different
+    samples on a different placement. A draw that is a pure function of its name is the same wherever it is made
+    (counter-based generation, as in Salmon et al. 2011's Philox; JAX's keys)."""
+    key = 0
+    for part in parts:
+        key = _splitmix64(key ^ (int(part) & _MASK64))
+    return key
+
+
+def keyed_uniforms(keys: list[int], position: int, device: Any = None) -> torch.Tensor:
+    """``(len(keys), 1)`` float64 uniforms in [0, 1): draw ``position`` (the token's index in the response) of each
+    key's stream, with 53 random bits each (float64's whole mantissa)."""
+    draws = [(_splitmix64(key ^ position) >> 11) * 2.0**-53 for key in keys]
+    return torch.tensor(draws, dtype=torch.float64, device=device)[:, None]
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, settings: SamplingSettings, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row from next-token logits ``(B, V)``: the argmax when ``temperature`` is 0, otherwise a
     draw from ``softmax(logits / temperature)`` cut to the ``top_k`` most likely tokens and then to the ``top_p``
     nucleus, in that order, with transformers' own warpers (the cut ``generate`` makes).
 
     The draw inverts the cumulative distribution with one uniform number per row. ``torch.multinomial`` draws
     one exponential per vocabulary entry instead; on CPU that was most of a small model's sampling time, and
-    with a real vocabulary (150k entries x 64 rows) it would be ~10M random numbers per token."""
+    with a real vocabulary (150k entries x 64 rows) it would be ~10M random numbers per token.
+
+    ``uniform`` ``(B, 1)`` in [0, 1) (:func:`keyed_uniforms`) replaces the draw from torch's generator."""
     if settings.temperature <= 0:
         return logits.argmax(dim=-1)
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -112,7 +147,9 @@ def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torc
     cumulative = cumulative_probabilities(scores)
     # The uniform in float64 too: float32's 2^-24 grid would hand every token of p < 6e-8 at the bottom of the CDF
     # a probability of 0 or 6e-8 instead of p.
-    uniform = torch.rand(cumulative.shape[0], 1, dtype=cumulative.dtype, device=cumulative.device) * cumulative[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(cumulative.shape[0], 1, dtype=cumulative.dtype, device=cumulative.device)
+    uniform = uniform.to(cumulative.device) * cumulative[:, -1:]
     # The first token whose cumulative probability exceeds the draw: right=True never lands on a token of
     # probability 0 (its cumulative value equals its predecessor's); the clamp covers rounding at the top end.
     return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=cumulative.shape[-1] - 1).squeeze(-1)
@@ -126,6 +163,7 @@ def decode_batch(
     settings: SamplingSettings,
     stop_ids: set[int],
     prompt_of_row: list[int],
+    row_keys: list[int] | None = None,
 ) -> list[list[int]]:
     """Each left-padded row's new tokens, up to and including its first stop token, or ``max_new_tokens``.
 
@@ -134,7 +172,9 @@ def decode_batch(
     keeps every row until the last one ends, computing padding for the finished ones; with replies of mixed
     lengths (most answer in a few tokens, one runs to the limit) that padding is most of the decoding.
     Positions are ``generate``'s for left padding (the running count of real tokens), so greedy answers are
-    ``generate``'s (tested). Copies of a prompt start from one forward of it (``shared_prompt_cache``)."""
+    ``generate``'s (tested). Copies of a prompt start from one forward of it (``shared_prompt_cache``).
+    ``row_keys``: token ``t`` of row ``r`` is drawn with ``keyed_uniforms([row_keys[r]], t)`` instead of torch's
+    generator, so a row's sample does not depend on the rows it is batched with."""
     from transformers import DynamicCache
 
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
@@ -147,7 +187,7 @@ def decode_batch(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     stop = torch.tensor(sorted(stop_ids), dtype=input_ids.dtype, device=input_ids.device)
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    for _ in range(settings.max_new_tokens):
+    for position in range(settings.max_new_tokens):
         logits = model(
             input_ids=step_ids,
             attention_mask=mask,
@@ -156,7 +196,10 @@ def decode_batch(
             use_cache=True,
             logits_to_keep=1,
         ).logits
-        tokens = sample_next_tokens(logits[:, -1], settings)
+        uniform = None
+        if row_keys is not None and settings.temperature > 0:
+            uniform = keyed_uniforms([row_keys[row] for row in rows.tolist()], position)
+        tokens = sample_next_tokens(logits[:, -1], settings, uniform)
         for row, token in zip(rows.tolist(), tokens.tolist()):
             new_tokens[row].append(token)
         going = ~torch.isin(tokens, stop)
@@ -181,9 +224,13 @@ def generate_from_ids(
     stop_token_ids: Iterable[int],
     decode_text: Any,
     batch_size: int = 32,
+    prompt_keys: list[int] | None = None,
 ) -> list[list[Response]]:
     """``settings.num_samples`` responses to each tokenised prompt; ``result[i]`` holds prompt ``i``'s.
-    ``decode_text(ids) -> str`` turns a response's ids into its text.
+    ``decode_text(ids) -> str`` turns a response's ids into its text. ``prompt_keys`` (one :func:`sample_key` per
+    prompt): sample ``j`` of prompt ``i`` draws from the stream ``sample_key(prompt_keys[i], j)``, so what is sampled
+    does not depend on ``batch_size``, on the other prompts, or on the process; without them torch's generator
+    draws.
 
     Each prompt is repeated ``num_samples`` times in the flat stream, so ``batch_size`` bounds the sequences per
     batch whatever ``num_samples`` is. Left padding keeps every prompt's last token at the same position so one
@@ -193,12 +240,18 @@ def generate_from_ids(
 
     stop_ids = {int(i) for i in stop_token_ids if i is not None}
     flat = [index for index in range(len(prompt_ids)) for _ in range(settings.num_samples)]
+    keys = None
+    if prompt_keys is not None:
+        keys = [
+            sample_key(prompt_keys[index], j) for index in range(len(prompt_ids)) for j in range(settings.num_samples)
+        ]
     through_generate = is_prompt_learning(model)
     device = next(model.parameters()).device
     grouped: list[list[Response]] = [[] for _ in prompt_ids]
     with eval_mode(model):
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
+            chunk_keys = keys[start : start + batch_size] if keys is not None else None
             width = max(len(prompt_ids[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -208,9 +261,9 @@ def generate_from_ids(
                 attention_mask[row, width - len(ids) :] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if through_generate:
-                new_tokens = _generate(model, input_ids, attention_mask, settings, pad_token_id, stop_ids)
+                new_tokens = _generate(model, input_ids, attention_mask, settings, pad_token_id, stop_ids, chunk_keys)
             else:
-                new_tokens = decode_batch(model, input_ids, attention_mask, settings, stop_ids, chunk)
+                new_tokens = decode_batch(model, input_ids, attention_mask, settings, stop_ids, chunk, chunk_keys)
             for index, ids in zip(chunk, new_tokens):
                 kept, finished = _cut_at_stop(ids, stop_ids)
                 grouped[index].append(Response(decode_text(kept), kept, finished))
@@ -224,13 +277,20 @@ def _generate(
     settings: SamplingSettings,
     pad_token_id: int,
     stop_ids: set[int],
+    row_keys: list[int] | None = None,
 ) -> list[list[int]]:
-    """transformers ``generate`` (for peft prompt learning): the new ids of each row, padding included."""
+    """transformers ``generate`` (for peft prompt learning): the new ids of each row, padding included. With
+    ``row_keys`` the draw is :class:`KeyedDraw`'s and ``generate`` decodes greedily over what it leaves."""
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
         if settings.temperature > 0
         else {"do_sample": False}
     )
+    if row_keys is not None and settings.temperature > 0:
+        from transformers import LogitsProcessorList
+
+        keyed = KeyedDraw(row_keys, settings, input_ids.shape[1])
+        sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([keyed])}
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -240,6 +300,22 @@ def _generate(
         **sampling,
     )
     return output[:, input_ids.shape[1] :].tolist()
+
+
+class KeyedDraw:
+    """A transformers logits processor that makes ``sample_next_tokens``' keyed draw inside ``generate``: it leaves
+    only the drawn token finite, so greedy decoding takes it (``generate``'s own sampling draws from torch's
+    generator, which :func:`sample_key` exists to avoid). ``generate`` keeps every row to the end, so row ``r`` of
+    the batch is always key ``r``, and the position is the number of tokens past the prompt width."""
+
+    def __init__(self, row_keys: list[int], settings: SamplingSettings, prompt_width: int) -> None:
+        self.row_keys, self.settings, self.prompt_width = row_keys, settings, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = keyed_uniforms(self.row_keys, input_ids.shape[1] - self.prompt_width)
+        tokens = sample_next_tokens(scores, self.settings, uniform)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, tokens[:, None], 0.0)
 
 
 def render_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -285,7 +361,9 @@ class HFEngine:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_token_ids = set(stop_token_ids)
 
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
+    def generate(
+        self, prompt_ids: list[list[int]], settings: SamplingSettings, prompt_keys: list[int] | None = None
+    ) -> list[list[Response]]:
         return generate_from_ids(
             self.model,
             prompt_ids,
@@ -294,6 +372,7 @@ class HFEngine:
             self.stop_token_ids,
             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
             self.batch_size,
+            prompt_keys,
         )
 
     def sync_weights(self, model: Any) -> None:

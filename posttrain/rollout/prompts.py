@@ -19,6 +19,7 @@ from posttrain.rollout.hf import render_prompt_ids
 class TokenizedPrompt:
     prompt: Prompt
     prompt_ids: list[int]  # rendered with the chat template, generation prompt appended
+    index: int = 0  # its position among the training (or held-out) prompts: part of its samples' key
 
 
 def tokenized_prompts(
@@ -36,13 +37,13 @@ def tokenized_prompts(
     if data.eval:
         # The held-out file read like the training one (every prompt of it, whatever sampling.max_prompts).
         held_out = data.model_copy(update={"train": data.eval, "eval": None})
-        return rows, _rendered(read_prompts(held_out), tokenizer, budget)
+        return _numbered(rows), _numbered(_rendered(read_prompts(held_out), tokenizer, budget))
     if data.eval_fraction:
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
         cut = max(1, int(round(data.eval_fraction * len(rows))))
-        return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
-    return rows, []
+        return _numbered([rows[i] for i in sorted(order[cut:])]), _numbered([rows[i] for i in sorted(order[:cut])])
+    return _numbered(rows), []
 
 
 def _rendered(prompts: list[Prompt], tokenizer: Any, budget: int) -> list[TokenizedPrompt]:
@@ -54,3 +55,9 @@ def _rendered(prompts: list[Prompt], tokenizer: Any, budget: int) -> list[Tokeni
             file=sys.stderr,
         )
     return kept
+
+
+def _numbered(rows: list[TokenizedPrompt]) -> list[TokenizedPrompt]:
+    for index, row in enumerate(rows):
+        row.index = index
+    return rows

@@ -90,7 +90,11 @@ class VllmEngine:
             enable_prefix_caching=True,
         )
 
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Response]]:
+    def generate(
+        self, prompt_ids: list[list[int]], settings: SamplingSettings, prompt_keys: list[int] | None = None
+    ) -> list[list[Response]]:
+        """With ``prompt_keys`` each prompt's request is seeded from its key (vLLM's per-request ``seed``): the
+        same prompt, step and seed draw the same samples on any engine or GPU count, though not the HF engine's."""
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -102,7 +106,12 @@ class VllmEngine:
             stop_token_ids=self.stop_token_ids,
             skip_special_tokens=True,
         )
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        per_prompt: Any = params
+        if prompt_keys is not None:
+            per_prompt = [params.clone() for _ in prompt_ids]
+            for request, key in zip(per_prompt, prompt_keys):
+                request.seed = key & 0x7FFFFFFFFFFFFFFF
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], per_prompt, use_tqdm=False)
         stops = set(self.stop_token_ids)
         grouped = []
         for output in outputs:
