@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.data.errors import DataError
     from posttrain.models.loading import ModelLoadError
     from posttrain.pipeline import PipelineError
+    from posttrain.roles import RoleFailed, StaleWeights
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
@@ -556,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         ModelLoadError: lambda e: _fail(str(e), 2),
         FileNotFoundError: lambda e: _fail(str(e), 2),
         NonFiniteLossError: lambda e: _fail(str(e), 1),
+        RoleFailed: lambda e: _fail(str(e), 1),
+        StaleWeights: lambda e: _fail(str(e), 1),
     }
     try:
         return args.func(args)

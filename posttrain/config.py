@@ -243,6 +243,36 @@ class LoggingConfig(Block):
     """Write plots/*.png and report.md at the end."""
 
 
+class RoleBlock(Block):
+    """Where one role of online RL runs under distributed.placement=ray."""
+
+    colocate_with: Literal["policy"] | None = None
+    """policy: the role shares the policy trainer's process (and device), as OpenRLHF's --colocate_actor_ref;
+    none: its own Ray actor."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for the actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for the actor (fractions share a GPU)."""
+    threads: int = Field(1, ge=1)
+    """torch threads inside the actor (torch.set_num_threads)."""
+
+
+class RolloutRoleBlock(RoleBlock):
+    num_engines: int = Field(1, ge=1)
+    """Rollout engines; each samples its share of the step's prompts (the samples do not depend on the count)."""
+
+
+class RolesBlock(Block):
+    """Placement of online RL's roles other than the policy trainer (the training process, with the critic)."""
+
+    rollout: RolloutRoleBlock = Field(default_factory=RolloutRoleBlock)
+    """The engines that sample from a copy of the policy, synced after every update."""
+    reference: RoleBlock = Field(default_factory=RoleBlock)
+    """The frozen reference's log-probs (only when the KL anchor is on)."""
+    reward: RoleBlock = Field(default_factory=RoleBlock)
+    """The reward (and the watch's gold reward)."""
+
+
 class DistributedBlock(Block):
     """How the model is spread over the processes of a multi-process run (``posttrain train ... --nproc N``, or
     ``torchrun``/``deepspeed``). One process trains the same whatever the strategy."""
@@ -266,6 +296,22 @@ class DistributedBlock(Block):
     wrap: Literal["decoder_layer", "model"] = "decoder_layer"
     """fsdp only: the sharding unit. decoder_layer: each decoder layer is its own unit (gathered one at a time,
     the memory saving of FSDP), then the rest of the model; model: one unit for the whole model."""
+    placement: Literal["local", "ray"] = "local"
+    """stage ppo: where the roles run. local: all in the training process. ray: the rollout engines, the
+    reference and the reward as Ray actors (distributed.roles), the weights synced to the engines with a version
+    after every update; the samples, and so the training, are the same as local."""
+    ray_address: str | None = None
+    """placement=ray: a running Ray cluster to join (auto, host:6379, ray://host:10001); none starts a local one on
+    127.0.0.1, without dashboard, with its temporary files and HOME inside the run directory."""
+    roles: RolesBlock = Field(default_factory=RolesBlock)
+    """placement=ray: each role's actor (resources, threads) or colocation with the policy."""
+    call_timeout_s: float = Field(600.0, gt=0)
+    """placement=ray: longest wait for any remote call (a rollout, a scoring); past it the run fails naming the role."""
+    sync_timeout_s: float = Field(60.0, gt=0)
+    """placement=ray: longest wait for a weight sync to an engine."""
+    restarts: int = Field(0, ge=0)
+    """placement=ray: times a dead role (actor) is restarted, from the last synced weights, before the run fails;
+    0 fails at the first death, naming the role."""
 
     @model_validator(mode="after")
     def _options_belong_to_the_strategy(self) -> DistributedBlock:
@@ -280,6 +326,17 @@ class DistributedBlock(Block):
                 f"distributed.{fsdp_only[0]} is an FSDP option; it does nothing with "
                 f"distributed.strategy={self.strategy} (set strategy=fsdp or remove it)"
             )
+        if self.placement == "local":
+            placed = [
+                key
+                for key in ("ray_address", "roles", "call_timeout_s", "sync_timeout_s", "restarts")
+                if getattr(self, key) != getattr(defaults, key)
+            ]
+            if placed:
+                raise ValueError(
+                    f"distributed.{placed[0]} places roles on Ray; it does nothing with distributed.placement=local "
+                    "(set placement=ray or remove it)"
+                )
         if self.strategy != "deepspeed" and self.zero_stage:
             raise ValueError(
                 f"distributed.zero_stage={self.zero_stage} is a DeepSpeed option (strategy={self.strategy}); set "
@@ -363,6 +420,11 @@ class StageConfig(Block):
             )
         if self.train.precision == "fp16" and self.model.dtype != "float32":
             raise ValueError("train.precision=fp16 needs float32 master weights: set model.dtype=float32")
+        if self.distributed.placement != "local" and self.stage != "ppo":
+            raise ValueError(
+                f"distributed.placement={self.distributed.placement} places the roles of online RL; stage "
+                f"{self.stage} has none (use --nproc and distributed.strategy for several processes)"
+            )
         strategy = self.distributed.strategy
         if strategy == "fsdp" and self.train.precision == "fp16":
             raise ValueError(
@@ -570,6 +632,15 @@ KL_ESTIMATOR_BY_MODE: dict[str, str] = {"reward": "k1", "loss": "k3"}
 class AlgorithmBlock(Block):
     """The online-RL algorithm: advantage estimator, PPO clipping, KL anchor, epochs over each rollout."""
 
+    # `async` is a Python keyword: the field is async_, spelled async in configs and in the saved config.
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+    )
+
     advantage: AdvantageName = "gae"
     """gae: PPO with a critic (Schulman et al. 2017); grpo: group-normalised rewards (Shao et al. 2024); rloo:
     leave-one-out baseline (Ahmadian et al. 2024); reinforce++: batch-whitened returns (Hu 2025). The last three
@@ -622,6 +693,10 @@ class AlgorithmBlock(Block):
     sum_over_max_tokens: each response's token sum divided by the constant sampling.max_new_tokens, averaged over
     responses (Dr. GRPO, Liu et al. 2025; TRL's dr_grpo, verl's seq-mean-token-sum-norm): no length bias and
     no batch-dependent normaliser. Dr. GRPO is this with scale_by_std=false."""
+    async_: bool = Field(False, alias="async")
+    """Asynchronous RL (distributed.placement=ray): the rollout of step t+1 is sampled while step t updates, from
+    the weights before that update (one step off-policy, as OpenRLHF's --async_train); the behaviour policy's
+    log-probs, computed by the engine that sampled, enter the importance ratio."""
     ptx_coef: float = Field(0.0, ge=0)
     """PPO-ptx (InstructGPT): weight of an SFT loss on algorithm.ptx_data mixed into every update; 0: off."""
     ptx_data: str | None = None
@@ -759,6 +834,18 @@ class PpoConfig(StageConfig):
                 "critic reads hidden states prompt learning does not expose, and a separate critic's scalar head never "
                 "sees the virtual tokens, so only its head would train; use a critic-free algorithm.advantage "
                 f"({critic_free}) or peft.method lora"
+            )
+        placement, roles = self.distributed.placement, self.distributed.roles
+        if self.algorithm.async_ and (placement != "ray" or roles.rollout.colocate_with is not None):
+            raise ValueError(
+                "algorithm.async=true overlaps the next rollout with this update, which needs the rollout engines in "
+                "their own processes: set distributed.placement=ray (and leave distributed.roles.rollout.colocate_with "
+                "unset)"
+            )
+        if placement == "ray" and roles.rollout.colocate_with is not None and roles.rollout.num_engines > 1:
+            raise ValueError(
+                "distributed.roles.rollout.num_engines > 1 with colocate_with=policy: a colocated engine is the "
+                "policy itself, there is one"
             )
         return self
 

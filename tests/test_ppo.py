@@ -237,7 +237,9 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
     makes its copy (full) and its reference pass. PPO with a critic (gae), so the old-policy pass runs
     either way: only the reference passes differ."""
     data = prompts_file(toy, tmp_path / "p.jsonl")
-    score_logps, reference_model, deepcopy = ppo.score_logps, ppo.reference_model, actor_critic.copy.deepcopy
+    from posttrain.roles import workers
+
+    score_logps, reference_model, deepcopy = ppo.score_logps, workers.reference_model, actor_critic.copy.deepcopy
 
     def counted(kl_coef: float) -> dict[str, Any]:
         calls: dict[str, Any] = {"copies": [], "reference_passes": 0, "policy_passes": 0, "inside_reference": False}
@@ -263,8 +265,9 @@ def test_kl_coef_zero_keeps_and_runs_no_reference(method, toy, micro_model, tmp_
             return score_logps(model, *args)
 
         monkeypatch.setattr(actor_critic, "copy", types.SimpleNamespace(deepcopy=copying))
-        monkeypatch.setattr(ppo, "reference_model", switching_off)
-        monkeypatch.setattr(ppo, "score_logps", scoring)
+        monkeypatch.setattr(workers, "reference_model", switching_off)  # the reference role's passes
+        monkeypatch.setattr(workers, "score_logps", scoring)
+        monkeypatch.setattr(ppo, "score_logps", scoring)  # the old policy's
         out = tmp_path / f"kl{kl_coef}"
         ppo.run(
             ppo_config(micro_model, data, out, peft__method=method, algorithm__kl_coef=kl_coef, train__max_steps=1)
@@ -400,7 +403,7 @@ def test_on_policy_shortcut_equals_the_old_policy_pass(toy, micro_model, tmp_pat
     }
     ppo.run(ppo_config(micro_model, data, tmp_path / "shortcut", **grpo))
     full_pass = ppo.make_rollout
-    monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-2], False, args[-1]))
+    monkeypatch.setattr(ppo, "make_rollout", lambda *args: full_pass(*args[:-1], False))
     ppo.run(ppo_config(micro_model, data, tmp_path / "separate", **grpo))
     a, b = weights(tmp_path / "shortcut" / "model"), weights(tmp_path / "separate" / "model")
     for key in a:

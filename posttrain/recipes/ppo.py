@@ -22,6 +22,7 @@ in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per st
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +39,12 @@ from posttrain.eval.verifiable import gold_sum, held_out_evaluation
 from posttrain.losses import IGNORE_INDEX
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.actor_critic import ActorCritic, frozen_reference, load_critic
-from posttrain.models.forward import reference_model
 from posttrain.models.ptx import PtxMix, ptx_rows
 from posttrain.models.scoring import RolloutBatches, critic_values, response_layout, score_logps, token_logps
-from posttrain.rewards import Reward, WeightedReward, reward_and_gold
+from posttrain.rewards import reward_and_gold
 from posttrain.rl import RunningMoments, SumOverProcesses
-from posttrain.rollout import HFEngine, RolloutEngine, SamplingSettings
+from posttrain.roles import Roles, Sampled, local_roles, ray_roles, ray_runtime, write_placement
+from posttrain.rollout import HFEngine, SamplingSettings
 from posttrain.rollout.hf import sample_key
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import Metrics, ModelSelection, Runtime
@@ -51,19 +52,6 @@ from posttrain.runtime import Metrics, ModelSelection, Runtime
 # There is no held-out loss in online RL: the best checkpoint, and early stopping, follow the mean reward of greedy
 # answers to the held-out prompts (eval.verifiable.held_out_sums), maximised.
 MODEL_SELECTION = ModelSelection("eval_reward", maximize=True)
-
-
-@dataclass
-class Roles:
-    """Who takes part in a step: the engine that samples from the policy, the trained policy (and critic), the
-    frozen reference (a copy of a fully fine-tuned policy; None for adapters, switched off instead, or without
-    KL), the reward optimised and the gold reward watched."""
-
-    engine: RolloutEngine
-    trained: ActorCritic
-    frozen_reference: Any
-    reward: WeightedReward
-    gold: Reward | None
 
 
 @dataclass
@@ -94,23 +82,32 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         config.data, tokenizer, sampling.max_new_tokens, sampling.max_prompts, config.seed
     )
     every_prompt = [p.prompt for p in train_prompts + eval_prompts]
-    reward, gold = reward_and_gold(
-        config.reward, config.watch.gold, config.watch.gold_model, every_prompt, str(rt.device)
-    )
+    placement, placed = config.distributed.placement, config.distributed.roles
+
+    def in_this_process(role: Any) -> bool:
+        return placement == "local" or role.colocate_with == "policy"
+
+    reward, gold = None, None  # built in the reward role's actor instead when it has one
+    if in_this_process(placed.reward):
+        reward, gold = reward_and_gold(
+            config.reward, config.watch.gold, config.watch.gold_model, every_prompt, str(rt.device)
+        )
     mini_batch = rt.train.batch_size * rt.train.grad_accum
     updates_per_epoch = mini_batches_per_epoch(
         algorithm.prompts_per_step, sampling.num_samples, rt.world_size, mini_batch
     )
-    # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own.
+    # One update per rollout, no critic, no KL in the reward: the old log-probs are the update's own. Not in
+    # asynchronous mode: there the rollout comes from the weights before the last update.
     on_policy = (
-        algorithm.ppo_epochs == 1
+        not algorithm.async_
+        and algorithm.ppo_epochs == 1
         and updates_per_epoch == 1
         and not estimator.needs_critic
         and (algorithm.kl_mode == "loss" or not algorithm.kl_coef)
     )
 
     policy, _ = load_model(config.model, config.peft, tokenizer)
-    frozen_copy = frozen_reference(policy, algorithm.kl_coef, rt.device)
+    frozen_copy = frozen_reference(policy, algorithm.kl_coef, rt.device) if in_this_process(placed.reference) else None
     separate_critic = estimator.needs_critic and not config.critic.shared
     critic = load_critic(config.critic.path, config.model, config.peft, tokenizer) if separate_critic else None
     trained = ActorCritic(policy, critic, shared_value_head=estimator.needs_critic and config.critic.shared)
@@ -126,7 +123,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
     engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
-    roles = Roles(engine, trained, frozen_copy, reward, gold)
+    here = local_roles(trained.policy, engine, frozen_copy, algorithm.kl_coef, batches, reward, gold)
 
     module = rt.setup(
         trained,
@@ -148,21 +145,100 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     if ptx is not None:
         ptx.drawn = state.get("ptx_drawn", 0)
     warnings: list[dict[str, Any]] = state.get("warnings", [])
-    stopped_by: str | None = None
     settings = SamplingSettings(
         sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k
     )
-    my_eval_prompts = eval_prompts[rt.accelerator.process_index :: rt.world_size]
     rt.log(
         f"ppo: advantage {algorithm.advantage}, {algorithm.prompts_per_step} prompts x {sampling.num_samples} samples per step, "
         f"{algorithm.ppo_epochs} epoch(s) x {updates_per_epoch} update(s), kl {algorithm.kl_mode} ({algorithm.kl_estimator}, coef {kl_controller.value}), "
         f"{len(train_prompts)} training / {len(eval_prompts)} held-out prompts"
     )
 
+    with ExitStack() as placement_scope:
+        roles = here
+        if placement == "ray":
+            cpus = sum(
+                r.num_cpus * getattr(r, "num_engines", 1) for r in (placed.rollout, placed.reference, placed.reward)
+            )
+            placement_scope.enter_context(ray_runtime(config.distributed, rt.run_dir, cpus + 1, rt.log))
+            roles = ray_roles(config, every_prompt, here)
+            placement_scope.callback(roles.close)
+            if rt.is_main:
+                write_placement(roles, rt.run_dir)
+        with rt.full_weights(module):
+            roles.sync(trained.policy, rt.global_step)  # the engines start from the trainer's weights
+        summary = _train(
+            config,
+            rt,
+            module,
+            trained,
+            roles,
+            train_prompts,
+            eval_prompts,
+            settings,
+            batches,
+            ptx,
+            kl_controller,
+            moments,
+            watch,
+            warnings,
+            updates_per_epoch,
+            on_policy,
+        )
+    return rt.finish(module, tokenizer, summary)
+
+
+def _train(
+    config: PpoConfig,
+    rt: Runtime,
+    module: Any,
+    trained: ActorCritic,
+    roles: Roles,
+    train_prompts: list[TokenizedPrompt],
+    eval_prompts: list[TokenizedPrompt],
+    settings: SamplingSettings,
+    batches: RolloutBatches,
+    ptx: PtxMix | None,
+    kl_controller: Any,
+    moments: RunningMoments,
+    watch: TrainingWatch,
+    warnings: list[dict[str, Any]],
+    updates_per_epoch: int,
+    on_policy: bool,
+) -> dict[str, Any]:
+    """The steps: rollout, epochs of updates, weight sync, the KL controller, the watch, records, evaluation.
+    Asynchronous mode (``algorithm.async``) asks for step t+1's rollout as soon as step t's has arrived, from
+    the weights before step t's update, so sampling and training overlap (staleness 1, checked by the engines)."""
+    algorithm, sampling = config.algorithm, config.sampling
+    mini_batch = rt.train.batch_size * rt.train.grad_accum
+    stopped_by: str | None = None
+    my_eval_prompts = eval_prompts[rt.accelerator.process_index :: rt.world_size]
+    behaviour_temperature = sampling.temperature if algorithm.async_ else None
+
+    def ask_for_rollout(step: int, prompts: list[TokenizedPrompt], min_version: int) -> Any:
+        keys = [sample_key(config.seed, step, p.index) for p in prompts]
+        return roles.submit_rollout(
+            [p.prompt_ids for p in prompts], settings, keys, min_version, behaviour_temperature
+        )
+
+    pending = None
     for step_prompts in rt.iterations(train_prompts):
-        with rt.full_weights(module):  # a sharded policy is gathered for the rollout: each process samples alone
+        step = rt.global_step
+        if pending is None:  # synchronous, or the first step of an asynchronous run
+            with rt.full_weights(module):  # a sharded policy is gathered for the rollout: each process samples alone
+                sampled = ask_for_rollout(step, step_prompts, step).result()
+        else:
+            sampled = pending.result()
+            pending = None
+        if algorithm.async_:
+            following = rt.rows_of_step(train_prompts, step + 1)
+            if following is not None:  # sampled now, on the weights before this step's update (version step)
+                pending = ask_for_rollout(step + 1, following, step)
+        with rt.full_weights(module):
             rollout = make_rollout(
                 step_prompts,
+                sampled,
+                trained,
                 roles,
                 settings,
                 algorithm,
@@ -171,9 +247,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                 batches,
                 rt.sum_over_processes,
                 on_policy,
-                [sample_key(config.seed, rt.global_step, p.index) for p in step_prompts],
             )
         step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
+        step_stats.last("rollout_version_lag", step - sampled.version)  # 1 in asynchronous mode, else 0
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
@@ -197,7 +273,8 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
                     step_stats.merge(stats)
                     rt.backward(loss)
                 rt.update()
-        engine.sync_weights(trained.policy)
+        with rt.full_weights(module):
+            roles.sync(trained.policy, step + 1)
 
         step_stats = rt.all_reduce(step_stats)
         step_metrics = step_stats.values()  # what the KL controller and the watch read, before the step is logged
@@ -230,17 +307,36 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         if eval_prompts and rt.should_evaluate():
             with rt.full_weights(module):
                 results = held_out_evaluation(
-                    my_eval_prompts, engine, reward, gold, sampling.max_new_tokens, rt.sum_over_processes, rt.device
+                    my_eval_prompts,
+                    roles.engine(),
+                    roles.reward,
+                    roles.gold,
+                    sampling.max_new_tokens,
+                    rt.sum_over_processes,
+                    rt.device,
                 )
             rt.record_evaluation(results)
 
-    summary = {"advantage": algorithm.advantage, "watch_warnings": warnings, "stopped_by_watch": stopped_by}
-    return rt.finish(module, tokenizer, summary)
+    summary: dict[str, Any] = {
+        "advantage": algorithm.advantage,
+        "watch_warnings": warnings,
+        "stopped_by_watch": stopped_by,
+    }
+    if config.distributed.placement == "ray":
+        syncs = roles.sync_seconds
+        summary["placement"] = {
+            "roles": roles.describe(),
+            "restarts": roles.restarts(),
+            "weight_sync_s_mean": sum(syncs) / max(len(syncs), 1),
+        }
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
 def make_rollout(
     prompts: list[TokenizedPrompt],
+    sampled: Sampled,
+    trained: ActorCritic,
     roles: Roles,
     settings: SamplingSettings,
     algorithm: AlgorithmBlock,
@@ -249,16 +345,15 @@ def make_rollout(
     batches: RolloutBatches,
     sum_over_processes: SumOverProcesses,
     on_policy: bool = False,
-    prompt_keys: list[int] | None = None,
 ) -> Rollout:
     """Sample, score, and compute everything the updates need (all without gradients). ``on_policy``: the rollout
     gets exactly one update, so its log-probs before the update are the update's own (``ppo_micro_loss`` takes
     them from its forward) and the separate old-policy pass is skipped. ``sum_over_processes`` sums a tensor over
     every process (``Runtime.sum_over_processes``): the reward statistics and the whitening span the whole rollout.
-    ``prompt_keys``: each prompt's ``sample_key`` (seed, step, prompt), so the samples are the same whichever
-    process or engine draws them."""
+    ``sampled``: the engines' responses to ``prompts`` (with the behaviour log-probs in asynchronous mode: the
+    weights that sampled them are one update behind ``trained``'s)."""
     device = batches.device
-    groups = roles.engine.generate([p.prompt_ids for p in prompts], settings, prompt_keys)
+    groups = sampled.groups
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     responses = [r for group in groups for r in group]
     texts = [r.text for r in responses]
@@ -272,15 +367,16 @@ def make_rollout(
     raw = torch.tensor(breakdown["total"], dtype=torch.float32, device=device)
     scores = rl.optimised_scores(raw, algorithm.reward_normalize, algorithm.reward_clip, moments, sum_over_processes)
 
-    policy, temperature = roles.trained.policy, settings.temperature
-    old_logps = None if on_policy else to_actions(score_logps(policy, rows, temperature, batches), mask)
+    policy, temperature = trained.policy, settings.temperature
+    old_logps: torch.Tensor | None
+    if sampled.behaviour_logps is not None:
+        old_logps = to_actions(sampled.behaviour_logps.to(device), mask)
+    else:
+        old_logps = None if on_policy else to_actions(score_logps(policy, rows, temperature, batches), mask)
     ref_logps = None
-    if roles.frozen_reference is not None:
-        ref_logps = to_actions(score_logps(roles.frozen_reference, rows, temperature, batches), mask)
-    elif algorithm.kl_coef:
-        with reference_model(policy) as reference:
-            ref_logps = to_actions(score_logps(reference, rows, temperature, batches), mask)
-    values = to_actions(critic_values(roles.trained, rows, batches), mask) if roles.trained.has_critic else None
+    if roles.reference is not None:
+        ref_logps = to_actions(roles.reference_logps(rows, temperature).to(device), mask)
+    values = to_actions(critic_values(trained, rows, batches), mask) if trained.has_critic else None
     # Without old log-probs the KL can only enter the loss (on_policy requires it); the reward then carries none.
     if old_logps is not None and ref_logps is not None:
         kl = rl.kl_estimate(old_logps, ref_logps, algorithm.kl_estimator, mask=mask)

@@ -387,6 +387,15 @@ class Runtime:
             self._progress.close()
             self._restore_signal_handlers()
 
+    def rows_of_step(self, rows: Sequence[Any], step: int) -> list[Any] | None:
+        """This process's share of step ``step``'s rows, what :meth:`iterations` yields at that step; None past the
+        last step. Asynchronous RL samples the next step's prompts while this one trains."""
+        if step >= self.total_steps:
+            return None
+        epoch, group = divmod(step, self.steps_per_epoch)
+        members = self._epoch_order(epoch, len(rows))[group * self.rows_per_step : (group + 1) * self.rows_per_step]
+        return [rows[i] for i in members[self.accelerator.process_index :: self.world_size]]
+
     def iterations(self, rows: Sequence[Any]) -> Iterator[list[Any]]:
         """For recipes whose step is more than one optimizer update (online RL: sample, score, then several
         updates): this process's share of each step's ``rows_per_step`` rows, from the current step to the last.

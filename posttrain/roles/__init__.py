@@ -1,0 +1,267 @@
+"""Online RL's roles and their placement (``distributed.placement``, ``distributed.roles``).
+
+The policy trainer (with the critic) is the training process. The other roles are plain classes
+(``roles.workers``): the rollout engines (:class:`~posttrain.roles.workers.Sampler`), the frozen reference and
+the reward (:class:`~posttrain.roles.workers.Scorer`). ``placement: local`` keeps them all in the training process,
+on the trained policy itself (today's behaviour and speed); ``placement: ray`` puts each in a Ray actor of its own
+(``colocate_with: policy`` keeps one in the training process), built from the config with the same loading code.
+:class:`Roles` is what the recipe talks to: the same calls whatever the placement.
+
+Weight sync: after every update the trainer's trainable parameters (a LoRA policy's adapter only) go to every
+engine with the policy's version; an engine refuses to sample below the version the step needs (the trainer's
+own, or one behind it in asynchronous mode), and every sync is checked and has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import PpoConfig
+from posttrain.data.packing import Row
+from posttrain.data.records import Prompt
+from posttrain.models.scoring import RolloutBatches
+from posttrain.rewards import Reward, WeightedReward
+from posttrain.roles.placement import LocalRole, Pending, RayRole, RoleFailed, ray_runtime
+from posttrain.roles.workers import Reference, Sampler, Scorer, StaleWeights, pack_weights, trainable_weights
+from posttrain.rollout import HFEngine, Response, SamplingSettings
+
+__all__ = ["Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "ray_roles", "ray_runtime"]
+
+Role = LocalRole | RayRole
+
+
+@dataclass
+class Sampled:
+    """One rollout's responses (``groups[i]``: prompt ``i``'s) and, when asked for, the flat log-probs of their
+    tokens under the weights that sampled them (``behaviour_logps``, in row order), and that weights' version."""
+
+    groups: list[list[Response]]
+    behaviour_logps: torch.Tensor | None
+    version: int
+
+
+@dataclass
+class Roles:
+    """The rollout engines, the reference (None without a KL anchor) and the scorer, wherever they run."""
+
+    samplers: list[Role]
+    reference: Role | None
+    scorer: Role
+    sync_timeout_s: float = 60.0
+    version: int = 0
+    sync_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        has_gold, gold_needs_reference = self.scorer.submit("gold_info").result()
+        # Called as rewards.WeightedReward and rewards.Reward are (held-out evaluation, gold_sum take them).
+        self.reward: Any = _ScorerView(self.scorer)
+        self.gold: Any = _GoldView(self.scorer, gold_needs_reference) if has_gold else None
+
+    # ------------------------------------------------------------------------------------------ rollout engines
+    def sync(self, policy: Any, version: int) -> None:
+        """Every engine at ``version`` of ``policy``'s weights. In-process engines sample from the policy itself
+        (only their version moves); the others get its trainable parameters, each acknowledging the version."""
+        started = time.perf_counter()
+        remote = [s for s in self.samplers if isinstance(s, RayRole)]
+        for sampler in self.samplers:
+            if isinstance(sampler, LocalRole):
+                sampler.instance.set_version(version)
+        if remote:
+            packed = pack_weights(trainable_weights(policy))
+            pending = [s.submit("load_weights", version, packed, timeout_s=self.sync_timeout_s) for s in remote]
+            for sampler, answer in zip(remote, pending):
+                acknowledged = answer.result()
+                if acknowledged != version:
+                    raise RoleFailed(
+                        f"role {sampler.name} acknowledged weights of version {acknowledged}, not {version}"
+                    )
+        self.version = version
+        self.sync_seconds.append(time.perf_counter() - started)
+
+    def submit_rollout(
+        self,
+        prompt_ids: Sequence[list[int]],
+        settings: SamplingSettings,
+        keys: Sequence[int],
+        min_version: int,
+        behaviour_temperature: float | None = None,
+    ) -> Pending:
+        """Start sampling ``prompt_ids`` (the engines take contiguous shares); ``.result()`` is a :class:`Sampled`.
+        A sample depends on its key only, so the split does not change it."""
+        shares = _split(len(prompt_ids), len(self.samplers))
+        calls = []
+        for sampler, (start, stop) in zip(self.samplers, shares):
+            if start == stop:
+                continue
+            arguments = (list(prompt_ids[start:stop]), settings, list(keys[start:stop]), min_version)
+            calls.append(sampler.submit("sample", *arguments, behaviour_temperature))
+
+        def gather() -> Sampled:
+            groups: list[list[Response]] = []
+            logps: list[torch.Tensor] = []
+            versions = []
+            for call in calls:
+                share, share_logps, version = call.result()
+                groups += share
+                versions.append(version)
+                if share_logps is not None:
+                    logps.append(share_logps)
+            return Sampled(groups, torch.cat(logps) if logps else None, min(versions, default=self.version))
+
+        return Pending(fetch=gather)
+
+    def engine(self) -> Any:
+        """The engines as one ``RolloutEngine`` (greedy evaluation answers), at the current version: in the
+        training process, the engine on the trained policy itself."""
+        if len(self.samplers) == 1 and isinstance(self.samplers[0], LocalRole):
+            return self.samplers[0].instance.engine
+        return _EngineView(self)
+
+    # ------------------------------------------------------------------------------------ reference and reward
+    def reference_logps(self, rows: list[Row], temperature: float) -> torch.Tensor:
+        assert self.reference is not None, "no reference without a KL anchor"
+        return self.reference.submit("logps", rows, temperature).result()
+
+    # ------------------------------------------------------------------------------------------------- the end
+    def describe(self) -> dict[str, Any]:
+        roles = [*self.samplers, *([self.reference] if self.reference else []), self.scorer]
+        return {
+            role.name: {"placement": "ray" if isinstance(role, RayRole) else "local", "pid": role.pid()}
+            for role in roles
+        }
+
+    def restarts(self) -> dict[str, int]:
+        roles = [*self.samplers, *([self.reference] if self.reference else []), self.scorer]
+        return {role.name: role.restarted for role in roles if isinstance(role, RayRole) and role.restarted}
+
+    def close(self) -> None:
+        for role in [*self.samplers, *([self.reference] if self.reference else []), self.scorer]:
+            role.close()
+
+
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        stop = start + base + (1 if part < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class _EngineView:
+    """``RolloutEngine`` over the roles' engines (held-out evaluation samples greedily through it)."""
+
+    def __init__(self, roles: Roles) -> None:
+        self.roles = roles
+
+    def generate(
+        self, prompt_ids: list[list[int]], settings: SamplingSettings, prompt_keys: list[int] | None = None
+    ) -> list[list[Response]]:
+        keys = prompt_keys if prompt_keys is not None else [0] * len(prompt_ids)
+        return self.roles.submit_rollout(prompt_ids, settings, keys, self.roles.version).result().groups
+
+    def sync_weights(self, model: Any) -> None:  # the recipe syncs through Roles.sync
+        raise NotImplementedError
+
+
+class _ScorerView:
+    """The reward, as ``WeightedReward`` is called (``breakdown``, a call for totals), answered by the scorer role."""
+
+    needs_reference = False  # checked where the scorer was built
+
+    def __init__(self, scorer: Role) -> None:
+        self.scorer = scorer
+
+    def breakdown(
+        self, messages: Sequence[Any], texts: Sequence[str], references: Sequence[str | None], finished: Sequence[bool]
+    ) -> dict[str, list[float]]:
+        return self.scorer.submit("breakdown", list(messages), list(texts), list(references), list(finished)).result()
+
+    def __call__(
+        self,
+        messages: Sequence[Any],
+        texts: Sequence[str],
+        references: Sequence[str | None],
+        finished: Sequence[bool] | None = None,
+    ) -> list[float]:
+        done = list(finished) if finished is not None else [True] * len(texts)
+        return self.scorer.submit("total", list(messages), list(texts), list(references), done).result()
+
+
+class _GoldView:
+    """The gold reward as a ``Reward`` (``eval.verifiable.gold_sum`` calls it), answered by the scorer role."""
+
+    name = "gold"
+
+    def __init__(self, scorer: Role, needs_reference: bool) -> None:
+        self.scorer, self.needs_reference = scorer, needs_reference
+
+    def __call__(self, messages: Sequence[Any], texts: Sequence[str], references: Sequence[str | None]) -> list[float]:
+        return self.scorer.submit("gold_scores", list(messages), list(texts), list(references)).result()
+
+
+# ------------------------------------------------------------------------------------------------------ building
+def local_roles(
+    policy: Any,
+    engine: HFEngine,
+    frozen_copy: Any,
+    kl_coef: float,
+    batches: RolloutBatches,
+    reward: WeightedReward | None,
+    gold: Reward | None,
+) -> Roles:
+    """Every role in the training process, on the trained policy itself (``placement: local``)."""
+    reference = None
+    if frozen_copy is not None or kl_coef:
+        model = frozen_copy if frozen_copy is not None else policy
+        reference = LocalRole("reference", Reference(model, frozen_copy is None, batches))
+    sampler = LocalRole("rollout-0", Sampler(policy, engine, batches, version=0))
+    return Roles([sampler], reference, LocalRole("reward", Scorer(reward, gold)))
+
+
+def ray_roles(
+    config: PpoConfig,
+    every_prompt: list[Prompt],
+    local: Roles,
+) -> Roles:
+    """``placement: ray``: each role not colocated with the policy in a Ray actor of its own, built from
+    ``config``; the colocated ones are ``local``'s (the trainer's process)."""
+    distributed = config.distributed
+    settings = distributed.roles
+
+    def actor(name: str, kind: str, block: Any) -> RayRole:
+        resources = {"num_cpus": block.num_cpus, "num_gpus": block.num_gpus}
+        return RayRole(
+            name,
+            kind,
+            config,
+            every_prompt,
+            resources,
+            block.threads,
+            distributed.call_timeout_s,
+            distributed.restarts,
+        )
+
+    if settings.rollout.colocate_with == "policy":
+        samplers: list[Role] = list(local.samplers)
+    else:
+        samplers = [actor(f"rollout-{i}", "rollout", settings.rollout) for i in range(settings.rollout.num_engines)]
+    reference = local.reference
+    if reference is not None and settings.reference.colocate_with is None:
+        reference = actor("reference", "reference", settings.reference)
+    scorer = local.scorer if settings.reward.colocate_with == "policy" else actor("reward", "reward", settings.reward)
+    return Roles(samplers, reference, scorer, distributed.sync_timeout_s)
+
+
+def write_placement(roles: Roles, run_dir: Path) -> None:
+    """``roles.json`` in the run directory: each role's placement and process id (what an operator, or a test,
+    signals or watches)."""
+    (run_dir / "roles.json").write_text(json.dumps(roles.describe(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,262 @@
+"""Online RL's roles placed on Ray (``distributed.placement: ray``) on a local Ray runtime on CPU: the same weights
+as every role in one process, the engines' weights after a sync bit for bit the trainer's, a stale engine refused,
+a dead role failing the run fast (or restarted), and the asynchronous mode's off-policy bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import sft_config
+from safetensors.torch import load_file
+
+from posttrain.config import ConfigError
+from posttrain.recipes import ppo
+from posttrain.roles import StaleWeights
+from posttrain.roles.workers import Sampler, build_role, pack_weights, trainable_weights
+from posttrain.rollout import SamplingSettings
+
+ray = pytest.importorskip("ray")  # the dev extra installs it; CI fails on any skip
+
+REWARD = f"{__name__}:length_reward"
+
+
+def length_reward(prompt: str, response: str, reference: str | None) -> float:
+    """Differs between the untrained micro model's samples, so every group has an advantage to learn from."""
+    return len(response.split()) / 4.0
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Any:
+    """One local Ray runtime for the module (each start costs 7-10 s); runs join it. Its workers import this
+    test module (the reward above) through PYTHONPATH."""
+    tests = str(Path(__file__).parent)
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, previous) if p)
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
+    path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
+    return path
+
+
+def rl_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
+    defaults = {
+        "stage": "ppo",
+        "sampling__num_samples": 4,
+        "sampling__max_new_tokens": 6,
+        "algorithm__prompts_per_step": 4,
+        "algorithm__advantage": "grpo",
+        "algorithm__kl_mode": "loss",
+        "algorithm__kl_estimator": "k3",
+        "train__batch_size": 8,
+        "train__grad_accum": 2,
+        "train__max_steps": 3,
+        "reward__function": REWARD,
+        "watch__gold": "toy",
+        "optim__lr": 1e-2,
+    }
+    return sft_config(model, data, out, **{**defaults, **overrides})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+ON_RAY = {
+    "distributed__placement": "ray",
+    "distributed__roles__rollout__num_engines": 2,
+    "distributed__call_timeout_s": 120,
+}
+ESTIMATORS = {
+    "grpo": {},
+    "ppo": {"algorithm__advantage": "gae", "algorithm__kl_mode": "reward", "algorithm__kl_estimator": "k1"},
+}
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
+def test_ray_placement_trains_to_the_weights_of_one_process(
+    estimator, ray_session, toy, micro_model, tmp_path
+) -> None:
+    """The same config and seed, every role in the training process or the rollout (two engines), the reference
+    and the reward each in a Ray actor: the same samples (the rollout's statistics), the same metrics, and final
+    weights within 1e-4. PPO's critic trains with the policy in both. The weights really moved."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    settings = ESTIMATORS[estimator]
+    ppo.run(rl_config(micro_model, data, tmp_path / "local", **settings))
+    summary = ppo.run(rl_config(micro_model, data, tmp_path / "ray", **settings, **ON_RAY))
+    placed = json.loads((tmp_path / "ray" / "roles.json").read_text())
+    assert {name: role["placement"] for name, role in placed.items()} == {
+        "rollout-0": "ray",
+        "rollout-1": "ray",
+        "reference": "ray",
+        "reward": "ray",
+    }
+    assert len({role["pid"] for role in placed.values()} | {os.getpid()}) == 5  # five processes
+    assert summary["placement"]["weight_sync_s_mean"] > 0
+    local, remote = metrics(tmp_path / "local"), metrics(tmp_path / "ray")
+    for a, b in zip(local, remote, strict=True):
+        for key in ("reward", "response_length", "gold_reward", "kl"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    initial, trained = weights(micro_model), weights(tmp_path / "local" / "model")
+    assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 1e-3
+    for key, value in weights(tmp_path / "ray" / "model").items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-4, msg=key)
+
+
+def test_a_sync_gives_the_engine_the_trainers_weights_bit_for_bit_and_a_stale_engine_refuses(
+    micro_model, toy, tmp_path
+) -> None:
+    """The plain classes, without Ray: a LoRA policy syncs only its adapter; after the sync the engine's trainable
+    weights equal the trainer's bit for bit; an engine asked for a newer version than it holds refuses to sample,
+    and a sync that does not move the version forward is refused."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    config = rl_config(micro_model, data, tmp_path / "run", peft__method="lora")
+    trainer_side = build_role("rollout", config, [])
+    engine = build_role("rollout", config, [])
+    assert isinstance(engine, Sampler)
+    moved = trainable_weights(trainer_side.policy)
+    assert moved and all("lora_" in name for name in moved)  # only the adapter travels
+    with torch.no_grad():
+        for tensor in moved.values():
+            tensor.add_(torch.randn_like(tensor))
+    assert engine.load_weights(1, pack_weights(moved)) == 1
+    for name, value in engine.weights().items():
+        assert torch.equal(value, moved[name]), name
+    settings = SamplingSettings(2, 4, 1.0)
+    with pytest.raises(StaleWeights, match="version 1; this step needs version 2"):
+        engine.generate([[1, 2, 3]], settings, [7], 2)
+    assert len(engine.generate([[1, 2, 3]], settings, [7], 1)[0]) == 2
+    with pytest.raises(StaleWeights, match="already at version 1"):
+        engine.load_weights(1, pack_weights(moved))
+
+
+def test_bfloat16_weights_travel_exactly(micro_model, toy, tmp_path) -> None:
+    """numpy has no bfloat16: those tensors travel as their bit patterns and arrive identical."""
+    from posttrain.roles.workers import unpack_weights
+
+    tensor = torch.randn(5, 3).to(torch.bfloat16)
+    back = unpack_weights(pack_weights({"w": tensor}))["w"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, tensor)
+
+
+def test_async_mode_samples_one_step_behind_with_the_behaviour_log_probs(
+    ray_session, toy, micro_model, tmp_path
+) -> None:
+    """algorithm.async: step t's rollout is sampled by weights of version t-1 (t >= 1): the engines record it
+    and the trainer's first epoch then sees a ratio away from 1 (the behaviour policy is not the current one),
+    while a synchronous run's first update has ratio exactly 1 (approx_kl 0). Learning still happens."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    common = {**ON_RAY, "distributed__roles__rollout__num_engines": 1, "train__max_steps": 3}
+    ppo.run(rl_config(micro_model, data, tmp_path / "sync", **common))
+    ppo.run(rl_config(micro_model, data, tmp_path / "async", **common, algorithm__async=True))
+    sync, asynchronous = metrics(tmp_path / "sync"), metrics(tmp_path / "async")
+    sync_kl = [r["approx_kl"] for r in sync if "approx_kl" in r]
+    async_kl = [r["approx_kl"] for r in asynchronous if "approx_kl" in r]
+    assert sync_kl[0] == pytest.approx(0.0, abs=1e-7) and async_kl[0] == pytest.approx(0.0, abs=1e-7)
+    assert all(value > 1e-6 for value in async_kl[1:]), async_kl  # off-policy by one update from step 2 on
+    assert all(value < 1e-6 for value in sync_kl), sync_kl
+    assert [r.get("rollout_version_lag") for r in asynchronous if "approx_kl" in r] == [0, 1, 1]
+
+
+def test_async_needs_engines_of_their_own() -> None:
+    from posttrain.config import load_config
+
+    with pytest.raises(ConfigError, match="algorithm.async=true .* distributed.placement=ray"):
+        load_config(None, ["stage=ppo", "model.path=m", "data.train=d", "algorithm.async=true"])
+    with pytest.raises(ConfigError, match="distributed.restarts places roles on Ray"):
+        load_config(None, ["stage=ppo", "model.path=m", "data.train=d", "distributed.restarts=1"])
+    with pytest.raises(ConfigError, match="stage sft has none"):
+        load_config(None, ["stage=sft", "model.path=m", "data.train=d", "distributed.placement=ray"])
+
+
+def _train_command(micro_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "posttrain",
+        "train",
+        "posttrain/configs/grpo.yaml",
+        f"model.path={micro_model}",
+        f"data.train={data}",
+        f"output_dir={out}",
+        "sampling.max_new_tokens=6",
+        "sampling.num_samples=4",
+        "algorithm.prompts_per_step=4",
+        "train.batch_size=8",
+        "train.max_steps=400",
+        "train.eval_every=0",
+        "logging.progress=false",
+        "reward.function=toy_format",
+        "distributed.placement=ray",
+        "distributed.roles.rollout.num_engines=1",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_killed_role_fails_the_run_fast_or_is_restarted(restarts, toy, micro_model, tmp_path) -> None:
+    """``posttrain train`` with roles on Ray (its own local Ray runtime); the rollout engine's actor is killed with
+    SIGKILL mid-run. Without restarts the run exits non-zero within 60 s, its last line naming the role; with one
+    restart a new engine is built, takes the last weights, and the run goes on to its next steps."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    extra = [f"distributed.restarts={restarts}"] if restarts else []
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    process = subprocess.Popen(
+        _train_command(micro_model, data, out, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.2)
+        placed = json.loads((out / "roles.json").read_text())
+        steps_before = len(metrics(out))
+        os.kill(placed["rollout-0"]["pid"], signal.SIGKILL)
+        killed = time.time()
+        if restarts == 0:
+            _, stderr = process.communicate(timeout=60)
+            assert time.time() - killed < 60
+            assert process.returncode not in (0, None)
+            last = stderr.strip().splitlines()[-1]
+            assert "rollout-0" in last and "died" in last, stderr[-2000:]
+        else:
+            while len(metrics(out)) < steps_before + 3:
+                assert process.poll() is None, process.communicate()[1][-3000:]
+                assert time.time() - killed < 90, "the run did not go on after the restart"
+                time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
