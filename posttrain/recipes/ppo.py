@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from posttrain import rl
-from posttrain.config import AlgorithmBlock, PpoConfig, SamplingBlock
+from posttrain.config import AlgorithmBlock, ConfigError, PpoConfig, SamplingBlock
 from posttrain.data.dataset import end_of_turn_ids, use_chat_template
 from posttrain.data.packing import Row
 from posttrain.data.records import Prompt
@@ -157,6 +157,13 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
     with ExitStack() as placement_scope:
         roles = here
         if placement == "ray":
+            if rt.world_size > 1 or config.distributed.strategy != "ddp":
+                # Not built yet: the trainer group as Ray actors (one process group among them), and syncing
+                # from sharded parameters (FSDP, ZeRO-3) without gathering them on one process.
+                raise ConfigError(
+                    "distributed.placement=ray trains the policy in one process with strategy ddp for now "
+                    f"(got {rt.world_size} processes, strategy {config.distributed.strategy})"
+                )
             cpus = sum(
                 r.num_cpus * getattr(r, "num_engines", 1) for r in (placed.rollout, placed.reference, placed.reward)
             )

@@ -130,19 +130,20 @@ class Roles:
         return self.reference.submit("logps", rows, temperature).result()
 
     # ------------------------------------------------------------------------------------------------- the end
+    def all(self) -> list[Role]:
+        return [*self.samplers, *([self.reference] if self.reference else []), self.scorer]
+
     def describe(self) -> dict[str, Any]:
-        roles = [*self.samplers, *([self.reference] if self.reference else []), self.scorer]
         return {
             role.name: {"placement": "ray" if isinstance(role, RayRole) else "local", "pid": role.pid()}
-            for role in roles
+            for role in self.all()
         }
 
     def restarts(self) -> dict[str, int]:
-        roles = [*self.samplers, *([self.reference] if self.reference else []), self.scorer]
-        return {role.name: role.restarted for role in roles if isinstance(role, RayRole) and role.restarted}
+        return {role.name: role.restarted for role in self.all() if isinstance(role, RayRole) and role.restarted}
 
     def close(self) -> None:
-        for role in [*self.samplers, *([self.reference] if self.reference else []), self.scorer]:
+        for role in self.all():
             role.close()
 
 
@@ -263,5 +264,12 @@ def ray_roles(
 
 def write_placement(roles: Roles, run_dir: Path) -> None:
     """``roles.json`` in the run directory: each role's placement and process id (what an operator, or a test,
-    signals or watches)."""
-    (run_dir / "roles.json").write_text(json.dumps(roles.describe(), indent=2) + "\n", encoding="utf-8")
+    signals or watches), written again whenever a role restarts."""
+
+    def write() -> None:
+        (run_dir / "roles.json").write_text(json.dumps(roles.describe(), indent=2) + "\n", encoding="utf-8")
+
+    for role in roles.all():
+        if isinstance(role, RayRole):
+            role.on_restart = write
+    write()

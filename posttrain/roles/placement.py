@@ -16,6 +16,7 @@ hang: TRL #6796/#6797, OpenRLHF #265):
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -98,6 +99,7 @@ class RayRole:
         self._resources = resources
         self._replay: dict[str, tuple[Any, ...]] = {}
         self.restarted = 0
+        self.on_restart: Any = None  # called after a restart (roles.json follows the new process)
         self._start()
 
     def _start(self) -> None:
@@ -125,15 +127,23 @@ class RayRole:
         while True:
             try:
                 return self._get(reference, method, timeout_s)
-            except RoleFailed:
+            except RoleFailed as failure:
                 if self.restarts_left <= 0:
                     raise
                 self.restarts_left -= 1
                 self.restarted += 1
-                self._restart()
+                print(
+                    f"ray: {failure}; restarting it from the last weight sync ({self.restarts_left} restart(s) left)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                replayed = self._restart()
+                if method in replayed:  # the failed call was the last sync itself: the replay made it
+                    return replayed[method]
                 reference = self.actor.call.remote(method, *args)
 
-    def _restart(self) -> None:
+    def _restart(self) -> dict[str, Any]:
+        """A new actor, given the remembered calls again; their answers by method."""
         import ray
 
         try:
@@ -141,8 +151,12 @@ class RayRole:
         except Exception:  # already gone: that is why it restarts
             pass
         self._start()
-        for method, args in self._replay.items():
-            self._get(self.actor.call.remote(method, *args), method, self.timeout_s)
+        if self.on_restart is not None:
+            self.on_restart()
+        return {
+            method: self._get(self.actor.call.remote(method, *args), method, self.timeout_s)
+            for method, args in self._replay.items()
+        }
 
     def _get(self, reference: Any, method: str, timeout_s: float) -> Any:
         import ray
