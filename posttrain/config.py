@@ -537,8 +537,28 @@ class KtoConfig(StageConfig):
     """Loss options."""
 
 
+class VllmBlock(Block):
+    """The vLLM engine's settings (sampling.engine=vllm, on a CUDA GPU)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs each engine's model is split over."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Fraction of the GPU's memory vLLM takes (weights and KV cache); small when the trainer shares the GPU."""
+    sleep: bool = False
+    """Between rollouts, offload the engine's weights to CPU and free its KV cache (vLLM sleep mode), giving the
+    GPU back to a colocated trainer; it wakes for the next weight sync."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The engine's weights and compute dtype."""
+
+
 class SamplingBlock(Block):
     """How responses are sampled from the policy."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: posttrain's decoding loop on the transformers model (CPU or GPU); vllm: vLLM (CUDA GPU, the vllm extra),
+    with sampling.vllm's settings."""
+    vllm: VllmBlock = Field(default_factory=VllmBlock)
+    """sampling.engine=vllm only."""
 
     num_samples: int = Field(8, ge=1)
     """Responses per prompt (n of best-of-n)."""
@@ -554,6 +574,12 @@ class SamplingBlock(Block):
     """Prompts × samples generated per batch."""
     max_prompts: int | None = Field(None, ge=1)
     """Use only the first N prompts of data.train (a quick round, or a CPU budget); none uses all."""
+
+    @model_validator(mode="after")
+    def _vllm_settings_need_vllm(self) -> SamplingBlock:
+        if self.engine != "vllm" and self.vllm != VllmBlock():
+            raise ValueError("sampling.vllm configures the vLLM engine; it does nothing with sampling.engine=hf")
+        return self
 
 
 class RewardSource(Block):
@@ -834,6 +860,11 @@ class PpoConfig(StageConfig):
                 "critic reads hidden states prompt learning does not expose, and a separate critic's scalar head never "
                 "sees the virtual tokens, so only its head would train; use a critic-free algorithm.advantage "
                 f"({critic_free}) or peft.method lora"
+            )
+        if self.sampling.engine == "vllm" and self.peft.method in PROMPT_LEARNING_METHODS:
+            raise ValueError(
+                f"sampling.engine=vllm cannot sample from a peft.method={self.peft.method} policy (vLLM has no virtual "
+                "tokens); use sampling.engine=hf"
             )
         placement, roles = self.distributed.placement, self.distributed.roles
         if self.algorithm.async_ and (placement != "ray" or roles.rollout.colocate_with is not None):

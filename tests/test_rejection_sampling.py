@@ -213,7 +213,7 @@ def test_train_after_writes_the_model_and_a_rerun_reuses_the_samples(toy, micro_
     def no_sampling(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a rerun sampled again")
 
-    monkeypatch.setattr(rs, "sample_responses", no_sampling)
+    monkeypatch.setattr(rs, "build_engine", no_sampling)
     again = rs.run(config)  # resume=auto: the samples and the finished SFT round are reused
     assert ((run / "samples.jsonl").stat().st_mtime_ns, (run / "samples.jsonl").read_bytes()) == before
     assert again["best_of_n_reward"] == summary["best_of_n_reward"] and again["sft"]["steps"] == 2

@@ -296,3 +296,53 @@ def test_vllm_engine_matches_transformers_and_follows_synced_weights(micro_model
             parameter.add_(torch.randn_like(parameter) * 0.5)
     vllm.sync_weights(model)
     assert [g[0].token_ids for g in vllm.generate(ids, greedy)] == [g[0].token_ids for g in hf.generate(ids, greedy)]
+
+
+def test_the_vllm_engine_is_refused_in_one_line_without_a_gpu(micro_model, toy, tmp_path, capsys) -> None:
+    """``sampling.engine=vllm`` on a machine without CUDA (or without vLLM): exit 2 and one line that says what
+    it needs, before any sampling; vLLM settings without the vLLM engine are refused as doing nothing."""
+    from posttrain.cli import main
+
+    if vllm_available():
+        pytest.skip("this machine can run vLLM: the refusal is for machines that cannot")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:8]))
+    base = ["train", "posttrain/configs/grpo.yaml", f"model.path={micro_model}", f"data.train={data}"]
+    assert main([*base, f"output_dir={tmp_path / 'run'}", "sampling.engine=vllm"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (
+        "error: sampling.engine=vllm needs a CUDA GPU and vLLM (pip install 'posttrain[vllm]'); use sampling.engine=hf"
+    )
+    assert main([*base, f"output_dir={tmp_path / 'run2'}", "sampling.vllm.sleep=true"]) == 2
+    assert (
+        "sampling.vllm configures the vLLM engine; it does nothing with sampling.engine=hf" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not vllm_available(), reason="the vLLM engine needs a CUDA GPU and vllm installed")
+def test_vllm_engine_syncs_a_lora_adapter_only_and_sleeps_between_rollouts(micro_model) -> None:
+    """A LoRA policy: vLLM serves the base with the synced adapter as a LoRA request, answering (greedy) as the
+    peft model does after its adapter moved; with sleep on, the engine sleeps after each call and wakes for the
+    next, answering the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.rollout.vllm import VllmEngine
+
+    base, tokenizer = load(micro_model)
+    model = get_peft_model(base.float().cuda(), LoraConfig(r=8, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    stop = {tokenizer.eos_token_id}
+    hf = HFEngine(model, tokenizer, stop)
+    ids = [render_prompt_ids(tokenizer, m) for m in PROMPTS]
+    greedy = SamplingSettings(1, 12)
+    engine = VllmEngine(str(micro_model), stop, dtype="float32", gpu_memory_utilization=0.2, sleep=True, lora_rank=8)
+    engine.sync_weights(model)
+    assert engine.lora_request is not None and engine.asleep
+    expected = [g[0].token_ids for g in hf.generate(ids, greedy)]
+    assert [g[0].token_ids for g in engine.generate(ids, greedy)] == expected
+    assert engine.asleep
+    assert [g[0].token_ids for g in engine.generate(ids, greedy)] == expected

@@ -44,7 +44,7 @@ from posttrain.models.scoring import RolloutBatches, critic_values, response_lay
 from posttrain.rewards import reward_and_gold
 from posttrain.rl import RunningMoments, SumOverProcesses
 from posttrain.roles import Roles, Sampled, local_roles, ray_roles, ray_runtime, write_placement
-from posttrain.rollout import HFEngine, SamplingSettings
+from posttrain.rollout import SamplingSettings, build_engine
 from posttrain.rollout.hf import sample_key
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
 from posttrain.runtime import Metrics, ModelSelection, Runtime
@@ -122,7 +122,9 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         ptx = PtxMix(rows, algorithm.ptx_coef, tokenizer.pad_token_id, rt.train.batch_size, process_index, world_size)
     # The policy module itself generates: accelerate's prepare moves and wraps it, but the object stays the same.
     stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
-    engine = HFEngine(trained.policy, tokenizer, stop_ids, batch_size=sampling.batch_size)
+    engine = build_engine(
+        sampling, config.model, config.peft, trained.policy, tokenizer, stop_ids, config.seed, config.data.max_length
+    )
     here = local_roles(trained.policy, engine, frozen_copy, algorithm.kl_coef, batches, reward, gold)
 
     module = rt.setup(

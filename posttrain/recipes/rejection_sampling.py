@@ -5,7 +5,7 @@ Choices this recipe makes:
 
 - Every prompt of ``data.train`` (prompt records: the turns before a final assistant turn, plus a ``reference``
   when the row has one) gets ``sampling.num_samples`` responses from the policy (``model.path``), sampled with
-  the rollout engine's decoding loop and KV cache (``rollout.sample_responses``), rendered with
+  the rollout engine's decoding loop and KV cache (``rollout.build_engine``: ours, or vLLM), rendered with
   ``data.template`` or the tokenizer's template (the one the SFT round then trains with), stopping at EOS or the
   template's end of turn.
 - Sampling comes first, scoring second, so the policy and a reward model are never in memory together. The
@@ -55,7 +55,7 @@ from posttrain.data.records import Prompt
 from posttrain.models import load_model, load_tokenizer
 from posttrain.recipes import sft
 from posttrain.rewards import WeightedReward, build_reward
-from posttrain.rollout import sample_responses
+from posttrain.rollout import SamplingSettings, build_engine, render_prompt_ids
 from posttrain.runtime.checkpoint import write_atomic
 
 SAMPLES, SAMPLES_META, SELECTED, SUMMARY = "samples.jsonl", "samples.meta.json", "selected.jsonl", "summary.json"
@@ -155,28 +155,28 @@ def sample_and_score(
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     template = use_chat_template(tokenizer, config.data.template)
-    # Gradient checkpointing turns the KV cache off; sampling trains nothing, so it is off here.
-    model, tokenizer = load_model(config.model.model_copy(update={"gradient_checkpointing": False}), None, tokenizer)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     sampling = config.sampling
+    model = None  # vLLM loads the weights itself
+    if sampling.engine == "hf":
+        # Gradient checkpointing turns the KV cache off; sampling trains nothing, so it is off here.
+        model, tokenizer = load_model(
+            config.model.model_copy(update={"gradient_checkpointing": False}), None, tokenizer
+        )
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    engine = build_engine(
+        sampling, config.model, None, model, tokenizer, end_of_turn_ids(tokenizer, template), config.seed
+    )
     print(
-        f"sampling {sampling.num_samples} responses for each of {len(prompts)} prompts (temperature {sampling.temperature}, "
-        f"top_p {sampling.top_p}, top_k {sampling.top_k}, up to {sampling.max_new_tokens} tokens; template {template})",
+        f"sampling {sampling.num_samples} responses for each of {len(prompts)} prompts with the {sampling.engine} engine "
+        f"(temperature {sampling.temperature}, top_p {sampling.top_p}, top_k {sampling.top_k}, up to "
+        f"{sampling.max_new_tokens} tokens; template {template})",
         file=sys.stderr,
     )
-    groups = sample_responses(
-        model,
-        tokenizer,
-        [p.messages for p in prompts],
-        num_samples=sampling.num_samples,
-        max_new_tokens=sampling.max_new_tokens,
-        batch_size=sampling.batch_size,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        stop_token_ids=end_of_turn_ids(tokenizer, template),
+    settings = SamplingSettings(
+        sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k
     )
-    del model  # before the reward model loads: one model in memory at a time
+    groups = engine.generate([render_prompt_ids(tokenizer, p.messages) for p in prompts], settings)
+    del model, engine  # before the reward model loads: one model in memory at a time
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

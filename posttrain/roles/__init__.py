@@ -30,7 +30,7 @@ from posttrain.models.scoring import RolloutBatches
 from posttrain.rewards import Reward, WeightedReward
 from posttrain.roles.placement import LocalRole, Pending, RayRole, RoleFailed, ray_runtime
 from posttrain.roles.workers import Reference, Sampler, Scorer, StaleWeights, pack_weights, trainable_weights
-from posttrain.rollout import HFEngine, Response, SamplingSettings
+from posttrain.rollout import Response, SamplingSettings
 
 __all__ = ["Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "ray_roles", "ray_runtime"]
 
@@ -66,13 +66,13 @@ class Roles:
 
     # ------------------------------------------------------------------------------------------ rollout engines
     def sync(self, policy: Any, version: int) -> None:
-        """Every engine at ``version`` of ``policy``'s weights. In-process engines sample from the policy itself
-        (only their version moves); the others get its trainable parameters, each acknowledging the version."""
+        """Every engine at ``version`` of ``policy``'s weights. In-process engines follow the policy they share the
+        process with; the others get its trainable parameters, each acknowledging the version."""
         started = time.perf_counter()
         remote = [s for s in self.samplers if isinstance(s, RayRole)]
         for sampler in self.samplers:
             if isinstance(sampler, LocalRole):
-                sampler.instance.set_version(version)
+                sampler.instance.follow_policy(version)
         if remote:
             packed = pack_weights(trainable_weights(policy))
             pending = [s.submit("load_weights", version, packed, timeout_s=self.sync_timeout_s) for s in remote]
@@ -212,7 +212,7 @@ class _GoldView:
 # ------------------------------------------------------------------------------------------------------ building
 def local_roles(
     policy: Any,
-    engine: HFEngine,
+    engine: Any,
     frozen_copy: Any,
     kl_coef: float,
     batches: RolloutBatches,

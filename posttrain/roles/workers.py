@@ -22,7 +22,7 @@ from posttrain.models.actor_critic import frozen_reference
 from posttrain.models.forward import reference_model
 from posttrain.models.scoring import RolloutBatches, response_layout, score_logps
 from posttrain.rewards import Reward, WeightedReward, reward_and_gold
-from posttrain.rollout import HFEngine, Response, SamplingSettings
+from posttrain.rollout import Response, SamplingSettings, build_engine
 
 # A weight sync's payload: parameter name -> (torch dtype name, array). numpy holds no bfloat16, so those travel
 # as their int16 bit patterns; numpy arrays go through Ray's object store without a copy per reader.
@@ -102,8 +102,10 @@ class Sampler:
         self.version = version
         return version
 
-    def set_version(self, version: int) -> None:
-        """In the trainer's process the engine samples from the trained policy itself: only the version moves."""
+    def follow_policy(self, version: int) -> None:
+        """In the trainer's process ``policy`` is the trained policy itself: the HF engine samples from it as it
+        is, a vLLM engine copies it in."""
+        self.engine.sync_weights(self.policy)
         self.version = version
 
     def generate(
@@ -202,6 +204,15 @@ def build_role(kind: str, config: PpoConfig, every_prompt: list[Prompt]) -> Any:
         return Reference(copy if copy is not None else policy, copy is None, batches)
     if kind == "rollout":
         stop_ids = end_of_turn_ids(tokenizer, use_chat_template(tokenizer, config.data.template))
-        engine = HFEngine(policy, tokenizer, stop_ids, batch_size=config.sampling.batch_size)
+        engine = build_engine(
+            config.sampling,
+            config.model,
+            config.peft,
+            policy,
+            tokenizer,
+            stop_ids,
+            config.seed,
+            config.data.max_length,
+        )
         return Sampler(policy, engine, batches)
     raise ValueError(f"unknown role kind {kind!r} (rollout, reference, reward)")

@@ -3,13 +3,14 @@
 A :class:`RolloutEngine` turns tokenised prompts into sampled responses (their token ids, text, and whether a
 stop token ended them) and takes the trained weights after each update. The default, ``HFEngine``, decodes on
 the policy itself (a transformers model) with a KV cache, each group's prompt computed once and finished rows
-leaving the batch; ``VllmEngine`` (GPU, when vLLM is installed; experimental, not yet selectable from a config)
-generates with vLLM and receives the weights after every update. Trainers recompute the log-probs of the sampled
-tokens themselves, so an engine only has to sample.
+leaving the batch; ``VllmEngine`` (GPU, when vLLM is installed; ``sampling.engine: vllm``) generates with vLLM and receives the weights after every update. Trainers recompute the log-probs of the sampled
+tokens themselves, so an engine only has to sample. ``build_engine`` picks one from ``sampling.engine``.
 """
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
+from posttrain.config import ModelConfig, PeftConfig, SamplingBlock
 from posttrain.rollout.hf import (
     HFEngine,
     Response,
@@ -33,7 +34,40 @@ class RolloutEngine(Protocol):
         ...
 
 
+def build_engine(
+    sampling: SamplingBlock,
+    model: ModelConfig,
+    peft: PeftConfig | None,
+    policy: Any,
+    tokenizer: Any,
+    stop_token_ids: Iterable[int],
+    seed: int,
+    max_model_len: int | None = None,
+) -> RolloutEngine:
+    """The engine ``sampling.engine`` names, sampling from ``policy`` (loaded from ``model`` with ``peft``): the HF
+    loop on the policy itself, or vLLM loading ``model.path`` and taking the policy's weights at every sync (only
+    the adapter of a LoRA policy)."""
+    if sampling.engine == "hf":
+        return HFEngine(policy, tokenizer, stop_token_ids, batch_size=sampling.batch_size)
+    from posttrain.rollout.vllm import VllmEngine
+
+    settings = sampling.vllm
+    lora_rank = peft.r if peft is not None and peft.method in ("lora", "qlora") else None
+    return VllmEngine(
+        model.path,
+        stop_token_ids,
+        dtype=settings.dtype,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        seed=seed,
+        max_model_len=max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        sleep=settings.sleep,
+        lora_rank=lora_rank,
+    )
+
+
 __all__ = [
+    "build_engine",
     "HFEngine",
     "Response",
     "RolloutEngine",

@@ -1,34 +1,34 @@
-"""vLLM rollout engine (GPU, optional): generation with vLLM's paged attention and continuous batching, in the
-training process ("colocate", as TRL and OpenRLHF's hybrid engine do), with the policy's weights copied in after
-every update.
-
-**Experimental.** No config key selects this engine yet: the RL recipe always generates with ``HFEngine``, and the
-only caller is ``tests/test_rollout.py``, which runs (on a CUDA GPU with vLLM installed) a greedy comparison with
-``HFEngine`` before and after a weight sync. Wiring it to a config key waits for a GPU to measure it on.
+"""vLLM rollout engine (GPU, ``sampling.engine: vllm``): generation with vLLM's paged attention and continuous
+batching, in the process that holds it (the trainer's when colocated, a rollout actor's under
+``distributed.placement: ray``), with the policy's weights copied in after every update.
 
 Choices, and why:
 
 - vLLM runs in this process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: only then is its model object reachable
-  for an in-place ``load_weights`` (the same path TRL's colocate mode takes); a separate engine process would
-  need NCCL weight broadcast, which is the cluster (Ray) layout's job.
-- ``gpu_memory_utilization`` is small by default because the trainer shares the GPU.
-- Weights: a peft policy is merged into its base for the copy (``merge_adapter`` → state dict without the
-  ``base_layer``/adapter names → ``unmerge_adapter``), so vLLM always holds plain weights and needs no LoRA
-  support. Full fine-tuning copies the state dict as is.
-- Sampling settings map one to one (``top_k=0`` → vLLM's ``-1``); vLLM samples ``n`` per prompt natively.
-- The trainer recomputes the log-probs of the sampled tokens, so vLLM's own log-probs are not used.
+  for an in-place ``load_weights`` (the path TRL's colocate mode takes). With ``tensor_parallel_size > 1`` the
+  shards live in vLLM's own workers and the weights reach each through ``LLM.collective_rpc``.
+- ``gpu_memory_utilization`` is small by default because the trainer may share the GPU; ``sleep`` (vLLM's sleep
+  mode, level 1: weights offloaded to CPU, KV cache freed) gives the GPU back to training between rollouts, as
+  veRL's hybrid engine and OpenRLHF's ``--vllm_enable_sleep`` do; the engine wakes for the next sync.
+- Weights: a LoRA policy sends only its adapter: it is saved once per version and used as a vLLM ``LoRARequest``
+  (``enable_lora``), so a sync moves megabytes, not the base. Other peft methods are merged into the base for the
+  copy (``merge_adapter`` → plain names → ``unmerge_adapter``); full fine-tuning copies the state dict as is.
+- Sampling settings map one to one (``top_k=0`` → vLLM's ``-1``); vLLM samples ``n`` per prompt natively; a
+  prompt's key seeds its request (vLLM's per-request ``seed``), so its samples do not depend on the batch.
 
-Assumptions: one GPU per engine (tensor parallel 1); a policy whose architecture vLLM supports.
+Verified on CPU: nothing (vLLM has no CPU build on PyPI); ``tests/test_rollout.py`` runs it on a CUDA machine.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.models.adapters import is_peft_model
 from posttrain.rollout.hf import Response, SamplingSettings
 
@@ -62,8 +62,9 @@ def _plain_state_dict(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class VllmEngine:
-    """``RolloutEngine`` on vLLM (experimental: no config selects it; see the module docstring). ``model_path`` is the directory the policy was loaded from (vLLM reads its
-    config and initial weights there); ``sync_weights`` copies the current policy in."""
+    """``RolloutEngine`` on vLLM (see the module docstring). ``model_path`` is the directory the policy was loaded
+    from (vLLM reads its config and initial weights there); ``sync_weights`` copies the current policy in.
+    ``lora_rank``: the policy is a LoRA adapter of that rank over ``model_path`` (only the adapter is synced)."""
 
     def __init__(
         self,
@@ -73,14 +74,23 @@ class VllmEngine:
         gpu_memory_utilization: float = 0.3,
         seed: int = 0,
         max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        sleep: bool = False,
+        lora_rank: int | None = None,
     ) -> None:
         if not vllm_available():
-            raise RuntimeError("the vLLM rollout engine needs a CUDA GPU and `pip install vllm`")
+            raise ConfigError(
+                "sampling.engine=vllm needs a CUDA GPU and vLLM (pip install 'posttrain[vllm]'); use sampling.engine=hf"
+            )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.stop_token_ids = sorted(set(stop_token_ids))
-        self.seed = seed
+        self.seed, self.sleep, self.asleep = seed, sleep, False
+        self.lora_request: Any = None
+        self._lora_dir = tempfile.TemporaryDirectory(prefix="posttrain-lora-") if lora_rank else None
+        self._lora_version = 0
+        lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -88,7 +98,21 @@ class VllmEngine:
             seed=seed,
             max_model_len=max_model_len,
             enable_prefix_caching=True,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=sleep,
+            **lora,
         )
+        self.tensor_parallel_size = tensor_parallel_size
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def _rest(self) -> None:
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def generate(
         self, prompt_ids: list[list[int]], settings: SamplingSettings, prompt_keys: list[int] | None = None
@@ -111,7 +135,14 @@ class VllmEngine:
             per_prompt = [params.clone() for _ in prompt_ids]
             for request, key in zip(per_prompt, prompt_keys):
                 request.seed = key & 0x7FFFFFFFFFFFFFFF
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], per_prompt, use_tqdm=False)
+        self._wake()
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids],
+            per_prompt,
+            use_tqdm=False,
+            lora_request=self.lora_request,
+        )
+        self._rest()
         stops = set(self.stop_token_ids)
         grouped = []
         for output in outputs:
@@ -131,5 +162,23 @@ class VllmEngine:
 
     @torch.no_grad()
     def sync_weights(self, model: Any) -> None:
-        self._vllm_model().load_weights(_plain_state_dict(model))
+        self._wake()
+        if self._lora_dir is not None:
+            # Only the adapter: saved under a new name and id per version (vLLM caches adapters by id).
+            from vllm.lora.request import LoRARequest
+
+            self._lora_version += 1
+            path = os.path.join(self._lora_dir.name, f"v{self._lora_version}")
+            model.save_pretrained(path)
+            self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, path)
+        elif self.tensor_parallel_size > 1:
+            weights = [(name, tensor.detach().cpu()) for name, tensor in _plain_state_dict(model)]
+
+            def load(worker: Any) -> None:
+                worker.model_runner.model.load_weights(weights)
+
+            self.llm.collective_rpc(load)
+        else:
+            self._vllm_model().load_weights(_plain_state_dict(model))
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self._rest()
