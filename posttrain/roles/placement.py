@@ -24,8 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from posttrain.config import DistributedBlock, PpoConfig
 from posttrain.data.records import Prompt
+from posttrain.roles.workers import build_role
 
 
 class RoleFailed(RuntimeError):
@@ -63,10 +66,6 @@ class RoleHost:
     its torch thread count, and runs the methods it is sent."""
 
     def __init__(self, kind: str, config: PpoConfig, every_prompt: list[Prompt], threads: int) -> None:
-        import torch
-
-        from posttrain.roles.workers import build_role
-
         torch.set_num_threads(threads)
         self.role = build_role(kind, config, every_prompt)
 

@@ -19,6 +19,7 @@ from posttrain.rollout.hf import (
     render_prompt_ids,
     sample_responses,
 )
+from posttrain.rollout.vllm import VllmEngine
 
 
 class RolloutEngine(Protocol):
@@ -49,8 +50,6 @@ def build_engine(
     the adapter of a LoRA policy)."""
     if sampling.engine == "hf":
         return HFEngine(policy, tokenizer, stop_token_ids, batch_size=sampling.batch_size)
-    from posttrain.rollout.vllm import VllmEngine
-
     settings = sampling.vllm
     lora_rank = peft.r if peft is not None and peft.method in ("lora", "qlora") else None
     return VllmEngine(
