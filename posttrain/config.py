@@ -873,6 +873,12 @@ class PpoConfig(StageConfig):
                 "their own processes: set distributed.placement=ray (and leave distributed.roles.rollout.colocate_with "
                 "unset)"
             )
+        if placement == "ray" and self.distributed.strategy != "ddp":
+            # Not built yet: syncing the engines from sharded parameters (FSDP, ZeRO-3) gathered on one process.
+            raise ValueError(
+                "distributed.placement=ray syncs the engines from whole parameters: use distributed.strategy=ddp "
+                f"(got {self.distributed.strategy})"
+            )
         if placement == "ray" and roles.rollout.colocate_with is not None and roles.rollout.num_engines > 1:
             raise ValueError(
                 "distributed.roles.rollout.num_engines > 1 with colocate_with=policy: a colocated engine is the "

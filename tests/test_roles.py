@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import sft_config
+from helpers import sft_config, train_in_subprocess
 from safetensors.torch import load_file
 
 from posttrain.config import ConfigError
@@ -156,6 +156,34 @@ def test_ray_placement_trains_to_the_weights_of_one_process(
     assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 1e-3
     for key, value in weights(tmp_path / "ray" / "model").items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-4, msg=key)
+
+
+def test_a_trainer_group_of_two_processes_on_ray_trains_like_one_local_process(toy, micro_model, tmp_path) -> None:
+    """``--nproc 2`` with the roles on Ray: the main process alone starts Ray and the actors; the other reaches
+    them through it (its prompts, rows and scores gathered and scattered). Keyed samples make each process's share
+    what one process samples; SGD keeps float noise at noise: the metrics and the weights are one process's."""
+    data = prompts_file(toy, tmp_path / "p.jsonl")
+    sgd = {"optim__name": "sgd", "optim__lr": 0.5, "optim__momentum": 0.0, "train__batch_size": 8}
+    ppo.run(rl_config(micro_model, data, tmp_path / "one", **sgd))
+    two = rl_config(micro_model, data, tmp_path / "two", **{**sgd, "train__batch_size": 4})
+    result = train_in_subprocess(two, "--nproc", "2", "distributed.placement=ray", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "process 1 of 2" in result.stderr
+    placed = json.loads((tmp_path / "two" / "roles.json").read_text())
+    assert {name: role["placement"] for name, role in placed.items()} == {
+        "rollout-0": "ray",
+        "reference": "ray",
+        "reward": "ray",
+    }
+    one, two_records = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two_records) == 3
+    for a, b in zip(one, two_records):
+        for key in ("loss", "reward", "response_length", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    expected = weights(tmp_path / "one" / "model")
+    assert max(float((expected[k] - weights(micro_model)[k]).abs().max()) for k in expected) > 1e-3
+    for key, value in weights(tmp_path / "two" / "model").items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_a_sync_gives_the_engine_the_trainers_weights_bit_for_bit_and_a_stale_engine_refuses(

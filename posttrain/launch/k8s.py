@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.config import ConfigError, StageConfig
+from posttrain.config import ConfigError, DistributedBlock, PpoConfig, RolesBlock, StageConfig
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "run.yaml"
@@ -65,6 +65,12 @@ RAY_WORKER_GROUP = "workers"
 RAYJOB_TTL_SECONDS = 600
 # Retries of a failed RayJob: each deletes the Ray cluster and starts a new one, which resumes from the claim.
 RAYJOB_BACKOFF_LIMIT = 2
+# distributed.placement=ray: the policy trainer (the job's entrypoint) reserves one GPU from Ray, so that no role's
+# actor is given the GPU it trains on. One process: a trainer group over several GPUs is not rendered here (yet).
+TRAINER_GPUS = 1
+# The run config's distributed.ray_address under a RayJob: join the job's own cluster, at the address Ray's job
+# supervisor puts in the entrypoint's RAY_ADDRESS.
+RAYJOB_RAY_ADDRESS = "auto"
 _INT32_MAX = 2**31 - 1
 # A Kubernetes quantity as a storage size takes it: a positive decimal with an optional binary or decimal suffix.
 _STORAGE_SIZE = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE])?")
@@ -109,6 +115,7 @@ class Pod:
 
     job_name: str
     cluster: Cluster
+    roles_on_ray: bool = False  # distributed.placement=ray (RayJob only): the roles are actors of the Ray cluster
 
     @property
     def output_dir(self) -> str:
@@ -137,6 +144,35 @@ class Pod:
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ]
+
+
+@dataclass(frozen=True)
+class RoleActor:
+    """One Ray actor that a ``distributed.placement: ray`` run starts for a role, with what it reserves."""
+
+    role: str  # its block in distributed.roles
+    name: str  # as roles.json names it
+    num_cpus: float
+    num_gpus: float
+
+
+def ray_actors(config: PpoConfig) -> list[RoleActor]:
+    """The actors ``roles.ray_roles`` starts for ``config`` (tests/test_k8s.py holds the two equal): one per rollout
+    engine, the reference when there is a KL anchor (``algorithm.kl_coef`` not 0), and the reward; a role with
+    ``colocate_with: policy`` runs in the trainer's process instead and reserves nothing."""
+    roles = config.distributed.roles
+    actors = []
+    if roles.rollout.colocate_with is None:
+        rollout = roles.rollout
+        actors += [
+            RoleActor("rollout", f"rollout-{i}", rollout.num_cpus, rollout.num_gpus)
+            for i in range(rollout.num_engines)
+        ]
+    if roles.reference.colocate_with is None and config.algorithm.kl_coef:
+        actors.append(RoleActor("reference", "reference", roles.reference.num_cpus, roles.reference.num_gpus))
+    if roles.reward.colocate_with is None:
+        actors.append(RoleActor("reward", "reward", roles.reward.num_cpus, roles.reward.num_gpus))
+    return actors
 
 
 def trainjob(pod: Pod) -> dict[str, Any]:
@@ -216,20 +252,34 @@ def pytorchjob(pod: Pod) -> dict[str, Any]:
 
 def rayjob(pod: Pod) -> dict[str, Any]:
     """KubeRay ``RayJob`` (ray.io/v1): a Ray cluster of one head pod and ``nodes - 1`` worker pods, each with the
-    node's GPUs, and ``posttrain train`` as the job's entrypoint.
+    node's GPUs, and ``posttrain train`` as the job's entrypoint. Where the run's processes go follows the config's
+    ``distributed.placement``:
 
-    The entrypoint runs on the head only, as ``--nproc G`` processes there: Ray runs an entrypoint that asks for no
-    resources (entrypointNumCpus/Gpus unset) on the head node. posttrain's roles do not yet spread over the Ray
-    cluster (issue 17's ``distributed.placement: ray`` does not exist), so the workers join the cluster and stay
-    idle; they are rendered so the manifest already has the cluster's final shape.
+    - ``local`` (every stage but ppo, and ppo by default): the entrypoint is ``posttrain train CONFIG --nproc G``, G
+      processes on the head. It asks for no resources (entrypointNumCpus/Gpus unset), so Ray's job supervisor runs it
+      on the head node and leaves CUDA_VISIBLE_DEVICES unset for it. The roles live in those processes, so the workers
+      join the cluster and stay idle; they are rendered so the manifest already has the cluster's final shape.
+    - ``ray``: the entrypoint is ``posttrain train CONFIG``, one process, the policy trainer. It reserves
+      ``TRAINER_GPUS`` (``entrypointNumGpus``): Ray starts it on a node with a free GPU, head or worker (every pod
+      mounts the config and the claim), with that GPU in its CUDA_VISIBLE_DEVICES, and gives it to no role's actor.
+      The rollout engines, the reference and the reward are Ray actors (``ray_actors``) that Ray places over the
+      cluster's GPUs. The run config says
+      ``distributed.ray_address: auto``: the job supervisor sets the entrypoint's RAY_ADDRESS to the cluster's GCS
+      address (KubeRay also sets it in every Ray container), which ``auto`` joins; left unset, posttrain would start
+      a Ray of its own, and ``ray.init`` refuses that once RAY_ADDRESS is set.
 
     K8sJobMode: KubeRay submits the entrypoint from a separate Kubernetes Job (``ray job submit`` against the head's
     dashboard), which retries its own submission without starting the job twice. ``backoffLimit`` retries a failed
     job on a new Ray cluster, which resumes from the newest checkpoint on the claim (resume=auto).
     ``shutdownAfterJobFinishes`` frees the GPUs once the job ends, ``ttlSecondsAfterFinished`` later.
-    No ``runtimeEnvYAML``: the image carries posttrain and its dependencies, and the entrypoint needs no variable
-    the pods lack. The object store takes Ray's default size (30 % of the memory Ray sees in the container) in the
-    memory-backed /dev/shm, whose emptyDir has no size limit below the pod's memory, so it is not set here."""
+    No ``runtimeEnvYAML``: the image carries posttrain and its dependencies, and neither the entrypoint nor the roles'
+    actors need a variable that the pods and Ray do not already set: RAY_ADDRESS (above); PYTHONUNBUFFERED (the job
+    supervisor sets it for the entrypoint, Ray for every worker process); OMP_NUM_THREADS (Ray sets each actor's to its
+    num_cpus, and ``distributed.roles.*.threads`` sets torch's own count; the entrypoint inherits the job
+    supervisor's 1, torchrun's default too); CUDA_VISIBLE_DEVICES (Ray, per actor and for a reserving entrypoint);
+    HOME and the working directory (the image's, inherited by every process of a pod from its raylet).
+    The object store takes Ray's default size (30 % of the memory Ray sees in the container) in the memory-backed
+    /dev/shm, whose emptyDir has no size limit below the pod's memory, so it is not set here."""
     gpus = str(pod.cluster.gpus_per_node)
 
     def pod_template(container_name: str) -> dict[str, Any]:
@@ -262,12 +312,16 @@ def rayjob(pod: Pod) -> dict[str, Any]:
             }
         ]
     ttl = RAYJOB_TTL_SECONDS if pod.cluster.ttl_after_finished is None else pod.cluster.ttl_after_finished
+    entrypoint = ["posttrain", "train", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    if not pod.roles_on_ray:
+        entrypoint += ["--nproc", gpus]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {"name": pod.job_name, "labels": _labels(pod.job_name)},
         "spec": {
-            "entrypoint": shlex.join(["posttrain", "train", f"{CONFIG_DIR}/{CONFIG_FILE}", "--nproc", gpus]),
+            "entrypoint": shlex.join(entrypoint),
+            **({"entrypointNumGpus": TRAINER_GPUS} if pod.roles_on_ray else {}),
             "submissionMode": "K8sJobMode",
             "backoffLimit": RAYJOB_BACKOFF_LIMIT,
             "shutdownAfterJobFinishes": True,
@@ -301,8 +355,19 @@ def render(config: StageConfig, kind: str, cluster: Cluster, name: str | None = 
             f"--ttl-after-finished applies to --kind rayjob only (a {kind} has no such field); remove it"
         )
     job_name = _job_name(name, config.output_dir, _NAME_MAX[kind])
-    pod = Pod(job_name, cluster)
-    run_config = config.model_copy(update={"output_dir": pod.output_dir})
+    ray_placed = _ray_placed(config)
+    pod = Pod(job_name, cluster, roles_on_ray=ray_placed is not None and kind == "rayjob")
+    update: dict[str, Any] = {"output_dir": pod.output_dir}
+    if ray_placed is not None and kind != "rayjob":
+        # In a torchrun pod the run would start a Ray of its own there, whose actors Ray gives the GPUs the
+        # trainer already uses, and the other pods would not join it.
+        raise ConfigError(
+            f"distributed.placement=ray places the roles on a Ray cluster, and a {kind} has none (its pods run "
+            "torchrun); use --kind rayjob"
+        )
+    if ray_placed is not None and kind == "rayjob":
+        update["distributed"] = _joining_the_job_cluster(ray_placed, cluster)
+    run_config = config.model_copy(update=update)
     return [_checkpoint_claim(job_name, cluster), _config_map(job_name, run_config), JOB_KINDS[kind](pod)]
 
 
@@ -320,11 +385,23 @@ def launch_k8s(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     pod = Pod(job["metadata"]["name"], cluster)
+    roles = ""
     if job["kind"] == "RayJob":
-        shape = (
-            f"Ray cluster of {cluster.nodes} pods (head + {cluster.nodes - 1} workers) x {cluster.gpus_per_node} GPUs; "
-            f"posttrain train runs on the head as {cluster.gpus_per_node} processes, the workers stay idle"
+        ray_cluster = (
+            f"Ray cluster of {cluster.nodes} pods (head + {cluster.nodes - 1} workers) x {cluster.gpus_per_node} GPUs"
         )
+        ray_placed = _ray_placed(config)
+        if ray_placed is not None:
+            shape = (
+                f"{ray_cluster}; the policy trainer (posttrain train, {TRAINER_GPUS} GPU) and the roles' Ray "
+                "actors go wherever Ray finds room"
+            )
+            roles = f"  roles:       {_describe_roles(ray_placed, cluster)}\n"
+        else:
+            shape = (
+                f"{ray_cluster}; posttrain train runs on the head as {cluster.gpus_per_node} processes, the workers "
+                "stay idle"
+            )
     else:
         shape = (
             f"world size {cluster.world_size} ({cluster.nodes} pods x {cluster.gpus_per_node} GPUs, one process per "
@@ -332,6 +409,7 @@ def launch_k8s(
         )
     return (
         f"{job['kind']} {pod.job_name}: {shape}\n"
+        f"{roles}"
         f"  config:      ConfigMap {config_map['metadata']['name']}, mounted at {CONFIG_DIR}/{CONFIG_FILE}\n"
         f"  checkpoints: PersistentVolumeClaim {claim['metadata']['name']} ({cluster.storage}, "
         f"{claim['spec']['accessModes'][0]}): output_dir={pod.output_dir}, resume=auto\n"
@@ -378,6 +456,70 @@ def _job_name(name: str | None, output_dir: str, max_length: int) -> str:
 
 def _labels(job_name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "posttrain", "app.kubernetes.io/instance": job_name}
+
+
+def _ray_placed(config: StageConfig) -> PpoConfig | None:
+    """``config`` when its roles are placed on Ray (only stage ppo has roles to place), else None."""
+    return config if isinstance(config, PpoConfig) and config.distributed.placement == "ray" else None
+
+
+def _joining_the_job_cluster(config: PpoConfig, cluster: Cluster) -> DistributedBlock:
+    """``config.distributed`` for a RayJob's entrypoint: joining the job's own Ray cluster. Refuses another cluster's
+    address, and roles whose GPUs the cluster cannot hold, which Ray would leave pending until the run fails at
+    ``distributed.call_timeout_s`` naming one of them."""
+    distributed = config.distributed
+    if distributed.ray_address not in (None, RAYJOB_RAY_ADDRESS):
+        raise ConfigError(
+            f"distributed.ray_address={distributed.ray_address}: a RayJob runs on its own Ray cluster, which the run "
+            f"joins with ray_address={RAYJOB_RAY_ADDRESS}; remove the setting"
+        )
+    actors = ray_actors(config)
+    for actor in actors:
+        if actor.num_gpus > cluster.gpus_per_node:
+            raise ConfigError(
+                f"distributed.roles.{actor.role}.num_gpus={actor.num_gpus:g}: a Ray actor runs on one node, which has "
+                f"{cluster.gpus_per_node} GPUs (--gpus-per-node); lower it or raise --gpus-per-node"
+            )
+    demand = _gpu_demand(actors)
+    if demand > cluster.world_size:
+        shares = ", ".join(
+            f"{role} {len(group)} x {group[0].num_gpus:g}" if len(group) > 1 else f"{role} {group[0].num_gpus:g}"
+            for role, group in _by_role(actors).items()
+            if group[0].num_gpus
+        )
+        raise ConfigError(
+            f"distributed.roles ask for {demand:g} GPUs with the trainer's {TRAINER_GPUS} ({shares}), more than the "
+            f"cluster's {cluster.world_size} (--nodes {cluster.nodes} x --gpus-per-node {cluster.gpus_per_node}); "
+            "lower the roles' num_gpus or rollout.num_engines, colocate a role with the policy, or raise --nodes"
+        )
+    return distributed.model_copy(update={"ray_address": RAYJOB_RAY_ADDRESS})
+
+
+def _gpu_demand(actors: list[RoleActor]) -> float:
+    # Ray counts resources in units of 1/10000: rounded there, 3 x 0.1 GPU is 0.3, not 0.30000000000000004.
+    return round(TRAINER_GPUS + sum(actor.num_gpus for actor in actors), 4)
+
+
+def _by_role(actors: list[RoleActor]) -> dict[str, list[RoleActor]]:
+    groups: dict[str, list[RoleActor]] = {}
+    for actor in actors:
+        groups.setdefault(actor.role, []).append(actor)
+    return groups
+
+
+def _describe_roles(config: PpoConfig, cluster: Cluster) -> str:
+    """Where each role runs under placement ray, and the GPUs they reserve with the trainer's."""
+    actors = _by_role(ray_actors(config))
+    placed = []
+    for role in RolesBlock.model_fields:
+        if role in actors:
+            group = actors[role]
+            count = f"{len(group)} x " if len(group) > 1 else ""
+            placed.append(f"{role} {count}({group[0].num_gpus:g} GPU, {group[0].num_cpus:g} CPU)")
+        elif getattr(config.distributed.roles, role).colocate_with == "policy":
+            placed.append(f"{role} in the trainer's process")
+    demand = _gpu_demand([actor for group in actors.values() for actor in group])
+    return f"{', '.join(placed)}; {demand:g} of {cluster.world_size} GPUs with the trainer's"
 
 
 def _checkpoint_claim(job_name: str, cluster: Cluster) -> dict[str, Any]:

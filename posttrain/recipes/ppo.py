@@ -22,14 +22,13 @@ in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per st
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from posttrain import rl
-from posttrain.config import AlgorithmBlock, ConfigError, PpoConfig, SamplingBlock
+from posttrain.config import AlgorithmBlock, PpoConfig, SamplingBlock
 from posttrain.data.dataset import end_of_turn_ids, use_chat_template
 from posttrain.data.packing import Row
 from posttrain.data.records import Prompt
@@ -43,7 +42,7 @@ from posttrain.models.ptx import PtxMix, ptx_rows
 from posttrain.models.scoring import RolloutBatches, critic_values, response_layout, score_logps, token_logps
 from posttrain.rewards import reward_and_gold
 from posttrain.rl import RunningMoments, SumOverProcesses
-from posttrain.roles import Roles, Sampled, local_roles, ray_roles, ray_runtime, write_placement
+from posttrain.roles import Roles, Sampled, local_roles, placed_roles
 from posttrain.rollout import SamplingSettings, build_engine
 from posttrain.rollout.hf import sample_key
 from posttrain.rollout.prompts import TokenizedPrompt, tokenized_prompts
@@ -156,24 +155,7 @@ def run(config: PpoConfig, config_path: str | None = None) -> dict[str, Any]:
         f"{len(train_prompts)} training / {len(eval_prompts)} held-out prompts"
     )
 
-    with ExitStack() as placement_scope:
-        roles = here
-        if placement == "ray":
-            if rt.world_size > 1 or config.distributed.strategy != "ddp":
-                # Not built yet: the trainer group as Ray actors (one process group among them), and syncing
-                # from sharded parameters (FSDP, ZeRO-3) without gathering them on one process.
-                raise ConfigError(
-                    "distributed.placement=ray trains the policy in one process with strategy ddp for now "
-                    f"(got {rt.world_size} processes, strategy {config.distributed.strategy})"
-                )
-            cpus = sum(
-                r.num_cpus * getattr(r, "num_engines", 1) for r in (placed.rollout, placed.reference, placed.reward)
-            )
-            placement_scope.enter_context(ray_runtime(config.distributed, rt.run_dir, cpus + 1, rt.log))
-            roles = ray_roles(config, every_prompt, here)
-            placement_scope.callback(roles.close)
-            if rt.is_main:
-                write_placement(roles, rt.run_dir)
+    with placed_roles(config, every_prompt, here, rt.run_dir, rt.log, rt.world_size) as roles:
         with rt.full_weights(module):
             roles.sync(trained.policy, rt.global_step)  # the engines start from the trainer's weights
         summary = _train(

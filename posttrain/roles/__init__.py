@@ -16,25 +16,34 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.config import PpoConfig
+from posttrain.config import ConfigError, PpoConfig
 from posttrain.data.packing import Row
 from posttrain.data.records import Prompt
 from posttrain.models.scoring import RolloutBatches
 from posttrain.rewards import Reward, WeightedReward
-from posttrain.roles.placement import LocalRole, Pending, RayRole, RoleFailed, ray_runtime
+from posttrain.roles.placement import (
+    LocalRole,
+    Pending,
+    RayRole,
+    RelayedRole,
+    RoleFailed,
+    TrainerGroup,
+    ray_runtime,
+)
 from posttrain.roles.workers import Reference, Sampler, Scorer, StaleWeights, pack_weights, trainable_weights
 from posttrain.rollout import Response, SamplingSettings
 
-__all__ = ["Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "ray_roles", "ray_runtime"]
+__all__ = ["Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "placed_roles"]
 
-Role = LocalRole | RayRole
+Role = LocalRole | RayRole | RelayedRole
 
 
 @dataclass
@@ -69,19 +78,25 @@ class Roles:
         """Every engine at ``version`` of ``policy``'s weights. In-process engines follow the policy they share the
         process with; the others get its trainable parameters, each acknowledging the version."""
         started = time.perf_counter()
-        remote = [s for s in self.samplers if isinstance(s, RayRole)]
         for sampler in self.samplers:
             if isinstance(sampler, LocalRole):
                 sampler.instance.follow_policy(version)
+        remote = [s for s in self.samplers if isinstance(s, RayRole)]
+        relayed = [s for s in self.samplers if isinstance(s, RelayedRole)]
+        acknowledged: dict[str, int] = {}
         if remote:
             packed = pack_weights(trainable_weights(policy))
             pending = [s.submit("load_weights", version, packed, timeout_s=self.sync_timeout_s) for s in remote]
-            for sampler, answer in zip(remote, pending):
-                acknowledged = answer.result()
-                if acknowledged != version:
-                    raise RoleFailed(
-                        f"role {sampler.name} acknowledged weights of version {acknowledged}, not {version}"
-                    )
+            acknowledged = {s.name: answer.result() for s, answer in zip(remote, pending)}
+        if relayed:  # a trainer group: its main process sends its weights (every process holds the same)
+            payload = pack_weights(trainable_weights(policy)) if relayed[0].group.is_main else None
+            for sampler in relayed:
+                acknowledged[sampler.name] = sampler.submit_from_main(
+                    "load_weights", version, payload, timeout_s=self.sync_timeout_s
+                )
+        for name, answer in acknowledged.items():
+            if answer != version:
+                raise RoleFailed(f"role {name} acknowledged weights of version {answer}, not {version}")
         self.version = version
         self.sync_seconds.append(time.perf_counter() - started)
 
@@ -135,12 +150,12 @@ class Roles:
 
     def describe(self) -> dict[str, Any]:
         return {
-            role.name: {"placement": "ray" if isinstance(role, RayRole) else "local", "pid": role.pid()}
+            role.name: {"placement": "local" if isinstance(role, LocalRole) else "ray", "pid": role.pid()}
             for role in self.all()
         }
 
     def restarts(self) -> dict[str, int]:
-        return {role.name: role.restarted for role in self.all() if isinstance(role, RayRole) and role.restarted}
+        return {role.name: role.restarted for role in self.all() if not isinstance(role, LocalRole) and role.restarted}
 
     def close(self) -> None:
         for role in self.all():
@@ -228,38 +243,90 @@ def local_roles(
     return Roles([sampler], reference, LocalRole("reward", Scorer(reward, gold)))
 
 
-def ray_roles(
+def ray_roles(config: PpoConfig, every_prompt: list[Prompt], local: Roles, group: TrainerGroup | None) -> Roles:
+    """``placement: ray``: each role not colocated with the policy in a Ray actor of its own, built from
+    ``config``; the colocated ones are ``local``'s (this process's). In a trainer group (``group``) only the main
+    process starts the actors; every process reaches them through it (``RelayedRole``), and an actor that fails
+    to start fails every process."""
+    distributed = config.distributed
+    settings = distributed.roles
+    wanted: list[tuple[str, str, Any]] = []
+    if settings.rollout.colocate_with is None:
+        wanted += [(f"rollout-{i}", "rollout", settings.rollout) for i in range(settings.rollout.num_engines)]
+    if local.reference is not None and settings.reference.colocate_with is None:
+        wanted.append(("reference", "reference", settings.reference))
+    if settings.reward.colocate_with is None:
+        wanted.append(("reward", "reward", settings.reward))
+
+    actors: dict[str, RayRole] = {}
+    failure: BaseException | None = None
+    if group is None or group.is_main:
+        try:
+            for name, kind, block in wanted:
+                resources = {"num_cpus": block.num_cpus, "num_gpus": block.num_gpus}
+                actors[name] = RayRole(
+                    name,
+                    kind,
+                    config,
+                    every_prompt,
+                    resources,
+                    block.threads,
+                    distributed.call_timeout_s,
+                    distributed.restarts,
+                )
+        except Exception as error:
+            failure = error
+    if group is not None:
+        failure = group.broadcast(failure)
+    if failure is not None:
+        for actor in actors.values():
+            actor.close()
+        raise failure
+
+    def placed(name: str) -> Role:
+        if group is None:
+            return actors[name]
+        return RelayedRole(name, actors.get(name), group)
+
+    names = {name for name, _, _ in wanted}
+    samplers = [placed(n) for n in sorted(n for n in names if n.startswith("rollout-"))] or list(local.samplers)
+    reference = placed("reference") if "reference" in names else local.reference
+    scorer = placed("reward") if "reward" in names else local.scorer
+    return Roles(samplers, reference, scorer, distributed.sync_timeout_s)
+
+
+@contextmanager
+def placed_roles(
     config: PpoConfig,
     every_prompt: list[Prompt],
     local: Roles,
-) -> Roles:
-    """``placement: ray``: each role not colocated with the policy in a Ray actor of its own, built from
-    ``config``; the colocated ones are ``local``'s (the trainer's process)."""
-    distributed = config.distributed
-    settings = distributed.roles
-
-    def actor(name: str, kind: str, block: Any) -> RayRole:
-        resources = {"num_cpus": block.num_cpus, "num_gpus": block.num_gpus}
-        return RayRole(
-            name,
-            kind,
-            config,
-            every_prompt,
-            resources,
-            block.threads,
-            distributed.call_timeout_s,
-            distributed.restarts,
+    run_dir: Path,
+    log: Any,
+    world_size: int,
+) -> Iterator[Roles]:
+    """The roles where ``distributed.placement`` puts them, for as long as the run lasts: ``local`` as they are,
+    or on Ray (started, or joined, by the main process; stopped at the end with the actors)."""
+    if config.distributed.placement == "local":
+        yield local
+        return
+    group = TrainerGroup() if world_size > 1 else None
+    if group is not None and config.distributed.restarts:
+        raise ConfigError(
+            "distributed.restarts with a trainer group of several processes: a restart is not replayed to the "
+            "group yet; use one trainer process or restarts=0"
         )
-
-    if settings.rollout.colocate_with == "policy":
-        samplers: list[Role] = list(local.samplers)
-    else:
-        samplers = [actor(f"rollout-{i}", "rollout", settings.rollout) for i in range(settings.rollout.num_engines)]
-    reference = local.reference
-    if reference is not None and settings.reference.colocate_with is None:
-        reference = actor("reference", "reference", settings.reference)
-    scorer = local.scorer if settings.reward.colocate_with == "policy" else actor("reward", "reward", settings.reward)
-    return Roles(samplers, reference, scorer, distributed.sync_timeout_s)
+    with ExitStack() as scope:
+        if group is None or group.is_main:
+            placed = config.distributed.roles
+            cpus = sum(
+                r.num_cpus * getattr(r, "num_engines", 1) for r in (placed.rollout, placed.reference, placed.reward)
+            )
+            scope.enter_context(ray_runtime(config.distributed, run_dir, cpus + 1, log))
+        roles = ray_roles(config, every_prompt, local, group)
+        scope.callback(roles.close)
+        if group is None or group.is_main:
+            write_placement(roles, run_dir)
+        yield roles
 
 
 def write_placement(roles: Roles, run_dir: Path) -> None:
@@ -270,6 +337,7 @@ def write_placement(roles: Roles, run_dir: Path) -> None:
         (run_dir / "roles.json").write_text(json.dumps(roles.describe(), indent=2) + "\n", encoding="utf-8")
 
     for role in roles.all():
-        if isinstance(role, RayRole):
-            role.on_restart = write
+        actor = role.role if isinstance(role, RelayedRole) else role
+        if isinstance(actor, RayRole):
+            actor.on_restart = write
     write()

@@ -186,6 +186,92 @@ class RayRole:
             pass
 
 
+class TrainerGroup:
+    """The policy trainer's processes (a torch.distributed group of several): only the main one talks to Ray; the
+    others reach the roles through it (:class:`RelayedRole`)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+
+    def gather(self, value: Any) -> list[Any] | None:
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def scatter(self, values: list[Any] | None) -> Any:
+        import torch.distributed as dist
+
+        mine: list[Any] = [None]
+        dist.scatter_object_list(mine, values if self.is_main else None, src=0)
+        return mine[0]
+
+    def broadcast(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class RelayedRole:
+    """A Ray-placed role as every process of a trainer group sees it. Each call is collective: every process's
+    arguments are gathered on the main process, which sends one call per process to the role, then scatters
+    each process its answer, or the error (every process then raises it: none is left waiting). Calls that only
+    the main process has something for (a weight sync) go through :meth:`submit_from_main`."""
+
+    def __init__(self, name: str, role: RayRole | None, group: TrainerGroup) -> None:
+        self.name, self.role, self.group = name, role, group
+
+    def submit(self, method: str, *args: Any, timeout_s: float | None = None) -> Pending:
+        requests = self.group.gather(args)
+        calls: list[Pending] = []
+        if self.role is not None and requests is not None:
+            calls = [self.role.submit(method, *request, timeout_s=timeout_s) for request in requests]
+
+        def fetch() -> Any:
+            answers: list[Any] | None = None
+            if self.group.is_main:
+                try:
+                    answers = [call.result() for call in calls]
+                except Exception as error:  # every process raises it, so none waits forever
+                    answers = [error] * self.group.world_size
+            mine = self.group.scatter(answers)
+            if isinstance(mine, BaseException):
+                raise mine
+            return mine
+
+        return Pending(fetch=fetch)
+
+    def submit_from_main(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """The main process's call alone (the others pass nothing); its answer, or its error, on every process."""
+        answer: Any = None
+        if self.role is not None:
+            try:
+                answer = self.role.submit(method, *args, timeout_s=timeout_s).result()
+            except Exception as error:
+                answer = error
+        answer = self.group.broadcast(answer)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    @property
+    def restarted(self) -> int:
+        return self.role.restarted if self.role is not None else 0
+
+    def pid(self) -> int:
+        return self.role.pid() if self.role is not None else -1
+
+    def close(self) -> None:
+        if self.role is not None:
+            self.role.close()
+
+
 # ------------------------------------------------------------------------------------------------- the Ray runtime
 @contextmanager
 def ray_runtime(distributed: DistributedBlock, run_dir: Path, num_cpus: float, log: Any) -> Iterator[None]:
