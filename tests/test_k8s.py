@@ -373,7 +373,7 @@ def test_every_launch_command_in_the_docs_runs(tmp_path: Path, capsys) -> None:
         argv = [str(SHIPPED_CONFIGS / Path(a).name) if a.startswith("configs/") else a for a in argv]
         assert main(argv) == 0, command
         out = capsys.readouterr().out
-        if command == commands[0]:  # the docs show what it prints
+        if command == commands[0] or "distributed.placement=ray" in command:  # the docs show what these print
             assert out.replace(f"{tmp_path}/", "/tmp/") in DOCS.read_text(encoding="utf-8")
         written = re.search(r"manifests:\s+(\S+)", out)
         documents = yaml.safe_load_all(Path(written.group(1)).read_text() if written else out)
@@ -461,3 +461,169 @@ def test_rayjob_config_map_holds_the_config_as_train_saves_it(tmp_path: Path) ->
     save_config(expected, tmp_path / "config.yaml")
     assert config_map["data"]["run.yaml"] == (tmp_path / "config.yaml").read_text(encoding="utf-8")
     assert yaml.safe_load(config_map["data"]["run.yaml"])["resume"] == "auto"
+
+
+# ------------------------------------------------------------------------------- RayJob with distributed.placement=ray
+GRPO = SHIPPED_CONFIGS / "grpo.yaml"
+RL_OVERRIDES = [
+    "model.path=/models/qwen2.5-0.5b",
+    "data.train=/data/prompts.jsonl",
+    "distributed.placement=ray",
+    "distributed.roles.rollout.num_engines=2",
+    "distributed.roles.rollout.num_gpus=1",
+]
+
+
+def ray_placed_manifests(nodes: int, gpus: int, *overrides: str) -> tuple[dict, dict, dict]:
+    config = load_config(GRPO, [*RL_OVERRIDES, *overrides])
+    claim, config_map, job = render(config, "rayjob", Cluster(nodes, gpus, "ghcr.io/example/posttrain:1"))
+    return claim, config_map, job
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_a_ray_placed_rayjob_validates_and_its_entrypoint_is_the_trainer_alone_on_a_gpu_of_its_own(nodes: int) -> None:
+    *_, job = ray_placed_manifests(nodes, 4)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator("RayJob").iter_errors(job)]
+    assert not errors, errors
+    spec = job["spec"]
+    # One process, the policy trainer: no --nproc.
+    assert shlex.split(spec["entrypoint"]) == ["posttrain", "train", "/config/run.yaml"]
+    # Reserved from Ray: the job supervisor puts that GPU in the trainer's CUDA_VISIBLE_DEVICES and no actor gets it.
+    assert spec["entrypointNumGpus"] == 1
+    assert not {"entrypointNumCpus", "entrypointResources", "runtimeEnvYAML"} & set(spec)
+    for _, _, group in ray_groups(job):  # Ray's GPU count is still each pod's limit
+        assert group["rayStartParams"] == {"num-gpus": "4"}
+        assert group["template"]["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 4}}
+    wrong_type = yaml.safe_load(yaml.safe_dump(job))
+    wrong_type["spec"]["entrypointNumGpus"] = "1"
+    assert list(validator("RayJob").iter_errors(wrong_type)), "entrypointNumGpus is a number"
+
+
+def test_a_ray_placed_config_map_joins_the_job_cluster_and_loads_back(tmp_path: Path) -> None:
+    _, config_map, job = ray_placed_manifests(3, 4)
+    run_yaml = config_map["data"]["run.yaml"]
+    assert yaml.safe_load(run_yaml)["distributed"]["ray_address"] == "auto"
+    (tmp_path / "run.yaml").write_text(run_yaml, encoding="utf-8")
+    loaded = load_config(tmp_path / "run.yaml")  # what the trainer reads, validated as posttrain train does
+    expected = load_config(
+        GRPO,
+        [*RL_OVERRIDES, f"output_dir={CHECKPOINT_DIR}/{job['metadata']['name']}", "distributed.ray_address=auto"],
+    )
+    assert loaded == expected
+    assert loaded.distributed.placement == "ray" and loaded.distributed.roles.rollout.num_engines == 2
+    save_config(expected, tmp_path / "config.yaml")
+    assert run_yaml == (tmp_path / "config.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["distributed.roles.rollout.num_engines=3", "distributed.roles.rollout.num_gpus=0.5"],
+        ["distributed.roles.reference.colocate_with=policy", "distributed.roles.reward.num_gpus=0.25"],
+        ["algorithm.kl_coef=0", "distributed.roles.reward.colocate_with=policy"],
+        ["distributed.roles.rollout.colocate_with=policy", "distributed.roles.rollout.num_engines=1"],
+    ],
+)
+def test_the_actors_counted_are_the_ones_ray_roles_starts(
+    overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ray_actors`` against ``roles.ray_roles`` itself, its RayRole replaced by a recorder (no Ray started)."""
+    import posttrain.roles as roles
+    from posttrain.launch.k8s import ray_actors
+
+    config = load_config(GRPO, [*RL_OVERRIDES, *overrides])
+    started: list[tuple[str, dict[str, float]]] = []
+
+    class RecordedActor:
+        def __init__(self, name: str, kind: str, config: Any, every_prompt: Any, resources: dict, *rest: Any) -> None:
+            started.append((name, resources))
+
+        def submit(self, method: str, *args: Any, timeout_s: float | None = None) -> roles.Pending:
+            assert method == "gold_info"
+            return roles.Pending((False, False))
+
+    class LocalScorer:
+        def gold_info(self) -> tuple[bool, bool]:
+            return False, False
+
+    monkeypatch.setattr(roles, "RayRole", RecordedActor)
+    # What the recipe's local_roles holds when the reference is not in its process: one only with a KL anchor.
+    reference = roles.LocalRole("reference", None) if config.algorithm.kl_coef else None
+    local = roles.Roles([roles.LocalRole("rollout-0", None)], reference, roles.LocalRole("reward", LocalScorer()))
+    roles.ray_roles(config, [], local, None)  # no trainer group: one trainer process
+    counted = [(a.name, {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}) for a in ray_actors(config)]
+    assert counted == started
+
+
+def test_roles_that_fill_the_cluster_exactly_are_accepted() -> None:
+    # 1 (trainer) + 3 x 0.4 + 0.6 + 0.2 = 3 GPUs, which floating point sums to 3.0000000000000004.
+    fractions = [
+        "distributed.roles.rollout.num_engines=3",
+        "distributed.roles.rollout.num_gpus=0.4",
+        "distributed.roles.reference.num_gpus=0.6",
+        "distributed.roles.reward.num_gpus=0.2",
+    ]
+    *_, job = ray_placed_manifests(1, 3, *fractions)
+    assert job["spec"]["entrypointNumGpus"] == 1
+    with pytest.raises(ConfigError, match="ask for 3.1 GPUs"):
+        ray_placed_manifests(1, 3, *fractions[:-1], "distributed.roles.reward.num_gpus=0.3")
+
+
+def test_the_printed_summary_says_where_each_role_runs(tmp_path: Path, capsys) -> None:
+    overrides = [*RL_OVERRIDES, "distributed.roles.reward.colocate_with=policy"]
+    flags = ["--kind", "rayjob", "--nodes", "2", "--gpus-per-node", "4", "--image", "img", "--out", str(tmp_path)]
+    assert main(["launch", "k8s", str(GRPO), *overrides, *flags]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert summary[:2] == [
+        "RayJob grpo: Ray cluster of 2 pods (head + 1 workers) x 4 GPUs; the policy trainer (posttrain train, 1 GPU) "
+        "and the roles' Ray actors go wherever Ray finds room",
+        "  roles:       rollout 2 x (1 GPU, 1 CPU), reference (0 GPU, 1 CPU), reward in the trainer's process; "
+        "3 of 8 GPUs with the trainer's",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            [
+                "distributed.roles.rollout.num_engines=4",
+                "distributed.roles.reference.num_gpus=1",
+                "--kind",
+                "rayjob",
+                "--gpus-per-node",
+                "4",
+            ],
+            "distributed.roles ask for 6 GPUs with the trainer's 1 (rollout 4 x 1, reference 1), more than the "
+            "cluster's 4 (--nodes 1 x --gpus-per-node 4); lower the roles' num_gpus or rollout.num_engines, "
+            "colocate a role with the policy, or raise --nodes",
+        ),
+        (
+            ["distributed.roles.rollout.num_gpus=8", "--kind", "rayjob", "--nodes", "4", "--gpus-per-node", "4"],
+            "distributed.roles.rollout.num_gpus=8: a Ray actor runs on one node, which has 4 GPUs (--gpus-per-node); "
+            "lower it or raise --gpus-per-node",
+        ),
+        (
+            ["distributed.ray_address=10.0.0.1:6379", "--kind", "rayjob", "--gpus-per-node", "4"],
+            "distributed.ray_address=10.0.0.1:6379: a RayJob runs on its own Ray cluster, which the run joins with "
+            "ray_address=auto; remove the setting",
+        ),
+        (
+            ["--kind", "pytorchjob"],  # even one pod of one GPU: a Ray of its own there would share the trainer's GPU
+            "distributed.placement=ray places the roles on a Ray cluster, and a pytorchjob has none (its pods run "
+            "torchrun); use --kind rayjob",
+        ),
+    ],
+)
+def test_a_ray_placed_config_the_cluster_cannot_hold_is_one_error_line_and_exit_2(
+    flags: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    overrides = [flag for flag in flags if "=" in flag]
+    options = [flag for flag in flags if "=" not in flag]
+    argv = ["launch", "k8s", str(GRPO), *RL_OVERRIDES, *overrides, *options, "--image", "img", "--out", str(tmp_path)]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err == f"error: {message}\n"
+    assert not list(tmp_path.iterdir())
