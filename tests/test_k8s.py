@@ -528,9 +528,10 @@ def test_a_ray_placed_config_map_joins_the_job_cluster_and_loads_back(tmp_path: 
 def test_the_actors_counted_are_the_ones_ray_roles_starts(
     overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``ray_actors`` against ``roles.ray_roles`` itself, its RayRole replaced by a recorder (no Ray started)."""
+    """``ray_actors`` (what launch.k8s sizes the cluster by) against ``roles.ray_roles`` itself, its RayRole
+    replaced by a recorder (no Ray started)."""
     import posttrain.roles as roles
-    from posttrain.launch.k8s import ray_actors
+    from posttrain.roles import ray_actors
 
     config = load_config(GRPO, [*RL_OVERRIDES, *overrides])
     started: list[tuple[str, dict[str, float]]] = []

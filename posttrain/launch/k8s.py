@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from posttrain.config import ConfigError, DistributedBlock, PpoConfig, RolesBlock, StageConfig
+from posttrain.roles import RoleActor, ray_actors
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "run.yaml"
@@ -144,35 +145,6 @@ class Pod:
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ]
-
-
-@dataclass(frozen=True)
-class RoleActor:
-    """One Ray actor that a ``distributed.placement: ray`` run starts for a role, with what it reserves."""
-
-    role: str  # its block in distributed.roles
-    name: str  # as roles.json names it
-    num_cpus: float
-    num_gpus: float
-
-
-def ray_actors(config: PpoConfig) -> list[RoleActor]:
-    """The actors ``roles.ray_roles`` starts for ``config`` (tests/test_k8s.py holds the two equal): one per rollout
-    engine, the reference when there is a KL anchor (``algorithm.kl_coef`` not 0), and the reward; a role with
-    ``colocate_with: policy`` runs in the trainer's process instead and reserves nothing."""
-    roles = config.distributed.roles
-    actors = []
-    if roles.rollout.colocate_with is None:
-        rollout = roles.rollout
-        actors += [
-            RoleActor("rollout", f"rollout-{i}", rollout.num_cpus, rollout.num_gpus)
-            for i in range(rollout.num_engines)
-        ]
-    if roles.reference.colocate_with is None and config.algorithm.kl_coef:
-        actors.append(RoleActor("reference", "reference", roles.reference.num_cpus, roles.reference.num_gpus))
-    if roles.reward.colocate_with is None:
-        actors.append(RoleActor("reward", "reward", roles.reward.num_cpus, roles.reward.num_gpus))
-    return actors
 
 
 def trainjob(pod: Pod) -> dict[str, Any]:

@@ -22,6 +22,7 @@ in ``value_head.safetensors``), and ``samples.jsonl`` with a few rollouts per st
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,12 +216,14 @@ def _train(
     pending = None
     for step_prompts in rt.iterations(train_prompts):
         step = rt.global_step
+        waiting = time.perf_counter()
         if pending is None:  # synchronous, or the first step of an asynchronous run
             with rt.full_weights(module):  # a sharded policy is gathered for the rollout: each process samples alone
                 sampled = ask_for_rollout(step, step_prompts, step).result()
         else:
             sampled = pending.result()
             pending = None
+        waited = time.perf_counter() - waiting
         if algorithm.async_:
             following = rt.rows_of_step(train_prompts, step + 1)
             if following is not None:  # sampled now, on the weights before this step's update (version step)
@@ -241,6 +244,9 @@ def _train(
             )
         step_stats = Metrics().merge(rollout.metrics)  # then every micro-batch's, all reduced at once below
         step_stats.last("rollout_version_lag", step - sampled.version)  # 1 in asynchronous mode, else 0
+        # The step's time on the rollout's critical path (all of sampling when synchronous, what the update did not
+        # hide when asynchronous) and on the weight sync, the two costs the anchors' users find out too late.
+        step_stats.last("rollout_wait_s", waited)
         for epoch in range(algorithm.ppo_epochs):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rt.global_step * 101 + epoch)
             order = torch.randperm(len(rollout.rows), generator=generator).tolist()
@@ -266,6 +272,7 @@ def _train(
                 rt.update()
         with rt.full_weights(module):
             roles.sync(trained.policy, step + 1)
+        step_stats.last("weight_sync_s", roles.sync_seconds[-1])
 
         step_stats = rt.all_reduce(step_stats)
         step_metrics = step_stats.values()  # what the KL controller and the watch read, before the step is logged

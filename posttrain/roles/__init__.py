@@ -41,7 +41,7 @@ from posttrain.roles.placement import (
 from posttrain.roles.workers import Reference, Sampler, Scorer, StaleWeights, pack_weights, trainable_weights
 from posttrain.rollout import Response, SamplingSettings
 
-__all__ = ["Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "placed_roles"]
+__all__ = ["RoleActor", "Roles", "RoleFailed", "Sampled", "StaleWeights", "local_roles", "placed_roles", "ray_actors"]
 
 Role = LocalRole | RayRole | RelayedRole
 
@@ -243,34 +243,54 @@ def local_roles(
     return Roles([sampler], reference, LocalRole("reward", Scorer(reward, gold)))
 
 
+@dataclass(frozen=True)
+class RoleActor:
+    """One Ray actor a ``placement: ray`` run starts for a role, with what it reserves (``launch.k8s`` sizes a
+    cluster from the same list)."""
+
+    role: str  # its block in distributed.roles, and the kind workers.build_role builds
+    name: str  # as roles.json names it
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def ray_actors(config: PpoConfig) -> list[RoleActor]:
+    """The actors of a ``placement: ray`` run: one per rollout engine, the reference when there is a KL anchor
+    (``algorithm.kl_coef`` not 0), and the reward; a role with ``colocate_with: policy`` runs in the trainer's
+    process instead and reserves nothing."""
+    roles = config.distributed.roles
+    wanted: list[tuple[str, str, Any]] = []
+    if roles.rollout.colocate_with is None:
+        wanted += [("rollout", f"rollout-{i}", roles.rollout) for i in range(roles.rollout.num_engines)]
+    if roles.reference.colocate_with is None and config.algorithm.kl_coef:
+        wanted.append(("reference", "reference", roles.reference))
+    if roles.reward.colocate_with is None:
+        wanted.append(("reward", "reward", roles.reward))
+    return [RoleActor(role, name, block.num_cpus, block.num_gpus, block.threads) for role, name, block in wanted]
+
+
 def ray_roles(config: PpoConfig, every_prompt: list[Prompt], local: Roles, group: TrainerGroup | None) -> Roles:
     """``placement: ray``: each role not colocated with the policy in a Ray actor of its own, built from
     ``config``; the colocated ones are ``local``'s (this process's). In a trainer group (``group``) only the main
     process starts the actors; every process reaches them through it (``RelayedRole``), and an actor that fails
     to start fails every process."""
     distributed = config.distributed
-    settings = distributed.roles
-    wanted: list[tuple[str, str, Any]] = []
-    if settings.rollout.colocate_with is None:
-        wanted += [(f"rollout-{i}", "rollout", settings.rollout) for i in range(settings.rollout.num_engines)]
-    if local.reference is not None and settings.reference.colocate_with is None:
-        wanted.append(("reference", "reference", settings.reference))
-    if settings.reward.colocate_with is None:
-        wanted.append(("reward", "reward", settings.reward))
+    wanted = ray_actors(config)
 
     actors: dict[str, RayRole] = {}
     failure: BaseException | None = None
     if group is None or group.is_main:
         try:
-            for name, kind, block in wanted:
-                resources = {"num_cpus": block.num_cpus, "num_gpus": block.num_gpus}
-                actors[name] = RayRole(
-                    name,
-                    kind,
+            for wanted_actor in wanted:
+                resources = {"num_cpus": wanted_actor.num_cpus, "num_gpus": wanted_actor.num_gpus}
+                actors[wanted_actor.name] = RayRole(
+                    wanted_actor.name,
+                    wanted_actor.role,
                     config,
                     every_prompt,
                     resources,
-                    block.threads,
+                    wanted_actor.threads,
                     distributed.call_timeout_s,
                     distributed.restarts,
                 )
@@ -288,7 +308,7 @@ def ray_roles(config: PpoConfig, every_prompt: list[Prompt], local: Roles, group
             return actors[name]
         return RelayedRole(name, actors.get(name), group)
 
-    names = {name for name, _, _ in wanted}
+    names = {actor.name for actor in wanted}
     samplers = [placed(n) for n in sorted(n for n in names if n.startswith("rollout-"))] or list(local.samplers)
     reference = placed("reference") if "reference" in names else local.reference
     scorer = placed("reward") if "reward" in names else local.scorer
@@ -317,10 +337,7 @@ def placed_roles(
         )
     with ExitStack() as scope:
         if group is None or group.is_main:
-            placed = config.distributed.roles
-            cpus = sum(
-                r.num_cpus * getattr(r, "num_engines", 1) for r in (placed.rollout, placed.reference, placed.reward)
-            )
+            cpus = sum(actor.num_cpus for actor in ray_actors(config))
             scope.enter_context(ray_runtime(config.distributed, run_dir, cpus + 1, log))
         roles = ray_roles(config, every_prompt, local, group)
         scope.callback(roles.close)
