@@ -200,3 +200,9 @@ def evaluate_verifiable(model: Any, tokenizer: Any, prompts: list[Any], max_new_
     from posttrain.eval.verifiable import verifiable_metrics
 
     return verifiable_metrics(prompts, generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
+
+
+def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
+    """The first ``rows`` prompt records of the toy kit, written to ``path``."""
+    path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
+    return path

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import sft_config
+from helpers import prompts_file, sft_config
 from safetensors.torch import load_file
 
 from posttrain import diagnostics, rl
@@ -37,11 +37,6 @@ LENGTH_REWARD = f"{__name__}:length_reward"
 def prompt_length_reward(prompt: str, response: str, reference: str | None) -> float:
     """Differs between prompts even when every response is the same (greedy rollouts of an untrained model)."""
     return len(prompt) / 10.0
-
-
-def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
-    path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
-    return path
 
 
 def ppo_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import generate_responses, sft_config
+from helpers import generate_responses, prompts_file, sft_config
 
 from posttrain.config import RewardSource
 from posttrain.data.errors import DataError
@@ -23,11 +23,6 @@ def length_reward(prompt: str, response: str, reference: str | None) -> float:
 
 
 LENGTH_REWARD = f"{__name__}:length_reward"
-
-
-def prompts_file(toy: Any, path: Path, rows: int) -> Path:
-    path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
-    return path
 
 
 def rs_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any:
