@@ -246,6 +246,30 @@ def _run_and_summarise(pipeline: Pipeline, from_stage: str | None = None) -> Non
         )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from posttrain.serve.server import build_server, serve
+
+    adapters: dict[str, str] = {}
+    for spec in args.adapter or []:
+        name, separator, path = spec.partition("=")
+        if not separator or not name or not path:
+            raise ConfigError(f"--adapter {spec}: expected NAME=PATH (an adapter directory or a LoRA run directory)")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name} is given twice")
+        adapters[name] = path
+    parts = build_server(
+        args.base,
+        adapters,
+        args.adapter_dir or [],
+        api_key=args.api_key,
+        max_loaded=args.max_loaded,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return serve(parts, args.host, args.port, lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from posttrain.serve.chat import run_chat
 
@@ -434,6 +458,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for one base model and many LoRA adapters, decoded together",
+        description="Serve BASE (a model or run directory) and LoRA adapters over the OpenAI API (/v1/models, "
+        "/v1/chat/completions, /v1/completions), with /v1/load_lora_adapter and /v1/unload_lora_adapter (admin: "
+        "need --api-key) and /metrics. Requests for different adapters decode together in one batch.",
+    )
+    serve.add_argument("base", metavar="BASE", help="the base model: a model directory or a run directory")
+    serve.add_argument(
+        "--adapter", action="append", metavar="NAME=PATH", help="serve this adapter (pinned in memory); repeat"
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        action="append",
+        metavar="DIR",
+        help="load DIR/NAME on demand when a request names NAME; run-time loads may read only here; repeat",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_positive_int, default=8000)
+    serve.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY; enables adapter admin")
+    serve.add_argument("--max-loaded", type=_positive_int, default=8, metavar="N", help="adapters kept in memory")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=32, metavar="N", help="rows decoded together")
+    serve.add_argument(
+        "--max-waiting", type=_positive_int, default=256, metavar="N", help="queued requests (429 past)"
+    )
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N", help="413 past")
+    serve.set_defaults(func=cmd_serve)
+
     chat = commands.add_parser(
         "chat",
         help="talk to trained models in the terminal; several answer each message side by side",
@@ -540,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.models.loading import ModelLoadError
     from posttrain.pipeline import PipelineError
     from posttrain.roles import RoleFailed, StaleWeights
+    from posttrain.serve.adapters import AdapterError
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
@@ -559,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteLossError: lambda e: _fail(str(e), 1),
         RoleFailed: lambda e: _fail(str(e), 1),
         StaleWeights: lambda e: _fail(str(e), 1),
+        AdapterError: lambda e: _fail(str(e), 2),
     }
     try:
         return args.func(args)
