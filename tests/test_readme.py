@@ -5,7 +5,9 @@ Each must exit 0 and leave what it says it writes (`output_dir=`, `--out`). Not 
 - `make demo` / `make test`: `make test` is this suite; `make demo` is `posttrain demo` after installing, which
   runs here in --quick mode (test_demo.py) because the full one takes minutes of the suite's budget;
 - `python benchmarks/...`: speed and seed benchmarks take minutes each and need `.[bench]`; each one's
-  `--help` runs here, so a renamed flag or a broken import is still caught.
+  `--help` runs here, so a renamed flag or a broken import is still caught;
+- `posttrain serve ...`: it serves until stopped; test_serve.py starts the same command line on a free port and
+  drives it with the openai client the README shows.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def test_every_benchmark_command_in_the_readme_parses() -> None:
 
 
 def test_every_posttrain_command_in_the_readme_runs(tmp_path: Path, quick_demo: dict[str, Any]) -> None:
-    commands = [c for c in readme_commands() if c.startswith("posttrain ")]
+    commands = [c for c in readme_commands() if c.startswith("posttrain ") and not c.startswith("posttrain serve ")]
     assert len(commands) >= 15
     posttrain = Path(sys.executable).parent / "posttrain"
     # The README reruns stages in runs/demo (`--from`, overrides): on a copy, so test_demo's checks of the

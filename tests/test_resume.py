@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 SCHEDULE = {"schedule__name": "cosine", "schedule__warmup_steps": 2, "schedule__min_lr_ratio": 0.1}
 MAX_STEPS, EVERY, KILL_AFTER = 6, 2, 3
 # Metrics that measure the machine, not the training.
-TIMING = ("step_time_s", "tokens_per_s", "samples_per_s", "wall_time_s")
+TIMING = ("step_time_s", "tokens_per_s", "samples_per_s", "wall_time_s", "rollout_wait_s", "weight_sync_s")
 
 
 def length_reward(prompt: str, response: str, reference: str | None) -> float:
