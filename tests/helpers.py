@@ -50,8 +50,9 @@ def assert_weights_close(
         )
 
 
-def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide Llama over the tokenizer in ``tokenizer_dir``, saved with it to ``out``."""
+def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """A 2-layer, 64-wide Llama over the tokenizer in ``tokenizer_dir``, saved with it to ``out``. A larger
+    ``initializer_range`` (0.3) gives sharper, varied greedy answers where the default repeats one token."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -68,10 +69,31 @@ def save_micro_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def make_lora(
+    base_dir: Path, out: Path, seed: int, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj")
+) -> Path:
+    """A LoRA adapter over ``base_dir`` with random non-zero B (peft starts B at 0, which would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)),
+    )
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    model.save_pretrained(out)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import make_lora
 
 from posttrain.serve.adapters import (
     AdapterCapacityError,
@@ -24,25 +25,6 @@ from posttrain.serve.adapters import (
 from posttrain.serve.engine import Engine, GenerationRequest, QueueFullError, RequestLimitError
 
 ADAPTERS = [f"a{i}" for i in range(8)]
-
-
-def make_lora(
-    base_dir: Path, out: Path, seed: int, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj")
-) -> Path:
-    """A LoRA adapter over ``base_dir`` with random non-zero B (peft starts B at 0, which would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)),
-    )
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.3)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
