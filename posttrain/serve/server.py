@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.data.dataset import end_of_turn_ids, use_chat_template
 from posttrain.models.loading import model_dir_of
@@ -187,6 +189,13 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Any:
         return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Any:
+        # FastAPI's own refusals (a body that is not JSON or not UTF-8, an unknown route, a wrong method) in
+        # OpenAI's error shape too.
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return ApiError(error.status_code, str(error.detail), kind, "invalid_request").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> Any:
@@ -494,6 +503,11 @@ def serve(parts: ServerParts, host: str, port: int, log: Callable[[str], None]) 
 
     config = uvicorn.Config(parts.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the handler that was
+    # there before it: with the default one the process would die by the signal after a clean stop. The stop is
+    # the intended end, so the signal, raised again, is only acknowledged.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda number, frame: None)
     adapters = len(parts.registry.adapters())
     log(f"serving {parts.base_name} on http://{host}:{port}/v1 ({adapters} adapter{'s' if adapters != 1 else ''})")
     server.run()
