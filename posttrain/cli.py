@@ -592,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.models.loading import ModelLoadError
     from posttrain.pipeline import PipelineError
     from posttrain.roles import RoleFailed, StaleWeights
-    from posttrain.serve.adapters import AdapterError
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
+    from posttrain.serve.adapters import AdapterError
 
     parser = build_parser()
     args, unparsed = parser.parse_known_args(argv)
