@@ -2,8 +2,8 @@
 directories only), unloading that really frees, an LRU of at most ``max_loaded`` adapters with pinning, and the
 reference counts that make an unload wait for the requests still using the adapter.
 
-Every adapter lives in one peft model over the served base, so requests for different adapters (and the base,
-peft's ``"__base__"``) share one forward (peft's mixed-adapter batches, ``adapter_names``). The errors are typed
+Every adapter lives in one peft model over the served base, so requests for different adapters (and the base)
+share one forward (``serve.batched_lora``: every row's LoRA update in one batched matmul per layer). The errors are typed
 so the server can answer each with its status: :class:`AdapterNotFoundError` 404, :class:`AdapterMismatchError` 400,
 :class:`AdapterPathError` 403, :class:`AdapterCapacityError` 503.
 """
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from posttrain.models.loading import ModelLoadError, _base_of, adapter_config_of, model_dir_of
+from posttrain.serve.batched_lora import BatchedLora
 
 BASE = "__base__"
 """peft's name for "no adapter" in a mixed batch."""
@@ -174,6 +175,7 @@ class AdapterRegistry:
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self._loading: set[str] = set()
         self._peft: Any = None  # the peft model, made at the first load (peft has no empty PeftModel)
+        self._batched: BatchedLora | None = None  # its mixed-adapter forward, made at the first one
         # Shapes of the base as loaded: wrapping in LoRA layers renames modules (``.base_layer``), and a mismatch
         # must be found before peft injects anything.
         self._module_shapes: dict[str, tuple[int, ...]] = {}
@@ -221,7 +223,9 @@ class AdapterRegistry:
         if self._peft is None or not self._peft.peft_config:
             # Nothing loaded: the LoRA layers left behind by unloads hold no adapter and compute the base exactly.
             return self.base_model(**inputs)
-        return self._peft(**inputs, adapter_names=[name or BASE for name in adapter_names])
+        if self._batched is None:
+            self._batched = BatchedLora(self._peft)
+        return self._batched.forward(adapter_names, **inputs)
 
     # -- what the server's admin endpoints call -------------------------------------------------------------
     def load(self, name: str, path: str | Path, pin: bool = False, trusted: bool = False) -> LoadedAdapter:
@@ -319,12 +323,16 @@ class AdapterRegistry:
         self._peft.set_adapter(name)
         self._peft.eval()
         self._peft.requires_grad_(False)
+        if self._batched is not None:
+            self._batched.invalidate()
 
     def _delete(self, name: str) -> None:
         with self.model_lock, warnings.catch_warnings():
             # peft warns that the deleted adapter was the active one and names another: expected here.
             warnings.simplefilter("ignore", UserWarning)
             self._peft.delete_adapter(name)
+            if self._batched is not None:
+                self._batched.invalidate()
             remaining = [n for n in self._peft.peft_config]
             if remaining:
                 self._peft.set_adapter(remaining[0])
