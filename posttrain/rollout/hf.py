@@ -46,6 +46,23 @@ class SamplingSettings:
     top_k: int = 0
 
 
+def left_padded(prompts: list[list[int]], pad_token_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``prompts`` left-padded to the longest, so every prompt's last token sits
+    in the last column and one KV cache serves the batch."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The positions ``generate`` gives left-padded rows: the running count of real tokens (padding at 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 def shared_prompt_cache(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: list[int]
 ) -> Any:
@@ -64,7 +81,7 @@ def shared_prompt_cache(
         first_row.setdefault(prompt, row)
     distinct = torch.tensor(list(first_row.values()), device=input_ids.device)
     ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    positions = left_padded_positions(mask)
     cache = DynamicCache(config=model.config)
     model(
         input_ids=ids,
@@ -177,7 +194,7 @@ def decode_batch(
     generator, so a row's sample does not depend on the rows it is batched with."""
     from transformers import DynamicCache
 
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    positions = left_padded_positions(attention_mask)
     cache = shared_prompt_cache(model, input_ids, attention_mask, prompt_of_row)
     if cache is None:
         cache, step_ids, step_positions = DynamicCache(config=model.config), input_ids, positions
@@ -252,14 +269,7 @@ def generate_from_ids(
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             chunk_keys = keys[start : start + batch_size] if keys is not None else None
-            width = max(len(prompt_ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, index in enumerate(chunk):
-                ids = prompt_ids[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            input_ids, attention_mask = left_padded([prompt_ids[i] for i in chunk], pad_token_id, device)
             if through_generate:
                 new_tokens = _generate(model, input_ids, attention_mask, settings, pad_token_id, stop_ids, chunk_keys)
             else:

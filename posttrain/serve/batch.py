@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from posttrain.rollout.hf import left_padded, left_padded_positions
+
 Forward = Callable[..., Any]
 """``forward(adapter_names, **model_inputs)``: the model's forward with one adapter name per row
 (``AdapterRegistry.forward``)."""
@@ -65,14 +67,8 @@ class RunningBatch:
         """Prefill ``prompts`` in one left-padded forward, each through its adapter, and append ``copies[i]`` rows
         for prompt ``i`` (a request's ``n`` choices share one prefill). Returns each new row's next-token logits
         ``(sum(copies), V)``; set the tokens drawn from them with :meth:`set_next_tokens` before :meth:`decode`."""
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        input_ids, mask = left_padded(prompts, pad_id, self.device)
+        positions = left_padded_positions(mask)
         cache = self._new_cache()
         logits = forward(
             adapter_names,
