@@ -31,6 +31,8 @@ BASE_ID = "tiny-run"  # the base is given as a run directory: its model id is th
 API_KEY = "test-key"
 PINNED = ("sql", "poet", "math")
 MAX_BODY_BYTES = 65536
+MAX_BATCH_SIZE = 8  # rows decoded together; small, so a test can fill the batch and the queue
+MAX_WAITING = 4
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
@@ -99,6 +101,7 @@ def server(served: SimpleNamespace) -> Iterator[SimpleNamespace]:
         command += ["--adapter", f"{name}={path}"]
     command += ["--adapter-dir", str(served.library), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--api-key", API_KEY, "--max-body-bytes", str(MAX_BODY_BYTES)]
+    command += ["--max-batch-size", str(MAX_BATCH_SIZE), "--max-waiting", str(MAX_WAITING)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     stderr_path = served.root / "server.stderr"
@@ -593,6 +596,31 @@ def test_a_client_leaving_mid_stream_frees_its_row(server: SimpleNamespace, serv
     assert settled is not None and settled - before < 450 / 2, (before, settled)
     assert metric_totals(server)["posttrain_queue_length"] == 0
     assert greedy_chat(server, "sql", question("Next"), max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_full_queue_is_429_and_the_admitted_requests_are_answered(
+    server: SimpleNamespace, served: SimpleNamespace
+) -> None:
+    """Many long requests at once: MAX_BATCH_SIZE take the rows, MAX_WAITING wait for one, the rest arrive while
+    both are full and are refused with OpenAI's 429 error object; every admitted request gets its whole answer."""
+    expected = long_greedy_answer(served, "poet", max_tokens=450)
+    body = {"model": "poet", "messages": LONG_QUESTION, "max_tokens": 450, "temperature": 0}
+    burst = 4 * (MAX_BATCH_SIZE + MAX_WAITING)
+
+    def post(_: int) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+    with ThreadPoolExecutor(burst) as pool:
+        responses = list(pool.map(post, range(burst)))
+    answered = [r.json() for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(answered) >= MAX_BATCH_SIZE + MAX_WAITING and refused, [r.status_code for r in responses]
+    for response in refused:
+        assert response.status_code == 429 and assert_error_object(response)["code"] == "queue_full", response.text
+    assert {answer["choices"][0]["message"]["content"] for answer in answered} == {expected.text}
+    assert {answer["usage"]["completion_tokens"] for answer in answered} == {450}
+    assert metric_totals(server)["posttrain_queue_length"] == 0
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits_0(server: SimpleNamespace, served: SimpleNamespace) -> None:
