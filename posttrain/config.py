@@ -492,6 +492,10 @@ class DpoBlock(Block):
     """SimPO's target margin γ as a multiple of β."""
     sft_weight: float = Field(0.0, ge=0)
     """Weight of an extra NLL term on the chosen response (RPO); 0 turns it off. ORPO always has its own."""
+    reference: str | None = None
+    """The reference π_ref as another model (a run, model or adapter directory, with the policy's tokenizer);
+    unset: the model as loaded (the base under an adapter, the initial weights otherwise). Iterative DPO sets it to
+    the first policy, so each round starts from the last one while the reference stays fixed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -516,6 +520,8 @@ class DpoConfig(StageConfig):
         if self.dpo.label_smoothing and not losses.DPO_LOSSES[self.dpo.loss].takes_label_smoothing:
             takers = " or ".join(name for name, loss in losses.DPO_LOSSES.items() if loss.takes_label_smoothing)
             raise ValueError(f"dpo.label_smoothing applies to loss {takers}, not {self.dpo.loss}")
+        if self.dpo.reference and losses.DPO_LOSSES[self.dpo.loss].reference_free:
+            raise ValueError(f"dpo.reference: loss {self.dpo.loss} uses no reference")
         return self
 
 

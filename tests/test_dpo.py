@@ -322,3 +322,28 @@ def test_shipped_config_trains_from_the_command_line(toy, micro_model, tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert any("eval_accuracy" in r for r in records)
     assert (out / "model" / "adapter_config.json").exists()
+
+
+def test_dpo_reference_names_the_model_whose_log_probs_are_the_reference(toy, micro_model, tmp_path) -> None:
+    """``dpo.reference`` (iterative DPO's reference fixed at the first policy): the policy's own directory as the
+    reference is the default exactly (loss log 2 at step 0); another model moves the step-0 margins off zero."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    same = _config(micro_model, toy.prefs, tmp_path / "same", train__max_steps=1, dpo__reference=str(micro_model))
+    dpo.run(same)
+    (first,) = _train_records(tmp_path / "same")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+
+    other = tmp_path / "other_reference"
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(micro_model).save_pretrained(other)
+    moved = _config(micro_model, toy.prefs, tmp_path / "moved", train__max_steps=1, dpo__reference=str(other))
+    summary = dpo.run(moved)
+    (first,) = _train_records(tmp_path / "moved")
+    assert abs(first["rewards/margin"]) > 1e-3 and abs(first["loss"] - math.log(2)) > 1e-4
+    assert str(other) in summary["reference"]

@@ -39,6 +39,7 @@ from posttrain.data.packing import Example, collate_examples
 from posttrain.data.pairs import load_pairs, pair_examples, pair_sides
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.forward import batch_sequence_logps, shares_prefix
+from posttrain.models.loading import load_for_inference
 from posttrain.models.modes import eval_mode
 from posttrain.runtime import Metrics, Runtime
 
@@ -139,7 +140,13 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
     reference_free = losses.DPO_LOSSES[options.loss].reference_free
     if not reference_free:  # two sequences a pair
         train, held_out = (items, 2 * len(pairs.train)), (eval_items, 2 * len(pairs.held_out))
-        ref_table, eval_ref_table = rt.reference_tables(model, collate_rows, train, held_out)
+        if options.reference:
+            # Its own weights for the tables, then gone: training still holds one model.
+            reference, _ = load_for_inference(options.reference, config.model.dtype)
+            ref_table, eval_ref_table = rt.reference_tables(reference, collate_rows, train, held_out)
+            del reference
+        else:
+            ref_table, eval_ref_table = rt.reference_tables(model, collate_rows, train, held_out)
 
     model = rt.setup(model, num_rows=len(items))
 
@@ -168,7 +175,7 @@ def run(config: DpoConfig, config_path: str | None = None) -> dict[str, Any]:
             "eval_pairs": len(pairs.held_out),
             "truncated_pairs": truncated,
             "skipped_invalid_rows": pairs.skipped_rows,
-            "reference": "none" if reference_free else "cached",
+            "reference": "none" if reference_free else f"cached ({options.reference or 'the model as loaded'})",
             "chat_template": pairs.template,
         },
     )

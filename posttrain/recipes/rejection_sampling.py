@@ -150,6 +150,13 @@ def sample_and_score(
     config: RejectionSamplingConfig, prompts: list[Prompt], reward: WeightedReward
 ) -> list[dict[str, Any]]:
     """n samples per prompt from the policy, then their rewards; one row per prompt."""
+    return score_samples(sample_prompts(config, prompts), reward)
+
+
+def sample_prompts(config: RejectionSamplingConfig, prompts: list[Prompt]) -> list[dict[str, Any]]:
+    """``sampling.num_samples`` responses to each prompt from the policy (``model.path``), unscored: one row per
+    prompt, ``{messages, reference, source, samples: [{text, finished, num_tokens}]}``. The model is freed before
+    returning, so a reward model can load next."""
     from transformers import set_seed
 
     set_seed(config.seed)
@@ -180,34 +187,44 @@ def sample_and_score(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return [
+        {
+            "messages": prompt.messages,
+            "reference": prompt.reference,
+            "source": _where(prompt),
+            "samples": [{"text": r.text, "finished": r.finished, "num_tokens": r.num_tokens} for r in group],
+        }
+        for prompt, group in zip(prompts, groups)
+    ]
 
-    flat = [(p, r) for p, group in zip(prompts, groups) for r in group]
+
+def score_samples(rows: list[dict[str, Any]], reward: WeightedReward) -> list[dict[str, Any]]:
+    """``rows`` (:func:`sample_prompts`) with each sample's ``reward`` (and its terms under ``rewards`` when the
+    reward sums several), then the reward's model released."""
+    flat = [(row, sample) for row in rows for sample in row["samples"]]
     scores = reward.breakdown(
-        [p.messages for p, _ in flat],
-        [r.text for _, r in flat],
-        [p.reference for p, _ in flat],
-        finished=[r.finished for _, r in flat],
+        [row["messages"] for row, _ in flat],
+        [sample["text"] for _, sample in flat],
+        [row["reference"] for row, _ in flat],
+        finished=[sample["finished"] for _, sample in flat],
     )
     reward.release()
     terms = [name for name in scores if name != "total"]
-    rows, position = [], 0
-    for prompt, group in zip(prompts, groups):
+    scored, position = [], 0
+    for row in rows:
         samples = []
-        for response in group:
+        for sample in row["samples"]:
             sample = {
-                "text": response.text,
+                "text": sample["text"],
                 "reward": scores["total"][position],
-                "finished": response.finished,
-                "num_tokens": response.num_tokens,
+                **{k: v for k, v in sample.items() if k != "text"},
             }
             if len(terms) > 1:
                 sample["rewards"] = {name: scores[name][position] for name in terms}
             samples.append(sample)
             position += 1
-        rows.append(
-            {"messages": prompt.messages, "reference": prompt.reference, "source": _where(prompt), "samples": samples}
-        )
-    return rows
+        scored.append({**row, "samples": samples})
+    return scored
 
 
 def selected_rows(rows: list[dict[str, Any]], chosen: list[int | None]) -> list[dict[str, Any]]:
