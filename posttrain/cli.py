@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 # the pipeline `posttrain demo` runs. In a checkout, ./configs points here.
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_PIPELINE = SHIPPED_CONFIGS / "demo.yaml"
+LOOP_DEMO_PIPELINE = SHIPPED_CONFIGS / "loop_demo.yaml"
 
 
 def stage_config(stage_or_file: str, overrides: list[str]) -> tuple[StageConfig, str | None]:
@@ -215,6 +218,34 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             print(f"{name:24} after: {inputs}")
         return 0
     _run_and_summarise(pipeline, from_stage=args.from_stage)
+    return 0
+
+
+def cmd_loop(args: argparse.Namespace) -> int:
+    from posttrain.loop import LOOP_JSON, load_loop_config, run_loop
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    if args.config == "demo" and not Path(args.config).exists():
+        out = Path(args.out or "runs/loop_demo")
+        overrides = [f"out={out}", f"seed={args.seed if args.seed is not None else 0}", *args.overrides]
+        pipeline = load_pipeline(LOOP_DEMO_PIPELINE, overrides, quick=args.quick)
+        started = time.time()
+        run_pipeline(pipeline)
+        shutil.copyfile(out / "loop" / LOOP_JSON, out / LOOP_JSON)
+        from posttrain.loop import format_rounds
+
+        report = json.loads((out / LOOP_JSON).read_text(encoding="utf-8"))
+        print(format_rounds(report))
+        print(f"finished in {time.time() - started:.0f} s; rounds in {out / LOOP_JSON}")
+        return 0
+    for name in ("out", "seed"):
+        if getattr(args, name) is not None:
+            raise ConfigError(f"--{name} is for `posttrain loop demo`; in a loop config set {name}: in the file")
+    if args.quick:
+        raise ConfigError("--quick is for `posttrain loop demo`")
+    from posttrain.loop import format_rounds
+
+    print(format_rounds(run_loop(load_loop_config(args.config, args.overrides))))
     return 0
 
 
@@ -452,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--dry-run", action="store_true", help="validate every stage config and print the order")
     pipeline.set_defaults(func=cmd_pipeline)
 
+    loop = commands.add_parser(
+        "loop",
+        help="iterative RLHF: rounds of sample, label, retrain the reward model, DPO, and a gate before promotion",
+        description="Run the rounds of a loop config (posttrain.loop), resuming where a killed run stopped; or "
+        "`posttrain loop demo`: 3 rounds on the toy tasks after toy kit, pretraining and SFT, labels given by the "
+        "tasks' checker through the label API.",
+    )
+    loop.add_argument("config", metavar="LOOP", help="a loop YAML, or demo")
+    loop.add_argument("overrides", nargs="*", help="key.sub=value over the loop config (demo: STAGE.key=value)")
+    loop.add_argument("--out", help="demo: output directory (default runs/loop_demo)")
+    loop.add_argument("--seed", type=int, help="demo: seed (default 0)")
+    loop.add_argument("--quick", action="store_true", help="demo: the short version (for tests)")
+    loop.set_defaults(func=cmd_loop)
+
     demo = commands.add_parser("demo", help="the embedded default: toy model and data, then training end to end")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
@@ -590,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data.errors import DataError
     from posttrain.models.loading import ModelLoadError
+    from posttrain.loop import LoopError
     from posttrain.pipeline import PipelineError
     from posttrain.roles import RoleFailed, StaleWeights
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
@@ -606,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError: lambda e: _fail(str(e), 2),
         LaunchError: lambda e: _fail(str(e), 2),
         PipelineError: lambda e: _fail(str(e), 1),
+        LoopError: lambda e: _fail(str(e), 1),
         DataError: lambda e: _fail(f"data error: {e}", 2),
         ModelLoadError: lambda e: _fail(str(e), 2),
         FileNotFoundError: lambda e: _fail(str(e), 2),

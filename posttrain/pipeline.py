@@ -46,6 +46,7 @@ from posttrain.eval.common import load_prompts
 from posttrain.eval.evaluate import load_reference
 from posttrain.eval.report import write_pipeline_report
 from posttrain.eval.reward_model import as_scorer
+from posttrain.loop import LoopConfig, link_final_policy, run_loop, validate_loop_config
 from posttrain.recipes import RECIPES
 from posttrain.runtime.checkpoint import write_atomic
 from posttrain.toy import DEFAULT_TASKS, build_toy
@@ -73,6 +74,9 @@ class PipelineStage(Block):
     config: str | dict[str, Any] | None = Field(None, description="a stage config file, or the config inline")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied over config")
     toy: ToyBlock | None = Field(None, description="instead of a config: build the toy kit")
+    loop: dict[str, Any] | None = Field(
+        None, description="instead of a config: an iterative RLHF loop (posttrain.loop; its out is the stage's dir)"
+    )
     after: list[str] = Field(default_factory=list, description="extra dependencies beyond ${stage.output} references")
 
 
@@ -203,14 +207,21 @@ class Pipeline:
         stages = {stage for stage, _ in stage_references(spec.reference)}
         return next((row for row, stage in spec.models.items() if stage in stages), None)
 
-    def _resolve(self, name: str) -> dict[str, Any] | StageConfig:
-        """The stage's final config: a validated StageConfig, or the toy builder's arguments."""
+    def _resolve(self, name: str) -> dict[str, Any] | StageConfig | LoopConfig:
+        """The stage's final config: a validated StageConfig or LoopConfig, or the toy builder's arguments."""
         spec = self.stages[name].spec
         outputs = {stage: self.outputs(stage) for stage in self.stages}
         if spec.toy is not None:
             toy = spec.toy.model_dump()
             toy["seed"] = self.config.seed if self.config.seed is not None else 0
             return _substitute(toy, outputs)
+        if spec.loop is not None:
+            overrides = parse_overrides([f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()])
+            loop = deep_merge(spec.loop, overrides)
+            loop = {**loop, "out": str(self.out / name)}
+            if self.config.seed is not None and "seed" not in loop:
+                loop["seed"] = self.config.seed
+            return validate_loop_config(_substitute(loop, outputs), f"{self.source}, stage {name!r}")
         raw: dict[str, Any] = {}
         if isinstance(spec.config, str):
             path = self.base_dir / spec.config if not Path(spec.config).is_absolute() else Path(spec.config)
@@ -289,6 +300,10 @@ def _run_stage(pipeline: Pipeline, name: str) -> dict[str, Any]:
         tasks = tuple(resolved["tasks"] or DEFAULT_TASKS)
         build_toy(pipeline.out / name, size=resolved["size"], seed=resolved["seed"], tasks=tasks, **resolved["counts"])
         return {"stage": "toy", "tasks": list(tasks)}
+    if isinstance(resolved, LoopConfig):
+        report = run_loop(resolved)
+        link_final_policy(Path(resolved.out), Path(report["final_policy"]))
+        return {"stage": "loop", "rounds": report["rounds"], "final_policy": report["final_policy"]}
     return RECIPES[resolved.stage](resolved, pipeline.source) or {}
 
 
