@@ -323,6 +323,126 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_label_create(args: argparse.Namespace) -> int:
+    from posttrain.feedback.create import items_from_models, items_from_pairs
+    from posttrain.feedback.store import LabelError, LabelStore
+
+    if not (args.pairs or args.prompts or args.gold):
+        raise ConfigError("label create: give --pairs FILE, or --prompts FILE --models A B ..., and/or --gold FILE")
+    if bool(args.prompts) != bool(args.models):
+        raise ConfigError("label create: --prompts and --models go together (prompts to sample the models on)")
+    try:
+        items = items_from_pairs(args.pairs, battle=args.battle) if args.pairs else []
+        if args.prompts:
+            for path in args.models:
+                check_model_path(path)
+            items += items_from_models(
+                args.prompts,
+                args.models,
+                battle=args.battle,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                template=args.template,
+            )
+        gold = items_from_pairs(args.gold, battle=args.battle, gold_required=True) if args.gold else []
+        with LabelStore(args.db) as store:
+            ids = store.add_items(items + gold)
+            progress = store.progress()
+    except LabelError as error:
+        return _fail(f"{args.db}: {error}", 2)
+    print(
+        f"{args.db}: {len(ids)} items given ({len(gold)} gold); the store now holds {progress['items']} items and "
+        f"{progress['gold_items']} gold items"
+    )
+    return 0
+
+
+def cmd_label_serve(args: argparse.Namespace) -> int:
+    from posttrain.feedback.app import serve as serve_labels
+    from posttrain.feedback.store import LabelError, LabelStore
+
+    _existing_label_db(args.db)
+    try:
+        annotators: list[str] | dict[str, str] = (
+            _label_tokens(args.tokens) if args.tokens else [name.strip() for name in args.annotators.split(",")]
+        )
+        store = LabelStore(args.db)
+        store.configure(overlap=args.overlap, gold_rate=args.gold_rate)
+        if not store.progress()["items"]:
+            return _fail(f"{args.db}: no items to label; add some with `posttrain label create`", 2)
+        tokens = store.add_annotators(annotators)
+    except LabelError as error:
+        return _fail(f"{args.db}: {error}", 2)
+    for name, token in tokens.items():
+        print(f"{name}: http://{args.host}:{args.port}/?token={token}", flush=True)
+    return serve_labels(store, args.host, args.port, lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _label_tokens(path: str) -> dict[str, str]:
+    """``--tokens FILE``: one ``NAME TOKEN`` per line; blank lines and ``#`` comments are skipped."""
+    tokens: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[0] in tokens:
+            raise ConfigError(f"{path}:{number}: expected one 'NAME TOKEN' per line, each name once")
+        tokens[fields[0]] = fields[1]
+    if not tokens:
+        raise ConfigError(f"{path}: no 'NAME TOKEN' lines")
+    return tokens
+
+
+def _existing_label_db(path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such label database; make it with `posttrain label create {path} --pairs FILE`")
+
+
+def cmd_label_export(args: argparse.Namespace) -> int:
+    import json
+
+    from posttrain.feedback.store import LabelError, LabelStore
+
+    _existing_label_db(args.db)
+    try:
+        margins = [float(part) for part in args.margins.split(",")]
+    except ValueError:
+        raise ConfigError(f"--margins {args.margins}: expected 4 numbers, e.g. 3,2,1,0") from None
+    try:
+        with LabelStore(args.db) as store:
+            rows, left_out = store.aggregate(margins)
+            progress = store.progress()
+    except LabelError as error:
+        return _fail(f"--margins: {error}", 2)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    print(
+        f"{out}: {len(rows)} preference rows; left out: {left_out['ties']} even splits, {left_out['no_votes']} "
+        f"items without a vote, {left_out['gold']} gold items"
+    )
+    if not progress["complete"]:
+        print(
+            f"note: labelling is not complete ({progress['answers_given']}/{progress['answers_needed']} answers)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_label_report(args: argparse.Namespace) -> int:
+    import json
+
+    from posttrain.feedback.report import format_report, label_report
+    from posttrain.feedback.store import LabelStore
+
+    _existing_label_db(args.db)
+    with LabelStore(args.db) as store:
+        report = label_report(store, args.min_gold_accuracy, args.bootstrap_rounds, args.seed)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -568,6 +688,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="show all models' replies in columns once all have answered (no streaming)",
     )
     chat.set_defaults(func=cmd_chat)
+
+    label = commands.add_parser(
+        "label",
+        help="human preference labelling: make items, serve the web app, export preference data, report agreement",
+        description="Pairwise preference labelling on Llama 2's 8-point scale (docs/labelling.md): create items "
+        "in a SQLite store, serve them to annotators (one URL each), export aggregated preference rows for the "
+        "reward and DPO stages, and report agreement, gold accuracy, position bias and the arena board.",
+    )
+    label_commands = label.add_subparsers(dest="label_command", required=True)
+    label_create = label_commands.add_parser(
+        "create", help="add items: pairs from a file, or responses sampled from models (every pair of models)"
+    )
+    label_create.add_argument("db", metavar="DB", help="the label database (SQLite; created if missing)")
+    label_source = label_create.add_mutually_exclusive_group()
+    label_source.add_argument(
+        "--pairs", metavar="FILE", help="rows {prompt, response_a, response_b} (or chosen/rejected), gold?"
+    )
+    label_source.add_argument("--prompts", metavar="FILE", help="prompts to sample --models on")
+    label_create.add_argument("--models", nargs="+", metavar="MODEL", help="run, model or adapter directories")
+    label_create.add_argument(
+        "--battle", action="store_true", help="arena items: model names hidden until the annotator voted"
+    )
+    label_create.add_argument("--gold", metavar="FILE", help="hidden gold items: pairs rows, each with gold 1-8")
+    label_create.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
+    label_create.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 is greedy)")
+    label_create.add_argument("--seed", type=int, default=0, help="sampling seed")
+    label_create.add_argument("--template", metavar="NAME|FILE", help="chat template instead of the tokenizer's")
+    label_create.set_defaults(func=cmd_label_create)
+    label_serve = label_commands.add_parser(
+        "serve", help="serve the labelling app; prints one URL (token included) per annotator; stops on SIGTERM"
+    )
+    label_serve.add_argument("db", metavar="DB")
+    label_serve.add_argument("--host", default="127.0.0.1")
+    label_serve.add_argument("--port", type=_positive_int, default=8000)
+    label_people = label_serve.add_mutually_exclusive_group(required=True)
+    label_people.add_argument("--annotators", metavar="NAMES", help="comma-separated names (tokens made and kept)")
+    label_people.add_argument("--tokens", metavar="FILE", help="one 'NAME TOKEN' per line")
+    label_serve.add_argument(
+        "--overlap", type=_positive_int, default=1, metavar="K", help="annotators per item (default 1)"
+    )
+    label_serve.add_argument(
+        "--gold-rate", type=float, default=0.05, metavar="R", help="share of cards that are hidden gold items"
+    )
+    label_serve.set_defaults(func=cmd_label_serve)
+    label_export = label_commands.add_parser("export", help="aggregated preference rows (JSONL) for reward/DPO")
+    label_export.add_argument("db", metavar="DB")
+    label_export.add_argument("--out", required=True, metavar="FILE", help="the preference JSONL to write")
+    label_export.add_argument(
+        "--margins",
+        default="3,2,1,0",
+        help="reward-model margin per degree: much better, better, slightly, negligibly (default 3,2,1,0)",
+    )
+    label_export.set_defaults(func=cmd_label_export)
+    label_report_parser = label_commands.add_parser(
+        "report", help="agreement (Cohen, Fleiss, Krippendorff, Gwet), gold accuracy, position bias, arena board"
+    )
+    label_report_parser.add_argument("db", metavar="DB")
+    label_report_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    label_report_parser.add_argument(
+        "--min-gold-accuracy", type=float, default=0.7, metavar="A", help="flag annotators under this gold accuracy"
+    )
+    label_report_parser.add_argument("--bootstrap-rounds", type=_positive_int, default=1000, metavar="N")
+    label_report_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    label_report_parser.set_defaults(func=cmd_label_report)
 
     data = commands.add_parser("data", help="look at a dataset before training on it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
