@@ -365,7 +365,9 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
     _existing_label_db(args.db)
     try:
         annotators: list[str] | dict[str, str] = (
-            _label_tokens(args.tokens) if args.tokens else [name.strip() for name in args.annotators.split(",")]
+            _label_tokens(args.tokens)
+            if args.tokens
+            else [name for names in args.annotators for name in names.split(",") if name]
         )
         store = LabelStore(args.db)
         store.configure(overlap=args.overlap, gold_rate=args.gold_rate)
@@ -723,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     label_serve.add_argument("--host", default="127.0.0.1")
     label_serve.add_argument("--port", type=_positive_int, default=8000)
     label_people = label_serve.add_mutually_exclusive_group(required=True)
-    label_people.add_argument("--annotators", metavar="NAMES", help="comma-separated names (tokens made and kept)")
+    label_people.add_argument(
+        "--annotators", nargs="+", metavar="NAME", help="names, space- or comma-separated (tokens made and kept)"
+    )
     label_people.add_argument("--tokens", metavar="FILE", help="one 'NAME TOKEN' per line")
     label_serve.add_argument(
         "--overlap", type=_positive_int, default=1, metavar="K", help="annotators per item (default 1)"

@@ -357,12 +357,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Cap
     db = str(tmp_path / "labels.sqlite")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response_a": "a"}\n')
+    made, good = tmp_path / "made.sqlite", tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "response_a": "a", "response_b": "b"}\n')
+    assert main(["label", "create", str(made), "--pairs", str(good)]) == 0
+    bad_tokens = tmp_path / "tokens.txt"
+    bad_tokens.write_text("ann 0123456789abcdef0123\nbob\n")
     for argv in (
         ["label", "create", db, "--pairs", str(bad)],
         ["label", "create", db],
         ["label", "create", db, "--prompts", str(bad)],
         ["label", "export", str(tmp_path / "missing.sqlite"), "--out", str(tmp_path / "x.jsonl")],
         ["label", "report", str(tmp_path / "missing.sqlite")],
+        ["label", "serve", db, "--annotators", "ann"],  # the database was never made
+        ["label", "serve", str(made), "--tokens", str(bad_tokens)],
+        ["label", "serve", str(made), "--annotators", "has space"],
+        ["label", "serve", str(made), "--annotators", "ann", "--gold-rate", "1.5"],
     ):
         capsys.readouterr()
         assert main(argv) == 2, argv
@@ -446,7 +455,7 @@ def test_a_killed_server_loses_no_label_and_resumes_each_queue(tmp_path: Path) -
     )
     assert main(["label", "create", str(db), "--pairs", str(pairs)]) == 0
     port, log = free_loopback_port(), tmp_path / "server.log"
-    serve_args = ("--annotators", "ann,bob", "--overlap", "2", "--gold-rate", "0")
+    serve_args = ("--annotators", "ann", "bob", "--overlap", "2", "--gold-rate", "0")
     process, urls = start_label_server(db, port, log, *serve_args)
     base = f"http://127.0.0.1:{port}"
     tokens = {name: url.split("token=")[1] for name, url in urls.items()}
@@ -483,3 +492,52 @@ def test_a_killed_server_loses_no_label_and_resumes_each_queue(tmp_path: Path) -
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+def test_report_gives_agreement_gold_accuracy_position_bias_and_the_arena(
+    store: LabelStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from posttrain.feedback.agreement import cohens_kappa, fleiss_kappa, gwet_ac1, krippendorff_alpha
+    from posttrain.feedback.ratings import bradley_terry
+    from posttrain.feedback.report import format_report, label_report
+
+    store.configure(overlap=3, gold_rate=0.3)
+    battles = [
+        Item([{"role": "user", "content": f"b{i}"}], f"b{i} A", f"b{i} B", model_a=a, model_b=b, kind="battle")
+        for i, (a, b) in enumerate([("alpha", "beta"), ("beta", "gamma"), ("gamma", "alpha")] * 4)
+    ]
+    store.add_items(make_items(12) + battles + make_items(6, prefix="g", gold=2))
+    tokens = store.add_annotators(["ann", "bob", "cat"])
+    rng = random.Random(3)
+    for name, token in tokens.items():
+        while (card := store.next_card(token)) is not None:
+            question = card.prompt[0]["content"]
+            if question.startswith("g"):  # gold: A better; cat gets them wrong
+                canonical = 7 if name == "cat" else rng.choice([1, 2, 3])
+            elif question.startswith("b"):  # the arena: alpha beats beta beats gamma, mostly
+                canonical = rng.choice([1, 2, 3, 2, 6])
+            else:
+                canonical = rng.choice([1, 2, 3]) if name != "cat" else rng.choice([2, 6])
+            store.submit(token, card.item_id, value=shown(card, canonical))
+    report = label_report(store, min_gold_accuracy=0.7, bootstrap_rounds=50)
+    ratings = store.ratings()
+    scale = list(range(1, 9))
+    agreement = report["agreement"]
+    assert agreement["fleiss_kappa"]["value"] == fleiss_kappa(ratings, scale)
+    assert agreement["krippendorff_alpha_ordinal"]["value"] == krippendorff_alpha(ratings, scale, "ordinal")
+    assert agreement["gwet_ac1"]["value"] == gwet_ac1(ratings, scale)
+    assert set(agreement["cohens_kappa"]) == {"ann|bob", "ann|cat", "bob|cat"}
+    assert agreement["cohens_kappa"]["ann|bob"]["value"] == cohens_kappa(ratings, "ann", "bob", scale)
+    gold = report["gold_accuracy"]
+    assert gold["cat"]["total"] > 0 and gold["cat"]["correct"] == 0 and gold["cat"]["below_threshold"]
+    assert gold["ann"]["accuracy"] == 1.0 and not gold["ann"]["below_threshold"]
+    assert report["position_bias"]["low"] <= report["position_bias"]["left_share"] <= report["position_bias"]["high"]
+    board = report["arena"]["board"]
+    assert report["arena"]["battles"] == 36
+    assert {row["model"]: row["rating"] for row in board} == pytest.approx(bradley_terry(store.battles()))
+    assert all(row["low"] <= row["rating"] <= row["high"] for row in board)
+    text = format_report(report)
+    assert "Cohen's kappa ann vs bob" in text and "below threshold" in text and "arena" in text
+    assert main(["label", "report", str(store.path), "--bootstrap-rounds", "20"]) == 0
+    assert "Krippendorff's alpha (ordinal)" in capsys.readouterr().out
