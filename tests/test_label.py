@@ -369,6 +369,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Cap
         ["label", "export", str(tmp_path / "missing.sqlite"), "--out", str(tmp_path / "x.jsonl")],
         ["label", "report", str(tmp_path / "missing.sqlite")],
         ["label", "serve", db, "--annotators", "ann"],  # the database was never made
+        ["label", "create", str(good), "--pairs", str(good)],  # a JSONL file is not a database
         ["label", "serve", str(made), "--tokens", str(bad_tokens)],
         ["label", "serve", str(made), "--annotators", "has space"],
         ["label", "serve", str(made), "--annotators", "ann", "--gold-rate", "1.5"],

@@ -202,6 +202,7 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator, sequence);
 """
 
 
@@ -230,17 +231,20 @@ class LabelStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._lock:
-            self._db.executescript(_SCHEMA)  # executescript commits first, so it runs outside _write
-        with self._write() as db:
-            # The seed of the left/right draws: fixed at creation so a restart draws as before.
-            db.execute(
-                "INSERT OR IGNORE INTO settings VALUES ('seed', ?), ('overlap', '1'), ('gold_rate', '0.05')",
-                (str(secrets.randbits(63)),),
-            )
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._lock:
+                self._db.executescript(_SCHEMA)  # executescript commits first, so it runs outside _write
+            with self._write() as db:
+                # The seed of the left/right draws: fixed at creation so a restart draws as before.
+                db.execute(
+                    "INSERT OR IGNORE INTO settings VALUES ('seed', ?), ('overlap', '1'), ('gold_rate', '0.05')",
+                    (str(secrets.randbits(63)),),
+                )
+        except sqlite3.DatabaseError as error:  # not a database, a missing folder, no permission
+            raise LabelError(f"{self.path}: cannot open as a label database ({error})") from None
 
     def close(self) -> None:
         with self._lock:
