@@ -202,6 +202,7 @@ header { display: flex; gap: 1em; color: #555; }
 .scale.selected { background: #06c; color: #fff; }
 #extras { display: grid; gap: .5em; }
 #rationale { width: 100%; }
+fieldset label { margin-right: 1.2em; white-space: nowrap; }
 .error { color: #b00; }
 </style></head>
 <body data-token="$token">
@@ -247,6 +248,8 @@ $body
       });
       const answer = await response.json();
       if (!response.ok) { status("Not saved: " + answer.error); busy = false; return; }
+      const progress = answer.progress;
+      document.getElementById("progress").textContent = progress.done + " / " + progress.assigned;
       if (answer.revealed) {
         document.getElementById("model-left").textContent = "(" + answer.revealed.left + ")";
         document.getElementById("model-right").textContent = "(" + answer.revealed.right + ")";
