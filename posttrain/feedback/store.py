@@ -160,6 +160,21 @@ class Vote:
     model_b: str | None = None
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The store's stored settings: ``overlap`` K, ``gold_rate`` (share of cards that are gold), ``seed`` of the
+    order and gold draws."""
+
+    overlap: int
+    gold_rate: float
+    seed: int
+
+
+def _settings(db: sqlite3.Connection) -> Settings:
+    stored = dict(db.execute("SELECT key, value FROM settings").fetchall())
+    return Settings(int(stored["overlap"]), float(stored["gold_rate"]), int(stored["seed"]))
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
@@ -293,14 +308,9 @@ class LabelStore:
                 if value is not None:
                     db.execute("UPDATE settings SET value = ? WHERE key = ?", (str(value), key))
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> Settings:
         with self._read() as db:
-            stored = dict(db.execute("SELECT key, value FROM settings").fetchall())
-        return {
-            "overlap": int(stored["overlap"]),
-            "gold_rate": float(stored["gold_rate"]),
-            "seed": int(stored["seed"]),
-        }
+            return _settings(db)
 
     # ------------------------------------------------------------------------------------------ items, people
 
@@ -403,8 +413,7 @@ class LabelStore:
             return self._card(db, item_id, left_is_a)
 
     def _pick(self, db: sqlite3.Connection, name: str) -> str | None:
-        settings = dict(db.execute("SELECT key, value FROM settings").fetchall())
-        overlap = int(settings["overlap"])
+        settings = _settings(db)
         # Served items (answered or open) count toward K, so no more than K annotators ever hold one.
         regular = db.execute(
             "SELECT i.id FROM items i WHERE i.gold IS NULL"
@@ -412,14 +421,14 @@ class LabelStore:
             " AND (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id) < ?"
             " ORDER BY (SELECT COUNT(*) FROM labels l WHERE l.item_id = i.id) DESC,"
             " (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id) DESC, i.position LIMIT 1",
-            (name, overlap),
+            (name, settings.overlap),
         ).fetchone()
         if regular is None:
             return None  # gold items are mixed into real work, never served alone
         (served,) = db.execute("SELECT COUNT(*) FROM assignments WHERE annotator = ?", (name,)).fetchone()
         # A draw that is a function of (seed, annotator, card number): a restart serves as before.
-        draw = random.Random(f"{settings['seed']}:gold:{name}:{served}").random()
-        if draw < float(settings["gold_rate"]):
+        draw = random.Random(f"{settings.seed}:gold:{name}:{served}").random()
+        if draw < settings.gold_rate:
             gold = db.execute(
                 "SELECT i.id FROM items i WHERE i.gold IS NOT NULL"
                 " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?)"
@@ -438,8 +447,7 @@ class LabelStore:
                 "SELECT left_is_a FROM assignments WHERE annotator = ? AND sequence = ?", (name, sequence - 1)
             ).fetchone()
             return not previous
-        (seed,) = db.execute("SELECT value FROM settings WHERE key = 'seed'").fetchone()
-        return random.Random(f"{seed}:order:{name}:{sequence}").random() < 0.5
+        return random.Random(f"{_settings(db).seed}:order:{name}:{sequence}").random() < 0.5
 
     def _card(self, db: sqlite3.Connection, item_id: str, left_is_a: bool) -> Card:
         prompt, response_a, response_b, kind = db.execute(
@@ -518,7 +526,7 @@ class LabelStore:
         """That annotator's :class:`Progress`."""
         with self._read() as db:
             name = self._annotator(db, token)
-            overlap = int(db.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()[0])
+            overlap = _settings(db).overlap
             (done,) = db.execute("SELECT COUNT(*) FROM labels WHERE annotator = ?", (name,)).fetchone()
             (open_now,) = db.execute(
                 "SELECT COUNT(*) FROM assignments a WHERE a.annotator = ? AND NOT EXISTS (SELECT 1 FROM labels l"
@@ -537,7 +545,7 @@ class LabelStore:
         """The whole store: regular and gold items, the overlap, answers needed (regular items x K) and given
         (each item's answers counted up to K), answers per annotator, and whether it is complete."""
         with self._read() as db:
-            overlap = int(db.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()[0])
+            overlap = _settings(db).overlap
             (regular,) = db.execute("SELECT COUNT(*) FROM items WHERE gold IS NULL").fetchone()
             (gold,) = db.execute("SELECT COUNT(*) FROM items WHERE gold IS NOT NULL").fetchone()
             (answered,) = db.execute(
