@@ -45,8 +45,10 @@ import math
 import random
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -730,18 +732,56 @@ def collect_labels(
 
 
 def annotate_with_function(store: LabelStore, function_spec: str, references: dict[str, str | None]) -> None:
-    """One annotator, ``function``, labels every card it is served: the response the function scores higher wins,
-    with the degree of :func:`degree_of` their gap; equal scores are skipped ("tie")."""
+    """One annotator, ``function``, labels every card it is served, through the label app's HTTP API (the app of
+    ``posttrain label serve``, on a free loopback port for the length of the call), as a person's browser would:
+    the response the function scores higher wins, with the degree of :func:`degree_of` their gap; equal scores
+    are skipped as "responses identical" in worth."""
+    import httpx
+
     function = load_reward_function(function_spec)
     token = store.add_annotators(["function"])["function"]
-    while (card := store.next_card(token)) is not None:
-        reference = references.get(card.item_id)
-        left, right = function([card.prompt, card.prompt], [card.left, card.right], [reference, reference])
-        if left == right:
-            store.submit(token, card.item_id, skip_reason="tie: the function scores both the same")
-            continue
-        degree = degree_of(abs(left - right))
-        store.submit(token, card.item_id, value=degree if left > right else 9 - degree)
+    with label_app(store) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+        while (card := _checked(client.get("/api/next"))["card"]) is not None:
+            reference = references.get(card["item_id"])
+            prompt = card["prompt"]
+            left, right = function([prompt, prompt], [card["left"], card["right"]], [reference, reference])
+            answer: dict[str, Any] = {"item_id": card["item_id"]}
+            if left == right:
+                answer["skip_reason"] = "responses identical"
+            else:
+                degree = degree_of(abs(left - right))
+                answer["value"] = degree if left > right else 9 - degree
+            _checked(client.post("/api/label", json=answer))
+
+
+def _checked(response: Any) -> Any:
+    if response.status_code != 200:
+        raise LoopError(f"label app: {response.request.method} {response.request.url.path}: {response.text[:300]}")
+    return response.json()
+
+
+@contextmanager
+def label_app(store: LabelStore) -> Iterator[str]:
+    """The label app over ``store`` on a free loopback port in a background thread; yields its URL."""
+    import uvicorn
+
+    from posttrain.feedback.app import create_app
+    from posttrain.runtime.distributed import free_loopback_port
+
+    port = free_loopback_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="label-app", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise LoopError(f"the label app did not start on 127.0.0.1:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def wait_for_people(store: LabelStore, db: Path, labels: LoopLabels, log: Callable[[str], None]) -> None:
