@@ -482,7 +482,10 @@ def test_a_killed_server_loses_no_label_and_resumes_each_queue(tmp_path: Path) -
         process.kill()
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
-    process, urls_again = start_label_server(db, port, log, *serve_args)
+    # The restart names its annotators by a tokens file this time: the same tokens, so the same URLs.
+    tokens_file = tmp_path / "tokens.txt"
+    tokens_file.write_text("# name token\n" + "".join(f"{name} {token}\n" for name, token in tokens.items()))
+    process, urls_again = start_label_server(db, port, log, "--tokens", str(tokens_file), *serve_args[3:])
     try:
         assert urls_again == urls
         for name, token in tokens.items():
