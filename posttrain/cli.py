@@ -822,8 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data.errors import DataError
-    from posttrain.models.loading import ModelLoadError
     from posttrain.loop import LoopError
+    from posttrain.models.loading import ModelLoadError
     from posttrain.pipeline import PipelineError
     from posttrain.roles import RoleFailed, StaleWeights
     from posttrain.runtime import NonFiniteLossError, TrainingInterrupted
@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as interrupted:
         print(interrupted.message, file=sys.stderr)
         return int(interrupted.code)  # type: ignore[arg-type]
-    except tuple(handlers) as error:  # type: ignore[misc]
+    except tuple(handlers) as error:
         return next(h for t, h in handlers.items() if isinstance(error, t))(error)
 
 

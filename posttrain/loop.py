@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -67,15 +68,17 @@ from posttrain.config import (
     parse_overrides,
 )
 from posttrain.data.records import Prompt
-from posttrain.eval.common import load_prompts
+from posttrain.eval.common import load_prompts, text_table
 from posttrain.eval.evaluate import evaluate_model
 from posttrain.eval.reward_model import reward_model_accuracy
 from posttrain.eval.win_rate import make_judge
+from posttrain.feedback.app import create_app
 from posttrain.feedback.store import Item, LabelStore
 from posttrain.recipes import RECIPES
 from posttrain.recipes.rejection_sampling import sample_prompts, score_samples
 from posttrain.rewards import build_reward, load_reward_function
 from posttrain.runtime.checkpoint import write_atomic
+from posttrain.runtime.distributed import free_loopback_port
 
 STAGES = ("sample", "label", "reward", "pairs", "train", "gate")
 MANIFEST, LOOP_JSON, LOOP_CONFIG = "manifest.json", "loop.json", "loop_config.yaml"
@@ -765,9 +768,6 @@ def label_app(store: LabelStore) -> Iterator[str]:
     """The label app over ``store`` on a free loopback port in a background thread; yields its URL."""
     import uvicorn
 
-    from posttrain.feedback.app import create_app
-    from posttrain.runtime.distributed import free_loopback_port
-
     port = free_loopback_port()
     server = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="label-app", daemon=True)
@@ -831,7 +831,6 @@ def build_pairs(
 
 def format_rounds(report: dict[str, Any]) -> str:
     """The per-round table the loop prints at the end."""
-    from posttrain.eval.common import text_table
 
     def number(value: Any, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -863,8 +862,6 @@ def run_loop(config: LoopConfig, log: Callable[[str], None] = say) -> dict[str, 
 def link_final_policy(out: Path, final: Path) -> None:
     """``OUT/model``: a link to the final policy's model directory (relative when it lies inside ``OUT``), the
     model a pipeline's ``${stage.model}`` names."""
-    import os
-
     link, target = out / "model", model_dir(final).resolve()
     if link.is_symlink() or link.is_file():
         link.unlink()
