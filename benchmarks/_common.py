@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +107,17 @@ PEAK_RESETTING_RELAY = (sys.executable, "-c", "import subprocess, sys; sys.exit(
 def run_with_own_peak(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``command``'s completed process, output captured, its ``ru_maxrss`` (and its children's) its own."""
     return subprocess.run([*PEAK_RESETTING_RELAY, *command], capture_output=True, text=True, env=env)
+
+
+def run_timed(command: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int | None]:
+    """``command`` under ``/usr/bin/time -v`` when there is one: its completed process (output captured), its wall
+    seconds and its peak resident memory in MiB (None without the timer)."""
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    started = time.time()
+    result = subprocess.run([timer, "-v", *command] if timer else command, capture_output=True, text=True)
+    wall = time.time() - started
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    return result, wall, round(int(peak.group(1)) / 1024) if peak else None
 
 
 def offline_env(output_dir: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import add_results_option, emit_results
+from _common import add_results_option, emit_results, run_timed
 
 ALIGNED = ("ppo", "grpo", "dpo", "rejection_sampling")
 BUDGETS_S = {"demo_quick": 120.0, "toy_build_tiny": 15.0}
@@ -35,22 +34,16 @@ BUDGETS_S = {"demo_quick": 120.0, "toy_build_tiny": 15.0}
 
 def run_seed(seed: int, out: Path) -> dict:
     command = [sys.executable, "-m", "posttrain", "demo", "--seed", str(seed), "--out", str(out)]
-    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    if timer:
-        command = [timer, "-v", *command]
-    started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.time() - started
+    result, wall, peak = run_timed(command)
     if result.returncode != 0:
         sys.exit(f"seed {seed}: demo failed (exit {result.returncode})\n{result.stderr[-3000:]}")
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     figures = json.loads((out / "eval.json").read_text())
     table = result.stdout.split("\n\n")[0] if "exact match" in result.stdout else result.stdout
     print(f"seed {seed}: {wall:.0f} s\n{table.strip()}\n", flush=True)
     return {
         "seed": seed,
         "wall_s": round(wall, 1),
-        "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
+        "peak_rss_mb": peak,
         **figures,
     }
 

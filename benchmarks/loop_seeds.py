@@ -15,35 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import add_results_option, emit_results
+from _common import add_results_option, emit_results, run_timed
 
 BUDGET_S = 15 * 60
 
 
 def run_seed(seed: int, out: Path) -> dict:
     command = [sys.executable, "-m", "posttrain", "loop", "demo", "--seed", str(seed), "--out", str(out)]
-    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    if timer:
-        command = [timer, "-v", *command]
-    started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.time() - started
+    result, wall, peak = run_timed(command)
     if result.returncode != 0:
         sys.exit(f"seed {seed}: the loop demo failed (exit {result.returncode})\n{result.stderr[-3000:]}")
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     report = json.loads((out / "loop.json").read_text())
     print(f"seed {seed}: {wall:.0f} s\n{result.stdout.strip()}\n", flush=True)
     return {
         "seed": seed,
         "wall_s": round(wall, 1),
-        "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
+        "peak_rss_mb": peak,
         **policy_gold(report),
         "rounds": report["rounds"],
     }

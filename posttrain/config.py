@@ -1014,21 +1014,26 @@ def build_config(raw: dict[str, Any], source: str = "config") -> StageConfig:
         raise ConfigError(_explain(error, cls, source)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: ``{}``); ConfigError naming the file otherwise."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> StageConfig:
     """Read a YAML config, apply dotted overrides, validate. Raises ConfigError with a readable message."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        raw = loaded or {}
+        raw = read_yaml_mapping(path)
     if overrides:
         raw = deep_merge(raw, parse_overrides(overrides))
     return build_config(raw, source)

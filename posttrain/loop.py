@@ -66,6 +66,7 @@ from posttrain.config import (
     build_config,
     deep_merge,
     parse_overrides,
+    read_yaml_mapping,
 )
 from posttrain.data.records import Prompt
 from posttrain.eval.common import load_prompts, text_table
@@ -130,6 +131,9 @@ class LoopRewardModel(Block):
     """The model a retrained reward model starts from; default: the first policy."""
     warm_start: bool = False
     """Start each retraining from the latest reward model (``path``, then each round's) instead of ``init``."""
+    data: list[str] = Field(default_factory=list)
+    """Preference files every retraining trains on besides the labels so far (e.g. what the first reward model
+    learnt from: Llama 2 kept earlier and open preference data in each new reward model's mix)."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Keys of the reward stage's config (train, optim, schedule, peft, data.max_length, ...)."""
 
@@ -229,7 +233,8 @@ def reward_stage_config(config: LoopConfig, init: Path | str, data: Path, out: P
         config.reward_model.config,
     )
     raw = deep_merge(raw, {"stage": "reward", "model": {"path": str(init)}, "seed": config.seed})
-    raw = deep_merge(raw, {"data": {"train": str(data)}, "output_dir": str(out), "resume": "auto"})
+    train = [*config.reward_model.data, str(data)] if config.reward_model.data else str(data)
+    raw = deep_merge(raw, {"data": {"train": train}, "output_dir": str(out), "resume": "auto"})
     return build_config(raw, source="loop reward_model.config")
 
 
@@ -248,15 +253,7 @@ def dpo_stage_config(config: LoopConfig, policy: Path | str, data: Path, out: Pa
 def load_loop_config(path: str | Path, overrides: list[str] | None = None) -> LoopConfig:
     """Read and validate a loop file; ``overrides`` are ``key.sub=value`` (YAML values)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"loop file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of loop settings")
-    raw = deep_merge(raw, parse_overrides(list(overrides or [])))
+    raw = deep_merge(read_yaml_mapping(path, "loop"), parse_overrides(list(overrides or [])))
     for key in ("policy", "prompts", "heldout"):  # relative paths are relative to the file
         if isinstance(raw.get(key), str) and raw[key] and not Path(raw[key]).is_absolute():
             candidate = path.parent / raw[key]

@@ -39,7 +39,15 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from posttrain.config import Block, ConfigError, StageConfig, build_config, deep_merge, parse_overrides
+from posttrain.config import (
+    Block,
+    ConfigError,
+    StageConfig,
+    build_config,
+    deep_merge,
+    parse_overrides,
+    read_yaml_mapping,
+)
 from posttrain.data.records import Prompt
 from posttrain.eval import evaluate_model, reward_model_accuracy
 from posttrain.eval.common import load_prompts
@@ -252,12 +260,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, quick: b
     (applied to that stage's config, or to the toy block for a toy stage). ``quick``: apply the file's ``quick:``
     overrides first."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"pipeline file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = read_yaml_mapping(path, "pipeline")
     items = [f"{key}={json.dumps(value)}" for key, value in (raw.get("quick") or {}).items()] if quick else []
     for item in items + list(overrides or []):
         key, _, value = item.partition("=")

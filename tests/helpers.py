@@ -228,3 +228,19 @@ def prompts_file(toy: Any, path: Path, rows: int = 32) -> Path:
     """The first ``rows`` prompt records of the toy kit, written to ``path``."""
     path.write_text("".join(toy.prompts.read_text().splitlines(keepends=True)[:rows]))
     return path
+
+
+# Debian chromium driven by Playwright, as the browser tests launch it: no sandbox (root in CI), and none of the
+# background connections this machine's closed network refuses.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+)
+
+
+def launch_chromium(playwright: Any, executable: str) -> Any:
+    """A headless Debian chromium browser from a ``sync_playwright()`` context."""
+    return playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS))

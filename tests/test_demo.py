@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import launch_chromium
 
 from posttrain.cli import main
 
@@ -55,16 +56,7 @@ def test_the_report_opens_in_a_browser_and_shows_the_plots(quick_demo: dict[str,
     playwright = pytest.importorskip("playwright.sync_api")
     out: Path = quick_demo["out"]
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p, CHROMIUM)
         page = browser.new_page()
         page.goto((out / "report.html").as_uri())
         rows = page.locator("#evaluation tbody tr").all_inner_texts()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import launch_chromium
 from test_label import start_label_server
 
 from posttrain.cli import main
@@ -54,16 +55,7 @@ def test_two_annotators_label_with_the_keyboard_and_the_export_holds_their_votes
     flagged: set[tuple[str, str]] = set()
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--no-first-run",
-                ],
-            )
+            browser = launch_chromium(p, CHROMIUM)
             for name in ("ann", "bob"):
                 page = browser.new_page()
                 page.goto(urls[name])

@@ -22,7 +22,9 @@ from posttrain.config import ConfigError
 from posttrain.loop import (
     build_pairs,
     degree_of,
+    link_final_policy,
     load_loop_config,
+    model_dir,
     read_jsonl,
     round_prompts,
     run_loop,
@@ -279,3 +281,13 @@ def test_a_loop_killed_in_training_resumes_to_the_same_weights(
     path.write_text(yaml.safe_dump({**raw, "rounds": 3, "seed": 1}))
     with pytest.raises(Exception, match="loop_config.yaml"):
         run_loop(load_loop_config(path))
+
+
+def test_the_final_policy_is_linked_as_the_loop_stage_model(loop_run: dict[str, Any]) -> None:
+    """In a pipeline, ``${loop.model}`` names ``OUT/model``: a link to the final policy's model directory."""
+    final = Path(loop_run["report"]["final_policy"])
+    link_final_policy(loop_run["out"], final)
+    link_final_policy(loop_run["out"], final)  # a rerun replaces the link
+    assert (loop_run["out"] / "model").is_symlink()
+    assert (loop_run["out"] / "model").resolve() == model_dir(final).resolve()
+    assert weights_sha256(loop_run["out"] / "model") == loop_run["report"]["final_policy_sha256"]

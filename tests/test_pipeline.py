@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from posttrain.config import ConfigError
+from posttrain.loop import LoopConfig
 from posttrain.pipeline import PipelineError, load_pipeline, run_pipeline
 
 COMMON = {
@@ -204,7 +205,9 @@ def test_every_shipped_pipeline_validates(config: Path, quick: bool) -> None:
     pipeline = load_pipeline(config, quick=quick)
     assert pipeline.order[0] == "toy" and len(pipeline.order) == len(pipeline.stages)
     for name in pipeline.order[1:]:
-        assert pipeline.resolved[name].output_dir == str(pipeline.out / name)
+        resolved = pipeline.resolved[name]
+        written_to = resolved.out if isinstance(resolved, LoopConfig) else resolved.output_dir
+        assert written_to == str(pipeline.out / name)
 
 
 def test_a_copied_out_directory_is_reused(tmp_path: Path) -> None:
