@@ -471,6 +471,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from posttrain.estimate import advice_json, advise, plan_json, plan_memory, render_advice
+
+    config, _ = stage_config(args.config, args.overrides)
+    plan = plan_memory(config, args.gpus)
+    advice = advise(config, args.gpus, args.gpu_mem) if args.gpu_mem is not None else None
+    if args.json:
+        print(json.dumps({**plan_json(plan), **({"advice": advice_json(advice)} if advice else {})}))
+    else:
+        print(plan.render(explain=args.explain))
+        if advice:
+            print(render_advice(advice))
+    return 0
+
+
 def cmd_launch_k8s(args: argparse.Namespace) -> int:
     from posttrain.launch.k8s import Cluster, launch_k8s
 
@@ -793,6 +808,17 @@ def build_parser() -> argparse.ArgumentParser:
     data_check.add_argument("config", metavar="STAGE|CONFIG", help="a stage (its defaults) or a stage config YAML")
     data_check.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     data_check.set_defaults(func=cmd_data_check)
+
+    estimate = commands.add_parser(
+        "estimate", help="memory per device before training: weights, gradients, optimizer, activations, logits, ..."
+    )
+    estimate.add_argument("config", metavar="STAGE|CONFIG", help="a stage (its defaults) or a stage config YAML")
+    estimate.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    estimate.add_argument("--gpus", type=_positive_int, default=1, help="data-parallel devices (default 1)")
+    estimate.add_argument("--gpu-mem", type=float, metavar="GIB", help="memory per device: fits, or what to change")
+    estimate.add_argument("--json", action="store_true", help="one JSON object, bytes per component")
+    estimate.add_argument("--explain", action="store_true", help="the formula behind each line")
+    estimate.set_defaults(func=cmd_estimate)
 
     launch = commands.add_parser("launch", help="run training on a cluster")
     launch_commands = launch.add_subparsers(dest="launch_command", required=True)
