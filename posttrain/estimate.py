@@ -575,17 +575,15 @@ def _micro_batch_switch(config: StageConfig, budget: float, devices: int) -> lis
 
 
 def largest_micro_batch(config: StageConfig, budget: float, devices: int) -> int | None:
-    """The largest train.batch_size whose plan fits ``budget`` bytes (activations and logits grow with it)."""
-    if plan_memory(with_overrides(config, ["train.batch_size=1"]), devices).total > budget:
-        return None
+    """The largest train.batch_size up to the global batch (batch_size x grad_accum) whose plan fits ``budget``
+    bytes (activations and logits grow with it); None when even 1 does not fit."""
 
     def fits(batch: int) -> bool:
         return plan_memory(with_overrides(config, [f"train.batch_size={batch}"]), devices).total <= budget
 
-    low = 1
-    while low < 65536 and fits(low * 2):
-        low *= 2
-    high = low * 2  # low fits, high does not (or is past the search's ceiling)
+    if not fits(1):
+        return None
+    low, high = 1, config.train.batch_size * config.train.grad_accum + 1  # low fits; high is past the search
     while high - low > 1:
         middle = (low + high) // 2
         if fits(middle):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_ppo_counts_critic_reference_and_kv_cache(tiny_model: Path) -> None:
 
 def test_advice_switches_until_it_fits(tmp_path: Path) -> None:
     model = config_dir(tmp_path, "llama7b", **LLAMA_2_7B)
-    config = stage(model, train={"batch_size": 8, "grad_accum": 2})
+    config = stage(model, train={"batch_size": 8, "grad_accum": 64})
     advice = estimate.advise(config, devices=8, device_gib=80)
     assert not advice.fits
     totals = [switch.total for switch in advice.switches]
@@ -237,7 +238,7 @@ def test_advice_switches_until_it_fits(tmp_path: Path) -> None:
     for switch in advice.switches:
         switched = estimate.with_overrides(switched, list(switch.overrides))
     micro = advice.largest_micro_batch
-    assert micro is not None
+    assert micro is not None and micro < 8 * 64 and advice.grad_accum_for_it == math.ceil(8 * 64 / micro)
     fits = estimate.plan_memory(estimate.with_overrides(switched, [f"train.batch_size={micro}"]), 8).total
     over = estimate.plan_memory(estimate.with_overrides(switched, [f"train.batch_size={micro + 1}"]), 8).total
     assert fits <= advice.budget < over
@@ -255,3 +256,20 @@ def test_cli_json_and_bad_input(tiny_model: Path, capsys: pytest.CaptureFixture[
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and "/nonexistent" in error and "\n" not in error
     assert main(["estimate", "sft", f"model.path={tiny_model}", "data.train=x.jsonl", "--gpu-mem", "-1"]) == 2
+
+
+SHIPPED_STAGE_CONFIGS = sorted(
+    path for path in (Path(__file__).parents[1] / "posttrain" / "configs").glob("*.yaml") if "demo" not in path.stem
+)
+
+
+@pytest.mark.parametrize("config_file", SHIPPED_STAGE_CONFIGS, ids=lambda path: path.stem)
+def test_every_shipped_config_has_a_plan(
+    tiny_model: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stage and adapter the configs ship is priced: model states from peft's counts, a positive total."""
+    overrides = [f"model.path={tiny_model}", "data.train=unused.jsonl"]
+    assert main(["estimate", str(config_file), *overrides, "--json", "--explain"]) == 0
+    per_device = json.loads(capsys.readouterr().out)["per_device"]
+    assert per_device["weights"] > 0 and per_device["activations"] > 0
+    assert 0 < per_device["gradients"] <= per_device["weights"]
