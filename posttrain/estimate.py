@@ -33,7 +33,11 @@ import torch
 from posttrain.config import (
     PROMPT_LEARNING_METHODS,
     ConfigError,
+    DpoConfig,
+    KtoConfig,
     PeftConfig,
+    PpoConfig,
+    RejectionSamplingConfig,
     StageConfig,
     build_config,
     deep_merge,
@@ -266,19 +270,16 @@ def _count_parameters_cached(model_path: str, peft_json: str, task: str) -> tupl
     architecture = Architecture.from_config(hf_config)
     if task == "SEQ_CLS":
         hf_config.num_labels = 1
+    quantize = peft_config.method == "qlora"
+    if quantize:
+        # bitsandbytes cannot quantise meta tensors: count the same LoRA over unquantised linears, and _count
+        # prices the frozen decoder linears at 4 bits.
+        peft_config = peft_config.model_copy(update={"method": "lora"})
+    if peft_config.method in PROMPT_LEARNING_METHODS and peft_config.prompt_init_text:
+        peft_config = peft_config.model_copy(update={"prompt_init_text": None})  # same size, needs no tokenizer
     auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
     with init_empty_weights(include_buffers=True):
-        model = auto.from_config(hf_config)
-        if peft_config.method == "qlora":
-            # bitsandbytes cannot quantise meta tensors: count the same LoRA over unquantised linears and
-            # price the frozen decoder linears at 4 bits below.
-            peft_config = peft_config.model_copy(update={"method": "lora"})
-            quantize = True
-        else:
-            quantize = False
-        if peft_config.method in PROMPT_LEARNING_METHODS and peft_config.prompt_init_text:
-            peft_config = peft_config.model_copy(update={"prompt_init_text": None})  # same size, no tokenizer
-        model = attach_adapter(model, peft_config, task=task)
+        model = attach_adapter(auto.from_config(hf_config), peft_config, task=task)
     return _count(model, quantize, peft_config.dropout > 0), architecture
 
 
@@ -328,9 +329,8 @@ def _sequences_per_example(config: StageConfig) -> int:
 
 def _training_seq(config: StageConfig) -> int:
     seq = config.data.max_length
-    sampling = getattr(config, "sampling", None)
-    if config.stage == "ppo" and sampling is not None:
-        seq += sampling.max_new_tokens  # the prompt (at most data.max_length) and its sampled response
+    if isinstance(config, PpoConfig):
+        seq += config.sampling.max_new_tokens  # the prompt (at most data.max_length) and its sampled response
     if config.peft.method in ("prompt_tuning", "p_tuning"):
         seq += config.peft.num_virtual_tokens
     return seq
@@ -421,17 +421,19 @@ def _logits(config: StageConfig, architecture: Architecture, rows: int, seq: int
 def _other_models(
     config: StageConfig, counts: ParameterCount, architecture: Architecture, devices: int, rows: int, seq: int
 ) -> tuple[Line, list[str]]:
+    """Models besides the trained one: DPO/KTO cache the reference's log-probs before training (recipes/dpo.py);
+    PPO keeps a critic, a frozen reference copy for full fine-tuning with a KL anchor, and a reward model."""
     notes: list[str] = []
-    if config.stage in ("dpo", "kto"):
-        if getattr(getattr(config, config.stage), "reference", None):
-            notes.append("the reference model is loaded only to cache its log-probs, before training")
+    if isinstance(config, (DpoConfig, KtoConfig)):
+        if isinstance(config, DpoConfig) and config.dpo.reference:
+            notes.append("dpo.reference is loaded only to cache its log-probs, before training")
         return Line(0.0, "reference log-probs cached before training (no second model while training)"), notes
-    if config.stage != "ppo":
+    if not isinstance(config, PpoConfig):
         return Line(0.0, "none"), notes
     p = DTYPE_BYTES[config.model.dtype]
     total, parts = 0.0, []
-    algorithm = config.algorithm  # type: ignore[attr-defined]
-    if ADVANTAGES[algorithm.advantage].needs_critic and not config.critic.shared:  # type: ignore[attr-defined]
+    algorithm = config.algorithm
+    if ADVANTAGES[algorithm.advantage].needs_critic and not config.critic.shared:
         weights, gradients, optimizer, gathered, _ = _model_states(config, counts, devices)
         critic_acts = activation_bytes(
             architecture, rows, seq, activation_dtypes(config), _attn(config), config.model.gradient_checkpointing
@@ -442,7 +444,7 @@ def _other_models(
         reference = (counts.trainable + counts.frozen) * p
         total += reference
         parts.append(f"frozen reference copy {counts.trainable + counts.frozen:,} x {p} B")
-    reward_path = config.reward.model  # type: ignore[attr-defined]
+    reward_path = config.reward.model
     if reward_path:
         try:
             reward_counts, _ = _count_parameters_cached(reward_path, PeftConfig().model_dump_json(), "SEQ_CLS")
@@ -456,9 +458,9 @@ def _other_models(
 
 
 def _kv_cache(config: StageConfig, architecture: Architecture) -> Line:
-    sampling = getattr(config, "sampling", None)
-    if sampling is None:
+    if not isinstance(config, (PpoConfig, RejectionSamplingConfig)):
         return Line(0.0, "no generation in this stage")
+    sampling = config.sampling
     tokens = config.data.max_length + sampling.max_new_tokens
     element = DTYPE_BYTES[sampling.vllm.dtype] if sampling.engine == "vllm" else DTYPE_BYTES[config.model.dtype]
     return Line(
@@ -512,6 +514,9 @@ def plan_memory(config: StageConfig, devices: int = 1) -> MemoryPlan:
         "other_models": other,
         "overhead": Line(RUNTIME_FLOOR_BYTES + autocast_cache + gathered, overhead_formula),
     }
+    if isinstance(config, (PpoConfig, RejectionSamplingConfig)) and config.sampling.engine == "vllm":
+        share = config.sampling.vllm.gpu_memory_utilization
+        notes.append(f"vllm reserves {share:.0%} of each GPU it runs on; kv_cache is what this batch needs of it")
     return MemoryPlan(lines, devices, notes + other_notes)
 
 

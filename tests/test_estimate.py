@@ -199,6 +199,24 @@ def test_activations_match_bytes_saved_for_backward(
     assert predicted == pytest.approx(measured, rel=0.15)
 
 
+@pytest.mark.parametrize(("batch", "seq"), [(1, 64), (2, 256)])
+def test_checkpointed_activations_match_bytes_saved_for_backward(tiny_model: Path, batch: int, seq: int) -> None:
+    """Under gradient checkpointing the forward keeps each layer's input; the plan adds one layer's activations,
+    alive only while the backward recomputes it, which the forward's saved bytes do not hold."""
+    config = stage(
+        tiny_model, model={"gradient_checkpointing": True}, data={"max_length": seq}, train={"batch_size": batch}
+    )
+    model = LlamaForCausalLM.from_pretrained(tiny_model).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    measured = saved_for_backward(model, torch.randint(0, TINY["vocab_size"], (batch, seq)))
+    _, architecture = estimate.count_parameters(config)
+    recomputed_layer, _ = estimate.layer_activation_bytes(
+        architecture, seq, "sdpa", estimate.activation_dtypes(config)
+    )
+    predicted = estimate.plan_memory(config).lines["activations"].bytes - batch * seq * recomputed_layer
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+
 def test_checkpointing_and_sharding_shrink_the_plan(tiny_model: Path) -> None:
     base = estimate.plan_memory(stage(tiny_model), devices=4)
     checkpointed = estimate.plan_memory(stage(tiny_model, model={"gradient_checkpointing": True}), devices=4)
