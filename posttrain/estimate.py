@@ -536,12 +536,15 @@ class Switch:
 
 @dataclass(frozen=True)
 class Advice:
+    """Whether the plan fits ``budget`` bytes a device, the switches that make it fit, the largest micro-batch."""
+
     fits: bool
     total: float
     budget: float
     switches: list[Switch]
     largest_micro_batch: int | None  # with the switches' other settings; None when even 1 does not fit
     grad_accum_for_it: int | None
+    global_batch: int  # batch_size x grad_accum of the config, which the micro-batch advice keeps
 
 
 def _candidate_switches(config: StageConfig) -> list[tuple[list[str], str]]:
@@ -623,7 +626,8 @@ def advise(config: StageConfig, devices: int, device_gib: float) -> Advice:
     # The largest micro-batch under the switches above, except the micro-batch switch itself.
     micro = largest_micro_batch(current, budget, devices)
     global_batch = config.train.batch_size * config.train.grad_accum
-    return Advice(total <= budget, total, budget, switches, micro, math.ceil(global_batch / micro) if micro else None)
+    grad_accum = math.ceil(global_batch / micro) if micro else None
+    return Advice(total <= budget, total, budget, switches, micro, grad_accum, global_batch)
 
 
 def render_advice(advice: Advice) -> str:
@@ -635,7 +639,7 @@ def render_advice(advice: Advice) -> str:
     if advice.largest_micro_batch:
         rows.append(
             f"largest micro-batch that fits: train.batch_size={advice.largest_micro_batch} "
-            f"train.grad_accum={advice.grad_accum_for_it} (keeps the global batch)"
+            f"train.grad_accum={advice.grad_accum_for_it} (global batch {advice.global_batch} per device)"
         )
     else:
         rows.append("even train.batch_size=1 does not fit with every switch above")
