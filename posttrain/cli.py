@@ -360,6 +360,7 @@ def cmd_label_create(args: argparse.Namespace) -> int:
 
 def cmd_label_serve(args: argparse.Namespace) -> int:
     from posttrain.feedback.app import serve as serve_labels
+    from posttrain.feedback.create import items_from_pairs
     from posttrain.feedback.store import LabelError, LabelStore
 
     _existing_label_db(args.db)
@@ -371,6 +372,8 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
         )
         store = LabelStore(args.db)
         store.configure(overlap=args.overlap, gold_rate=args.gold_rate)
+        if args.gold:  # the same rows as `create --gold`; an item already stored is kept as it is
+            store.add_items(items_from_pairs(args.gold, gold_required=True))
         if not store.progress()["items"]:
             return _fail(f"{args.db}: no items to label; add some with `posttrain label create`", 2)
         tokens = store.add_annotators(annotators)
@@ -749,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label_serve.add_argument(
         "--gold-rate", type=float, default=0.05, metavar="R", help="share of cards that are hidden gold items"
+    )
+    label_serve.add_argument(
+        "--gold", metavar="FILE", help="add hidden gold items before serving: pairs rows, each with gold 1-8"
     )
     label_serve.set_defaults(func=cmd_label_serve)
     label_export = label_commands.add_parser("export", help="aggregated preference rows (JSONL) for reward/DPO")

@@ -141,9 +141,11 @@ class LoopRewardModel(Block):
 class LoopScoring(Block):
     """What scores the samples to build training pairs."""
 
-    by: Literal["reward_model", "function"] = "reward_model"
+    by: Literal["reward_model", "function", "http"] = "reward_model"
     function: str | None = None
     """For by: function: a reward function (built-in name or module:name)."""
+    http: str | None = None
+    """For by: http: a reward or judge-model service (``posttrain.rewards``' JSON protocol), e.g. an LLM judge."""
     unfinished_penalty: float = Field(0.0, ge=0)
     """Subtracted from a sample that never stopped (reached max_new_tokens)."""
 
@@ -156,8 +158,12 @@ class LoopPairs(Block):
 
 
 class LoopTrain(Block):
+    method: Literal["dpo", "ppo"] = "dpo"
+    """dpo: DPO on the round's pairs from the current policy (reference per ``reference``); ppo: the PPO stage
+    (PPO, GRPO, RLOO... by its algorithm block) on the round's prompts against the round's scorer (its reward
+    model, or scoring's function or service), from the current policy."""
     config: dict[str, Any] = Field(default_factory=dict)
-    """Keys of the DPO stage's config (dpo, peft, train, optim, schedule, data.max_length, ...)."""
+    """Keys of that stage's config (dpo or algorithm/sampling, peft, train, optim, schedule, data.max_length, ...)."""
 
 
 class LoopGate(Block):
@@ -215,11 +221,16 @@ class LoopConfig(Block):
                 raise ValueError("reward_model.retrain: never needs reward_model.path")
             if self.reward_model.retrain != "never" and self.labels.by == "none":
                 raise ValueError("reward_model.retrain needs labels: set labels.by, or reward_model.retrain: never")
-        if self.scoring.by == "function" and not self.scoring.function:
-            raise ValueError("scoring.by: function needs scoring.function")
+        if self.scoring.by in ("function", "http") and not getattr(self.scoring, self.scoring.by):
+            raise ValueError(f"scoring.by: {self.scoring.by} needs scoring.{self.scoring.by}")
+        if self.train.method == "ppo" and self.reference == "fixed":
+            raise ValueError(
+                "train.method: ppo anchors its KL to the policy it starts from; set reference: moving (a fixed PPO "
+                "reference is not built)"
+            )
         # The inner stage configs fail here, at load, not rounds later.
         reward_stage_config(self, Path("/nonexistent"), Path("/nonexistent"), Path("/nonexistent"))
-        dpo_stage_config(self, Path("/nonexistent"), Path("/nonexistent"), Path("/nonexistent"))
+        train_stage_config(self, Path("/nonexistent"), Path("/nonexistent"), Path("/nonexistent"), "/nonexistent")
         return self
 
     @property
@@ -238,15 +249,24 @@ def reward_stage_config(config: LoopConfig, init: Path | str, data: Path, out: P
     return build_config(raw, source="loop reward_model.config")
 
 
-def dpo_stage_config(config: LoopConfig, policy: Path | str, data: Path, out: Path) -> Any:
+def train_stage_config(config: LoopConfig, policy: Path | str, data: Path, out: Path, reward_model: str | None) -> Any:
+    """The round's training stage config: DPO on ``data`` (the pairs), or PPO on this round's prompts with the
+    round's scorer as its reward."""
     raw = deep_merge(
         {"logging": {"tensorboard": False}, "checkpoint": {"keep": 1}, "data": {"eval_fraction": 0.0}},
         config.train.config,
     )
-    reference = str(model_dir(config.policy)) if config.reference == "fixed" else None
-    raw = deep_merge(raw, {"stage": "dpo", "model": {"path": str(policy)}, "seed": config.seed})
-    raw = deep_merge(raw, {"data": {"train": str(data)}, "output_dir": str(out), "resume": "auto"})
-    raw = deep_merge(raw, {"dpo": {"reference": reference}})
+    raw = deep_merge(raw, {"stage": config.train.method, "model": {"path": str(policy)}, "seed": config.seed})
+    raw = deep_merge(raw, {"output_dir": str(out), "resume": "auto"})
+    if config.train.method == "dpo":
+        reference = str(model_dir(config.policy)) if config.reference == "fixed" else None
+        raw = deep_merge(raw, {"data": {"train": str(data)}, "dpo": {"reference": reference}})
+    else:
+        scoring = config.scoring
+        source = {"reward_model": "model", "function": "function", "http": "http"}[scoring.by]
+        value = reward_model if scoring.by == "reward_model" else getattr(scoring, scoring.by)
+        reward: dict[str, Any] = {source: value, "unfinished_penalty": scoring.unfinished_penalty}
+        raw = deep_merge(raw, {"data": {"train": str(data)}, "reward": reward})
     return build_config(raw, source="loop train.config")
 
 
@@ -412,6 +432,7 @@ class Loop:
             "round": state.number,
             "policy_in": str(state.policy),
             "policy_in_sha256": weights_sha256(state.policy),
+            "config_sha256": file_sha256(self.out / LOOP_CONFIG),
             "stages": {},
         }
         if manifest["policy_in"] != str(state.policy):
@@ -485,8 +506,9 @@ class RoundContext:
             }
         )
         rows = sample_prompts(rs, prompts)
+        write_jsonl(self.dir / "prompts.jsonl", [{"messages": p.messages, "reference": p.reference} for p in prompts])
         write_jsonl(self.dir / "samples.jsonl", rows)
-        return {"samples": self.dir / "samples.jsonl"}
+        return {"prompts": self.dir / "prompts.jsonl", "samples": self.dir / "samples.jsonl"}
 
     # 2
     def stage_label(self) -> dict[str, Path]:
@@ -578,7 +600,7 @@ class RoundContext:
                 else self.loop.out / f"round_{number}" / "pairs.jsonl"
             )
             data += read_jsonl(path)
-        if not data:
+        if not data and config.train.method == "dpo":
             raise LoopError(
                 f"round {self.state.number}: no training pair (every prompt's samples scored within pairs.tau="
                 f"{config.pairs.tau}); sample more, or at a higher temperature"
@@ -596,10 +618,13 @@ class RoundContext:
 
     # 5
     def stage_train(self) -> dict[str, Path]:
-        stage = dpo_stage_config(
-            self.config, model_dir(self.state.policy), self.dir / "dpo_train.jsonl", self.dir / "policy"
+        config = self.config
+        # PPO samples its own rollouts: from this round's prompts (written by the sample stage).
+        data = self.dir / ("dpo_train.jsonl" if config.train.method == "dpo" else "prompts.jsonl")
+        stage = train_stage_config(
+            config, model_dir(self.state.policy), data, self.dir / "policy", self.manifest.get("reward_model")
         )
-        RECIPES["dpo"](stage, None)
+        RECIPES[config.train.method](stage, None)
         return {"policy": self.dir / "policy" / "model"}
 
     # 6

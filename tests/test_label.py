@@ -373,6 +373,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Cap
         ["label", "serve", str(made), "--tokens", str(bad_tokens)],
         ["label", "serve", str(made), "--annotators", "has space"],
         ["label", "serve", str(made), "--annotators", "ann", "--gold-rate", "1.5"],
+        ["label", "serve", str(made), "--annotators", "ann", "--gold", str(good)],  # a gold row without its gold
     ):
         capsys.readouterr()
         assert main(argv) == 2, argv

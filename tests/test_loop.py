@@ -291,3 +291,40 @@ def test_the_final_policy_is_linked_as_the_loop_stage_model(loop_run: dict[str, 
     assert (loop_run["out"] / "model").is_symlink()
     assert (loop_run["out"] / "model").resolve() == model_dir(final).resolve()
     assert weights_sha256(loop_run["out"] / "model") == loop_run["report"]["final_policy_sha256"]
+
+
+def test_a_round_can_train_with_ppo_against_the_scorer(quick_demo: dict[str, Any], tmp_path: Path) -> None:
+    """train.method: ppo runs the PPO stage (here GRPO) on the round's prompts with the round's scorer as its
+    reward, from the current policy; the gate judges what it made like any round."""
+    raw = base_config(
+        quick_demo,
+        tmp_path / "ppo",
+        rounds=1,
+        reference="moving",
+        labels__by="none",
+        scoring={"by": "function", "function": "toy", "unfinished_penalty": 1.0},
+        reward_model={"retrain": "never"},
+        gate={"prompts": 24, "max_new_tokens": 12, "judges": ["gold"], "min_win_rate": 0.0, "min_rm_accuracy": None},
+    )
+    raw["train"] = {
+        "method": "ppo",
+        "config": {
+            "peft": {"method": "full"},
+            "data": {"max_length": 128},
+            "sampling": {"num_samples": 4, "max_new_tokens": 12},
+            "algorithm": {"advantage": "grpo", "prompts_per_step": 4, "kl_coef": 0.05},
+            "train": {"max_steps": 2, "batch_size": 8},
+            "optim": {"lr": 1.0e-4},
+        },
+    }
+    report = run_loop(validate_loop_config(raw, "test"))
+    (row,) = report["rounds"]
+    policy = tmp_path / "ppo" / "round_1" / "policy"
+    config = yaml.safe_load((policy / "config.yaml").read_text())
+    assert config["stage"] == "ppo" and config["reward"]["function"] == "toy"
+    assert Path(config["data"]["train"]) == tmp_path / "ppo" / "round_1" / "prompts.jsonl"
+    steps = [json.loads(line) for line in (policy / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    assert max(r["step"] for r in steps) == 2
+    assert "gold" in row["win_rate"] and row["promoted"] == (row["win_rate"]["gold"]["lower"] > 0.0)
+    with pytest.raises(ConfigError, match="reference: moving"):
+        validate_loop_config({**raw, "reference": "fixed"}, "test")

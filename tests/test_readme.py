@@ -7,7 +7,10 @@ Each must exit 0 and leave what it says it writes (`output_dir=`, `--out`). Not 
 - `python benchmarks/...`: speed and seed benchmarks take minutes each and need `.[bench]`; each one's
   `--help` runs here, so a renamed flag or a broken import is still caught;
 - `posttrain serve ...`: it serves until stopped; test_serve.py starts the same command line on a free port and
-  drives it with the openai client the README shows.
+  drives it with the openai client the README shows. `posttrain label serve ...` likewise: test_label.py starts it,
+  SIGKILLs and restarts it, and test_label_browser.py labels through it;
+- `posttrain loop demo`: 10-15 minutes (its three seeds are a benchmark, `benchmarks/loop_seeds.py`); its pipeline
+  resolves here (`--dry-run`, quoted in the README) and test_loop.py runs the loop's rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_RUN = ("make demo", "make test")
+SERVES_OR_MINUTES = ("posttrain serve ", "posttrain label serve ", "posttrain loop demo")
 BENCHMARKS = sorted((REPO / "benchmarks").glob("[!_]*.py"))  # each one's --help runs, quoted in the README or not
 
 
@@ -52,7 +56,7 @@ def test_every_benchmark_command_in_the_readme_parses() -> None:
 
 
 def test_every_posttrain_command_in_the_readme_runs(tmp_path: Path, quick_demo: dict[str, Any]) -> None:
-    commands = [c for c in readme_commands() if c.startswith("posttrain ") and not c.startswith("posttrain serve ")]
+    commands = [c for c in readme_commands() if c.startswith("posttrain ") and not c.startswith(SERVES_OR_MINUTES)]
     assert len(commands) >= 15
     posttrain = Path(sys.executable).parent / "posttrain"
     # The README reruns stages in runs/demo (`--from`, overrides): on a copy, so test_demo's checks of the
