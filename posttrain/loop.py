@@ -238,26 +238,31 @@ class LoopConfig(Block):
         return self.scoring.by == "reward_model" or "reward_model" in self.gate.judges
 
 
-def reward_stage_config(config: LoopConfig, init: Path | str, data: Path, out: Path) -> Any:
+def inner_stage_raw(
+    config: LoopConfig, keys: dict[str, Any], stage: str, model: Path | str, out: Path
+) -> dict[str, Any]:
+    """A stage config the loop runs: quiet defaults, the user's ``keys`` over them, then what the loop decides
+    (stage, model, seed, output directory, resumed from its checkpoints when rerun)."""
     raw = deep_merge(
-        {"logging": {"tensorboard": False}, "checkpoint": {"keep": 1}, "data": {"eval_fraction": 0.0}},
-        config.reward_model.config,
+        {"logging": {"tensorboard": False}, "checkpoint": {"keep": 1}, "data": {"eval_fraction": 0.0}}, keys
     )
-    raw = deep_merge(raw, {"stage": "reward", "model": {"path": str(init)}, "seed": config.seed})
+    return deep_merge(
+        raw,
+        {"stage": stage, "model": {"path": str(model)}, "seed": config.seed, "output_dir": str(out), "resume": "auto"},
+    )
+
+
+def reward_stage_config(config: LoopConfig, init: Path | str, data: Path, out: Path) -> Any:
+    raw = inner_stage_raw(config, config.reward_model.config, "reward", init, out)
     train = [*config.reward_model.data, str(data)] if config.reward_model.data else str(data)
-    raw = deep_merge(raw, {"data": {"train": train}, "output_dir": str(out), "resume": "auto"})
+    raw = deep_merge(raw, {"data": {"train": train}})
     return build_config(raw, source="loop reward_model.config")
 
 
 def train_stage_config(config: LoopConfig, policy: Path | str, data: Path, out: Path, reward_model: str | None) -> Any:
     """The round's training stage config: DPO on ``data`` (the pairs), or PPO on this round's prompts with the
     round's scorer as its reward."""
-    raw = deep_merge(
-        {"logging": {"tensorboard": False}, "checkpoint": {"keep": 1}, "data": {"eval_fraction": 0.0}},
-        config.train.config,
-    )
-    raw = deep_merge(raw, {"stage": config.train.method, "model": {"path": str(policy)}, "seed": config.seed})
-    raw = deep_merge(raw, {"output_dir": str(out), "resume": "auto"})
+    raw = inner_stage_raw(config, config.train.config, config.train.method, policy, out)
     if config.train.method == "dpo":
         reference = str(model_dir(config.policy)) if config.reference == "fixed" else None
         raw = deep_merge(raw, {"data": {"train": str(data)}, "dpo": {"reference": reference}})
@@ -637,7 +642,7 @@ class RoundContext:
             evaluations[name] = evaluate_model(
                 path,
                 self.loop.heldout,
-                reference=str(reference),
+                reference=str(reference) if name == "candidate" else None,  # only the candidate's KL is checked
                 max_new_tokens=gate.max_new_tokens,
                 reward_model=self.manifest.get("reward_model"),
             )
