@@ -32,7 +32,7 @@ API_KEY = "test-key"
 PINNED = ("sql", "poet", "math")
 MAX_BODY_BYTES = 65536
 MAX_BATCH_SIZE = 8  # rows decoded together; small, so a test can fill the batch and the queue
-MAX_WAITING = 4
+MAX_WAITING = 8  # at least the widest parallel test (6 clients), which must never see a full queue
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
