@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from posttrain.config import STAGE_CONFIGS, ConfigError, StageConfig, describe_fields, load_config
 from posttrain.data.records import KINDS
@@ -27,18 +27,20 @@ DEMO_PIPELINE = SHIPPED_CONFIGS / "demo.yaml"
 LOOP_DEMO_PIPELINE = SHIPPED_CONFIGS / "loop_demo.yaml"
 
 
-def stage_config(stage_or_file: str, overrides: list[str]) -> tuple[StageConfig, str | None]:
+def stage_config(
+    stage_or_file: str, overrides: list[str], without_data: bool = False
+) -> tuple[StageConfig, str | None]:
     """The config a ``train``/``data check`` command names: a stage name (``sft``, ``dpo``, ...) starts from that
     stage's defaults, as ``trl sft`` does; anything else is a YAML file. Returns the config and its file (None
     for a stage name)."""
     if stage_or_file in STAGE_CONFIGS and not Path(stage_or_file).is_file():
-        return load_config(None, [f"stage={stage_or_file}", *overrides]), None
+        return load_config(None, [f"stage={stage_or_file}", *overrides], without_data), None
     if not Path(stage_or_file).is_file():
         raise ConfigError(
             f"{stage_or_file}: no such config file, and not a stage name; give a YAML file (e.g. "
             f"{SHIPPED_CONFIGS / 'sft_lora.yaml'}) or a stage: {', '.join(STAGE_CONFIGS)}"
         )
-    return load_config(stage_or_file, overrides), stage_or_file
+    return load_config(stage_or_file, overrides, without_data), stage_or_file
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -477,15 +479,38 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from posttrain.estimate import advice_json, advise, plan_json, plan_memory, render_advice
 
-    config, _ = stage_config(args.config, args.overrides)
+    # A plan reads no data; --probe and --time run the stage, which does.
+    config, _ = stage_config(args.config, args.overrides, without_data=not (args.probe or args.time))
     plan = plan_memory(config, args.gpus)
     advice = advise(config, args.gpus, args.gpu_mem) if args.gpu_mem is not None else None
+    measured: dict[str, Any] = {}
+    for flag, value, needs in (
+        ("--probe-layers", args.probe_layers, args.probe),
+        ("--sample", args.sample, args.time),
+        ("--peak-tflops", args.peak_tflops, args.time),
+    ):
+        if value is not None and not needs:
+            raise ConfigError(f"{flag} applies to {'--probe' if flag == '--probe-layers' else '--time'}, not given")
+    if args.probe or args.time:
+        from posttrain import probe
+
+        check_model_path(config.model.path)
+        if args.probe:
+            memory = probe.probe_memory(config, layers=args.probe_layers)
+            measured["probe"] = (probe.probe_json(memory), probe.render_probe(memory))
+        if args.time:
+            peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
+            timing = probe.time_run(config, sample=args.sample or 0.01)
+            measured["time"] = (probe.time_json(timing, peak_flops), probe.render_time(timing, peak_flops))
     if args.json:
-        print(json.dumps({**plan_json(plan), **({"advice": advice_json(advice)} if advice else {})}))
+        extra = {name: data for name, (data, _) in measured.items()}
+        print(json.dumps({**plan_json(plan), **({"advice": advice_json(advice)} if advice else {}), **extra}))
     else:
         print(plan.render(explain=args.explain))
         if advice:
             print(render_advice(advice))
+        for _, text in measured.values():
+            print(text)
     return 0
 
 
@@ -824,6 +849,22 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu-mem", type=float, metavar="GIB", help="memory per device: fits, or what to change")
     estimate.add_argument("--json", action="store_true", help="one JSON object, bytes per component")
     estimate.add_argument("--explain", action="store_true", help="the formula behind each line")
+    estimate.add_argument(
+        "--probe", action="store_true", help="run 2 real steps and set the measured peak against the plan"
+    )
+    estimate.add_argument(
+        "--probe-layers",
+        type=_positive_int,
+        metavar="N",
+        help="probe a randomly initialised copy of the model with N decoder layers (no weights read)",
+    )
+    estimate.add_argument(
+        "--time", action="store_true", help="run a sample of the steps and extrapolate the whole run's time"
+    )
+    estimate.add_argument(
+        "--sample", type=float, help="share of the run's steps --time runs (default 0.01, at least 4)"
+    )
+    estimate.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, for --time's MFU")
     estimate.set_defaults(func=cmd_estimate)
 
     launch = commands.add_parser("launch", help="run training on a cluster")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from posttrain import losses, rl
 from posttrain.data.formats import FORMATS
@@ -404,12 +404,12 @@ class StageConfig(Block):
         return value
 
     @model_validator(mode="after")
-    def _check_required_paths(self) -> StageConfig:
+    def _check_required_paths(self, info: ValidationInfo) -> StageConfig:
         if self.model.dropout is None:
             self.model.dropout = self.dropout_by_default
         if not self.model.path:
             raise ValueError("model.path is required (a Hugging Face model directory), e.g. model.path=./toy/model")
-        if not self.data.train:
+        if not self.data.train and not (info.context or {}).get("without_data"):
             raise ValueError("data.train is required (a JSONL file), e.g. data.train=./toy/data/sft.jsonl")
         if self.data.packing and self.peft.method in PROMPT_LEARNING_METHODS:
             # Virtual tokens are prepended once per row; with packing only the first sequence of a row would
@@ -1000,8 +1000,9 @@ def _explain(error: ValidationError, cls: type[BaseModel], source: str) -> str:
     return "\n".join(lines)
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> StageConfig:
-    """Validate a raw dict into the config class of its ``stage``."""
+def build_config(raw: dict[str, Any], source: str = "config", without_data: bool = False) -> StageConfig:
+    """Validate a raw dict into the config class of its ``stage``; ``without_data``: ``data.train`` may be empty
+    (a memory plan, which reads no data)."""
     stage = raw.get("stage")
     if stage not in STAGE_CONFIGS:
         close = difflib.get_close_matches(str(stage), list(STAGE_CONFIGS), n=1)
@@ -1009,7 +1010,7 @@ def build_config(raw: dict[str, Any], source: str = "config") -> StageConfig:
         raise ConfigError(f"invalid config ({source}): stage {stage!r} is not one of {sorted(STAGE_CONFIGS)}{hint}")
     cls = STAGE_CONFIGS[stage]
     try:
-        return cls.model_validate(raw)
+        return cls.model_validate(raw, context={"without_data": without_data})
     except ValidationError as error:
         raise ConfigError(_explain(error, cls, source)) from None
 
@@ -1027,8 +1028,11 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     return loaded or {}
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> StageConfig:
-    """Read a YAML config, apply dotted overrides, validate. Raises ConfigError with a readable message."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, without_data: bool = False
+) -> StageConfig:
+    """Read a YAML config, apply dotted overrides, validate (``build_config``). Raises ConfigError with a readable
+    message."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -1036,7 +1040,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = read_yaml_mapping(path)
     if overrides:
         raw = deep_merge(raw, parse_overrides(overrides))
-    return build_config(raw, source)
+    return build_config(raw, source, without_data)
 
 
 def save_config(config: StageConfig, path: Path) -> None:

@@ -48,6 +48,10 @@ from posttrain.models.loading import model_dir_of
 from posttrain.rl import ADVANTAGES
 
 GIB = 1024**3
+PEAK_FORMULA = (
+    "weights + optimizer + other_models + overhead + max(activations + logits (+ gradients when grad_accum > 1), "
+    "gradients, kv_cache)"
+)
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "other_models", "overhead")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Optimizer states per trainable parameter, in units of the parameter's own size (torch keeps them in its dtype).
@@ -120,20 +124,30 @@ class MemoryPlan:
     lines: dict[str, Line]
     devices: int
     notes: list[str] = field(default_factory=list)
+    grad_accum: int = 1
 
     @property
-    def total(self) -> float:
-        return sum(line.bytes for line in self.lines.values())
+    def peak(self) -> float:
+        """The most held at once: what a run is measured against and what must fit. Weights, optimizer states,
+        other models and overhead stay; the rest never coexists whole. A micro-batch's forward and backward hold
+        its activations and logits (and the gradients accumulated by earlier micro-batches of its group); the
+        optimizer step holds the whole gradients, the activations freed; generation holds the KV cache, before
+        training. With ``grad_accum`` 1 the gradients start from nothing each step (``zero_grad`` frees them)."""
+        line = {name: self.lines[name].bytes for name in COMPONENTS}
+        resident = line["weights"] + line["optimizer"] + line["other_models"] + line["overhead"]
+        carried = line["gradients"] if self.grad_accum > 1 else 0.0
+        micro_batch = line["activations"] + line["logits"] + carried
+        return resident + max(micro_batch, line["gradients"], line["kv_cache"])
 
     def per_device(self) -> dict[str, int]:
-        return {**{name: int(self.lines[name].bytes) for name in COMPONENTS}, "total": int(self.total)}
+        return {**{name: int(self.lines[name].bytes) for name in COMPONENTS}, "total": int(self.peak)}
 
     def render(self, explain: bool = False) -> str:
         rows = [f"memory per device ({self.devices} device{'s' if self.devices > 1 else ''})"]
         for name in COMPONENTS:
             line = self.lines[name]
             rows.append(f"  {name:<13}{line.bytes / GIB:10.2f} GiB" + (f"   {line.formula}" if explain else ""))
-        rows.append(f"  {'total':<13}{self.total / GIB:10.2f} GiB")
+        rows.append(f"  {'peak':<13}{self.peak / GIB:10.2f} GiB" + ("   " + PEAK_FORMULA if explain else ""))
         rows += [f"  note: {note}" for note in self.notes]
         return "\n".join(rows)
 
@@ -165,6 +179,7 @@ class ActivationDtypes:
     weight: int
     frozen_base: bool = False
     frozen_input: bool = False  # nothing before layer 0 trains (LoRA family): its norm's input is not saved
+    frozen_linears: bool = False  # prompt learning: no linear trains or carries an adapter, so none saves its input
 
 
 def norm_bytes(hidden: int, dtypes: ActivationDtypes, consumers: int) -> tuple[int, str]:
@@ -173,6 +188,8 @@ def norm_bytes(hidden: int, dtypes: ActivationDtypes, consumers: int) -> tuple[i
     gradient: not saved when the weight is frozen) and the output as the matmuls save it: one shared tensor when
     they compute in the weights' dtype, one half-precision cast each under autocast."""
     normalised = 0 if dtypes.frozen_base else dtypes.weight
+    if dtypes.frozen_linears:  # a frozen linear's input gradient needs only its weight: its input is not saved
+        consumers = 0
     copies = consumers if dtypes.compute != dtypes.weight else min(consumers, 1)
     output = copies * dtypes.compute
     formula = f"(4{f' + {normalised}' if normalised else ''}{f' + {copies}*{dtypes.compute}' if copies else ''})h + 4"
@@ -190,7 +207,9 @@ def layer_activation_bytes(
     # The attention norm feeds q, k and v; the MLP norm feeds gate and up.
     attention_norm, attention_norm_formula = norm_bytes(a.hidden, dtypes, consumers=3)
     mlp_norm, mlp_norm_formula = norm_bytes(a.hidden, dtypes, consumers=2)
-    mlp = 4 * a.intermediate * c
+    # gate's output (for SiLU), act(gate) and up (for their product), and the product (down_proj's input; not
+    # saved when down_proj is frozen and carries no adapter).
+    mlp = (3 if dtypes.frozen_linears else 4) * a.intermediate * c
     if attn_implementation == "eager":
         probabilities = 4 + (c if c != 4 else 0)
         attention = 4 * a.heads * a.head_dim * c + a.heads * seq * probabilities
@@ -198,7 +217,8 @@ def layer_activation_bytes(
     else:
         attention = (2 * a.heads * a.head_dim + 2 * a.kv_heads * a.head_dim) * c + 4 * a.heads
         attention_formula = f"(2*heads*head_dim + 2*kv_heads*head_dim)*{c} + 4*heads"
-    formula = f"[{attention_norm_formula}] + [{mlp_norm_formula}] + 4I*{c} + {attention_formula}"
+    mlp_factor = 3 if dtypes.frozen_linears else 4
+    formula = f"[{attention_norm_formula}] + [{mlp_norm_formula}] + {mlp_factor}I*{c} + {attention_formula}"
     return attention_norm + mlp_norm + mlp + attention, formula
 
 
@@ -254,6 +274,7 @@ def activation_dtypes(config: StageConfig) -> ActivationDtypes:
         weight=weight,
         frozen_base=method not in ("full", "freeze"),
         frozen_input=method in ("lora", "dora", "qlora"),
+        frozen_linears=method in PROMPT_LEARNING_METHODS,
     )
 
 
@@ -328,9 +349,9 @@ def _sequences_per_example(config: StageConfig) -> int:
 
 
 def _training_seq(config: StageConfig) -> int:
+    # Online RL keeps prompts of at most data.max_length - sampling.max_new_tokens: a prompt and its sampled
+    # response are at most data.max_length together.
     seq = config.data.max_length
-    if isinstance(config, PpoConfig):
-        seq += config.sampling.max_new_tokens  # the prompt (at most data.max_length) and its sampled response
     if config.peft.method in ("prompt_tuning", "p_tuning"):
         seq += config.peft.num_virtual_tokens
     return seq
@@ -406,16 +427,52 @@ def _attn(config: StageConfig) -> str:
     return "eager" if config.model.attn_implementation == "eager" else "sdpa"
 
 
-def _logits(config: StageConfig, architecture: Architecture, rows: int, seq: int, c: int) -> Line:
+def _logits(config: StageConfig, architecture: Architecture, rows: int, positions: int, c: int) -> Line:
     if config.stage == "reward":
         return Line(rows * c, "one score per sequence")
     fp32_copy = 4 if c != 4 else 0
-    per_element = c + fp32_copy + 4 + 4
+    if isinstance(config, PpoConfig):
+        # Measured at the end of the policy's forward (recipes/ppo.ppo_micro_loss): the logits over the sampling
+        # temperature and their log-softmax (the log-probs), and the entropy's own scaled copy, softmax,
+        # log-softmax and product: eight fp32 arrays beside the logits.
+        extra, extra_formula = 32, "8 x 4 B log-prob and entropy intermediates"
+    else:
+        extra, extra_formula = 8, "4 B log-softmax + 4 B gradient"
+    per_element = c + fp32_copy + extra
     return Line(
-        rows * seq * architecture.vocab * per_element,
-        f"rows x seq x vocab x ({c} B logits{' + 4 B fp32 copy' if fp32_copy else ''} + 4 B log-softmax"
-        f" + 4 B gradient); {rows} x {seq} x {architecture.vocab}",
+        positions * architecture.vocab * per_element,
+        f"trained positions x vocab x ({c} B logits{' + 4 B fp32 copy' if fp32_copy else ''} + {extra_formula})"
+        f"; {positions} x {architecture.vocab}",
     )
+
+
+def _micro_batch(config: StageConfig) -> tuple[int, int, int, str]:
+    """Rows and tokens per row of one training micro-batch at its longest, the positions whose logits are
+    computed (``models.forward.token_logits``: trained tokens only), and a note on the layout.
+
+    Online RL trains responses of at most ``sampling.max_new_tokens`` after prompts of at most
+    ``data.max_length - max_new_tokens`` (``rollout.prompts``); with several samples a prompt is laid out once
+    before all its responses (``models.scoring.response_layout``), so a micro-batch of B responses holds
+    B x response + B / samples x prompt tokens."""
+    batch = config.train.batch_size
+    if not isinstance(config, PpoConfig):
+        rows = batch * _sequences_per_example(config)
+        seq = _training_seq(config)
+        return rows, seq, rows * seq, ""
+    response = config.sampling.max_new_tokens
+    prompt = config.data.max_length - response
+    samples = config.sampling.num_samples
+    shared = (
+        samples > 1
+        and config.data.packing
+        and config.data.share_prompt
+        and config.model.attn_implementation in ("auto", "sdpa")
+        and config.peft.method not in PROMPT_LEARNING_METHODS
+    )
+    if shared:
+        tokens = batch * response + math.ceil(batch / samples) * prompt
+        return 1, tokens, batch * response, f"prompts shared by their {samples} samples: {tokens} tokens a micro-batch"
+    return batch, _training_seq(config), batch * response, ""
 
 
 def _other_models(
@@ -461,7 +518,7 @@ def _kv_cache(config: StageConfig, architecture: Architecture) -> Line:
     if not isinstance(config, (PpoConfig, RejectionSamplingConfig)):
         return Line(0.0, "no generation in this stage")
     sampling = config.sampling
-    tokens = config.data.max_length + sampling.max_new_tokens
+    tokens = config.data.max_length  # a prompt and its response (rollout.prompts keeps them within it)
     element = DTYPE_BYTES[sampling.vllm.dtype] if sampling.engine == "vllm" else DTYPE_BYTES[config.model.dtype]
     return Line(
         kv_cache_bytes(architecture, sampling.batch_size, tokens, element),
@@ -470,15 +527,17 @@ def _kv_cache(config: StageConfig, architecture: Architecture) -> Line:
     )
 
 
-def plan_memory(config: StageConfig, devices: int = 1) -> MemoryPlan:
-    """The memory plan of ``config`` on ``devices`` data-parallel devices (see the module docstring)."""
+def plan_memory(config: StageConfig, devices: int = 1, accelerator: str = "cuda") -> MemoryPlan:
+    """The memory plan of ``config`` on ``devices`` data-parallel devices (see the module docstring); on
+    ``accelerator="cpu"`` without the CUDA runtime's floor (what a CPU run's measured tensor bytes are checked
+    against)."""
     if devices < 1:
         raise ConfigError(f"--gpus {devices}: expected at least 1 device")
     counts, architecture = count_parameters(config)
     c = _compute_bytes(config)
-    rows = config.train.batch_size * _sequences_per_example(config)
-    seq = _training_seq(config)
+    rows, seq, positions, layout = _micro_batch(config)
     weights, gradients, optimizer, gathered, notes = _model_states(config, counts, devices)
+    notes += [layout] if layout else []
     activations = activation_bytes(
         architecture,
         rows,
@@ -491,17 +550,17 @@ def plan_memory(config: StageConfig, devices: int = 1) -> MemoryPlan:
     )
     other, other_notes = _other_models(config, counts, architecture, devices, rows, seq)
     autocast_cache = 0.0
-    overhead_formula = f"runtime floor {RUNTIME_FLOOR_BYTES // 1024**2} MiB"
+    floor = RUNTIME_FLOOR_BYTES if accelerator == "cuda" else 0
+    overhead_formula = f"runtime floor {floor // 1024**2} MiB"
     if (
         config.train.precision != "fp32"
         and config.distributed.strategy != "deepspeed"
         and c < DTYPE_BYTES[config.model.dtype]
     ):
-        # autocast keeps a half-precision copy of every weight it casts until the forward ends.
-        autocast_cache = (
-            (counts.trainable + counts.frozen) * 2 / (devices if config.distributed.strategy == "fsdp" else 1)
-        )
-        overhead_formula += " + autocast bf16 weight copies 2 B x params"
+        # autocast keeps a half-precision copy of every trainable weight it casts until the forward ends (it caches
+        # only leaves that require grad: a frozen weight is cast anew at each use and freed).
+        autocast_cache = counts.trainable * 2 / (devices if config.distributed.strategy == "fsdp" else 1)
+        overhead_formula += " + autocast bf16 copies of the trainable weights 2 B x trainable"
     if gathered:
         overhead_formula += " + gathered sharding unit (4 B x largest layer)"
     lines = {
@@ -509,20 +568,21 @@ def plan_memory(config: StageConfig, devices: int = 1) -> MemoryPlan:
         "gradients": gradients,
         "optimizer": optimizer,
         "activations": activations,
-        "logits": _logits(config, architecture, rows, seq, c),
+        "logits": _logits(config, architecture, rows, positions, c),
         "kv_cache": _kv_cache(config, architecture),
         "other_models": other,
-        "overhead": Line(RUNTIME_FLOOR_BYTES + autocast_cache + gathered, overhead_formula),
+        "overhead": Line(floor + autocast_cache + gathered, overhead_formula),
     }
     if isinstance(config, (PpoConfig, RejectionSamplingConfig)) and config.sampling.engine == "vllm":
         share = config.sampling.vllm.gpu_memory_utilization
         notes.append(f"vllm reserves {share:.0%} of each GPU it runs on; kv_cache is what this batch needs of it")
-    return MemoryPlan(lines, devices, notes + other_notes)
+    return MemoryPlan(lines, devices, notes + other_notes, config.train.grad_accum)
 
 
 def with_overrides(config: StageConfig, overrides: list[str]) -> StageConfig:
     """``config`` with dotted overrides applied and validated again."""
-    return build_config(deep_merge(config.model_dump(by_alias=True), parse_overrides(overrides)), "estimate")
+    merged = deep_merge(config.model_dump(by_alias=True), parse_overrides(overrides))
+    return build_config(merged, "estimate", without_data=not config.data.train)
 
 
 @dataclass(frozen=True)
@@ -577,7 +637,7 @@ def _micro_batch_switch(config: StageConfig, budget: float, devices: int) -> lis
     while batch > 1:
         batch = max(1, batch // 2)
         overrides = [f"train.batch_size={batch}", f"train.grad_accum={math.ceil(global_batch / batch)}"]
-        if plan_memory(with_overrides(config, overrides), devices).total <= budget:
+        if plan_memory(with_overrides(config, overrides), devices).peak <= budget:
             break
     return [f"train.batch_size={batch}", f"train.grad_accum={math.ceil(global_batch / batch)}"]
 
@@ -587,7 +647,7 @@ def largest_micro_batch(config: StageConfig, budget: float, devices: int) -> int
     bytes (activations and logits grow with it); None when even 1 does not fit."""
 
     def fits(batch: int) -> bool:
-        return plan_memory(with_overrides(config, [f"train.batch_size={batch}"]), devices).total <= budget
+        return plan_memory(with_overrides(config, [f"train.batch_size={batch}"]), devices).peak <= budget
 
     if not fits(1):
         return None
@@ -607,7 +667,7 @@ def advise(config: StageConfig, devices: int, device_gib: float) -> Advice:
     if device_gib <= 0:
         raise ConfigError(f"--gpu-mem {device_gib}: expected a positive size in GiB")
     budget = device_gib * GIB
-    total = plan_memory(config, devices).total
+    total = plan_memory(config, devices).peak
     switches: list[Switch] = []
     current = config
     if total > budget:
@@ -620,7 +680,7 @@ def advise(config: StageConfig, devices: int, device_gib: float) -> Advice:
                 current = with_overrides(current, overrides)
             except ConfigError:
                 continue  # a switch this config cannot take (e.g. a sharded strategy with qlora)
-            switches.append(Switch(tuple(overrides), why, plan_memory(current, devices).total))
+            switches.append(Switch(tuple(overrides), why, plan_memory(current, devices).peak))
             if switches[-1].total <= budget:
                 break
     # The largest micro-batch under the switches above, except the micro-batch switch itself.
@@ -638,7 +698,8 @@ def render_advice(advice: Advice) -> str:
         rows.append(f"  + {' '.join(switch.overrides)}   -> {switch.total / GIB:.2f} GiB ({mark}; {switch.why})")
     if advice.largest_micro_batch:
         rows.append(
-            f"largest micro-batch that fits: train.batch_size={advice.largest_micro_batch} "
+            f"largest micro-batch that fits{' with the switches above' if advice.switches else ''}: "
+            f"train.batch_size={advice.largest_micro_batch} "
             f"train.grad_accum={advice.grad_accum_for_it} (global batch {advice.global_batch} per device)"
         )
     else:

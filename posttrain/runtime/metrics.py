@@ -188,8 +188,42 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def events_after(done_steps: int, total_steps: int, every: int | None) -> int:
+    """Evaluations or checkpoints a run makes after ``done_steps``: every ``every`` steps, and at its last step."""
+    if done_steps >= total_steps:
+        return 0
+    periodic = total_steps // every - done_steps // every if every else 0
+    return periodic + (0 if every and total_steps % every == 0 else 1)
+
+
+def remaining_seconds(
+    done_steps: int,
+    total_steps: int,
+    step_s: float,
+    eval_every: int | None,
+    eval_s: float,
+    checkpoint_every: int | None,
+    checkpoint_s: float,
+) -> float:
+    """Seconds the steps after ``done_steps`` will take with the evaluations and checkpoints among them: the
+    progress line's ETA, and ``posttrain estimate --time`` (``posttrain.probe``) from a sample of the steps."""
+    return (
+        (total_steps - done_steps) * step_s
+        + events_after(done_steps, total_steps, eval_every) * eval_s
+        + events_after(done_steps, total_steps, checkpoint_every) * checkpoint_s
+    )
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
 class Progress:
-    """tqdm bar over optimizer steps with loss, tokens/s and ETA (tqdm computes the ETA)."""
+    """tqdm bar over optimizer steps with loss, tokens/s and the ETA: :func:`remaining_seconds` from the mean
+    step (after the first), evaluation and checkpoint times, as ``posttrain estimate --time`` predicts a run
+    (tqdm's own rate would count evaluations and checkpoints as slow steps)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, description: str) -> None:
         self._bar = None
@@ -197,10 +231,16 @@ class Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
-                total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr
+                total=total,
+                initial=initial,
+                desc=description,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
 
-    def update(self, values: dict[str, float]) -> None:
+    def update(self, values: dict[str, float | str]) -> None:
         if self._bar is None:
             return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()}

@@ -54,7 +54,15 @@ from posttrain.models.adapters import count_parameters
 from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.distributed import STRATEGIES, check_world_size, release_local_rank
-from posttrain.runtime.metrics import Metrics, MetricsWriter, Progress, read_metrics
+from posttrain.runtime.memory import MemoryWatch
+from posttrain.runtime.metrics import (
+    Metrics,
+    MetricsWriter,
+    Progress,
+    format_duration,
+    read_metrics,
+    remaining_seconds,
+)
 from posttrain.runtime.optim import build_optimizer, build_scheduler
 from posttrain.runtime.report import write_plots, write_report
 
@@ -155,6 +163,11 @@ class Runtime:
         self._step_stats = Metrics()  # the current step's statistics on this process (micro-batches merged)
         self._group_losses: list[torch.Tensor] = []
         self._step_started = 0.0
+        # Seconds spent in steps (the first apart: warm-up), evaluations and checkpoints: the ETA and the summary.
+        self.step_times: list[float] = []
+        self.eval_times: list[float] = []
+        self.checkpoint_times: list[float] = []
+        self._eval_started: float | None = None
         self._progress: Progress | None = None
         self.resumed_from: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results) of the latest evaluation
@@ -168,6 +181,10 @@ class Runtime:
         self.recipe_state: dict[str, Any] = {}
         """A recipe's own JSON-serialisable state (an RL run's KL coefficient, reward statistics, watch history):
         written with every checkpoint and restored on resume, so a resumed run continues exactly."""
+        # The plan before any weight is read: printed, checked against the device, then against the measured peak.
+        self.memory = MemoryWatch(config, self.world_size, self.device)
+        self.log(self.memory.describe())
+        self.memory.refuse_if_it_cannot_fit()
 
     # ------------------------------------------------------------------------------------------------ set-up
     @property
@@ -287,6 +304,7 @@ class Runtime:
         except BaseException:  # a refused checkpoint: the run ends here, undo what the strategy set up
             self.strategy.close()
             raise
+        self.memory.start(self.global_step)
         return self.model
 
     def unwrap(self, module: Any) -> Any:
@@ -468,6 +486,7 @@ class Runtime:
         }
         lr = self.scheduler.get_last_lr()[0]
         self.global_step += 1
+        self.memory.step_done(self.global_step, self.model, self.optimizer)
         self._step_stats, self._update_norms, self._update_group_norms, self._skipped_updates = Metrics(), [], [], 0
         elapsed = max(time.time() - self._step_started, 1e-9)
         record: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "epoch": self.global_step / self.steps_per_epoch}
@@ -477,6 +496,7 @@ class Runtime:
         if self._step_examples is not None:
             record["examples"] = self._step_examples
         record["step_time_s"] = elapsed
+        self.step_times.append(elapsed)
         if skipped:
             record["skipped_nonfinite"] = self.nonfinite_total
             self.log(
@@ -486,10 +506,11 @@ class Runtime:
         if self.global_step % self.train.log_every == 0 or skipped:
             self.metrics.log(self.global_step, record)
         if self._progress is not None:
-            shown = {
-                k: record[k] for k in ("loss", "reward", "gold_reward", "kl", "tokens_per_s", "lr") if k in record
+            names = ("loss", "reward", "gold_reward", "kl", "tokens_per_s", "lr")
+            shown: dict[str, float | str] = {
+                "tok/s" if k == "tokens_per_s" else k: record[k] for k in names if k in record
             }
-            self._progress.update({"tok/s" if k == "tokens_per_s" else k: v for k, v in shown.items()})
+            self._progress.update({**shown, "eta": format_duration(self.seconds_left())})
         if self.nonfinite_in_a_row >= self.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient (step {self.global_step}). "
@@ -499,6 +520,28 @@ class Runtime:
             )
         self._step_open = True
         return record
+
+    def mean_times(self) -> tuple[float, float, float]:
+        """Mean seconds of a step (the first, a warm-up, left out once there are others), an evaluation and a
+        checkpoint so far (0 for those not seen yet)."""
+        steps = self.step_times[1:] or self.step_times
+        return (
+            sum(steps) / max(len(steps), 1),
+            sum(self.eval_times) / max(len(self.eval_times), 1),
+            sum(self.checkpoint_times) / max(len(self.checkpoint_times), 1),
+        )
+
+    def seconds_left(self) -> float:
+        step_s, eval_s, checkpoint_s = self.mean_times()
+        return remaining_seconds(
+            self.global_step,
+            self.total_steps,
+            step_s,
+            self.train.eval_every,
+            eval_s,
+            self.config.checkpoint.every,
+            checkpoint_s,
+        )
 
     def all_reduce(self, stats: Metrics) -> Metrics:
         """``stats`` summed over every process with one all-reduce, as their kinds say (as they are on one)."""
@@ -526,13 +569,19 @@ class Runtime:
             return False
         every = self.train.eval_every
         last = self.global_step >= self.total_steps or self.stopped_early
-        return last or bool(every and self.global_step % every == 0)
+        evaluate = last or bool(every and self.global_step % every == 0)
+        if evaluate:
+            self._eval_started = time.time()
+        return evaluate
 
     def record_evaluation(self, results: dict[str, float]) -> None:
         """Take the recipe's held-out ``results`` for the current step: log them, track the best by the stage's
         :class:`ModelSelection` (its checkpoint is written now, so it exists to be kept), early-stop. Without
         ``train.eval_every`` they are only the final model's figures for the summary."""
         self.last_eval = (self.global_step, results)
+        if self._eval_started is not None:
+            self.eval_times.append(time.time() - self._eval_started)
+            self._eval_started = None
         if not self.train.eval_every:
             return
         self.metrics.log(self.global_step, results)
@@ -582,6 +631,7 @@ class Runtime:
     def save_checkpoint(self) -> Path | None:
         """Write this step's checkpoint atomically (every process writes its share); returns its path on the main
         process."""
+        started = time.time()
         self.accelerator.wait_for_everyone()
         temporary = ckpt.temporary_dir(self.checkpoint_dir, self.global_step)
         if self.is_main:
@@ -596,6 +646,7 @@ class Runtime:
             protect = {f"step-{self.best_step:06d}"} if self.best_step is not None else set()
             ckpt.prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep, protect)
         self.accelerator.wait_for_everyone()
+        self.checkpoint_times.append(time.time() - started)
         return path
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -631,19 +682,37 @@ class Runtime:
         raise TrainingInterrupted(message, self._signal)
 
     # ------------------------------------------------------------------------------------------------ the end
-    def _peak_memory_per_process(self) -> list[float]:
-        """Every process's peak memory in MiB, in rank order (a collective: every process calls it)."""
+    def _peak_memory_per_process(self) -> tuple[list[float], list[float | None]]:
+        """Every process's peak memory in MiB (CUDA: allocated by torch; CPU: the resident set, imports included)
+        and the peak its :class:`MemoryWatch` measured (tensor bytes, what the plan predicts), in rank order (a
+        collective: every process calls it)."""
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        measured = self.memory.measured_peak()
+        mine = (round(peak, 1), None if measured is None else round(measured / 2**20, 1))
         if self.world_size == 1:
-            return [round(peak, 1)]
+            return [mine[0]], [mine[1]]
         from accelerate.utils import gather_object
 
-        return [round(value, 1) for value in gather_object([peak])]
+        everyone = gather_object([mine])
+        return [p for p, _ in everyone], [m for _, m in everyone]
+
+    def _memory_summary(self, measured: list[float | None]) -> dict[str, Any]:
+        """The plan's predicted peak per device against the measured peaks, as the summary and report show them."""
+        if self.memory.plan is None:
+            return {"memory_plan": f"unavailable ({self.memory.unavailable})"}
+        predicted = self.memory.plan.peak / 2**20
+        record: dict[str, Any] = {"memory_predicted_peak_mib": round(predicted, 1)}
+        if all(value is not None for value in measured):
+            record["memory_measured_peak_mib_per_process"] = measured
+            record["memory_measured_by"] = self.memory.measured_by()
+            record["memory_plan_error"] = round(max(measured) / predicted - 1, 4) if predicted else None  # type: ignore[type-var]
+            record.update({f"memory_measured_{name}_bytes": b for name, b in self.memory.states.items()})
+        return record
 
     def finish(self, model: Any, tokenizer: Any = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """The final model (the best checkpoint's after early stopping), final checkpoint, the model in Hugging
@@ -660,7 +729,7 @@ class Runtime:
         model_dir = self.run_dir / "model"
         records: dict[str, Any] = {}
         self.strategy.save_pretrained(model, model_dir)  # every process: a sharded model is gathered
-        peaks = self._peak_memory_per_process()
+        peaks, measured = self._peak_memory_per_process()
         if self.is_main:
             if tokenizer is not None:
                 tokenizer.save_pretrained(model_dir)
@@ -679,9 +748,16 @@ class Runtime:
                 "stopped_early": self.stopped_early,
                 **{f"final_{k}": v for k, v in (final_eval or {}).items()},
                 "wall_time_s": round(time.time() - self.started, 1),
+                "steps_per_epoch": self.steps_per_epoch,
+                # Where the time went: the first step (warm-up), the others, each evaluation and checkpoint.
+                "time_first_step_s": round(self.step_times[0], 4) if self.step_times else None,
+                "time_steps_s": round(sum(self.step_times), 4),
+                "time_evaluations_s": [round(t, 4) for t in self.eval_times],
+                "time_checkpoints_s": [round(t, 4) for t in self.checkpoint_times],
                 # What each process needed at its peak (CUDA: allocated by torch; CPU: the process's resident
-                # set, imports included): the figure a memory plan is checked against.
+                # set, imports included); the plan is checked against tensor bytes (_memory_summary).
                 "peak_memory_mib_per_process": peaks,
+                **self._memory_summary(measured),
                 **(summary or {}),
             }
             last = [r for r in read_metrics(self.metrics.path) if "loss" in r]
