@@ -282,3 +282,36 @@ def trl_quiet_args() -> dict[str, Any]:
         "report_to": "none",
         "disable_tqdm": True,
     }
+
+
+# Qwen2.5-0.5B's shape (494M parameters, tied embeddings): the GPU benchmarks' model, built without a download.
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151_936,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+)
+
+
+def qwen_shaped_model(tokenizer_dir: Path, out: Path) -> Path:
+    """A randomly initialised model of :data:`QWEN25_05B`'s shape with the tokenizer in ``tokenizer_dir`` (the toy
+    kit's: its ids are a prefix of the vocabulary), saved to ``out``."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        **QWEN25_05B,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

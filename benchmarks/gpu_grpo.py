@@ -30,42 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import emit_results
-
-QWEN25_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151_936,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rope_theta=1_000_000.0,
-)
+from _common import emit_results, qwen_shaped_model
 
 
 def build_model(root: Path) -> tuple[Path, Path]:
     """The model directory and the prompts file."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     from posttrain.toy import build_toy
 
     kit = build_toy(root / "kit", size="tiny", seed=0, sft=10, prefs=10, prompts=500, eval=50, pretrain=10)
-    tokenizer = AutoTokenizer.from_pretrained(kit.model)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        **QWEN25_05B,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen2ForCausalLM(config)
-    model_dir = root / "qwen-shaped"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir, kit.prompts
+    return qwen_shaped_model(kit.model, root / "qwen-shaped"), kit.prompts
 
 
 def grpo(model_dir: Path, prompts: Path, out: Path, engine: str, steps: int) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class MemoryPlan:
     devices: int
     notes: list[str] = field(default_factory=list)
     grad_accum: int = 1
+    runtime_floor: float = 0.0  # the CUDA context and workspaces, in the overhead line: no allocator counts them
 
     @property
     def peak(self) -> float:
@@ -138,6 +139,12 @@ class MemoryPlan:
         carried = line["gradients"] if self.grad_accum > 1 else 0.0
         micro_batch = line["activations"] + line["logits"] + carried
         return resident + max(micro_batch, line["gradients"], line["kv_cache"])
+
+    @property
+    def tensor_peak(self) -> float:
+        """The peak less the runtime floor: what torch's allocator (``max_memory_allocated``) or the CPU meter
+        counts, so what a run's measured peak is set against."""
+        return self.peak - self.runtime_floor
 
     def per_device(self) -> dict[str, int]:
         return {**{name: int(self.lines[name].bytes) for name in COMPONENTS}, "total": int(self.peak)}
@@ -576,7 +583,7 @@ def plan_memory(config: StageConfig, devices: int = 1, accelerator: str = "cuda"
     if isinstance(config, (PpoConfig, RejectionSamplingConfig)) and config.sampling.engine == "vllm":
         share = config.sampling.vllm.gpu_memory_utilization
         notes.append(f"vllm reserves {share:.0%} of each GPU it runs on; kv_cache is what this batch needs of it")
-    return MemoryPlan(lines, devices, notes + other_notes, config.train.grad_accum)
+    return MemoryPlan(lines, devices, notes + other_notes, config.train.grad_accum, floor)
 
 
 def with_overrides(config: StageConfig, overrides: list[str]) -> StageConfig:

@@ -80,7 +80,7 @@ class MemoryProbe:
     @property
     def error(self) -> float:
         """Measured peak over predicted, minus one: -0.05 means 5 % less was used than planned."""
-        return self.measured_peak / self.plan.peak - 1
+        return self.measured_peak / self.plan.tensor_peak - 1
 
 
 def probe_memory(config: StageConfig, steps: int = 2, layers: int | None = None) -> MemoryProbe:
@@ -114,7 +114,7 @@ def render_probe(probe: MemoryProbe) -> str:
         f"  {'weights':<13}{plan.lines['weights'].bytes / 2**20:9.1f} MiB{probe.measured_weights / 2**20:9.1f} MiB",
         f"  {'optimizer':<13}{plan.lines['optimizer'].bytes / 2**20:9.1f} MiB"
         f"{probe.measured_optimizer / 2**20:9.1f} MiB",
-        f"  {'peak':<13}{plan.peak / 2**20:9.1f} MiB{probe.measured_peak / 2**20:9.1f} MiB   ({probe.error:+.1%})",
+        f"  {'peak':<13}{plan.tensor_peak / 2**20:9.1f} MiB{probe.measured_peak / 2**20:9.1f} MiB   ({probe.error:+.1%})",
         "  (the plan is for micro-batches of sequences at data.max_length; shorter data need less)",
     ]
     return "\n".join(rows)
@@ -122,7 +122,7 @@ def render_probe(probe: MemoryProbe) -> str:
 
 def probe_json(probe: MemoryProbe) -> dict[str, Any]:
     return {
-        "predicted_peak": int(probe.plan.peak),
+        "predicted_peak": int(probe.plan.tensor_peak),
         "measured_peak": int(probe.measured_peak),
         "measured_weights": int(probe.measured_weights),
         "measured_optimizer": int(probe.measured_optimizer),

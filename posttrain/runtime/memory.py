@@ -145,8 +145,10 @@ class MemoryWatch:
             for name in ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "other_models")
             if self.plan.lines[name].bytes
         )
+        floor = self.plan.runtime_floor
+        runtime = f" + {floor / 2**20:.0f} MiB CUDA runtime" if floor else ""
         return (
-            f"memory plan: predicted peak {self.plan.peak / 2**20:.1f} MiB per device ({parts} MiB; "
+            f"memory plan: predicted peak {self.plan.tensor_peak / 2**20:.1f} MiB per device{runtime} ({parts} MiB; "
             "`posttrain estimate` explains each line)"
         )
 

@@ -705,7 +705,7 @@ class Runtime:
         """The plan's predicted peak per device against the measured peaks, as the summary and report show them."""
         if self.memory.plan is None:
             return {"memory_plan": f"unavailable ({self.memory.unavailable})"}
-        predicted = self.memory.plan.peak / 2**20
+        predicted = self.memory.plan.tensor_peak / 2**20  # what the allocator or the CPU meter counts
         record: dict[str, Any] = {"memory_predicted_peak_mib": round(predicted, 1)}
         if all(value is not None for value in measured):
             record["memory_measured_peak_mib_per_process"] = measured
