@@ -21,12 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/posttrain demo
 
+# Two pytest workers, one per core (pytest-xdist; a file's tests stay on one worker, so its module fixtures are
+# built once), each torch single-threaded so the two do not fight over the cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # The quick loop: everything but the learning tests and other slow ones (wheel build, demo). Not a CI substitute.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # What CI checks before the tests: lint, formatting, types (files and rules in pyproject.toml).
 lint: $(STAMP)

@@ -23,13 +23,13 @@ from typing import Any
 
 from posttrain.config import ConfigError, StageConfig
 from posttrain.estimate import MemoryPlan, plan_memory, with_overrides
+from posttrain.models.loading import model_dir_of
+from posttrain.recipes import RECIPES
 from posttrain.runtime.metrics import events_after, remaining_seconds
 
 
 def run_briefly(config: StageConfig, steps: int, out: Path, extra: list[str] | None = None) -> dict[str, Any]:
     """Run ``config`` for ``steps`` optimizer steps into ``out``; its summary."""
-    from posttrain.recipes import RECIPES
-
     brief = with_overrides(
         config,
         [
@@ -49,8 +49,6 @@ def truncated_model(config: StageConfig, layers: int, out: Path) -> StageConfig:
     """``config`` on a randomly initialised copy of its model with ``layers`` decoder layers (built from
     ``config.json`` alone, the tokenizer copied beside it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.models.loading import model_dir_of
 
     source = model_dir_of(config.model.path)
     model_config = AutoConfig.from_pretrained(source)

@@ -52,7 +52,10 @@ def pretrain_config(model: Path, data: Path, out: Path, **overrides: Any) -> Any
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_probe_measures_what_the_plan_predicts(micro_model: Path, full_length_text: Path, method: str) -> None:
     config = pretrain_config(micro_model, full_length_text, Path("unused"), peft__method=method)
+    # What the process held before the run (here 40 MB, a hundred times the model) is not the run's.
+    leftover = torch.zeros(10_000_000)
     measured = probe.probe_memory(config)
+    del leftover
     # Model states are exact; the peak (activations, logits, what coexists) within the issue's +-15 %.
     assert measured.measured_weights == measured.plan.lines["weights"].bytes
     assert measured.measured_optimizer == measured.plan.lines["optimizer"].bytes

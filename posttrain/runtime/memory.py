@@ -20,6 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from posttrain.config import ConfigError
+from posttrain.estimate import GIB, advise, plan_memory, render_advice
+
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _OPEN_METERS: weakref.WeakSet[LiveTensorMeter] = weakref.WeakSet()  # meters entered and not yet stopped
 
@@ -27,8 +30,10 @@ _OPEN_METERS: weakref.WeakSet[LiveTensorMeter] = weakref.WeakSet()  # meters ent
 class LiveTensorMeter(TorchDispatchMode):
     """Peak bytes of live CPU tensor storages between ``__enter__`` and ``__exit__`` (or :meth:`stop`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: WeakIdKeyDictionary | None = None) -> None:
+        """``exclude``: storages (:func:`live_storages`) not to count, e.g. those alive before a run began."""
         super().__init__()
+        self.exclude = exclude if exclude is not None else WeakIdKeyDictionary()
         self.live = 0
         self.peak = 0
         self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -36,7 +41,7 @@ class LiveTensorMeter(TorchDispatchMode):
         self._open = False
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        if storage.device.type != "cpu" or storage in self._sizes:
+        if storage.device.type != "cpu" or storage in self._sizes or storage in self.exclude:
             return
         size = storage.nbytes()
         self._sizes[storage] = size
@@ -52,22 +57,14 @@ class LiveTensorMeter(TorchDispatchMode):
             self.peak = self.live
 
     def _track_tensor(self, tensor: Any) -> None:
-        # Plain tensors only: a subclass (FSDP's DTensor) wraps a plain local tensor, which is counted instead.
-        if (
-            type(tensor) in (torch.Tensor, torch.nn.Parameter)
-            and tensor.layout == torch.strided
-            and not tensor.is_meta
-        ):
-            self._track(tensor.untyped_storage())
+        storage = plain_storage(tensor)
+        if storage is not None:
+            self._track(storage)
 
     def __enter__(self) -> LiveTensorMeter:
         _OPEN_METERS.add(self)
-        # Every tensor alive now (gc sees each one: tensors are container objects), its storage counted once. The
-        # exact-type test is C-fast; isinstance would run torch's Python-level __instancecheck__ on every object.
-        for obj in gc.get_objects():
-            if type(obj) in PLAIN_TENSORS:
-                self._track_tensor(obj)
-                self._track_tensor(obj.grad)
+        for storage in live_storages():
+            self._track(storage)
         self.peak = self.live
         self._open = True
         return super().__enter__()
@@ -86,6 +83,25 @@ class LiveTensorMeter(TorchDispatchMode):
         for tensor in tree_flatten(out)[0]:
             self._track_tensor(tensor)
         return out
+
+
+def live_storages() -> list[torch.UntypedStorage]:
+    """The CPU storages of every plain tensor alive now (gc sees each one: tensors are container objects), and of
+    their gradients. The exact-type test is C-fast; isinstance would run torch's Python-level __instancecheck__ on
+    each of the process's objects."""
+    found = []
+    for obj in gc.get_objects():
+        if type(obj) in PLAIN_TENSORS:
+            found += [storage for storage in (plain_storage(obj), plain_storage(obj.grad)) if storage is not None]
+    return found
+
+
+def plain_storage(tensor: Any) -> torch.UntypedStorage | None:
+    """A plain dense tensor's storage; None for anything else. A subclass (FSDP's DTensor) wraps a plain local
+    tensor, which is counted instead."""
+    if type(tensor) in PLAIN_TENSORS and tensor.layout == torch.strided and not tensor.is_meta:
+        return tensor.untyped_storage()
+    return None
 
 
 def tensor_bytes(tensors: Any) -> int:
@@ -123,15 +139,18 @@ class MemoryWatch:
     meter's bookkeeping slows every operator, so it stops there; later steps repeat the same tensors)."""
 
     def __init__(self, config: Any, devices: int, device: torch.device) -> None:
-        from posttrain.config import ConfigError
-        from posttrain.estimate import plan_memory
-
         self.config, self.devices, self.device = config, devices, device
         self.plan: Any = None
         self.unavailable = ""
         self._meter: LiveTensorMeter | None = None
         self._first_step = 0
         self.states: dict[str, int] = {}  # measured weights and optimizer-state bytes, after the measured steps
+        # What the process held before this run (an earlier run's leftovers, a test session's fixtures) is not
+        # this run's: on CPU the meter leaves those storages out.
+        self._before: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        if device.type == "cpu":
+            for storage in live_storages():
+                self._before[storage] = True
         try:
             self.plan = plan_memory(config, devices, accelerator=device.type)
         except (ConfigError, OSError, ValueError) as error:  # a model whose config.json the plan cannot read
@@ -156,9 +175,6 @@ class MemoryWatch:
         """On CUDA, before any weight is loaded: a plan larger than the device stops the run with the advice."""
         if self.plan is None or self.device.type != "cuda":
             return
-        from posttrain.config import ConfigError
-        from posttrain.estimate import GIB, advise, render_advice
-
         capacity = torch.cuda.get_device_properties(self.device).total_memory
         if self.plan.peak > capacity:
             advice = render_advice(advise(self.config, self.devices, capacity / GIB))
@@ -174,7 +190,7 @@ class MemoryWatch:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         close_open_meters()
-        self._meter = LiveTensorMeter()
+        self._meter = LiveTensorMeter(exclude=self._before)
         self._meter.__enter__()
 
     def step_done(self, step: int, model: Any, optimizer: Any) -> None:
