@@ -79,10 +79,14 @@ def test_every_run_prints_its_plan_and_reports_the_measured_peak(
 ) -> None:
     from posttrain.recipes import RECIPES
 
-    config = pretrain_config(micro_model, full_length_text, tmp_path / "run", logging__report=True)
+    config = pretrain_config(
+        micro_model, full_length_text, tmp_path / "run", logging__report=True, logging__progress=True
+    )
     summary = RECIPES["pretrain"](config)
     plan = estimate.plan_memory(config, accelerator="cpu")
-    assert f"memory plan: predicted peak {plan.peak / 2**20:.1f} MiB per device" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert f"memory plan: predicted peak {plan.peak / 2**20:.1f} MiB per device" in printed
+    assert "eta=00:0" in printed and "4/4 [" in printed  # the progress bar's ETA (remaining_seconds), minutes:seconds
     assert summary["memory_predicted_peak_mib"] == round(plan.peak / 2**20, 1)
     measured = summary["memory_measured_peak_mib_per_process"][0]
     assert summary["memory_plan_error"] == round(measured / (plan.peak / 2**20) - 1, 4)
