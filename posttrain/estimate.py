@@ -534,15 +534,18 @@ def _kv_cache(config: StageConfig, architecture: Architecture) -> Line:
     )
 
 
-def plan_memory(config: StageConfig, devices: int = 1, accelerator: str = "cuda") -> MemoryPlan:
+def plan_memory(
+    config: StageConfig, devices: int = 1, accelerator: str = "cuda", trained_positions: int | None = None
+) -> MemoryPlan:
     """The memory plan of ``config`` on ``devices`` data-parallel devices (see the module docstring); on
     ``accelerator="cpu"`` without the CUDA runtime's floor (what a CPU run's measured tensor bytes are checked
-    against)."""
+    against); ``trained_positions``: the logits' positions a micro-batch had, when known (else all of them)."""
     if devices < 1:
         raise ConfigError(f"--gpus {devices}: expected at least 1 device")
     counts, architecture = count_parameters(config)
     c = _compute_bytes(config)
     rows, seq, positions, layout = _micro_batch(config)
+    positions = positions if trained_positions is None else trained_positions
     weights, gradients, optimizer, gathered, notes = _model_states(config, counts, devices)
     notes += [layout] if layout else []
     activations = activation_bytes(
@@ -584,6 +587,19 @@ def plan_memory(config: StageConfig, devices: int = 1, accelerator: str = "cuda"
         share = config.sampling.vllm.gpu_memory_utilization
         notes.append(f"vllm reserves {share:.0%} of each GPU it runs on; kv_cache is what this batch needs of it")
     return MemoryPlan(lines, devices, notes + other_notes, config.train.grad_accum, floor)
+
+
+def plan_at_micro_batch(
+    config: StageConfig, tokens: int, trained_positions: int, devices: int = 1, accelerator: str = "cuda"
+) -> MemoryPlan:
+    """The plan of ``config`` had its longest micro-batch held ``tokens`` token ids with ``trained_positions``
+    trained ones (what a run saw) instead of every sequence at ``data.max_length``, every position trained: the
+    same rows, each ``tokens / rows`` long. Not for online RL, whose micro-batches are rollouts."""
+    if isinstance(config, PpoConfig):
+        raise ConfigError("a plan at a measured micro-batch is for the offline stages, not ppo")
+    rows = config.train.batch_size * _sequences_per_example(config)
+    shaped = with_overrides(config, [f"data.max_length={max(8, math.ceil(tokens / rows))}"])
+    return plan_memory(shaped, devices, accelerator, trained_positions)
 
 
 def with_overrides(config: StageConfig, overrides: list[str]) -> StageConfig:

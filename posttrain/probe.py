@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, StageConfig
-from posttrain.estimate import MemoryPlan, plan_memory, with_overrides
+from posttrain.estimate import MemoryPlan, plan_at_micro_batch, plan_memory, with_overrides
 from posttrain.models.loading import model_dir_of
 from posttrain.recipes import RECIPES
 from posttrain.runtime.metrics import events_after, remaining_seconds
@@ -74,6 +74,14 @@ class MemoryProbe:
     measured_weights: float
     measured_optimizer: float
     measured_by: str
+    # The plan at the largest micro-batch the probed steps saw (offline stages), and its token count: data whose
+    # sequences are shorter than data.max_length use less than the config's plan, which is for the longest.
+    plan_at_probed: MemoryPlan | None = None
+    probed_tokens: int = 0
+
+    @property
+    def error_at_probed(self) -> float | None:
+        return self.measured_peak / self.plan_at_probed.tensor_peak - 1 if self.plan_at_probed else None
 
     @property
     def error(self) -> float:
@@ -92,10 +100,15 @@ def probe_memory(config: StageConfig, steps: int = 2, layers: int | None = None)
         raise ConfigError(f"the probe run measured no memory: {summary.get('memory_plan', 'no plan')}")
     import torch
 
-    devices = summary.get("world_size", 1)
-    plan = plan_memory(config, devices, accelerator="cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_memory(config, 1, accelerator)
+    probed_tokens = summary.get("memory_measured_micro_batch_tokens", 0)
+    trained = summary.get("memory_measured_micro_batch_trained_positions", 0)
+    at_probed = plan_at_micro_batch(config, probed_tokens, trained, 1, accelerator) if probed_tokens else None
     mib = 2**20
     return MemoryProbe(
+        plan_at_probed=at_probed,
+        probed_tokens=probed_tokens,
         plan=plan,
         measured_peak=max(summary["memory_measured_peak_mib_per_process"]) * mib,
         measured_weights=summary["memory_measured_weights_bytes"],
@@ -112,9 +125,14 @@ def render_probe(probe: MemoryProbe) -> str:
         f"  {'weights':<13}{plan.lines['weights'].bytes / 2**20:9.1f} MiB{probe.measured_weights / 2**20:9.1f} MiB",
         f"  {'optimizer':<13}{plan.lines['optimizer'].bytes / 2**20:9.1f} MiB"
         f"{probe.measured_optimizer / 2**20:9.1f} MiB",
-        f"  {'peak':<13}{plan.tensor_peak / 2**20:9.1f} MiB{probe.measured_peak / 2**20:9.1f} MiB   ({probe.error:+.1%})",
-        "  (the plan is for micro-batches of sequences at data.max_length; shorter data need less)",
+        f"  {'peak':<13}{plan.tensor_peak / 2**20:9.1f} MiB{probe.measured_peak / 2**20:9.1f} MiB   ({probe.error:+.1%};"
+        " the plan is for every sequence at data.max_length)",
     ]
+    if probe.plan_at_probed is not None and probe.error_at_probed is not None:
+        rows.append(
+            f"  {'peak':<13}{probe.plan_at_probed.tensor_peak / 2**20:9.1f} MiB{probe.measured_peak / 2**20:9.1f} MiB"
+            f"   ({probe.error_at_probed:+.1%}; planned at the largest probed micro-batch, {probe.probed_tokens} tokens)"
+        )
     return "\n".join(rows)
 
 
@@ -126,6 +144,15 @@ def probe_json(probe: MemoryProbe) -> dict[str, Any]:
         "measured_optimizer": int(probe.measured_optimizer),
         "measured_by": probe.measured_by,
         "error": round(probe.error, 4),
+        **(
+            {
+                "probed_micro_batch_tokens": probe.probed_tokens,
+                "predicted_peak_at_probed": int(probe.plan_at_probed.tensor_peak),
+                "error_at_probed": round(probe.error_at_probed, 4),
+            }
+            if probe.plan_at_probed is not None and probe.error_at_probed is not None
+            else {}
+        ),
     }
 
 

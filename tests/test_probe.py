@@ -63,6 +63,17 @@ def test_probe_measures_what_the_plan_predicts(micro_model: Path, full_length_te
     assert measured.measured_by == "live tensor storages over the first 2 steps"
 
 
+def test_short_data_are_also_planned_at_the_probed_micro_batch(micro_model: Path, toy: Any) -> None:
+    """The toy's conversations are far shorter than data.max_length=128: the config's plan (every sequence at 128)
+    is well above the measured peak; planned at the largest micro-batch the steps saw, it is close."""
+    config = sft_config(micro_model, toy.sft, Path("unused"), data__packing=False)
+    measured = probe.probe_memory(config)
+    assert measured.error < -0.3  # the plan is for the longest micro-batch
+    assert 4 <= measured.probed_tokens < 4 * 128  # 4 sequences padded to the longest
+    assert measured.error_at_probed is not None and abs(measured.error_at_probed) < 0.15
+    assert "planned at the largest probed micro-batch" in probe.render_probe(measured)
+
+
 def test_probe_layers_plans_and_runs_a_truncated_copy(micro_model: Path, full_length_text: Path) -> None:
     config = pretrain_config(micro_model, full_length_text, Path("unused"))
     whole = estimate.plan_memory(config, accelerator="cpu")

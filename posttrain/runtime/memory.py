@@ -145,6 +145,8 @@ class MemoryWatch:
         self._meter: LiveTensorMeter | None = None
         self._first_step = 0
         self.states: dict[str, int] = {}  # measured weights and optimizer-state bytes, after the measured steps
+        self.largest_micro_batch = (0, 0)  # (tokens, trained positions) of the largest measured micro-batch
+        self._measuring = False
         # What the process held before this run (an earlier run's leftovers, a test session's fixtures) is not
         # this run's: on CPU the meter leaves those storages out.
         self._before: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -186,6 +188,7 @@ class MemoryWatch:
     def start(self, step: int) -> None:
         """Measure from now (the model and optimizer are set up; ``step`` is the step the run starts at)."""
         self._first_step = step
+        self._measuring = True
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
@@ -197,12 +200,20 @@ class MemoryWatch:
         """After each optimizer step; the last measured one also measures the model states the plan predicts."""
         if step - self._first_step != MEASURED_STEPS:
             return
+        self._measuring = False
         if self._meter is not None:
             self._meter.stop()
         self.states = {"weights": tensor_bytes(model.parameters())}
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's and DeepSpeed's wrappers hold torch's
         if isinstance(getattr(inner, "state", None), dict):
             self.states["optimizer"] = optimizer_state_bytes(inner)
+
+    def saw_micro_batch(self, input_ids: torch.Tensor, trained: torch.Tensor) -> None:
+        """A measured step's micro-batch (its token ids and trained-position mask): the plan assumes every
+        sequence at data.max_length and every position trained, the data may be shorter, so the probe also plans
+        at the largest micro-batch the steps saw."""
+        if self._measuring and input_ids.numel() > self.largest_micro_batch[0]:
+            self.largest_micro_batch = (int(input_ids.numel()), int(trained.sum()))
 
     def measured_peak(self) -> float | None:
         if self.device.type == "cuda":

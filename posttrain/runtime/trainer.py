@@ -50,6 +50,7 @@ import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
 from posttrain.data.preflight import preflight
+from posttrain.losses import IGNORE_INDEX
 from posttrain.models.adapters import count_parameters
 from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
@@ -379,6 +380,8 @@ class Runtime:
                 batch = collate([rows[i] for i in members[first : first + micro]])
                 batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 batch["num_items_in_batch"] = max(num_items, 1)
+                if "input_ids" in batch and "targets" in batch:
+                    self.memory.saw_micro_batch(batch["input_ids"], batch["targets"] != IGNORE_INDEX)
                 last = m == self.train.grad_accum - 1
                 # Gradients are all-reduced only on the last micro-batch of a group.
                 with nullcontext() if last else self.strategy.no_sync(self.model):
@@ -712,6 +715,10 @@ class Runtime:
             record["memory_measured_by"] = self.memory.measured_by()
             record["memory_plan_error"] = round(max(measured) / predicted - 1, 4) if predicted else None  # type: ignore[type-var]
             record.update({f"memory_measured_{name}_bytes": b for name, b in self.memory.states.items()})
+            tokens, trained = self.memory.largest_micro_batch
+            if tokens:
+                record["memory_measured_micro_batch_tokens"] = tokens
+                record["memory_measured_micro_batch_trained_positions"] = trained
         return record
 
     def finish(self, model: Any, tokenizer: Any = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
