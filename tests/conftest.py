@@ -26,24 +26,6 @@ def micro_model(toy: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_micro_model(toy.model, tmp_path_factory.mktemp("micro") / "model")
 
 
-# The longest files first. Under `make test` (pytest-xdist, --dist loadfile) each worker takes whole files in
-# collection order, so a long file collected late runs alone at the end while the other core idles (the README
-# commands' test takes 5-6 minutes). The sort is stable: every other file, and the tests inside each, keep their order.
-LONGEST_FILES = (
-    "test_readme.py",
-    "test_rl_learning.py",
-    "test_distributed.py",
-    "test_loop.py",
-    "test_roles.py",
-    "test_resume.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def _skipped_for_missing_peer_data(item: pytest.Item, reason: str) -> bool:
     """The peer-data folder is missing and the skip comes from a test file that reads it (one that defines
     ``PEER_DATA``) or names it. A skip while the folder is present (a file the snapshot lacks) stays a skip."""
