@@ -56,9 +56,8 @@ def truncated_model(config: StageConfig, layers: int, out: Path) -> StageConfig:
     if layers < 1 or layers > text.num_hidden_layers:
         raise ConfigError(f"--probe-layers {layers}: expected 1 to {text.num_hidden_layers} (the model's layers)")
     text.num_hidden_layers = layers
-    for field in ("layer_types",):  # per-layer lists (Gemma 2's sliding/full pattern) follow the layer count
-        if isinstance(getattr(text, field, None), list):
-            setattr(text, field, getattr(text, field)[:layers])
+    if isinstance(getattr(text, "layer_types", None), list):  # Gemma 2's per-layer sliding/full pattern
+        text.layer_types = text.layer_types[:layers]
     model = AutoModelForCausalLM.from_config(model_config)  # loaded by the run at its model.dtype
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
@@ -183,12 +182,10 @@ class TimeEstimate:
     @property
     def total_s(self) -> float:
         """``fixed_s`` holds the first step, so one mean step less than the remaining time from step 0."""
-        every = (self.eval_every, self.checkpoint_every)
-        return (
-            self.fixed_s
-            - self.step_s
-            + remaining_seconds(0, self.total_steps, self.step_s, every[0], self.eval_s, every[1], self.checkpoint_s)
+        whole = remaining_seconds(
+            0, self.total_steps, self.step_s, self.eval_every, self.eval_s, self.checkpoint_every, self.checkpoint_s
         )
+        return self.fixed_s - self.step_s + whole
 
     def mfu(self, peak_flops: float | None) -> float | None:
         return self.tokens_per_s * self.flops_per_token / peak_flops if peak_flops else None

@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from posttrain.config import ConfigError
 from posttrain.estimate import GIB, advise, plan_memory, render_advice
+from posttrain.losses import IGNORE_INDEX
 
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _OPEN_METERS: weakref.WeakSet[LiveTensorMeter] = weakref.WeakSet()  # meters entered and not yet stopped
@@ -111,8 +112,8 @@ def tensor_bytes(tensors: Any) -> int:
         if tensor is None:
             continue
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP's DTensor: this process's shard
-        if type(local) in PLAIN_TENSORS and not local.is_meta:
-            storage = local.untyped_storage()
+        storage = plain_storage(local)
+        if storage is not None:
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
@@ -208,12 +209,16 @@ class MemoryWatch:
         if isinstance(getattr(inner, "state", None), dict):
             self.states["optimizer"] = optimizer_state_bytes(inner)
 
-    def saw_micro_batch(self, input_ids: torch.Tensor, trained: torch.Tensor) -> None:
-        """A measured step's micro-batch (its token ids and trained-position mask): the plan assumes every
-        sequence at data.max_length and every position trained, the data may be shorter, so the probe also plans
-        at the largest micro-batch the steps saw."""
-        if self._measuring and input_ids.numel() > self.largest_micro_batch[0]:
-            self.largest_micro_batch = (int(input_ids.numel()), int(trained.sum()))
+    def saw_micro_batch(self, batch: dict[str, Any]) -> None:
+        """A micro-batch (its ``input_ids`` and ``targets``, when it has them): during the measured steps, the
+        largest one's token ids and trained positions. The plan assumes every sequence at data.max_length and every
+        position trained; the data may be shorter, so the probe also plans at what the steps saw. After the
+        measured steps it returns at once (it is called on every micro-batch of the run)."""
+        if not self._measuring or "input_ids" not in batch or "targets" not in batch:
+            return
+        tokens = batch["input_ids"].numel()
+        if tokens > self.largest_micro_batch[0]:
+            self.largest_micro_batch = (int(tokens), int((batch["targets"] != IGNORE_INDEX).sum()))
 
     def measured_peak(self) -> float | None:
         if self.device.type == "cuda":

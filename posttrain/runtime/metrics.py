@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class Durations:
+    """Seconds of a repeated event (steps, evaluations, checkpoints), each kept for the summary, with their running
+    sum, so the ETA's means cost nothing per step however long the run."""
+
+    seconds: list[float] = field(default_factory=list)
+    total: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+        self.total += seconds
+
+    def mean(self, skip_first: bool = False) -> float:
+        """The mean (0 before any); ``skip_first``: without the first (a warm-up) once there are others."""
+        if skip_first and len(self.seconds) > 1:
+            return (self.total - self.seconds[0]) / (len(self.seconds) - 1)
+        return self.total / len(self.seconds) if self.seconds else 0.0
 
 
 def events_after(done_steps: int, total_steps: int, every: int | None) -> int:

@@ -50,13 +50,13 @@ import torch
 
 from posttrain.config import ConfigError, StageConfig, save_config
 from posttrain.data.preflight import preflight
-from posttrain.losses import IGNORE_INDEX
 from posttrain.models.adapters import count_parameters
 from posttrain.models.forward import reference_logps
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime.distributed import STRATEGIES, check_world_size, release_local_rank
 from posttrain.runtime.memory import MemoryWatch
 from posttrain.runtime.metrics import (
+    Durations,
     Metrics,
     MetricsWriter,
     Progress,
@@ -165,9 +165,7 @@ class Runtime:
         self._group_losses: list[torch.Tensor] = []
         self._step_started = 0.0
         # Seconds spent in steps (the first apart: warm-up), evaluations and checkpoints: the ETA and the summary.
-        self.step_times: list[float] = []
-        self.eval_times: list[float] = []
-        self.checkpoint_times: list[float] = []
+        self.step_times, self.eval_times, self.checkpoint_times = Durations(), Durations(), Durations()
         self._eval_started: float | None = None
         self._progress: Progress | None = None
         self.resumed_from: Path | None = None
@@ -380,8 +378,7 @@ class Runtime:
                 batch = collate([rows[i] for i in members[first : first + micro]])
                 batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 batch["num_items_in_batch"] = max(num_items, 1)
-                if "input_ids" in batch and "targets" in batch:
-                    self.memory.saw_micro_batch(batch["input_ids"], batch["targets"] != IGNORE_INDEX)
+                self.memory.saw_micro_batch(batch)
                 last = m == self.train.grad_accum - 1
                 # Gradients are all-reduced only on the last micro-batch of a group.
                 with nullcontext() if last else self.strategy.no_sync(self.model):
@@ -499,7 +496,7 @@ class Runtime:
         if self._step_examples is not None:
             record["examples"] = self._step_examples
         record["step_time_s"] = elapsed
-        self.step_times.append(elapsed)
+        self.step_times.add(elapsed)
         if skipped:
             record["skipped_nonfinite"] = self.nonfinite_total
             self.log(
@@ -527,12 +524,7 @@ class Runtime:
     def mean_times(self) -> tuple[float, float, float]:
         """Mean seconds of a step (the first, a warm-up, left out once there are others), an evaluation and a
         checkpoint so far (0 for those not seen yet)."""
-        steps = self.step_times[1:] or self.step_times
-        return (
-            sum(steps) / max(len(steps), 1),
-            sum(self.eval_times) / max(len(self.eval_times), 1),
-            sum(self.checkpoint_times) / max(len(self.checkpoint_times), 1),
-        )
+        return self.step_times.mean(skip_first=True), self.eval_times.mean(), self.checkpoint_times.mean()
 
     def seconds_left(self) -> float:
         step_s, eval_s, checkpoint_s = self.mean_times()
@@ -583,7 +575,7 @@ class Runtime:
         ``train.eval_every`` they are only the final model's figures for the summary."""
         self.last_eval = (self.global_step, results)
         if self._eval_started is not None:
-            self.eval_times.append(time.time() - self._eval_started)
+            self.eval_times.add(time.time() - self._eval_started)
             self._eval_started = None
         if not self.train.eval_every:
             return
@@ -649,7 +641,7 @@ class Runtime:
             protect = {f"step-{self.best_step:06d}"} if self.best_step is not None else set()
             ckpt.prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep, protect)
         self.accelerator.wait_for_everyone()
-        self.checkpoint_times.append(time.time() - started)
+        self.checkpoint_times.add(time.time() - started)
         return path
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -757,10 +749,10 @@ class Runtime:
                 "wall_time_s": round(time.time() - self.started, 1),
                 "steps_per_epoch": self.steps_per_epoch,
                 # Where the time went: the first step (warm-up), the others, each evaluation and checkpoint.
-                "time_first_step_s": round(self.step_times[0], 4) if self.step_times else None,
-                "time_steps_s": round(sum(self.step_times), 4),
-                "time_evaluations_s": [round(t, 4) for t in self.eval_times],
-                "time_checkpoints_s": [round(t, 4) for t in self.checkpoint_times],
+                "time_first_step_s": round(self.step_times.seconds[0], 4) if self.step_times.seconds else None,
+                "time_steps_s": round(self.step_times.total, 4),
+                "time_evaluations_s": [round(t, 4) for t in self.eval_times.seconds],
+                "time_checkpoints_s": [round(t, 4) for t in self.checkpoint_times.seconds],
                 # What each process needed at its peak (CUDA: allocated by torch; CPU: the process's resident
                 # set, imports included); the plan is checked against tensor bytes (_memory_summary).
                 "peak_memory_mib_per_process": peaks,
