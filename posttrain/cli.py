@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -63,19 +64,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from posttrain.recipes import RECIPES
 
     RECIPES[config.stage](config, config_file)
-    _leave_process_group()
+    _end_launched_process()
     return 0
 
 
-def _leave_process_group() -> None:
-    """A launched process's run is over: leave the process group together and tear it down here, not in the
-    interpreter's exit (where a torn-down peer can abort this process after its work is saved, failing a finished
-    job). A one-process run keeps its group of one (see runtime.distributed.ensure_process_group)."""
+def _end_launched_process() -> None:
+    """A launched process's run is over and saved: leave the process group together, then end the process here,
+    not in the interpreter's shutdown. The engines keep the group alive past ``destroy_process_group`` (DTensor's
+    sharding caches hold FSDP2's device mesh and its group; DeepSpeed keeps a module-level world group and one on
+    every ZeRO-3 parameter), so its gloo/NCCL threads still run while Python tears its modules down, and under load
+    that teardown aborted finished jobs ("terminate called without an active exception", exit -6, after "done").
+    The exit handlers still run and the output is flushed; only that teardown is skipped. A one-process run keeps
+    its group of one (see runtime.distributed.ensure_process_group)."""
     import torch.distributed as dist
 
-    if "WORLD_SIZE" in os.environ and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if "WORLD_SIZE" not in os.environ or not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # every process has saved what it writes before any leaves
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, multiprocessing's joins, trackers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # A hub id: "name" or "org/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule), not a path.

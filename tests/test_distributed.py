@@ -301,6 +301,51 @@ def test_a_killed_process_stops_the_job_and_the_run_resumes_exactly(strategy, to
     assert [r["loss"] for r in _metrics(tmp_path / "killed")] == [r["loss"] for r in _metrics(tmp_path / "whole")]
 
 
+# One rank of a launched job whose engine caches the group in a module global, as DTensor's sharding caches do
+# for FSDP2 and DeepSpeed does for ZeRO-3: the group outlives destroy_process_group into the interpreter's teardown.
+_RANK_THAT_HOLDS_ITS_GROUP = """
+import atexit, os, sys
+import torch.distributed as dist
+from posttrain.cli import _end_launched_process
+
+out, rank = sys.argv[1], os.environ["RANK"]
+dist.init_process_group("gloo")
+
+class EngineCache:
+    def __init__(self, group, marker):
+        # `open` kept on the object: the teardown may have cleared this module's globals before __del__ runs
+        self.group, self.marker, self.touch = group, marker, open
+    def __del__(self):  # runs only in the interpreter's teardown
+        self.touch(self.marker, "w").close()
+
+CACHE = EngineCache(dist.group.WORLD, os.path.join(out, "teardown-" + rank))
+atexit.register(lambda: open(os.path.join(out, "atexit-" + rank), "w").close())
+print("saved", end="")  # no newline: in a pipe it leaves only if the process flushes before it ends
+_end_launched_process()
+print("after the end")
+"""
+
+
+def test_a_launched_process_ends_after_its_exit_handlers_without_the_interpreters_teardown(tmp_path) -> None:
+    """A finished job's processes must not end in Python's module teardown, where an engine's cached group still
+    runs gloo/NCCL threads and a finished, saved job aborted (exit -6). They end right after their exit handlers,
+    with their output flushed: the teardown's finalizer never runs, the handler and the unterminated line do."""
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_THAT_HOLDS_ITS_GROUP)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved") == 2 and "after the end" not in result.stdout, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != script.name) == ["atexit-0", "atexit-1"]
+
+
 def test_fsdp_checkpoint_resumes_on_another_process_count(toy, micro_model, tmp_path) -> None:
     """torch.distributed.checkpoint reshards on load: a run written by 2 processes continues on 1 (same global batch)."""
     settings = dict(SGD, train__max_steps=4, checkpoint__every=2, distributed__strategy="fsdp")
