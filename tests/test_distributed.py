@@ -59,6 +59,13 @@ def _two_processes(config: Any, *overrides: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _launched(command: list[str]) -> subprocess.CompletedProcess:
+    """A launcher command (torchrun's, deepspeed's) run from the repository, one thread per process."""
+    return subprocess.run(
+        command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+
+
 def _assert_wrapped(strategy: str, stderr: str) -> None:
     found = re.search(WRAPPED[strategy], stderr)
     assert found, f"no '{WRAPPED[strategy]}' line in the log:\n{stderr[-3000:]}"
@@ -159,7 +166,7 @@ def test_the_deepspeed_launcher_starts_the_same_run(toy, micro_model, tmp_path) 
         sft_config(micro_model, toy.sft, tmp_path / "two", train__batch_size=2, **SGD), tmp_path / "c.yaml"
     )
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    result = subprocess.run(
+    result = _launched(
         [
             str(deepspeed),
             "--num_accelerators",
@@ -171,12 +178,7 @@ def test_the_deepspeed_launcher_starts_the_same_run(toy, micro_model, tmp_path) 
             "train",
             str(config_path),
             *STRATEGIES["zero2"],
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     _assert_wrapped("zero2", result.stderr)
@@ -333,14 +335,7 @@ def test_a_launched_process_ends_after_its_exit_handlers_without_the_interpreter
     script = tmp_path / "rank.py"
     script.write_text(_RANK_THAT_HOLDS_ITS_GROUP)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*command, str(script), str(tmp_path)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _launched([*command, str(script), str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved") == 2 and "after the end" not in result.stdout, result.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != script.name) == ["atexit-0", "atexit-1"]
